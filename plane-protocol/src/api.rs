@@ -1,0 +1,253 @@
+//! Bodies of the controller's HTTP API (`/ctrl/*`, `/pub/*`), shaped like Plane 0.5's so
+//! existing clients work unchanged, and the one error body every endpoint returns.
+
+use crate::backend::BackendStatus;
+use crate::names::{BackendName, BearerToken, ClusterName, NodeName, SecretToken};
+use crate::time::Millis;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Identifies "the backend for this thing": at most one runs per `(namespace, name)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key itself, e.g. a document ID. 1 to 256 printable characters.
+    pub name: String,
+    /// Keys in different namespaces never collide. Empty is the default namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// A running backend is only reused by a connect with the same tag (e.g. an app
+    /// version); a different tag gets `409 KeyHeld`.
+    #[serde(default)]
+    pub tag: String,
+}
+
+/// When the drone pulls the image from its registry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    /// Pull only when the drone does not have the image.
+    #[default]
+    IfNotPresent,
+    /// Pull before every start.
+    Always,
+    /// Never pull; a missing image fails the start.
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Always => "Always",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// Registry credentials for pulling a private image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// Limits applied to the backend's container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceLimits {
+    /// CPU accounting period, in microseconds (Docker's default is 100000).
+    #[serde(default)]
+    pub cpu_period: Option<i64>,
+    /// Percentage of one CPU the container may use per period (1 to 100 per core).
+    #[serde(default)]
+    pub cpu_period_percent: Option<u8>,
+    /// Not supported yet; must be absent or null.
+    #[serde(default)]
+    pub cpu_time_limit: Option<i64>,
+    /// Memory limit in bytes.
+    #[serde(default)]
+    pub memory_limit_bytes: Option<i64>,
+    /// Not supported yet; must be absent or null.
+    #[serde(default)]
+    pub disk_limit_bytes: Option<i64>,
+}
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    /// Docker image reference, e.g. `ghcr.io/acme/app:1.2`.
+    pub image: String,
+    /// Defaults to `IfNotPresent`.
+    #[serde(default)]
+    pub pull_policy: Option<PullPolicy>,
+    /// Credentials for the image's registry, if it is private.
+    #[serde(default)]
+    pub credentials: Option<RegistryCredentials>,
+    /// Extra environment for the process. Names Plane sets itself (`PORT`,
+    /// `SESSION_BACKEND_*`) are refused.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resource_limits: ResourceLimits,
+    /// Host mounts are not supported; must be absent, null or false.
+    #[serde(default)]
+    pub mount: Option<Value>,
+}
+
+/// How to start a backend when one is needed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnConfig {
+    /// Choose the backend's ID yourself (it must be unused). Normally left out.
+    #[serde(default)]
+    pub id: Option<BackendName>,
+    /// Cluster to run in; the controller's default cluster when absent.
+    #[serde(default)]
+    pub cluster: Option<ClusterName>,
+    /// Drone pool within the cluster; the default pool (empty name) when absent.
+    #[serde(default)]
+    pub pool: Option<String>,
+    pub executable: ExecutorConfig,
+    /// Terminate the backend this many seconds after it was scheduled (at least 1).
+    #[serde(default)]
+    pub lifetime_limit_seconds: Option<i64>,
+    /// Terminate the backend once no connection has been open through a proxy for this
+    /// many seconds (at least 1).
+    #[serde(default)]
+    pub max_idle_seconds: Option<i64>,
+    /// Issue one token at spawn and hand the same one to every connect.
+    #[serde(default)]
+    pub use_static_token: bool,
+    /// Subdomain routing is not supported yet; must be absent or null.
+    #[serde(default)]
+    pub subdomain: Option<String>,
+}
+
+/// `POST /ctrl/connect`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    /// Reuse the backend holding this key, or start one that holds it.
+    #[serde(default)]
+    pub key: Option<KeyConfig>,
+    /// How to start a backend if one is needed. Without it, connect only reuses.
+    #[serde(default)]
+    pub spawn_config: Option<SpawnConfig>,
+    /// Who the token is for; passed to the backend as `x-verified-username`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Arbitrary JSON object passed to the backend as `x-verified-user-data`.
+    #[serde(default)]
+    pub auth: Map<String, Value>,
+    /// Drone pool (Plane 0.5 accepted it here as well as in `spawn_config`).
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+/// `POST /ctrl/spawn`: always starts a new backend, with no key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    pub spawn_config: SpawnConfig,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub auth: Map<String, Value>,
+}
+
+/// The answer to connect and spawn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectResponse {
+    pub backend_id: BackendName,
+    /// True when this request started the backend; false when it joined a running one.
+    pub spawned: bool,
+    /// The backend's status when the response was written.
+    pub status: BackendStatus,
+    /// The connection token (also the first path segment of `url`).
+    pub token: BearerToken,
+    /// The URL to give the browser.
+    pub url: String,
+    pub subdomain: Option<String>,
+    pub secret_token: SecretToken,
+    /// Public URL of the backend's status (append `-stream` for server-sent events).
+    pub status_url: String,
+    /// The drone the backend runs on.
+    pub drone: Option<NodeName>,
+}
+
+/// `POST /ctrl/b/:backend/soft-terminate` and `hard-terminate`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TerminateResponse {
+    pub backend_id: BackendName,
+    /// The status after the request; terminating an already terminated backend is a no-op.
+    pub status: BackendStatus,
+}
+
+/// One node connected to the controller, as `GET /ctrl/c/:cluster/state` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: NodeName,
+    /// Whether the node has a live socket to this controller.
+    pub connected: bool,
+    /// When the node last sent anything (heartbeat or message).
+    pub last_seen: Millis,
+    /// Drones: their pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Drones: backends not yet terminated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<u32>,
+}
+
+/// `GET /ctrl/c/:cluster/state`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub cluster: ClusterName,
+    pub drones: Vec<NodeState>,
+    pub proxies: Vec<NodeState>,
+}
+
+/// `GET /ctrl/status` and `GET /pub/health`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ControllerStatus {
+    pub status: String,
+    pub version: String,
+    /// The database backend in use: `sqlite` or `postgres`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+}
+
+/// What kind of failure an [`ApiError`] reports. Serialized by name (`"KeyHeld"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiErrorKind {
+    /// The request was malformed or a field was invalid.
+    BadRequest,
+    /// The key is held by a running backend that was started with a different tag.
+    KeyHeld,
+    /// Nothing holds the key and the request had no `spawn_config` to start one.
+    KeyUnheldNoSpawnConfig,
+    /// No connected drone in the cluster (and pool) can take the backend.
+    NoDroneAvailable,
+    /// No cluster in the request and no default cluster configured.
+    NoClusterProvided,
+    /// The requested backend ID is already taken.
+    BackendIdTaken,
+    /// The named thing does not exist.
+    NotFound,
+    /// Missing or wrong credentials.
+    Unauthorized,
+    /// A fault on our side; details are in the controller's log under the error's `id`.
+    Internal,
+}
+
+/// The body of every error response: `{id, kind, message}`. `id` correlates the response
+/// with the controller's log line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub id: String,
+    pub kind: ApiErrorKind,
+    pub message: String,
+}

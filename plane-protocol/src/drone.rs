@@ -1,0 +1,85 @@
+//! Messages on the drone socket (`/ctrl/c/:cluster/drone-socket`), both directions.
+//!
+//! Delivery is at-least-once both ways: the controller stores each action until the drone
+//! acks it and re-sends unacked actions when the drone reconnects; the drone keeps each
+//! event until the controller acks it and replays the rest after reconnecting. Handlers on
+//! both sides are idempotent, so a duplicate is harmless.
+
+use crate::api::ExecutorConfig;
+use crate::backend::{BackendStateUpdate, TerminationKind, TerminationReason};
+use crate::names::{BackendName, BearerToken, NodeName};
+use serde::{Deserialize, Serialize};
+
+/// Drone → controller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageFromDrone {
+    /// First message on every connection.
+    Hello {
+        name: NodeName,
+        /// The drone pool this drone serves; empty for the default pool.
+        #[serde(default)]
+        pool: String,
+        version: String,
+    },
+    /// Sent every heartbeat interval. Lists the backends the drone is running, which renews
+    /// their key leases.
+    Heartbeat { backends: Vec<BackendName> },
+    /// A backend changed status.
+    BackendEvent(BackendEvent),
+    /// The drone has taken on an action; the controller stops re-sending it.
+    ActionAck { action_id: i64 },
+}
+
+/// A status change of one backend, numbered by the drone for acknowledgement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendEvent {
+    /// Unique per drone process; echoed in [`MessageToDrone::EventAck`].
+    pub event_id: u64,
+    pub backend_id: BackendName,
+    pub update: BackendStateUpdate,
+}
+
+/// Controller → drone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageToDrone {
+    Action(BackendAction),
+    /// The controller has durably recorded the event; the drone may forget it.
+    EventAck { event_id: u64 },
+}
+
+/// Something the drone must do to one backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendAction {
+    /// Stored by the controller; echoed in [`MessageFromDrone::ActionAck`].
+    pub action_id: i64,
+    pub backend_id: BackendName,
+    pub action: ActionKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ActionKind {
+    Spawn(SpawnAction),
+    Terminate {
+        kind: TerminationKind,
+        reason: TerminationReason,
+    },
+}
+
+/// Everything a drone needs to start a backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpawnAction {
+    pub executable: ExecutorConfig,
+    /// The key's name, given to the backend as `SESSION_BACKEND_KEY` (absent for spawns
+    /// without a key).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Grows every time the key changes hands; given as `SESSION_BACKEND_FENCING_TOKEN`.
+    #[serde(default)]
+    pub fencing_token: Option<i64>,
+    /// Given as `SESSION_BACKEND_STATIC_TOKEN` when the backend uses a static token.
+    #[serde(default)]
+    pub static_token: Option<BearerToken>,
+}

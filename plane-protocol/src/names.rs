@@ -1,0 +1,256 @@
+//! Validated name newtypes: backend IDs, node names, cluster names and tokens.
+//!
+//! Each type checks its syntax when parsed (including when deserialized), so a value that
+//! reaches a handler, a Docker call or a URL is already known to be safe there.
+
+use rand::{distributions::Alphanumeric, Rng};
+use serde::{Deserialize, Serialize};
+use std::fmt::{self, Display};
+use std::str::FromStr;
+
+/// Why a string was rejected as a name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {value:?} is invalid: {reason}")]
+pub struct InvalidName {
+    pub kind: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+fn random_lowercase(len: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(|c| (c as char).to_ascii_lowercase())
+        .collect()
+}
+
+fn random_mixed(len: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// Implements Display, FromStr, `as_str` and string (de)serialization for a validated newtype.
+macro_rules! validated_string {
+    ($ty:ident, $validate:path) => {
+        impl $ty {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = InvalidName;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $validate(s)?;
+                Ok(Self(s.to_string()))
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = InvalidName;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                $validate(&s)?;
+                Ok(Self(s))
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(value: $ty) -> String {
+                value.0
+            }
+        }
+    };
+}
+
+/// The ID of one backend, e.g. `ba-k3x9...`. Lowercase letters, digits and `-`, at most 64
+/// characters, so it is valid as a Docker container name and as a DNS label prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackendName(String);
+validated_string!(BackendName, validate_backend_name);
+
+impl BackendName {
+    pub fn new_random() -> Self {
+        Self(format!("ba-{}", random_lowercase(18)))
+    }
+}
+
+fn validate_backend_name(s: &str) -> Result<(), InvalidName> {
+    let invalid = |reason| InvalidName {
+        kind: "backend id",
+        value: s.to_string(),
+        reason,
+    };
+    if s.is_empty() || s.len() > 64 {
+        return Err(invalid("must be 1 to 64 characters long"));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(invalid("may only contain a-z, 0-9 and '-'"));
+    }
+    if s.starts_with('-') {
+        return Err(invalid("may not start with '-'"));
+    }
+    Ok(())
+}
+
+/// The name of a drone or proxy, unique within a cluster. Letters, digits, `.`, `_`, `-`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeName(String);
+validated_string!(NodeName, validate_node_name);
+
+impl NodeName {
+    /// A fresh random name with the given prefix (`dr` for drones, `px` for proxies).
+    pub fn new_random(prefix: &str) -> Self {
+        Self(format!("{prefix}-{}", random_lowercase(12)))
+    }
+}
+
+fn validate_node_name(s: &str) -> Result<(), InvalidName> {
+    let invalid = |reason| InvalidName {
+        kind: "node name",
+        value: s.to_string(),
+        reason,
+    };
+    if s.is_empty() || s.len() > 64 {
+        return Err(invalid("must be 1 to 64 characters long"));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(invalid("may only contain letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
+
+/// A cluster is named by the host (and optional port) its proxies answer on, e.g.
+/// `plane.example.com` or `localhost:9090`. Without a port, or with port 443, URLs are https.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ClusterName(String);
+validated_string!(ClusterName, validate_cluster_name);
+
+impl ClusterName {
+    pub fn is_https(&self) -> bool {
+        match self.0.rsplit_once(':') {
+            None => true,
+            Some((_, port)) => port == "443",
+        }
+    }
+
+    /// The base URL browsers use to reach this cluster's proxies.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.is_https() { "https" } else { "http" };
+        format!("{scheme}://{}", self.0)
+    }
+}
+
+fn validate_cluster_name(s: &str) -> Result<(), InvalidName> {
+    let invalid = |reason| InvalidName {
+        kind: "cluster name",
+        value: s.to_string(),
+        reason,
+    };
+    let (host, port) = match s.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (s, None),
+    };
+    if host.is_empty() || host.len() > 253 {
+        return Err(invalid("host must be 1 to 253 characters long"));
+    }
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if !host.split('.').all(label_ok) {
+        return Err(invalid("host must be a DNS name or IPv4 address"));
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(invalid("port must be a number from 1 to 65535")),
+        }
+    }
+    Ok(())
+}
+
+/// A connection token: the first path segment of a backend URL. Unguessable (32 random
+/// alphanumerics); whoever holds it may reach the backend as the user it was issued for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BearerToken(String);
+validated_string!(BearerToken, validate_token);
+
+impl BearerToken {
+    pub fn new_random() -> Self {
+        Self(random_mixed(32))
+    }
+}
+
+/// A secret handed to the app alongside a token and passed to the backend as
+/// `x-verified-secret`, so the backend can tell requests that came through Plane.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SecretToken(String);
+validated_string!(SecretToken, validate_token);
+
+impl SecretToken {
+    pub fn new_random() -> Self {
+        Self(random_mixed(32))
+    }
+}
+
+fn validate_token(s: &str) -> Result<(), InvalidName> {
+    if s.is_empty() || s.len() > 128 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+    {
+        return Err(InvalidName {
+            kind: "token",
+            value: s.to_string(),
+            reason: "must be 1 to 128 letters, digits or '.'",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_are_docker_safe() {
+        let name = BackendName::new_random();
+        assert!(name.as_str().parse::<BackendName>().is_ok());
+        assert!("Bad_Name".parse::<BackendName>().is_err());
+        assert!("".parse::<BackendName>().is_err());
+        assert!(serde_json::from_str::<BackendName>("\"ok-1\"").is_ok());
+        assert!(serde_json::from_str::<BackendName>("\"no/slash\"").is_err());
+    }
+
+    #[test]
+    fn cluster_names_decide_the_scheme() {
+        let local: ClusterName = "localhost:9090".parse().expect("valid");
+        assert_eq!(local.base_url(), "http://localhost:9090");
+        let prod: ClusterName = "plane.example.com".parse().expect("valid");
+        assert_eq!(prod.base_url(), "https://plane.example.com");
+        assert!("bad host:80".parse::<ClusterName>().is_err());
+        assert!("host:0".parse::<ClusterName>().is_err());
+        assert!("host:99999".parse::<ClusterName>().is_err());
+    }
+}

@@ -1,0 +1,49 @@
+//! Messages on the proxy socket (`/ctrl/c/:cluster/proxy-socket`), both directions.
+
+use crate::names::{BackendName, BearerToken, NodeName, SecretToken};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::net::SocketAddr;
+
+/// Proxy → controller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageFromProxy {
+    /// First message on every connection.
+    Hello { name: NodeName, version: String },
+    /// Where does this token lead? Answered by [`MessageToProxy::RouteResponse`] once the
+    /// backend is ready (or is known never to become ready).
+    RouteRequest { token: BearerToken },
+    /// Sent every report interval: the backends that had a connection open, or any
+    /// traffic, since the previous report. Keeps them from being reaped as idle.
+    KeepAlive { backends: Vec<BackendName> },
+}
+
+/// Controller → proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageToProxy {
+    /// `route` is `None` when the token is unknown, revoked, or its backend has stopped.
+    RouteResponse {
+        token: BearerToken,
+        route: Option<RouteInfo>,
+    },
+    /// The backend is stopping: forget every route to it and refuse new requests.
+    BackendRemoved { backend_id: BackendName },
+}
+
+/// Where to send a token's traffic, and what to tell the backend about the caller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    pub backend_id: BackendName,
+    /// The backend's published address on its drone.
+    pub address: SocketAddr,
+    /// Sent as `x-verified-secret`.
+    pub secret_token: SecretToken,
+    /// Sent as `x-verified-username` when present.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Sent as `x-verified-user-data` (JSON).
+    #[serde(default)]
+    pub user_data: Value,
+}
