@@ -1,1 +1,181 @@
-//! placeholder
+//! Plane's drone: runs backends as Docker containers on behalf of the controller.
+//!
+//! [`start`] connects to Docker, cleans up what an earlier run left, and starts two owned
+//! tasks: the executor (one sub-task per backend) and the controller connection. [`run`]
+//! does the same and shuts down gracefully on ctrl-c or SIGTERM.
+
+pub mod cli;
+pub mod config;
+pub mod controller_connection;
+pub mod event_queue;
+pub mod executor;
+pub mod lifecycle;
+pub mod runtime;
+
+pub use cli::DroneOpts;
+pub use config::DroneConfig;
+
+use anyhow::Context;
+use controller_connection::Connection;
+use event_queue::EventQueue;
+use executor::ExecutorHandle;
+use lifecycle::LifecycleSettings;
+use plane_protocol::names::NodeName;
+use runtime::docker::{DockerRuntime, DockerRuntimeConfig};
+use runtime::Runtime;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// After every backend has been terminated on shutdown, how long to keep the connection
+/// open for the controller to acknowledge the final events.
+const FINAL_EVENTS_GRACE: Duration = Duration::from_secs(3);
+
+/// A running drone.
+pub struct DroneHandle {
+    name: NodeName,
+    connected: watch::Receiver<bool>,
+    executor: ExecutorHandle,
+    events: EventQueue,
+    /// Stops the connection from taking new actions while the drone winds down.
+    stop_actions: CancellationToken,
+    /// Stops every task of this drone.
+    cancel: CancellationToken,
+    executor_task: JoinHandle<()>,
+    connection_task: JoinHandle<()>,
+}
+
+/// Starts a drone against the local Docker engine. Fails fast if Docker is unreachable;
+/// returns without waiting for the controller (see [`DroneHandle::connected`]).
+pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
+    let cancel = CancellationToken::new();
+    let runtime = DockerRuntime::connect(
+        DockerRuntimeConfig {
+            drone: config.name.clone(),
+            cluster: config.cluster.clone(),
+            ip: config.ip,
+            pull_timeout: config.pull_timeout(),
+        },
+        &cancel,
+    )
+    .await?;
+    start_with_runtime(config, runtime, cancel).await
+}
+
+/// Starts a drone on any [`Runtime`]. `cancel` is the drone's root token; it is cancelled
+/// by [`DroneHandle::shutdown`].
+pub async fn start_with_runtime<R: Runtime>(
+    config: DroneConfig,
+    runtime: R,
+    cancel: CancellationToken,
+) -> anyhow::Result<DroneHandle> {
+    let url = controller_connection::socket_url(&config.controller_url, &config.cluster)?;
+    let events = EventQueue::new();
+    let settings = LifecycleSettings {
+        stop_grace_period: config.stop_grace_period(),
+        startup_timeout: config.startup_timeout(),
+    };
+    let (executor, executor_task) =
+        executor::start(runtime, events.clone(), settings, cancel.child_token())
+            .await
+            .context("starting the executor")?;
+
+    let (connected_tx, connected) = watch::channel(false);
+    let stop_actions = CancellationToken::new();
+    let connection = Connection {
+        url,
+        name: config.name.clone(),
+        pool: config.pool.clone(),
+        heartbeat_interval: config.heartbeat_interval(),
+        max_backoff: config.reconnect_max_backoff(),
+        executor: executor.clone(),
+        events: events.clone(),
+        connected: connected_tx,
+        stop_actions: stop_actions.clone(),
+    };
+    let connection_task = tokio::spawn(connection.run(cancel.child_token()));
+    tracing::info!(drone = %config.name, cluster = %config.cluster, "drone started");
+
+    Ok(DroneHandle {
+        name: config.name,
+        connected,
+        executor,
+        events,
+        stop_actions,
+        cancel,
+        executor_task,
+        connection_task,
+    })
+}
+
+impl DroneHandle {
+    pub fn name(&self) -> &NodeName {
+        &self.name
+    }
+
+    /// Whether the drone has a live session with the controller right now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Follows [`Self::is_connected`]; e.g. `wait_for(|c| *c)` to wait for the first session.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+
+    /// Stops taking actions, terminates every backend (soft, reason `lost`: SIGTERM, the
+    /// grace period, then SIGKILL), gives the controller up to a few seconds to acknowledge
+    /// the final events, then closes the connection and stops every task.
+    pub async fn shutdown(self) {
+        tracing::info!(drone = %self.name, "drone shutting down");
+        self.stop_actions.cancel();
+        self.executor.shutdown().await;
+
+        let mut pending = self.events.subscribe();
+        let acked = tokio::time::timeout(FINAL_EVENTS_GRACE, pending.wait_for(|len| *len == 0));
+        if acked.await.is_err() {
+            tracing::warn!(
+                unacked = self.events.len(),
+                "shutting down with events the controller has not acknowledged"
+            );
+        }
+
+        self.cancel.cancel();
+        for (what, task) in [
+            ("executor", self.executor_task),
+            ("controller connection", self.connection_task),
+        ] {
+            if let Err(err) = task.await {
+                tracing::error!(task = what, error = %err, "drone task failed");
+            }
+        }
+        tracing::info!(drone = %self.name, "drone stopped");
+    }
+}
+
+/// Runs a drone until ctrl-c or SIGTERM, then shuts it down gracefully.
+pub async fn run(config: DroneConfig) -> anyhow::Result<()> {
+    let handle = start(config).await?;
+    wait_for_signal().await?;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("listening for ctrl-c")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("listening for ctrl-c")?;
+    tracing::info!("shutdown signal received");
+    Ok(())
+}

@@ -41,6 +41,8 @@ pub struct BackendEvent {
 }
 
 /// Controller → drone.
+// Messages are decoded once and handled at once; boxing the action would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageToDrone {
@@ -58,6 +60,7 @@ pub struct BackendAction {
     pub action: ActionKind,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ActionKind {

@@ -1,1 +1,185 @@
-//! placeholder
+//! Plane's proxy: serves `http://<cluster>/<token>/...`, resolving each token to its backend
+//! through the controller, forwarding requests and WebSockets, and reporting open
+//! connections so busy backends are not reaped.
+//!
+//! [`start`] runs a proxy on a listener you bound (tests bind port 0); [`run`] is what
+//! `plane proxy` calls: bind, start, wait for a signal, shut down.
+
+mod body;
+pub mod cli;
+pub mod config;
+mod connection_tracker;
+mod controller_connection;
+mod headers;
+mod proxy_service;
+mod responses;
+mod route_cache;
+mod server;
+
+pub use cli::ProxyOpts;
+pub use config::ProxyConfig;
+
+use anyhow::Context;
+use connection_tracker::ConnectionTracker;
+use controller_connection::{ControllerClient, ControllerConnectionConfig};
+use plane_protocol::names::NodeName;
+use proxy_service::ProxyState;
+use server::Server;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// A running proxy. Dropping it stops everything at once; [`ProxyHandle::shutdown`] stops
+/// gracefully.
+pub struct ProxyHandle {
+    local_addr: SocketAddr,
+    name: NodeName,
+    controller: ControllerClient,
+    /// Owns every connection, backend-connection and tunnel task.
+    tasks: TaskTracker,
+    drain: CancellationToken,
+    grace: Duration,
+    accept_task: JoinHandle<()>,
+    controller_task: JoinHandle<()>,
+    /// Cancels the root token (and so every task) when the handle goes away.
+    hard_stop: DropGuard,
+}
+
+impl ProxyHandle {
+    /// The address the proxy serves HTTP on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The name this proxy gives the controller.
+    pub fn name(&self) -> &NodeName {
+        &self.name
+    }
+
+    /// Whether the proxy has a live connection to the controller right now.
+    pub fn is_connected(&self) -> bool {
+        self.controller.is_connected()
+    }
+
+    /// Follows the controller connection (`true` while connected), e.g. to wait until the
+    /// proxy can serve: `status.wait_for(|connected| *connected).await`.
+    pub fn connection_status(&self) -> watch::Receiver<bool> {
+        self.controller.connection_status()
+    }
+
+    /// Stops accepting connections, lets in-flight requests and open tunnels continue for
+    /// the configured grace period (`shutdown_grace_ms`), then cuts whatever is left and
+    /// disconnects from the controller (which in-flight requests may still need until then).
+    pub async fn shutdown(self) {
+        self.drain.cancel();
+        // The accept loop drops the listener as it returns: no new connections after this.
+        if let Err(error) = self.accept_task.await {
+            warn!(%error, "the accept loop failed");
+        }
+        self.tasks.close();
+        if tokio::time::timeout(self.grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = self.tasks.len(),
+                "shutdown grace period over; cutting the remaining connections"
+            );
+        }
+        let hard_stop = self.hard_stop.disarm();
+        hard_stop.cancel();
+        self.tasks.wait().await;
+        if let Err(error) = self.controller_task.await {
+            warn!(%error, "the controller connection task failed");
+        }
+        info!(name = %self.name, "proxy stopped");
+    }
+}
+
+/// Starts a proxy serving plain HTTP on `listener` and connecting to the controller in the
+/// background. Requests that arrive before the controller connection is up wait for it.
+pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result<ProxyHandle> {
+    config.validate().context("invalid proxy configuration")?;
+    let socket_url = config.controller_socket_url()?;
+    let local_addr = listener
+        .local_addr()
+        .context("reading the proxy listener's address")?;
+
+    let hard_stop = CancellationToken::new();
+    let drain = hard_stop.child_token();
+    let tasks = TaskTracker::new();
+    let tracker = ConnectionTracker::default();
+
+    let (controller, controller_task) = ControllerClient::start(
+        ControllerConnectionConfig {
+            socket_url,
+            name: config.name.clone(),
+            report_interval: config.report_interval(),
+            route_timeout: config.route_timeout(),
+        },
+        tracker.clone(),
+        hard_stop.child_token(),
+    );
+    let state = ProxyState::new(
+        controller.clone(),
+        tracker,
+        tasks.clone(),
+        hard_stop.clone(),
+        config.backend_connect_timeout(),
+    );
+    let server = Server {
+        state,
+        tasks: tasks.clone(),
+        drain: drain.clone(),
+        hard_stop: hard_stop.clone(),
+    };
+    let accept_task = tokio::spawn(server.accept_loop(listener));
+
+    Ok(ProxyHandle {
+        local_addr,
+        grace: config.shutdown_grace(),
+        name: config.name,
+        controller,
+        tasks,
+        drain,
+        accept_task,
+        controller_task,
+        hard_stop: hard_stop.drop_guard(),
+    })
+}
+
+/// Runs a proxy until SIGINT or SIGTERM, then shuts it down gracefully.
+pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
+    let address = SocketAddr::new(config.bind_ip, config.http_port);
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the proxy's HTTP address {address}"))?;
+    let proxy = start(config, listener).await?;
+    info!(address = %proxy.local_addr(), name = %proxy.name(), "proxy listening");
+    shutdown_signal().await?;
+    info!("shutdown requested; draining connections");
+    proxy.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("listening for SIGINT")?,
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("listening for Ctrl-C")?;
+    Ok(())
+}

@@ -1,1 +1,56 @@
-fn main() {}
+//! The `plane` binary: parses the command line and runs the component asked for.
+
+use clap::{Parser, Subcommand};
+use plane::connect_cli::ConnectOpts;
+use plane::controller::cli::ControllerOpts;
+use plane::dev::DevOpts;
+use plane::logging::{self, LogFormat};
+use plane_drone::cli::DroneOpts;
+use plane_proxy::cli::ProxyOpts;
+use std::net::SocketAddr;
+
+#[derive(Parser)]
+#[command(name = "plane", version, about = "Run one stateful backend per key, on demand.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "PLANE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (HTTP API, node sockets, sweeper).
+    Controller(ControllerOpts),
+    /// Run a drone: starts backends as Docker containers on this machine.
+    Drone(DroneOpts),
+    /// Run a proxy: routes tokenized URLs to backends.
+    Proxy(ProxyOpts),
+    /// Run controller, drone and proxy in one process on loopback, with an embedded database.
+    Dev(DevOpts),
+    /// Ask a controller for the backend of a key and follow it until it is ready.
+    Connect(ConnectOpts),
+    /// The demo backend that `plane dev` packages as an image (runs inside the container).
+    #[command(hide = true)]
+    DemoBackend,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Connect(_)) {
+        logging::init(cli.log_format);
+    }
+    match cli.command {
+        Command::Controller(opts) => {
+            let listen = SocketAddr::new(opts.host, opts.port);
+            plane::controller::run(opts.into_config(), listen).await
+        }
+        Command::Drone(opts) => plane_drone::run(opts.into_config()?).await,
+        Command::Proxy(opts) => plane_proxy::run(opts.into_config()?).await,
+        Command::Dev(opts) => plane::dev::run(opts).await,
+        Command::Connect(opts) => plane::connect_cli::run(opts).await,
+        Command::DemoBackend => plane::demo_backend::run().await,
+    }
+}

@@ -1,1 +1,10 @@
+//! Plane's integration tests: real controller, drone and proxy on loopback ports, a real
+//! Docker engine, and both databases. One module per feature.
 
+mod harness;
+
+mod connect;
+mod errors;
+mod lifecycle;
+mod proxy;
+mod sweep;

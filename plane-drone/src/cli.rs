@@ -1,0 +1,119 @@
+//! `plane drone` command-line flags (each also readable from a `PLANE_*` environment
+//! variable), turned into a [`DroneConfig`].
+
+use crate::config::DroneConfig;
+use clap::Args;
+use plane_protocol::names::{ClusterName, NodeName};
+use std::net::{IpAddr, Ipv4Addr};
+use url::Url;
+
+/// Run a drone: start backends as Docker containers on behalf of the controller.
+#[derive(Clone, Debug, Args)]
+pub struct DroneOpts {
+    /// Base URL of the controller, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "PLANE_CONTROLLER_URL")]
+    pub controller_url: Url,
+
+    /// The cluster this drone serves, e.g. localhost:9090.
+    #[arg(long, env = "PLANE_CLUSTER")]
+    pub cluster: ClusterName,
+
+    /// This drone's name, unique in the cluster [default: the hostname, else random].
+    #[arg(long, env = "PLANE_NAME")]
+    pub name: Option<NodeName>,
+
+    /// The drone pool this drone serves (empty: the default pool).
+    #[arg(long, env = "PLANE_POOL", default_value = "")]
+    pub pool: String,
+
+    /// The host IP backend ports are published on; proxies must reach it.
+    #[arg(long, env = "PLANE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub ip: IpAddr,
+
+    /// Milliseconds between heartbeats to the controller.
+    #[arg(long, env = "PLANE_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
+    pub heartbeat_interval_ms: u64,
+
+    /// Milliseconds between SIGTERM and SIGKILL on a soft terminate.
+    #[arg(long, env = "PLANE_STOP_GRACE_PERIOD_MS", default_value_t = 10_000)]
+    pub stop_grace_period_ms: u64,
+
+    /// Milliseconds from container start until the backend must answer HTTP.
+    #[arg(long, env = "PLANE_STARTUP_TIMEOUT_MS", default_value_t = 60_000)]
+    pub startup_timeout_ms: u64,
+
+    /// Cap, in milliseconds, on the backoff between reconnects to the controller.
+    #[arg(long, env = "PLANE_RECONNECT_MAX_BACKOFF_MS", default_value_t = 5_000)]
+    pub reconnect_max_backoff_ms: u64,
+
+    /// Milliseconds an image pull may take before the backend fails to start.
+    #[arg(long, env = "PLANE_PULL_TIMEOUT_MS", default_value_t = 300_000)]
+    pub pull_timeout_ms: u64,
+}
+
+impl DroneOpts {
+    pub fn into_config(self) -> anyhow::Result<DroneConfig> {
+        let name = match self.name {
+            Some(name) => name,
+            None => hostname_node_name().unwrap_or_else(|| NodeName::new_random("dr")),
+        };
+        let config = DroneConfig {
+            name,
+            pool: self.pool,
+            ip: self.ip,
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            stop_grace_period_ms: self.stop_grace_period_ms,
+            startup_timeout_ms: self.startup_timeout_ms,
+            reconnect_max_backoff_ms: self.reconnect_max_backoff_ms,
+            pull_timeout_ms: self.pull_timeout_ms,
+            ..DroneConfig::new(self.controller_url, self.cluster)
+        };
+        anyhow::ensure!(
+            config.heartbeat_interval_ms > 0,
+            "--heartbeat-interval-ms must be at least 1"
+        );
+        Ok(config)
+    }
+}
+
+/// The machine's hostname as a node name, when it is a valid one. Using the hostname by
+/// default means a restarted drone finds (and cleans up) the containers of its previous run.
+fn hostname_node_name() -> Option<NodeName> {
+    let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let raw = from_kernel.or_else(|| std::env::var("HOSTNAME").ok())?;
+    raw.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        drone: DroneOpts,
+    }
+
+    #[test]
+    fn flags_become_config_with_defaults() {
+        let cli = Cli::try_parse_from([
+            "drone",
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "localhost:9090",
+            "--name",
+            "dr-test",
+            "--stop-grace-period-ms",
+            "250",
+        ])
+        .expect("parses");
+        let config = cli.drone.into_config().expect("valid config");
+        assert_eq!(config.name.as_str(), "dr-test");
+        assert_eq!(config.stop_grace_period_ms, 250);
+        assert_eq!(config.heartbeat_interval_ms, 5_000);
+        assert_eq!(config.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(config.pool, "");
+    }
+}

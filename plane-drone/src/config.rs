@@ -1,0 +1,129 @@
+//! The drone's configuration: a plain serde struct, built from the command line by
+//! [`crate::cli::DroneOpts`] or directly by `plane dev` and tests.
+
+use plane_protocol::names::{ClusterName, NodeName};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+use url::Url;
+
+/// Everything a drone needs to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DroneConfig {
+    /// Base HTTP(S) URL of the controller, e.g. `http://127.0.0.1:8080`. The drone connects
+    /// its WebSocket to `<this with ws/wss scheme>/ctrl/c/<cluster>/drone-socket`.
+    pub controller_url: Url,
+    /// The cluster this drone serves.
+    pub cluster: ClusterName,
+    /// This drone's name, unique within the cluster. Containers are labelled with it, so a
+    /// drone restarted under the same name cleans up what its previous run left behind.
+    pub name: NodeName,
+    /// The drone pool this drone serves; empty for the cluster's default pool.
+    #[serde(default)]
+    pub pool: String,
+    /// The host IP address backend ports are published on; proxies connect to backends at
+    /// this address, so it must be reachable from them.
+    #[serde(default = "default_ip")]
+    pub ip: IpAddr,
+    /// Milliseconds between heartbeats to the controller.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds a soft-terminated backend gets between SIGTERM and SIGKILL.
+    #[serde(default = "default_stop_grace_period_ms")]
+    pub stop_grace_period_ms: u64,
+    /// Milliseconds from container start until the backend must answer HTTP on its port;
+    /// after that it is killed and reported `terminated{startuptimeout}`.
+    #[serde(default = "default_startup_timeout_ms")]
+    pub startup_timeout_ms: u64,
+    /// Upper bound, in milliseconds, of the exponential backoff between attempts to
+    /// reconnect to the controller (the first retry waits about 100 ms).
+    #[serde(default = "default_reconnect_max_backoff_ms")]
+    pub reconnect_max_backoff_ms: u64,
+    /// Milliseconds an image pull may take before the backend fails to start. Bounds the
+    /// `loading` status when a registry hangs rather than refusing.
+    #[serde(default = "default_pull_timeout_ms")]
+    pub pull_timeout_ms: u64,
+}
+
+fn default_ip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    5_000
+}
+
+fn default_stop_grace_period_ms() -> u64 {
+    10_000
+}
+
+fn default_startup_timeout_ms() -> u64 {
+    60_000
+}
+
+fn default_reconnect_max_backoff_ms() -> u64 {
+    5_000
+}
+
+fn default_pull_timeout_ms() -> u64 {
+    300_000
+}
+
+impl DroneConfig {
+    /// A configuration with every optional field at its default and a random drone name.
+    pub fn new(controller_url: Url, cluster: ClusterName) -> Self {
+        Self {
+            controller_url,
+            cluster,
+            name: NodeName::new_random("dr"),
+            pool: String::new(),
+            ip: default_ip(),
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            stop_grace_period_ms: default_stop_grace_period_ms(),
+            startup_timeout_ms: default_startup_timeout_ms(),
+            reconnect_max_backoff_ms: default_reconnect_max_backoff_ms(),
+            pull_timeout_ms: default_pull_timeout_ms(),
+        }
+    }
+
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        // A zero interval would make `tokio::time::interval` panic.
+        Duration::from_millis(self.heartbeat_interval_ms.max(1))
+    }
+
+    pub(crate) fn stop_grace_period(&self) -> Duration {
+        Duration::from_millis(self.stop_grace_period_ms)
+    }
+
+    pub(crate) fn startup_timeout(&self) -> Duration {
+        Duration::from_millis(self.startup_timeout_ms)
+    }
+
+    pub(crate) fn reconnect_max_backoff(&self) -> Duration {
+        Duration::from_millis(self.reconnect_max_backoff_ms.max(1))
+    }
+
+    pub(crate) fn pull_timeout(&self) -> Duration {
+        Duration::from_millis(self.pull_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_optional_fields_take_their_defaults() {
+        let config: DroneConfig = serde_json::from_str(
+            r#"{"controller_url": "http://127.0.0.1:8080", "cluster": "localhost:9090", "name": "dr-1"}"#,
+        )
+        .expect("parses");
+        let url: Url = "http://127.0.0.1:8080".parse().expect("valid url");
+        let cluster: ClusterName = "localhost:9090".parse().expect("valid cluster");
+        let expected = DroneConfig {
+            name: "dr-1".parse().expect("valid name"),
+            ..DroneConfig::new(url, cluster)
+        };
+        assert_eq!(config, expected);
+    }
+}

@@ -1,0 +1,302 @@
+//! The drone's WebSocket to the controller: says hello, replays unacked events, heartbeats,
+//! hands actions to the executor and acks them, and reconnects with capped exponential
+//! backoff whenever the connection drops.
+
+use crate::event_queue::EventQueue;
+use crate::executor::ExecutorHandle;
+use futures_util::{SinkExt, StreamExt};
+use plane_protocol::drone::{ActionKind, BackendAction, MessageFromDrone, MessageToDrone};
+use plane_protocol::names::{ClusterName, NodeName};
+use plane_protocol::PLANE_VERSION;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// First reconnect delay; doubled after every failed attempt up to the configured cap.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Bound on opening the connection (TCP, TLS and WebSocket handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on writing one message; a controller that stops reading is treated as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The connection is considered dead when nothing (not even a pong) arrived for this long,
+/// or for three heartbeat intervals if that is longer.
+const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(15);
+
+/// The controller's drone-socket URL for a cluster: the controller's base URL with a
+/// WebSocket scheme and `/ctrl/c/<cluster>/drone-socket` appended to its path.
+pub fn socket_url(controller_url: &Url, cluster: &ClusterName) -> anyhow::Result<Url> {
+    let mut url = controller_url.clone();
+    let scheme = match controller_url.scheme() {
+        "http" | "ws" => "ws",
+        "https" | "wss" => "wss",
+        other => anyhow::bail!(
+            "controller URL {controller_url} has scheme {other:?}; expected http or https"
+        ),
+    };
+    url.set_scheme(scheme)
+        .map_err(|()| anyhow::anyhow!("cannot use scheme {scheme} for {controller_url}"))?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("controller URL {controller_url} cannot have a path"))?
+        .pop_if_empty()
+        .extend(["ctrl", "c", cluster.as_str(), "drone-socket"]);
+    url.set_query(None);
+    url.set_fragment(None);
+    Ok(url)
+}
+
+/// What the connection task needs.
+pub(crate) struct Connection {
+    pub url: Url,
+    pub name: NodeName,
+    pub pool: String,
+    pub heartbeat_interval: Duration,
+    pub max_backoff: Duration,
+    pub executor: ExecutorHandle,
+    pub events: EventQueue,
+    /// True while a session is open (hello sent).
+    pub connected: watch::Sender<bool>,
+    /// Once cancelled, incoming actions are ignored (and not acked), so the controller
+    /// re-sends them to whoever takes over. Events keep flowing.
+    pub stop_actions: CancellationToken,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Cancelled,
+    Lost(String),
+}
+
+impl Connection {
+    /// Runs until `cancel` fires, reconnecting as needed. On cancel, closes the socket.
+    pub(crate) async fn run(self, cancel: CancellationToken) {
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            let attempt = tokio::select! {
+                _ = cancel.cancelled() => return,
+                attempt = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_tungstenite::connect_async(self.url.as_str()),
+                ) => attempt,
+            };
+            match attempt {
+                Ok(Ok((socket, _response))) => {
+                    tracing::info!(url = %self.url, "connected to controller");
+                    backoff = INITIAL_BACKOFF;
+                    let end = self.session(socket, &cancel).await;
+                    self.connected.send_replace(false);
+                    match end {
+                        SessionEnd::Cancelled => return,
+                        SessionEnd::Lost(why) => {
+                            tracing::warn!(url = %self.url, reason = %why, "lost controller connection");
+                        }
+                    }
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(url = %self.url, error = %err, retry_in = ?backoff, "could not connect to controller");
+                }
+                Err(_) => {
+                    tracing::warn!(url = %self.url, retry_in = ?backoff, "connecting to controller timed out");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+
+    async fn session(&self, socket: Socket, cancel: &CancellationToken) -> SessionEnd {
+        let (mut sink, mut stream) = socket.split();
+        // Subscribe before the replay so an event pushed during it wakes the loop below.
+        let mut events_changed = self.events.subscribe();
+        let hello = MessageFromDrone::Hello {
+            name: self.name.clone(),
+            pool: self.pool.clone(),
+            version: PLANE_VERSION.to_string(),
+        };
+        if let Err(why) = send(&mut sink, &hello).await {
+            return SessionEnd::Lost(why);
+        }
+        self.connected.send_replace(true);
+        // The highest event ID sent on this connection; everything unacked is re-sent on
+        // a new one, since the controller may not have seen it.
+        let mut last_sent = None;
+        if let Err(why) = self.send_new_events(&mut sink, &mut last_sent).await {
+            return SessionEnd::Lost(why);
+        }
+
+        let silence_limit = (self.heartbeat_interval * 3).max(MIN_SILENCE_LIMIT);
+        let mut last_heard = Instant::now();
+        let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => {
+                    // Best effort: the controller learns we left on purpose.
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Close(None))).await;
+                    return SessionEnd::Cancelled;
+                }
+                message = stream.next() => {
+                    last_heard = Instant::now();
+                    match message {
+                        Some(Ok(Message::Text(text))) => self.handle_text(&mut sink, &text).await,
+                        Some(Ok(Message::Close(frame))) => {
+                            Err(format!("controller closed the connection ({frame:?})"))
+                        }
+                        // Pings are answered by tungstenite; pongs only prove liveness.
+                        Some(Ok(_)) => Ok(()),
+                        Some(Err(err)) => Err(format!("read failed: {err}")),
+                        None => Err("connection closed".to_string()),
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        Err(format!("nothing heard from the controller for {silence_limit:?}"))
+                    } else {
+                        self.heartbeat(&mut sink).await
+                    }
+                }
+                Ok(()) = events_changed.changed() => {
+                    self.send_new_events(&mut sink, &mut last_sent).await
+                }
+            };
+            if let Err(why) = result {
+                return SessionEnd::Lost(why);
+            }
+        }
+    }
+
+    async fn heartbeat<S>(&self, sink: &mut S) -> Result<(), String>
+    where
+        S: SinkExt<Message> + Unpin,
+        S::Error: std::fmt::Display,
+    {
+        let backends = match self.executor.running().await {
+            Ok(backends) => backends,
+            // Shutting down: the last heartbeats are not worth a reconnect.
+            Err(_) => return Ok(()),
+        };
+        send(sink, &MessageFromDrone::Heartbeat { backends }).await?;
+        // Gives a quiet controller something to answer, so the silence check above
+        // only trips on a dead connection.
+        send_raw(sink, Message::Ping(Default::default())).await
+    }
+
+    async fn send_new_events<S>(&self, sink: &mut S, last_sent: &mut Option<u64>) -> Result<(), String>
+    where
+        S: SinkExt<Message> + Unpin,
+        S::Error: std::fmt::Display,
+    {
+        for event in self.events.unacked_after(*last_sent) {
+            let event_id = event.event_id;
+            send(sink, &MessageFromDrone::BackendEvent(event)).await?;
+            *last_sent = Some(event_id);
+        }
+        Ok(())
+    }
+
+    async fn handle_text<S>(&self, sink: &mut S, text: &str) -> Result<(), String>
+    where
+        S: SinkExt<Message> + Unpin,
+        S::Error: std::fmt::Display,
+    {
+        let message: MessageToDrone = match serde_json::from_str(text) {
+            Ok(message) => message,
+            Err(err) => {
+                // A newer controller may send things we do not know; skipping them keeps
+                // the connection (and everything else on it) working.
+                tracing::warn!(error = %err, "ignoring unreadable message from controller");
+                return Ok(());
+            }
+        };
+        match message {
+            MessageToDrone::EventAck { event_id } => {
+                self.events.ack(event_id);
+                Ok(())
+            }
+            MessageToDrone::Action(action) => self.handle_action(sink, action).await,
+        }
+    }
+
+    async fn handle_action<S>(&self, sink: &mut S, action: BackendAction) -> Result<(), String>
+    where
+        S: SinkExt<Message> + Unpin,
+        S::Error: std::fmt::Display,
+    {
+        if self.stop_actions.is_cancelled() {
+            tracing::info!(action_id = action.action_id, "shutting down; leaving action unacked");
+            return Ok(());
+        }
+        let BackendAction {
+            action_id,
+            backend_id,
+            action,
+        } = action;
+        let accepted = match action {
+            ActionKind::Spawn(spawn) => self.executor.spawn(backend_id, spawn).await,
+            ActionKind::Terminate { kind, reason } => {
+                self.executor.terminate(backend_id, kind, reason).await
+            }
+        };
+        match accepted {
+            Ok(()) => send(sink, &MessageFromDrone::ActionAck { action_id }).await,
+            Err(err) => {
+                tracing::info!(action_id, error = %err, "action not accepted; leaving it unacked");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn send<S>(sink: &mut S, message: &MessageFromDrone) -> Result<(), String>
+where
+    S: SinkExt<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    let json = serde_json::to_string(message).map_err(|err| format!("encoding failed: {err}"))?;
+    send_raw(sink, Message::Text(json.into())).await
+}
+
+async fn send_raw<S>(sink: &mut S, message: Message) -> Result<(), String>
+where
+    S: SinkExt<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(format!("write failed: {err}")),
+        Err(_) => Err(format!("write did not finish within {SEND_TIMEOUT:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_url_follows_the_controller_scheme_and_path() {
+        let cluster: ClusterName = "localhost:9090".parse().expect("valid");
+        let url = |base: &str| {
+            socket_url(&base.parse().expect("valid url"), &cluster)
+                .expect("valid socket url")
+                .to_string()
+        };
+        assert_eq!(
+            url("http://127.0.0.1:8080"),
+            "ws://127.0.0.1:8080/ctrl/c/localhost:9090/drone-socket"
+        );
+        assert_eq!(
+            url("https://plane.example.com/base/"),
+            "wss://plane.example.com/base/ctrl/c/localhost:9090/drone-socket"
+        );
+        assert!(socket_url(&"ftp://x".parse().expect("valid url"), &cluster).is_err());
+    }
+}

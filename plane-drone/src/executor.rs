@@ -1,0 +1,369 @@
+//! The executor: an actor that owns every backend on this drone and runs each one's
+//! lifecycle in its own task.
+//!
+//! [`ExecutorHandle`] is the cheap-to-clone front; the runner owns the state (which backends
+//! run, which have finished) so spawn, terminate and shutdown never race each other.
+
+use crate::event_queue::EventQueue;
+use crate::lifecycle::{run_backend, BackendContext, LifecycleSettings, TerminateRequest};
+use crate::runtime::Runtime;
+use anyhow::Context;
+use plane_protocol::backend::{
+    BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
+};
+use plane_protocol::drone::SpawnAction;
+use plane_protocol::names::BackendName;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+/// How many finished backends the executor remembers, so that a re-sent spawn for one of
+/// them is recognised as a duplicate instead of starting it again.
+const FINISHED_MEMORY: usize = 100_000;
+
+/// Why the executor refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("the drone is shutting down")]
+    ShuttingDown,
+}
+
+enum Command {
+    Spawn {
+        backend_id: BackendName,
+        spawn: Box<SpawnAction>,
+        reply: oneshot::Sender<Result<(), ExecutorError>>,
+    },
+    Terminate {
+        backend_id: BackendName,
+        request: TerminateRequest,
+        reply: oneshot::Sender<Result<(), ExecutorError>>,
+    },
+    Running {
+        reply: oneshot::Sender<Vec<BackendName>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Sends requests to the executor's runner.
+#[derive(Clone)]
+pub struct ExecutorHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl ExecutorHandle {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, ExecutorError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| ExecutorError::ShuttingDown)?;
+        answer.await.map_err(|_| ExecutorError::ShuttingDown)
+    }
+
+    /// Takes on a backend. Returns once the backend is accepted (not once it runs); a
+    /// backend the executor already knows is accepted again without starting it twice.
+    pub async fn spawn(
+        &self,
+        backend_id: BackendName,
+        spawn: SpawnAction,
+    ) -> Result<(), ExecutorError> {
+        self.request(|reply| Command::Spawn {
+            backend_id,
+            spawn: Box::new(spawn),
+            reply,
+        })
+        .await?
+    }
+
+    /// Asks a backend to stop. An unknown backend is reported `terminated` at once.
+    pub async fn terminate(
+        &self,
+        backend_id: BackendName,
+        kind: TerminationKind,
+        reason: TerminationReason,
+    ) -> Result<(), ExecutorError> {
+        self.request(|reply| Command::Terminate {
+            backend_id,
+            request: TerminateRequest { kind, reason },
+            reply,
+        })
+        .await?
+    }
+
+    /// The backends not yet terminated.
+    pub async fn running(&self) -> Result<Vec<BackendName>, ExecutorError> {
+        self.request(|reply| Command::Running { reply }).await
+    }
+
+    /// Refuses new spawns, soft-terminates every backend (reason `lost`) and resolves once
+    /// all of them have reported `terminated`.
+    pub async fn shutdown(&self) {
+        // An error means the runner is already gone, which is what we want anyway.
+        let _ = self.request(|reply| Command::Shutdown { reply }).await;
+    }
+}
+
+/// Starts the executor: first removes containers an earlier run of this drone left behind
+/// (reporting each as `terminated{lost}`), then runs until `cancel` fires. Cancelling
+/// aborts every backend task; call [`ExecutorHandle::shutdown`] first for a graceful stop.
+pub(crate) async fn start<R: Runtime>(
+    runtime: R,
+    events: EventQueue,
+    settings: LifecycleSettings,
+    cancel: CancellationToken,
+) -> anyhow::Result<(ExecutorHandle, JoinHandle<()>)> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .context("building the HTTP client for readiness probes")?;
+    let mut finished = RecentSet::new(FINISHED_MEMORY);
+    for backend_id in reconcile_orphans(&runtime, &events).await? {
+        finished.insert(backend_id);
+    }
+    let (commands, receiver) = mpsc::channel(64);
+    let runner = Runner {
+        ctx: Arc::new(BackendContext {
+            runtime,
+            events,
+            settings,
+            http,
+        }),
+        running: HashMap::new(),
+        task_backends: HashMap::new(),
+        finished,
+        tasks: JoinSet::new(),
+        shutdown_waiters: None,
+    };
+    let task = tokio::spawn(runner.run(receiver, cancel));
+    Ok((ExecutorHandle { commands }, task))
+}
+
+/// Kills and removes every container of this drone that no task owns (left from an
+/// earlier run) and reports each backend `terminated{lost}`.
+async fn reconcile_orphans<R: Runtime>(
+    runtime: &R,
+    events: &EventQueue,
+) -> anyhow::Result<Vec<BackendName>> {
+    let orphans = runtime
+        .list_backends()
+        .await
+        .context("listing containers left by an earlier run of this drone")?;
+    for backend_id in &orphans {
+        tracing::warn!(backend = %backend_id, "removing container left by an earlier run");
+        let message = match runtime.remove(backend_id).await {
+            Ok(()) => "drone restarted; container removed".to_string(),
+            Err(err) => {
+                tracing::error!(backend = %backend_id, error = %err, "could not remove orphaned container");
+                format!("drone restarted; removing the container failed: {err}")
+            }
+        };
+        events.push(
+            backend_id.clone(),
+            BackendStateUpdate {
+                termination_kind: Some(TerminationKind::Hard),
+                termination_reason: Some(TerminationReason::Lost),
+                message: Some(message),
+                ..BackendStateUpdate::status(BackendStatus::Terminated)
+            },
+        );
+    }
+    Ok(orphans)
+}
+
+struct Runner<R> {
+    ctx: Arc<BackendContext<R>>,
+    /// Backends whose task runs, with the channel to ask them to stop.
+    running: HashMap<BackendName, mpsc::UnboundedSender<TerminateRequest>>,
+    /// Which backend each task runs, to clean up after a task that panicked.
+    task_backends: HashMap<tokio::task::Id, BackendName>,
+    finished: RecentSet,
+    tasks: JoinSet<()>,
+    /// Set once shutdown began: who to tell when the last backend has finished.
+    shutdown_waiters: Option<Vec<oneshot::Sender<()>>>,
+}
+
+impl<R: Runtime> Runner<R> {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.task_done(done);
+                }
+            }
+        }
+        // Dropping the JoinSet aborts whatever still runs.
+        if !self.tasks.is_empty() {
+            tracing::warn!(backends = self.tasks.len(), "executor stopped with backends still running");
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Spawn {
+                backend_id,
+                spawn,
+                reply,
+            } => {
+                let _ = reply.send(self.spawn(backend_id, *spawn));
+            }
+            Command::Terminate {
+                backend_id,
+                request,
+                reply,
+            } => {
+                self.terminate(backend_id, request);
+                let _ = reply.send(Ok(()));
+            }
+            Command::Running { reply } => {
+                let _ = reply.send(self.running.keys().cloned().collect());
+            }
+            Command::Shutdown { reply } => self.shutdown(reply),
+        }
+    }
+
+    fn spawn(&mut self, backend_id: BackendName, spawn: SpawnAction) -> Result<(), ExecutorError> {
+        if self.running.contains_key(&backend_id) || self.finished.contains(&backend_id) {
+            tracing::debug!(backend = %backend_id, "duplicate spawn; already known");
+            return Ok(());
+        }
+        if self.shutdown_waiters.is_some() {
+            return Err(ExecutorError::ShuttingDown);
+        }
+        tracing::info!(backend = %backend_id, image = %spawn.executable.image, "spawning backend");
+        let (requests, receiver) = mpsc::unbounded_channel();
+        let task = self.tasks.spawn(run_backend(
+            self.ctx.clone(),
+            backend_id.clone(),
+            spawn,
+            receiver,
+        ));
+        self.task_backends.insert(task.id(), backend_id.clone());
+        self.running.insert(backend_id, requests);
+        Ok(())
+    }
+
+    fn terminate(&mut self, backend_id: BackendName, request: TerminateRequest) {
+        if let Some(requests) = self.running.get(&backend_id) {
+            // The task holds the receiver until it has reported `terminated`; a send that
+            // fails means it is finishing on its own.
+            let _ = requests.send(request);
+        } else if self.finished.contains(&backend_id) {
+            tracing::debug!(backend = %backend_id, "terminate for a finished backend; nothing to do");
+        } else {
+            // Unknown here (e.g. the drone restarted): say so at once, so the controller does
+            // not wait for a backend that will never report.
+            tracing::info!(backend = %backend_id, "terminate for an unknown backend; reporting it terminated");
+            self.ctx.events.push(
+                backend_id.clone(),
+                BackendStateUpdate {
+                    termination_kind: Some(request.kind),
+                    termination_reason: Some(request.reason),
+                    message: Some("not running on this drone".into()),
+                    ..BackendStateUpdate::status(BackendStatus::Terminated)
+                },
+            );
+            self.finished.insert(backend_id);
+        }
+    }
+
+    fn shutdown(&mut self, reply: oneshot::Sender<()>) {
+        if self.shutdown_waiters.is_none() {
+            tracing::info!(backends = self.running.len(), "terminating every backend for shutdown");
+            for requests in self.running.values() {
+                let _ = requests.send(TerminateRequest {
+                    kind: TerminationKind::Soft,
+                    reason: TerminationReason::Lost,
+                });
+            }
+        }
+        self.shutdown_waiters.get_or_insert_with(Vec::new).push(reply);
+        self.notify_if_drained();
+    }
+
+    fn task_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (id, panicked) = match done {
+            Ok((id, ())) => (id, None),
+            Err(err) => (err.id(), Some(err)),
+        };
+        let Some(backend_id) = self.task_backends.remove(&id) else {
+            return;
+        };
+        self.running.remove(&backend_id);
+        if let Some(err) = panicked {
+            tracing::error!(backend = %backend_id, error = %err, "backend task failed");
+            self.ctx.events.push(
+                backend_id.clone(),
+                BackendStateUpdate {
+                    termination_reason: Some(TerminationReason::InternalError),
+                    message: Some("the drone lost track of this backend".into()),
+                    ..BackendStateUpdate::status(BackendStatus::Terminated)
+                },
+            );
+            // Its container may still run; remove it in the background, owned by the set.
+            let ctx = self.ctx.clone();
+            let orphan = backend_id.clone();
+            self.tasks.spawn(async move {
+                if let Err(err) = ctx.runtime.remove(&orphan).await {
+                    tracing::error!(backend = %orphan, error = %err, "could not remove container");
+                }
+            });
+        }
+        self.finished.insert(backend_id);
+        self.notify_if_drained();
+    }
+
+    fn notify_if_drained(&mut self) {
+        if self.running.is_empty() && self.task_backends.is_empty() {
+            if let Some(waiters) = self.shutdown_waiters.as_mut() {
+                for waiter in waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
+        }
+    }
+}
+
+/// A set that forgets its oldest entries beyond a fixed size.
+struct RecentSet {
+    members: HashSet<BackendName>,
+    order: VecDeque<BackendName>,
+    capacity: usize,
+}
+
+impl RecentSet {
+    fn new(capacity: usize) -> Self {
+        Self {
+            members: HashSet::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn insert(&mut self, backend_id: BackendName) {
+        if self.members.insert(backend_id.clone()) {
+            self.order.push_back(backend_id);
+            while self.order.len() > self.capacity {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.members.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, backend_id: &BackendName) -> bool {
+        self.members.contains(backend_id)
+    }
+}

@@ -1,0 +1,410 @@
+//! One backend's life on the drone, from `loading` to `terminated`, run as its own task.
+//!
+//! The task is the only writer of its backend's statuses, so they reach the event queue in
+//! lifecycle order. It always ends with exactly one `terminated` report and, if a container
+//! was created, with that container removed.
+
+use crate::event_queue::EventQueue;
+use crate::runtime::{BackendSpec, Runtime, RuntimeError, Signal};
+use plane_protocol::backend::{
+    BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
+};
+use plane_protocol::drone::SpawnAction;
+use plane_protocol::names::BackendName;
+use plane_protocol::{BACKEND_CONTAINER_PORT, RESERVED_ENV_VARS};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Per-try bound on one readiness probe; a backend that accepts but does not answer within
+/// this is probed again.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between readiness probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long to wait for the exit after SIGKILL before reporting `terminated` anyway, so a
+/// wedged engine cannot keep a backend (and its key) from being released forever.
+const KILL_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before asking the engine again when waiting for an exit failed.
+const WAIT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Timings of the lifecycle, from the drone's configuration.
+#[derive(Clone, Debug)]
+pub struct LifecycleSettings {
+    /// Between SIGTERM and SIGKILL on a soft terminate.
+    pub stop_grace_period: Duration,
+    /// From container start until the backend must answer HTTP.
+    pub startup_timeout: Duration,
+}
+
+/// What every backend task shares.
+pub(crate) struct BackendContext<R> {
+    pub runtime: R,
+    pub events: EventQueue,
+    pub settings: LifecycleSettings,
+    /// For readiness probes; built without proxy settings, since backends are local.
+    pub http: reqwest::Client,
+}
+
+/// A request to stop a backend, as the controller (or the drone's shutdown) sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TerminateRequest {
+    pub kind: TerminationKind,
+    pub reason: TerminationReason,
+}
+
+/// The environment of a backend's process: the user's variables, minus any that would
+/// override the ones Plane sets, plus Plane's own.
+pub(crate) fn backend_env(backend_id: &BackendName, spawn: &SpawnAction) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = spawn
+        .executable
+        .env
+        .iter()
+        .filter(|(name, _)| {
+            // The controller already refuses these; the drone still must not let a
+            // reserved name through, nor a name that would not survive `NAME=value`.
+            let allowed = !RESERVED_ENV_VARS.contains(&name.as_str())
+                && !name.is_empty()
+                && !name.contains('=')
+                && !name.contains('\0');
+            if !allowed {
+                tracing::warn!(backend = %backend_id, name = %name, "dropping disallowed environment variable");
+            }
+            allowed
+        })
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    env.push(("PORT".into(), BACKEND_CONTAINER_PORT.to_string()));
+    env.push(("SESSION_BACKEND_ID".into(), backend_id.to_string()));
+    if let Some(key) = &spawn.key {
+        env.push(("SESSION_BACKEND_KEY".into(), key.clone()));
+    }
+    if let Some(token) = spawn.fencing_token {
+        env.push(("SESSION_BACKEND_FENCING_TOKEN".into(), token.to_string()));
+    }
+    if let Some(token) = &spawn.static_token {
+        env.push(("SESSION_BACKEND_STATIC_TOKEN".into(), token.to_string()));
+    }
+    env
+}
+
+/// How the wait for readiness ended.
+enum Startup {
+    Ready,
+    TimedOut,
+    Exited(Option<i32>),
+    Terminate(TerminateRequest),
+}
+
+/// Runs one backend until it is terminated. `requests` carries terminate requests; when
+/// its sender is dropped the executor is gone and this task is about to be aborted.
+pub(crate) async fn run_backend<R: Runtime>(
+    ctx: std::sync::Arc<BackendContext<R>>,
+    backend_id: BackendName,
+    spawn: SpawnAction,
+    mut requests: mpsc::UnboundedReceiver<TerminateRequest>,
+) {
+    let backend = Backend {
+        ctx: &ctx,
+        id: &backend_id,
+    };
+    backend.run(spawn, &mut requests).await;
+}
+
+struct Backend<'a, R> {
+    ctx: &'a BackendContext<R>,
+    id: &'a BackendName,
+}
+
+impl<R: Runtime> Backend<'_, R> {
+    fn report(&self, update: BackendStateUpdate) {
+        tracing::info!(backend = %self.id, status = %update.status, "backend status");
+        self.ctx.events.push(self.id.clone(), update);
+    }
+
+    fn report_status(&self, status: BackendStatus) {
+        self.report(BackendStateUpdate::status(status));
+    }
+
+    async fn run(&self, spawn: SpawnAction, requests: &mut mpsc::UnboundedReceiver<TerminateRequest>) {
+        let runtime = &self.ctx.runtime;
+        let image = &spawn.executable.image;
+
+        self.report_status(BackendStatus::Loading);
+        let prepared = tokio::select! {
+            biased;
+            request = next_request(requests) => {
+                // Nothing exists yet; dropping the preparation cancels any pull.
+                self.report(BackendStateUpdate {
+                    termination_kind: Some(request.kind),
+                    termination_reason: Some(request.reason),
+                    ..BackendStateUpdate::status(BackendStatus::Terminated)
+                });
+                return;
+            }
+            prepared = runtime.prepare_image(&spawn.executable) => prepared,
+        };
+        if let Err(err) = prepared {
+            self.report_start_failed(format!("could not load image {image:?}: {err}"));
+            return;
+        }
+
+        self.report_status(BackendStatus::Starting);
+        let spec = BackendSpec {
+            backend_id: self.id.clone(),
+            image: image.clone(),
+            env: backend_env(self.id, &spawn),
+            resource_limits: spawn.executable.resource_limits.clone(),
+        };
+        // Not raced against terminate requests: dropping a create request midway could
+        // leave a container the engine finishes creating after we stopped looking. A
+        // request that arrives meanwhile stays queued and is handled right after.
+        let address = match runtime.start_backend(&spec).await {
+            Ok(address) => address,
+            Err(RuntimeError::ExitedDuringStart { exit_code, .. }) => {
+                self.finish(exit_code, None, Some("exited while starting".into()))
+                    .await;
+                return;
+            }
+            Err(err) => {
+                self.report_start_failed(format!("could not start image {image:?}: {err}"));
+                return;
+            }
+        };
+        let started_at = Instant::now();
+
+        self.report(BackendStateUpdate {
+            address: Some(address),
+            ..BackendStateUpdate::status(BackendStatus::Waiting)
+        });
+        let deadline = started_at + self.ctx.settings.startup_timeout;
+        let startup = tokio::select! {
+            biased;
+            request = next_request(requests) => Startup::Terminate(request),
+            exit_code = self.wait_exit() => Startup::Exited(exit_code),
+            ready = tokio::time::timeout_at(deadline, wait_until_ready(&self.ctx.http, address)) => {
+                match ready {
+                    Ok(()) => Startup::Ready,
+                    Err(_) => Startup::TimedOut,
+                }
+            }
+        };
+        match startup {
+            Startup::Ready => {}
+            Startup::Exited(exit_code) => return self.finish(exit_code, None, None).await,
+            Startup::Terminate(request) => return self.terminate(request, requests).await,
+            Startup::TimedOut => {
+                let request = TerminateRequest {
+                    kind: TerminationKind::Hard,
+                    reason: TerminationReason::StartupTimeout,
+                };
+                return self.terminate(request, requests).await;
+            }
+        }
+
+        self.report(BackendStateUpdate {
+            address: Some(address),
+            ..BackendStateUpdate::status(BackendStatus::Ready)
+        });
+        tokio::select! {
+            biased;
+            request = next_request(requests) => self.terminate(request, requests).await,
+            exit_code = self.wait_exit() => self.finish(exit_code, None, None).await,
+        }
+    }
+
+    fn report_start_failed(&self, message: String) {
+        tracing::warn!(backend = %self.id, %message, "backend failed to start");
+        self.report(BackendStateUpdate {
+            termination_reason: Some(TerminationReason::StartFailed),
+            message: Some(message),
+            ..BackendStateUpdate::status(BackendStatus::Terminated)
+        });
+    }
+
+    /// Stops a started backend: SIGTERM and the grace period for a soft request (a hard
+    /// request arriving meanwhile cuts it short), then SIGKILL.
+    async fn terminate(
+        &self,
+        request: TerminateRequest,
+        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+    ) {
+        let TerminateRequest { kind, reason } = request;
+        let runtime = &self.ctx.runtime;
+        let exit = self.wait_exit();
+        tokio::pin!(exit);
+
+        if kind == TerminationKind::Soft {
+            self.report(BackendStateUpdate {
+                termination_kind: Some(kind),
+                termination_reason: Some(reason),
+                ..BackendStateUpdate::status(BackendStatus::Terminating)
+            });
+            match runtime.signal(self.id, Signal::Term).await {
+                Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
+                Err(RuntimeError::NotFound(_)) => {
+                    return self.finish(None, Some(request), None).await;
+                }
+                Err(err) => {
+                    tracing::warn!(backend = %self.id, error = %err, "SIGTERM failed; killing");
+                }
+            }
+            let grace = tokio::time::sleep(self.ctx.settings.stop_grace_period);
+            tokio::pin!(grace);
+            loop {
+                tokio::select! {
+                    exit_code = &mut exit => {
+                        return self.finish(exit_code, Some(request), None).await;
+                    }
+                    _ = &mut grace => break,
+                    next = next_request(requests) => {
+                        if next.kind == TerminationKind::Hard {
+                            break;
+                        }
+                        // Already terminating softly; a repeated soft request changes nothing.
+                    }
+                }
+            }
+        }
+
+        self.report(BackendStateUpdate {
+            termination_kind: Some(kind),
+            termination_reason: Some(reason),
+            ..BackendStateUpdate::status(BackendStatus::HardTerminating)
+        });
+        match runtime.signal(self.id, Signal::Kill).await {
+            Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
+            Err(RuntimeError::NotFound(_)) => {
+                return self.finish(None, Some(request), None).await;
+            }
+            Err(err) => {
+                tracing::warn!(backend = %self.id, error = %err, "SIGKILL failed");
+            }
+        }
+        let message = (reason == TerminationReason::StartupTimeout).then(|| {
+            format!(
+                "did not answer HTTP within {} ms of starting",
+                self.ctx.settings.startup_timeout.as_millis()
+            )
+        });
+        match tokio::time::timeout(KILL_EXIT_TIMEOUT, &mut exit).await {
+            Ok(exit_code) => self.finish(exit_code, Some(request), message).await,
+            Err(_) => {
+                tracing::error!(backend = %self.id, "no exit observed after SIGKILL; removing the container");
+                let message = message.unwrap_or_else(|| "exit not observed after SIGKILL".into());
+                self.finish(None, Some(request), Some(message)).await
+            }
+        }
+    }
+
+    /// The process is gone (or presumed gone): remove its container, then report
+    /// `terminated`. Removing first means `terminated` also promises the container is gone.
+    async fn finish(
+        &self,
+        exit_code: Option<i32>,
+        request: Option<TerminateRequest>,
+        message: Option<String>,
+    ) {
+        if let Err(err) = self.ctx.runtime.remove(self.id).await {
+            tracing::warn!(backend = %self.id, error = %err, "could not remove container");
+        }
+        self.report(BackendStateUpdate {
+            termination_kind: request.map(|r| r.kind),
+            termination_reason: request.map(|r| r.reason),
+            exit_code,
+            message,
+            ..BackendStateUpdate::status(BackendStatus::Terminated)
+        });
+    }
+
+    /// Waits for the process to exit; `None` as the code when it is unknown (e.g. the
+    /// container vanished). Engine failures are retried, since giving up would mean
+    /// reporting an exit that did not happen.
+    async fn wait_exit(&self) -> Option<i32> {
+        loop {
+            match self.ctx.runtime.wait_exit(self.id).await {
+                Ok(exit_code) => return exit_code,
+                Err(RuntimeError::NotFound(_)) => return None,
+                Err(err) => {
+                    tracing::warn!(backend = %self.id, error = %err, "waiting for exit failed; retrying");
+                    tokio::time::sleep(WAIT_RETRY_DELAY).await;
+                }
+            }
+        }
+    }
+}
+
+/// The next terminate request. If the executor has gone away (sender dropped) this never
+/// resolves: the executor aborts its tasks when it stops.
+async fn next_request(requests: &mut mpsc::UnboundedReceiver<TerminateRequest>) -> TerminateRequest {
+    match requests.recv().await {
+        Some(request) => request,
+        None => std::future::pending().await,
+    }
+}
+
+/// Probes `http://address/` until any HTTP response arrives (whatever its status: the
+/// backend is serving). The caller bounds this with the startup deadline.
+async fn wait_until_ready(http: &reqwest::Client, address: SocketAddr) {
+    let url = format!("http://{address}/");
+    loop {
+        match http.get(&url).timeout(PROBE_TIMEOUT).send().await {
+            Ok(_) => return,
+            Err(err) => tracing::trace!(%address, error = %err, "backend not answering yet"),
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plane_protocol::api::ExecutorConfig;
+    use std::collections::BTreeMap;
+
+    fn spawn_with_env(env: &[(&str, &str)]) -> SpawnAction {
+        SpawnAction {
+            executable: ExecutorConfig {
+                image: "app:1".into(),
+                pull_policy: None,
+                credentials: None,
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+                resource_limits: Default::default(),
+                mount: None,
+            },
+            key: Some("doc-1".into()),
+            fencing_token: Some(7),
+            static_token: None,
+        }
+    }
+
+    #[test]
+    fn user_env_never_overrides_reserved_variables() {
+        let backend_id: BackendName = "ba-test".parse().expect("valid");
+        let spawn = spawn_with_env(&[
+            ("PORT", "1"),
+            ("SESSION_BACKEND_ID", "evil"),
+            ("SESSION_BACKEND_STATIC_TOKEN", "evil"),
+            ("A=B", "x"),
+            ("", "x"),
+            ("APP_MODE", "debug"),
+        ]);
+        let env = backend_env(&backend_id, &spawn);
+        let get = |name: &str| -> Vec<&str> {
+            env.iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(get("PORT"), vec!["8080"]);
+        assert_eq!(get("SESSION_BACKEND_ID"), vec!["ba-test"]);
+        assert_eq!(get("SESSION_BACKEND_KEY"), vec!["doc-1"]);
+        assert_eq!(get("SESSION_BACKEND_FENCING_TOKEN"), vec!["7"]);
+        assert!(get("SESSION_BACKEND_STATIC_TOKEN").is_empty());
+        assert_eq!(get("APP_MODE"), vec!["debug"]);
+        assert!(env.iter().all(|(k, _)| !k.is_empty() && !k.contains('=')));
+    }
+}

@@ -1,0 +1,577 @@
+//! The Docker implementation of [`Runtime`], through bollard.
+//!
+//! Each backend is a container named `plane-<backend_id>` and labelled with the backend, the
+//! drone and the cluster, so a drone only ever lists or touches its own containers even when
+//! many drones share one engine. Exits are observed from the engine's event stream.
+
+use super::{BackendSpec, Runtime, RuntimeError, Signal};
+use anyhow::Context;
+use bollard::auth::DockerCredentials;
+use bollard::container::{
+    Config, CreateContainerOptions, KillContainerOptions, ListContainersOptions,
+    RemoveContainerOptions,
+};
+use bollard::errors::Error as BollardError;
+use bollard::image::CreateImageOptions;
+use bollard::models::{ContainerStateStatusEnum, HostConfig, PortBinding};
+use bollard::system::EventsOptions;
+use bollard::Docker;
+use futures_util::StreamExt;
+use plane_protocol::api::{ExecutorConfig, PullPolicy, ResourceLimits};
+use plane_protocol::names::{BackendName, ClusterName, NodeName};
+use plane_protocol::BACKEND_CONTAINER_PORT;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Label holding the backend ID of a Plane container.
+pub const BACKEND_LABEL: &str = "dev.plane.backend";
+/// Label holding the name of the drone that owns a Plane container.
+pub const DRONE_LABEL: &str = "dev.plane.drone";
+/// Label holding the cluster of the drone that owns a Plane container.
+pub const CLUSTER_LABEL: &str = "dev.plane.cluster";
+
+/// Docker's default CPU accounting period, in microseconds, used when a backend asks for a
+/// CPU percentage without a period.
+const DEFAULT_CPU_PERIOD_US: i64 = 100_000;
+
+/// How long to wait before re-subscribing to the event stream after it failed, so a
+/// restarting engine is not hammered.
+const EVENTS_RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+
+/// How often a waiter re-inspects its container even without an event, in case an event
+/// was lost (e.g. while the event stream was being re-established).
+const EXIT_RECHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the Docker runtime needs to know about its drone.
+#[derive(Clone, Debug)]
+pub struct DockerRuntimeConfig {
+    /// The owning drone; every container gets it as a label.
+    pub drone: NodeName,
+    pub cluster: ClusterName,
+    /// Host IP backend ports are published on.
+    pub ip: IpAddr,
+    /// Bound on one image pull.
+    pub pull_timeout: Duration,
+}
+
+/// A container of ours exited.
+#[derive(Clone, Debug)]
+struct ContainerExit {
+    backend_id: BackendName,
+    exit_code: Option<i32>,
+}
+
+/// The Docker runtime. Cheap to clone; the event watcher stops when the last clone is
+/// dropped or the cancellation token given to [`DockerRuntime::connect`] fires.
+#[derive(Clone)]
+pub struct DockerRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    docker: Docker,
+    config: DockerRuntimeConfig,
+    exits: broadcast::Sender<ContainerExit>,
+    _stop_events: DropGuard,
+}
+
+impl DockerRuntime {
+    /// Connects to the engine named by `DOCKER_HOST` (default: the local socket), checks
+    /// that it answers, and starts watching for exits of this drone's containers.
+    pub async fn connect(
+        config: DockerRuntimeConfig,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let endpoint = std::env::var("DOCKER_HOST")
+            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
+        let hint = || {
+            format!(
+                "could not reach the Docker engine at {endpoint} (set DOCKER_HOST to use \
+                 another); is Docker running and may this user use its socket?"
+            )
+        };
+        let docker = Docker::connect_with_defaults().with_context(hint)?;
+        // The engine may be older than the API version bollard speaks by default.
+        let docker = tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
+            .with_context(hint)?
+            .with_context(hint)?;
+        docker.ping().await.with_context(hint)?;
+
+        let (exits, _) = broadcast::channel(1024);
+        let stop_events = cancel.child_token();
+        tokio::spawn(watch_exits(
+            docker.clone(),
+            config.drone.clone(),
+            exits.clone(),
+            stop_events.clone(),
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                docker,
+                config,
+                exits,
+                _stop_events: stop_events.drop_guard(),
+            }),
+        })
+    }
+
+    /// The underlying client, for callers that need more than the [`Runtime`] trait.
+    pub fn docker(&self) -> &Docker {
+        &self.inner.docker
+    }
+
+    fn container_name(backend_id: &BackendName) -> String {
+        format!("plane-{backend_id}")
+    }
+
+    async fn pull(&self, executable: &ExecutorConfig) -> Result<(), RuntimeError> {
+        let image = &executable.image;
+        let options = CreateImageOptions {
+            from_image: image_reference_with_tag(image),
+            ..Default::default()
+        };
+        let credentials = executable
+            .credentials
+            .as_ref()
+            .map(|c| DockerCredentials {
+                username: Some(c.username.clone()),
+                password: Some(c.password.clone()),
+                ..Default::default()
+            });
+        let pull = async {
+            let mut progress = self
+                .inner
+                .docker
+                .create_image(Some(options), None, credentials);
+            while let Some(item) = progress.next().await {
+                item.map_err(|err| RuntimeError::ImageUnavailable {
+                    image: image.clone(),
+                    message: format!("pull failed: {}", describe(&err)),
+                })?;
+            }
+            Ok(())
+        };
+        let timeout = self.inner.config.pull_timeout;
+        tokio::time::timeout(timeout, pull)
+            .await
+            .map_err(|_| RuntimeError::ImageUnavailable {
+                image: image.clone(),
+                message: format!("pull did not finish within {} ms", timeout.as_millis()),
+            })?
+    }
+
+    /// Whether the image is present locally.
+    async fn has_image(&self, image: &str) -> Result<bool, RuntimeError> {
+        match self.inner.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(err) if status_of(&err) == Some(404) => Ok(false),
+            Err(err) => Err(engine(format!("inspecting image {image:?}"), err)),
+        }
+    }
+
+    /// `Some(exit code)` once the process has exited, `None` while it runs.
+    async fn exit_state(&self, backend_id: &BackendName) -> Result<Option<Option<i32>>, RuntimeError> {
+        let info = self
+            .inner
+            .docker
+            .inspect_container(&Self::container_name(backend_id), None)
+            .await
+            .map_err(|err| not_found_or(err, backend_id, "inspecting container"))?;
+        let state = info.state.unwrap_or_default();
+        let running = match state.status {
+            Some(ContainerStateStatusEnum::RUNNING)
+            | Some(ContainerStateStatusEnum::PAUSED)
+            | Some(ContainerStateStatusEnum::RESTARTING) => true,
+            Some(_) => false,
+            None => state.running.unwrap_or(false),
+        };
+        if running {
+            Ok(None)
+        } else {
+            Ok(Some(state.exit_code.and_then(|c| i32::try_from(c).ok())))
+        }
+    }
+
+    async fn published_address(&self, backend_id: &BackendName) -> Result<SocketAddr, RuntimeError> {
+        let name = Self::container_name(backend_id);
+        let info = self
+            .inner
+            .docker
+            .inspect_container(&name, None)
+            .await
+            .map_err(|err| not_found_or(err, backend_id, "inspecting started container"))?;
+        let port_key = format!("{BACKEND_CONTAINER_PORT}/tcp");
+        let host_port = info
+            .network_settings
+            .and_then(|settings| settings.ports)
+            .and_then(|mut ports| ports.remove(&port_key).flatten())
+            .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port))
+            .and_then(|port| port.parse::<u16>().ok());
+        match host_port {
+            Some(port) => Ok(SocketAddr::new(self.inner.config.ip, port)),
+            // Docker drops the port mapping of a container that has already stopped.
+            None => match self.exit_state(backend_id).await? {
+                Some(exit_code) => Err(RuntimeError::ExitedDuringStart {
+                    backend_id: backend_id.clone(),
+                    exit_code,
+                }),
+                None => Err(RuntimeError::Engine {
+                    context: format!("container {name} runs but has no published port {port_key}"),
+                    source: "missing port binding".into(),
+                }),
+            },
+        }
+    }
+
+    async fn create_and_start(&self, spec: &BackendSpec) -> Result<SocketAddr, RuntimeError> {
+        let config = &self.inner.config;
+        let name = Self::container_name(&spec.backend_id);
+        let port_key = format!("{BACKEND_CONTAINER_PORT}/tcp");
+        let labels = HashMap::from([
+            (BACKEND_LABEL.to_string(), spec.backend_id.to_string()),
+            (DRONE_LABEL.to_string(), config.drone.to_string()),
+            (CLUSTER_LABEL.to_string(), config.cluster.to_string()),
+        ]);
+        let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let (cpu_period, cpu_quota) = cpu_limits(&spec.resource_limits);
+        let host_config = HostConfig {
+            port_bindings: Some(HashMap::from([(
+                port_key.clone(),
+                Some(vec![PortBinding {
+                    host_ip: Some(config.ip.to_string()),
+                    // Empty: let the engine pick a free ephemeral port.
+                    host_port: Some(String::new()),
+                }]),
+            )])),
+            memory: spec.resource_limits.memory_limit_bytes,
+            cpu_period,
+            cpu_quota,
+            ..Default::default()
+        };
+        let container = Config {
+            image: Some(spec.image.clone()),
+            env: Some(env),
+            labels: Some(labels),
+            exposed_ports: Some(HashMap::from([(port_key, HashMap::new())])),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        self.inner
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: name.clone(),
+                    platform: None,
+                }),
+                container,
+            )
+            .await
+            .map_err(|err| engine(format!("creating container {name}"), err))?;
+        self.inner
+            .docker
+            .start_container::<String>(&name, None)
+            .await
+            .map_err(|err| engine(format!("starting container {name}"), err))?;
+        self.published_address(&spec.backend_id).await
+    }
+}
+
+impl Runtime for DockerRuntime {
+    async fn prepare_image(&self, executable: &ExecutorConfig) -> Result<(), RuntimeError> {
+        let image = &executable.image;
+        match executable.pull_policy.unwrap_or_default() {
+            PullPolicy::Always => self.pull(executable).await,
+            PullPolicy::IfNotPresent => {
+                if self.has_image(image).await? {
+                    Ok(())
+                } else {
+                    self.pull(executable).await
+                }
+            }
+            PullPolicy::Never => {
+                if self.has_image(image).await? {
+                    Ok(())
+                } else {
+                    Err(RuntimeError::ImageUnavailable {
+                        image: image.clone(),
+                        message: "not present on this drone and the pull policy is Never"
+                            .to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn start_backend(&self, spec: &BackendSpec) -> Result<SocketAddr, RuntimeError> {
+        let result = self.create_and_start(spec).await;
+        if let Err(err) = &result {
+            // Leave nothing behind: a created-but-failed container would hold the name.
+            if !matches!(err, RuntimeError::ExitedDuringStart { .. }) {
+                if let Err(remove_err) = self.remove(&spec.backend_id).await {
+                    tracing::warn!(backend = %spec.backend_id, error = %remove_err,
+                        "could not remove container after a failed start");
+                }
+            }
+        }
+        result
+    }
+
+    async fn signal(&self, backend_id: &BackendName, signal: Signal) -> Result<(), RuntimeError> {
+        let name = Self::container_name(backend_id);
+        let options = KillContainerOptions {
+            signal: signal.as_str(),
+        };
+        match self.inner.docker.kill_container(&name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(err) if status_of(&err) == Some(409) => {
+                Err(RuntimeError::NotRunning(backend_id.clone()))
+            }
+            Err(err) => Err(not_found_or(err, backend_id, "signalling container")),
+        }
+    }
+
+    async fn wait_exit(&self, backend_id: &BackendName) -> Result<Option<i32>, RuntimeError> {
+        // Subscribe before inspecting so an exit between the two is not missed.
+        let mut exits = self.inner.exits.subscribe();
+        let mut events_closed = false;
+        loop {
+            if let Some(exit_code) = self.exit_state(backend_id).await? {
+                return Ok(exit_code);
+            }
+            let recheck = tokio::time::sleep(if events_closed {
+                EVENTS_RESUBSCRIBE_DELAY
+            } else {
+                EXIT_RECHECK_INTERVAL
+            });
+            tokio::pin!(recheck);
+            loop {
+                tokio::select! {
+                    exit = exits.recv(), if !events_closed => match exit {
+                        Ok(exit) if exit.backend_id == *backend_id => match exit.exit_code {
+                            Some(code) => return Ok(Some(code)),
+                            None => break, // inspect for the code
+                        },
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            events_closed = true;
+                            break;
+                        }
+                    },
+                    _ = &mut recheck => break,
+                }
+            }
+        }
+    }
+
+    async fn remove(&self, backend_id: &BackendName) -> Result<(), RuntimeError> {
+        let name = Self::container_name(backend_id);
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            link: false,
+        };
+        match self.inner.docker.remove_container(&name, Some(options)).await {
+            Ok(()) => Ok(()),
+            // Gone already, or another removal is under way: either way it is going away.
+            Err(err) if matches!(status_of(&err), Some(404) | Some(409)) => Ok(()),
+            Err(err) => Err(engine(format!("removing container {name}"), err)),
+        }
+    }
+
+    async fn list_backends(&self) -> Result<Vec<BackendName>, RuntimeError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{DRONE_LABEL}={}", self.inner.config.drone)],
+        )]);
+        let containers = self
+            .inner
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|err| engine("listing containers", err))?;
+        let mut backends = Vec::new();
+        for container in containers {
+            let label = container
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(BACKEND_LABEL));
+            match label.map(|l| l.parse::<BackendName>()) {
+                Some(Ok(backend_id)) => backends.push(backend_id),
+                _ => tracing::warn!(container = ?container.names, "container with this drone's label has no valid backend label; ignoring it"),
+            }
+        }
+        Ok(backends)
+    }
+}
+
+/// Follows the engine's `die` events for this drone's containers and broadcasts them,
+/// re-subscribing (from the last event seen, so nothing is skipped) when the stream ends.
+async fn watch_exits(
+    docker: Docker,
+    drone: NodeName,
+    exits: broadcast::Sender<ContainerExit>,
+    cancel: CancellationToken,
+) {
+    let mut since = unix_now();
+    loop {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("event".to_string(), vec!["die".to_string()]),
+            ("label".to_string(), vec![format!("{DRONE_LABEL}={drone}")]),
+        ]);
+        let mut events = docker.events(Some(EventsOptions {
+            since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),
+            until: None,
+            filters,
+        }));
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return,
+                event = events.next() => event,
+            };
+            match event {
+                Some(Ok(event)) => {
+                    if let Some(nanos) = event.time_nano.and_then(|n| u64::try_from(n).ok()) {
+                        since = Duration::from_nanos(nanos);
+                    }
+                    let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();
+                    let Some(backend_id) = attributes
+                        .get(BACKEND_LABEL)
+                        .and_then(|b| b.parse::<BackendName>().ok())
+                    else {
+                        continue;
+                    };
+                    let exit_code = attributes.get("exitCode").and_then(|c| c.parse().ok());
+                    tracing::debug!(backend = %backend_id, ?exit_code, "container died");
+                    // No receivers is fine: nobody is waiting on this backend right now.
+                    let _ = exits.send(ContainerExit {
+                        backend_id,
+                        exit_code,
+                    });
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "Docker event stream failed; re-subscribing");
+                    break;
+                }
+                None => {
+                    tracing::warn!("Docker event stream ended; re-subscribing");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(EVENTS_RESUBSCRIBE_DELAY) => {}
+        }
+    }
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Docker pulls every tag of a repository when given a reference without a tag, so make
+/// the implicit `latest` explicit.
+fn image_reference_with_tag(image: &str) -> String {
+    let last_component = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last_component.contains(':') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+/// Docker's `cpu_period`/`cpu_quota` pair for a backend's limits.
+fn cpu_limits(limits: &ResourceLimits) -> (Option<i64>, Option<i64>) {
+    match limits.cpu_period_percent {
+        Some(percent) => {
+            let period = limits.cpu_period.unwrap_or(DEFAULT_CPU_PERIOD_US);
+            (Some(period), Some(period * i64::from(percent) / 100))
+        }
+        None => (limits.cpu_period, None),
+    }
+}
+
+fn status_of(err: &BollardError) -> Option<u16> {
+    match err {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// The engine's own message when it gave one, else bollard's description.
+fn describe(err: &BollardError) -> String {
+    match err {
+        BollardError::DockerResponseServerError { message, .. } => message.clone(),
+        BollardError::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn engine(context: impl Into<String>, err: BollardError) -> RuntimeError {
+    let context = context.into();
+    RuntimeError::Engine {
+        context,
+        source: describe(&err).into(),
+    }
+}
+
+fn not_found_or(err: BollardError, backend_id: &BackendName, context: &str) -> RuntimeError {
+    if status_of(&err) == Some(404) {
+        RuntimeError::NotFound(backend_id.clone())
+    } else {
+        engine(format!("{context} for backend {backend_id}"), err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untagged_images_pull_latest_only() {
+        assert_eq!(image_reference_with_tag("busybox"), "busybox:latest");
+        assert_eq!(image_reference_with_tag("busybox:1.36"), "busybox:1.36");
+        assert_eq!(
+            image_reference_with_tag("localhost:5000/app"),
+            "localhost:5000/app:latest"
+        );
+        assert_eq!(
+            image_reference_with_tag("localhost:5000/app:v2"),
+            "localhost:5000/app:v2"
+        );
+        assert_eq!(
+            image_reference_with_tag("ghcr.io/a/b@sha256:abcd"),
+            "ghcr.io/a/b@sha256:abcd"
+        );
+    }
+
+    #[test]
+    fn cpu_percent_becomes_a_quota_of_the_period() {
+        let limits = ResourceLimits {
+            cpu_period_percent: Some(50),
+            ..Default::default()
+        };
+        assert_eq!(cpu_limits(&limits), (Some(100_000), Some(50_000)));
+        let limits = ResourceLimits {
+            cpu_period: Some(20_000),
+            cpu_period_percent: Some(25),
+            ..Default::default()
+        };
+        assert_eq!(cpu_limits(&limits), (Some(20_000), Some(5_000)));
+        assert_eq!(cpu_limits(&ResourceLimits::default()), (None, None));
+    }
+}

@@ -1,0 +1,133 @@
+//! `plane proxy` command-line options; every flag can also come from a `PLANE_*` variable.
+
+use crate::config::{
+    ProxyConfig, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BIND_IP, DEFAULT_HTTP_PORT,
+    DEFAULT_REPORT_INTERVAL_MS, DEFAULT_ROUTE_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS,
+};
+use anyhow::Context;
+use plane_protocol::names::{ClusterName, NodeName};
+use std::net::IpAddr;
+use url::Url;
+
+/// Run a proxy: route tokenized URLs of one cluster to their backends.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProxyOpts {
+    /// Base HTTP URL of the controller, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "PLANE_CONTROLLER_URL")]
+    pub controller_url: Url,
+
+    /// The cluster to serve, named by the public host[:port] browsers use.
+    #[arg(long, env = "PLANE_CLUSTER")]
+    pub cluster: ClusterName,
+
+    /// This proxy's name within the cluster [default: random px-…].
+    #[arg(long, env = "PLANE_NAME")]
+    pub name: Option<NodeName>,
+
+    /// TCP port to serve HTTP on.
+    #[arg(long, env = "PLANE_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
+    pub http_port: u16,
+
+    /// IP address to listen on.
+    #[arg(long, env = "PLANE_BIND_IP", default_value_t = DEFAULT_BIND_IP)]
+    pub bind_ip: IpAddr,
+
+    /// How often to report open connections to the controller, in milliseconds.
+    #[arg(long, env = "PLANE_REPORT_INTERVAL_MS", default_value_t = DEFAULT_REPORT_INTERVAL_MS)]
+    pub report_interval_ms: u64,
+
+    /// How long a request waits for its token to resolve, in milliseconds.
+    #[arg(long, env = "PLANE_ROUTE_TIMEOUT_MS", default_value_t = DEFAULT_ROUTE_TIMEOUT_MS)]
+    pub route_timeout_ms: u64,
+
+    /// How long in-flight requests may finish after shutdown begins, in milliseconds.
+    #[arg(long, env = "PLANE_SHUTDOWN_GRACE_MS", default_value_t = DEFAULT_SHUTDOWN_GRACE_MS)]
+    pub shutdown_grace_ms: u64,
+
+    /// How long to wait for a backend to accept a connection, in milliseconds.
+    #[arg(
+        long,
+        env = "PLANE_BACKEND_CONNECT_TIMEOUT_MS",
+        default_value_t = DEFAULT_BACKEND_CONNECT_TIMEOUT_MS
+    )]
+    pub backend_connect_timeout_ms: u64,
+}
+
+impl ProxyOpts {
+    pub fn into_config(self) -> anyhow::Result<ProxyConfig> {
+        let mut config = ProxyConfig::new(self.controller_url, self.cluster);
+        if let Some(name) = self.name {
+            config.name = name;
+        }
+        config.http_port = self.http_port;
+        config.bind_ip = self.bind_ip;
+        config.report_interval_ms = self.report_interval_ms;
+        config.route_timeout_ms = self.route_timeout_ms;
+        config.shutdown_grace_ms = self.shutdown_grace_ms;
+        config.backend_connect_timeout_ms = self.backend_connect_timeout_ms;
+        config.validate().context("invalid proxy options")?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: ProxyOpts,
+    }
+
+    fn parse(args: &[&str]) -> anyhow::Result<ProxyConfig> {
+        let base = ["plane-proxy"];
+        let cli = Cli::try_parse_from(base.iter().chain(args))?;
+        cli.opts.into_config()
+    }
+
+    #[test]
+    fn flags_become_config() {
+        let config = parse(&[
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "localhost:9090",
+            "--name",
+            "px-one",
+            "--http-port",
+            "9191",
+            "--bind-ip",
+            "127.0.0.1",
+            "--report-interval-ms",
+            "250",
+        ])
+        .expect("valid flags");
+        assert_eq!(config.name.as_str(), "px-one");
+        assert_eq!(config.http_port, 9191);
+        assert_eq!(config.bind_ip.to_string(), "127.0.0.1");
+        assert_eq!(config.report_interval_ms, 250);
+        assert_eq!(config.route_timeout_ms, DEFAULT_ROUTE_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let bad_cluster = parse(&[
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "not a host",
+        ]);
+        assert!(bad_cluster.is_err());
+        let zero_interval = parse(&[
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "localhost:9090",
+            "--report-interval-ms",
+            "0",
+        ]);
+        assert!(zero_interval.is_err());
+    }
+}

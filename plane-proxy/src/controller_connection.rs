@@ -1,0 +1,337 @@
+//! The proxy's WebSocket to the controller: resolves tokens to routes, applies backend
+//! removals to the route cache, and sends keep-alive reports. Reconnects forever with
+//! backoff; requests that need the controller while it is away wait for it to come back.
+
+use crate::connection_tracker::ConnectionTracker;
+use crate::route_cache::RouteCache;
+use futures_util::{SinkExt, StreamExt};
+use plane_protocol::names::{BearerToken, NodeName};
+use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteInfo};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use url::Url;
+
+/// First wait before reconnecting; doubles after every failed attempt.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A connect attempt (TCP + WebSocket handshake) that takes longer is abandoned, so a
+/// black-holed controller address cannot stall reconnection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection on which nothing (not even a pong) arrived for this long, and for at least
+/// three report intervals, is treated as dead: TCP alone may not notice a vanished peer.
+const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(10);
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Waiter = oneshot::Sender<Option<RouteInfo>>;
+
+/// Why a token could not be resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("the controller did not answer within the route timeout")]
+    Timeout,
+    #[error("the proxy has no connection to the controller")]
+    ControllerUnavailable,
+}
+
+/// What the connection needs to know.
+#[derive(Clone, Debug)]
+pub struct ControllerConnectionConfig {
+    /// `ws://…/ctrl/c/<cluster>/proxy-socket`.
+    pub socket_url: Url,
+    pub name: NodeName,
+    pub report_interval: Duration,
+    pub route_timeout: Duration,
+}
+
+/// Handle for resolving tokens through the controller. Cheap to clone.
+#[derive(Clone)]
+pub struct ControllerClient {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    cache: RouteCache,
+    tracker: ConnectionTracker,
+    /// Tokens asked about and not yet answered, with everyone waiting for each, so
+    /// concurrent requests for one token share a single round-trip. A plain lock: it is only
+    /// held for map updates, never across an await.
+    pending: Mutex<HashMap<BearerToken, Vec<Waiter>>>,
+    /// Wakes the connection task to send a route request for a newly pending token.
+    requests: mpsc::UnboundedSender<BearerToken>,
+    connected: watch::Receiver<bool>,
+    route_timeout: Duration,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, HashMap<BearerToken, Vec<Waiter>>> {
+        // Every update to the map is a single step, so a poisoned lock is still consistent.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tokens someone is still waiting for; drops entries whose waiters all gave up.
+    fn live_pending_tokens(&self) -> Vec<BearerToken> {
+        let mut pending = self.pending();
+        pending.retain(|_, waiters| {
+            waiters.retain(|waiter| !waiter.is_closed());
+            !waiters.is_empty()
+        });
+        pending.keys().cloned().collect()
+    }
+
+    fn resolve(&self, token: BearerToken, route: Option<RouteInfo>) {
+        // Cache first, then take the waiters: `route()` checks the cache while holding the
+        // pending lock, so a request either finds the route cached or is among the waiters.
+        let route = match route {
+            Some(route) if self.cache.insert(token.clone(), route.clone()) => Some(route),
+            Some(route) => {
+                debug!(backend = %route.backend_id, "route to a removed backend refused");
+                None
+            }
+            None => None,
+        };
+        let waiters = self.pending().remove(&token).unwrap_or_default();
+        for waiter in waiters {
+            // A waiter that timed out has gone; nothing to tell it.
+            let _ = waiter.send(route.clone());
+        }
+    }
+}
+
+impl ControllerClient {
+    /// Starts the connection task; it runs until `cancel` fires.
+    pub fn start(
+        config: ControllerConnectionConfig,
+        tracker: ConnectionTracker,
+        cancel: CancellationToken,
+    ) -> (Self, JoinHandle<()>) {
+        let (requests_tx, requests_rx) = mpsc::unbounded_channel();
+        let (connected_tx, connected_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            cache: RouteCache::default(),
+            tracker,
+            pending: Mutex::new(HashMap::new()),
+            requests: requests_tx,
+            connected: connected_rx,
+            route_timeout: config.route_timeout,
+        });
+        let runner = Runner {
+            shared: shared.clone(),
+            config,
+            requests: requests_rx,
+            connected: connected_tx,
+            cancel,
+        };
+        let task = tokio::spawn(runner.run());
+        (Self { shared }, task)
+    }
+
+    /// Where `token` leads: `Ok(None)` when the controller says it is unknown, revoked or
+    /// its backend has stopped. Waits at most the route timeout, including for a lost
+    /// controller connection to come back.
+    pub async fn route(&self, token: &BearerToken) -> Result<Option<RouteInfo>, RouteError> {
+        if let Some(route) = self.shared.cache.get(token) {
+            return Ok(Some(route));
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.shared.pending();
+            if let Some(route) = self.shared.cache.get(token) {
+                return Ok(Some(route));
+            }
+            match pending.get_mut(token) {
+                Some(waiters) => waiters.push(tx),
+                None => {
+                    pending.insert(token.clone(), vec![tx]);
+                    // Sending fails only once the connection task has stopped (shutdown);
+                    // the wait below then ends as unavailable.
+                    let _ = self.shared.requests.send(token.clone());
+                }
+            }
+        }
+        // `let` so the timed-out receiver is dropped before pruning closed waiters.
+        let answer = tokio::time::timeout(self.shared.route_timeout, rx).await;
+        match answer {
+            Ok(Ok(route)) => Ok(route),
+            Ok(Err(_)) => Err(RouteError::ControllerUnavailable),
+            Err(_) => {
+                self.shared.live_pending_tokens();
+                if self.is_connected() {
+                    Err(RouteError::Timeout)
+                } else {
+                    Err(RouteError::ControllerUnavailable)
+                }
+            }
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        *self.shared.connected.borrow()
+    }
+
+    /// Follows the connection: `true` while a hello'd socket to the controller is open.
+    pub fn connection_status(&self) -> watch::Receiver<bool> {
+        self.shared.connected.clone()
+    }
+}
+
+/// How a session on one socket ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("WebSocket error: {0}")]
+    Socket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("could not encode a message: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the controller closed the connection")]
+    Closed,
+    #[error("nothing heard from the controller for {0:?}")]
+    Silent(Duration),
+}
+
+struct Runner {
+    shared: Arc<Shared>,
+    config: ControllerConnectionConfig,
+    requests: mpsc::UnboundedReceiver<BearerToken>,
+    connected: watch::Sender<bool>,
+    cancel: CancellationToken,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let url = self.config.socket_url.clone();
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            let attempt = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                attempt = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_tungstenite::connect_async(url.as_str()),
+                ) => attempt,
+            };
+            match attempt {
+                Ok(Ok((mut socket, _))) => {
+                    let started = Instant::now();
+                    let result = self.session(&mut socket).await;
+                    self.connected.send_replace(false);
+                    match result {
+                        Ok(()) => {
+                            // Shutting down: say goodbye, but don't let a stuck peer hold us.
+                            let close = socket.close(None);
+                            let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                            return;
+                        }
+                        Err(error) => warn!(%url, %error, "lost the controller connection"),
+                    }
+                    // A connection that held for a while was healthy: start backoff afresh.
+                    // One that dropped at once (e.g. hello refused) keeps backing off.
+                    if started.elapsed() >= MAX_BACKOFF {
+                        backoff = INITIAL_BACKOFF;
+                    }
+                }
+                Ok(Err(error)) => warn!(%url, %error, "could not connect to the controller"),
+                Err(_) => warn!(%url, "timed out connecting to the controller"),
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Runs one connection until it fails (`Err`) or the proxy shuts down (`Ok`).
+    async fn session(&mut self, socket: &mut Socket) -> Result<(), SessionError> {
+        let hello = MessageFromProxy::Hello {
+            name: self.config.name.clone(),
+            version: plane_protocol::PLANE_VERSION.to_string(),
+        };
+        send(socket, &hello).await?;
+        // Removals sent while we were away were missed, so nothing cached can be trusted.
+        self.shared.cache.clear();
+        // Every pending token is re-sent below, which covers those queued meanwhile.
+        while self.requests.try_recv().is_ok() {}
+        for token in self.shared.live_pending_tokens() {
+            send(socket, &MessageFromProxy::RouteRequest { token }).await?;
+        }
+        self.connected.send_replace(true);
+        info!(url = %self.config.socket_url, name = %self.config.name, "connected to the controller");
+
+        let period = self.config.report_interval;
+        let silence_limit = (period * 3).max(MIN_SILENCE_LIMIT);
+        let mut report = tokio::time::interval_at(Instant::now() + period, period);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(()),
+                token = self.requests.recv() => match token {
+                    Some(token) => send(socket, &MessageFromProxy::RouteRequest { token }).await?,
+                    None => return Ok(()),
+                },
+                frame = socket.next() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Some(Ok(Message::Text(text))) => self.handle_message(text.as_str()),
+                        Some(Ok(Message::Close(_))) | None => return Err(SessionError::Closed),
+                        // Pongs only matter as signs of life; pings are answered by tungstenite.
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => return Err(error.into()),
+                    }
+                }
+                _ = report.tick() => {
+                    let silent_for = last_heard.elapsed();
+                    if silent_for > silence_limit {
+                        return Err(SessionError::Silent(silent_for));
+                    }
+                    socket.send(Message::Ping(Default::default())).await?;
+                    self.send_report(socket).await?;
+                }
+            }
+        }
+    }
+
+    async fn send_report(&self, socket: &mut Socket) -> Result<(), SessionError> {
+        let backends = self.shared.tracker.take_report();
+        if backends.is_empty() {
+            return Ok(());
+        }
+        let message = MessageFromProxy::KeepAlive {
+            backends: backends.clone(),
+        };
+        let result = send(socket, &message).await;
+        if result.is_err() {
+            self.shared.tracker.restore_report(backends);
+        }
+        result
+    }
+
+    fn handle_message(&self, text: &str) {
+        match serde_json::from_str::<MessageToProxy>(text) {
+            Ok(MessageToProxy::RouteResponse { token, route }) => self.shared.resolve(token, route),
+            Ok(MessageToProxy::BackendRemoved { backend_id }) => {
+                debug!(backend = %backend_id, "backend removed");
+                self.shared.cache.remove_backend(&backend_id);
+                self.shared.tracker.backend_removed(&backend_id);
+            }
+            // A newer controller may send messages we don't know yet; skipping them keeps
+            // the connection (and every other route) working.
+            Err(error) => warn!(%error, "ignoring a message from the controller"),
+        }
+    }
+}
+
+async fn send(socket: &mut Socket, message: &MessageFromProxy) -> Result<(), SessionError> {
+    let text = serde_json::to_string(message)?;
+    socket.send(Message::text(text)).await?;
+    Ok(())
+}

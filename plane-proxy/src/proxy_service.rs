@@ -1,0 +1,283 @@
+//! One request's journey: take the token from the path, resolve its route, forward the
+//! request to the backend with its headers rewritten, and stream the answer back. An upgrade
+//! (WebSocket) the backend accepts becomes a byte tunnel between client and backend.
+
+use crate::body::ProxyBody;
+use crate::connection_tracker::{ConnectionGuard, ConnectionTracker};
+use crate::controller_connection::{ControllerClient, RouteError};
+use crate::headers;
+use crate::responses;
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use plane_protocol::names::BearerToken;
+use plane_protocol::proxy::RouteInfo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// What the proxy knows about the client connection a request arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientConnection {
+    pub remote_addr: SocketAddr,
+    /// `http` now; `https` once a TLS listener exists. Sent as `x-forwarded-proto`.
+    pub scheme: &'static str,
+}
+
+/// Everything request handling needs. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxyState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    controller: ControllerClient,
+    tracker: ConnectionTracker,
+    /// Owns the tasks requests spawn (backend connections, tunnels) so shutdown waits for them.
+    tasks: TaskTracker,
+    /// Fires when the shutdown grace period is over and in-flight work must stop.
+    hard_stop: CancellationToken,
+    backend_connect_timeout: Duration,
+}
+
+/// Why the backend exchange failed; every case is answered with 502.
+#[derive(Debug, thiserror::Error)]
+enum BackendError {
+    #[error("connecting timed out")]
+    ConnectTimeout,
+    #[error("could not connect: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP exchange failed: {0}")]
+    Http(hyper::Error),
+    #[error("answered 101 Switching Protocols to a request that did not ask to upgrade")]
+    UnrequestedUpgrade,
+}
+
+/// Splits `/<token>/rest?query` into the token and the path the backend sees
+/// (`/rest?query`; `/` when the URL is just the token). `None` when there is no token.
+fn split_token(uri: &Uri) -> Option<(&str, String)> {
+    let rest = uri.path().strip_prefix('/')?;
+    let (token, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    if token.is_empty() {
+        return None;
+    }
+    let mut backend_path = format!("/{tail}");
+    if let Some(query) = uri.query() {
+        backend_path.push('?');
+        backend_path.push_str(query);
+    }
+    Some((token, backend_path))
+}
+
+impl ProxyState {
+    pub fn new(
+        controller: ControllerClient,
+        tracker: ConnectionTracker,
+        tasks: TaskTracker,
+        hard_stop: CancellationToken,
+        backend_connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(StateInner {
+                controller,
+                tracker,
+                tasks,
+                hard_stop,
+                backend_connect_timeout,
+            }),
+        }
+    }
+
+    /// Answers one request. Never fails: every problem becomes one of `responses`.
+    pub async fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        client: ClientConnection,
+    ) -> Response<ProxyBody> {
+        let Some((token, backend_path)) = split_token(request.uri()) else {
+            return responses::missing_token();
+        };
+        // A malformed token can never be valid, so it is unknown without asking.
+        let Ok(token) = token.parse::<BearerToken>() else {
+            return responses::unknown_token();
+        };
+        let route = match self.inner.controller.route(&token).await {
+            Ok(Some(route)) => route,
+            Ok(None) => return responses::unknown_token(),
+            Err(RouteError::Timeout) => return responses::route_timeout(),
+            Err(RouteError::ControllerUnavailable) => return responses::controller_unavailable(),
+        };
+        // From here until the response body ends (or the tunnel closes) the backend has an
+        // open connection.
+        let guard = self.inner.tracker.open(&route.backend_id);
+
+        let upgrade = headers::is_upgrade(request.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let backend_request = match backend_request(request, &route, &backend_path, client) {
+            Ok(backend_request) => backend_request,
+            Err(error) => {
+                warn!(backend = %route.backend_id, %error, "could not build the backend request");
+                return responses::internal_error();
+            }
+        };
+
+        let response = match self.exchange(route.address, backend_request).await {
+            Ok(response) => response,
+            Err(error) => {
+                debug!(backend = %route.backend_id, address = %route.address, %error, "backend unreachable");
+                return responses::bad_gateway();
+            }
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return match client_upgrade {
+                Some(client_upgrade) => self.start_tunnel(client_upgrade, response, guard),
+                None => {
+                    let error = BackendError::UnrequestedUpgrade;
+                    debug!(backend = %route.backend_id, %error, "bad backend answer");
+                    responses::bad_gateway()
+                }
+            };
+        }
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        Response::from_parts(parts, ProxyBody::streamed(body, guard))
+    }
+
+    /// Sends `request` to the backend over a fresh connection and returns its response head;
+    /// the body streams afterwards on a tracked task.
+    async fn exchange(
+        &self,
+        address: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, BackendError> {
+        let connect = TcpStream::connect(address);
+        let stream = tokio::time::timeout(self.inner.backend_connect_timeout, connect)
+            .await
+            .map_err(|_| BackendError::ConnectTimeout)?
+            .map_err(BackendError::Connect)?;
+        // Interactive traffic (WebSocket frames) should not wait for Nagle's algorithm.
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%error, "could not set TCP_NODELAY on a backend connection");
+        }
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(BackendError::Http)?;
+        let hard_stop = self.inner.hard_stop.clone();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                // Ends once the response is complete (the sender is gone by then) or, for an
+                // upgrade, once the connection is handed over to the tunnel.
+                result = connection.with_upgrades() => {
+                    if let Err(error) = result {
+                        debug!(%error, "backend connection ended with an error");
+                    }
+                }
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+        sender
+            .send_request(request)
+            .await
+            .map_err(BackendError::Http)
+    }
+
+    /// Answers the client's upgrade with the backend's 101 and joins the two connections once
+    /// hyper has handed both over. The guard lives as long as the tunnel.
+    fn start_tunnel(
+        &self,
+        client_upgrade: OnUpgrade,
+        mut response: Response<Incoming>,
+        guard: ConnectionGuard,
+    ) -> Response<ProxyBody> {
+        let backend_upgrade = hyper::upgrade::on(&mut response);
+        let hard_stop = self.inner.hard_stop.clone();
+        let removed = guard.removed();
+        self.inner.tasks.spawn(async move {
+            let backend = guard.backend().clone();
+            let tunnel = async {
+                let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
+                    Ok(upgraded) => upgraded,
+                    Err(error) => {
+                        debug!(%error, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await
+                {
+                    debug!(%error, "tunnel ended with an error");
+                }
+            };
+            tokio::select! {
+                _ = tunnel => {}
+                _ = removed.cancelled() => debug!(%backend, "tunnel closed: backend removed"),
+                _ = hard_stop.cancelled() => debug!(%backend, "tunnel cut by shutdown"),
+            }
+            drop(guard);
+        });
+        let (mut parts, _) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        Response::from_parts(parts, ProxyBody::empty())
+    }
+}
+
+/// The request as the backend should see it: token removed from the path, body streamed
+/// as-is, hop-by-hop and spoofed headers removed, verified and forwarding headers added.
+fn backend_request(
+    request: Request<Incoming>,
+    route: &RouteInfo,
+    backend_path: &str,
+    client: ClientConnection,
+) -> Result<Request<Incoming>, anyhow::Error> {
+    let upgrade = headers::is_upgrade(request.headers());
+    let (mut parts, body) = request.into_parts();
+    parts.uri = backend_path.parse()?;
+    // HTTP/1.1 to the backend whatever the client spoke, so bodies of unknown length can be
+    // streamed chunked.
+    parts.version = Version::HTTP_11;
+    // Extensions describe the client connection (e.g. its pending upgrade); none of that is
+    // meant for the backend connection.
+    parts.extensions = http::Extensions::new();
+    let headers = &mut parts.headers;
+    headers::strip_hop_by_hop(headers, upgrade);
+    headers::strip_verified(headers);
+    headers::add_verified(headers, route, backend_path)?;
+    headers::set_forwarded(headers, client.remote_addr.ip(), client.scheme);
+    if !headers.contains_key(header::HOST) {
+        // HTTP/1.0 clients may omit Host; HTTP/1.1 backends require one.
+        headers.insert(
+            header::HOST,
+            HeaderValue::from_str(&route.address.to_string())?,
+        );
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(uri: &str) -> Option<(String, String)> {
+        let uri: Uri = uri.parse().expect("test URI");
+        split_token(&uri).map(|(token, path)| (token.to_string(), path))
+    }
+
+    #[test]
+    fn the_first_segment_is_the_token_and_the_rest_goes_to_the_backend() {
+        let pair = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
+        assert_eq!(split("/abc/x/y?q=1&r"), pair("abc", "/x/y?q=1&r"));
+        assert_eq!(split("/abc"), pair("abc", "/"));
+        assert_eq!(split("/abc/"), pair("abc", "/"));
+        assert_eq!(split("/abc?q=1"), pair("abc", "/?q=1"));
+        assert_eq!(split("/abc//x"), pair("abc", "//x"));
+        assert_eq!(split("/"), None);
+        assert_eq!(split("//x"), None);
+        assert_eq!(split("*"), None);
+    }
+}

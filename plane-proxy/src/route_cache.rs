@@ -1,0 +1,184 @@
+//! Routes the controller has resolved, by token, so only a token's first request pays a
+//! round-trip; evicted per backend the moment the controller says the backend is going away.
+
+use dashmap::DashMap;
+use plane_protocol::names::{BackendName, BearerToken};
+use plane_protocol::proxy::RouteInfo;
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a removed backend is remembered. Long enough to outlast any route response that
+/// was already in flight when the removal arrived; backend IDs are never reused, so keeping
+/// it longer would only cost memory.
+const REMOVED_BACKEND_MEMORY: Duration = Duration::from_secs(600);
+/// How often the list of removed backends is pruned (pruning walks the whole list).
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+/// Cached positive answers only: an unknown token is asked about again each time, so nothing
+/// here can keep a token failing.
+#[derive(Debug)]
+pub struct RouteCache {
+    routes: DashMap<BearerToken, RouteInfo>,
+    /// The tokens cached for each backend, so a removal finds them all without a scan.
+    by_backend: DashMap<BackendName, HashSet<BearerToken>>,
+    /// Backends removed recently, and when. A route to one of them is never cached again.
+    removed: DashMap<BackendName, Instant>,
+    /// Plain lock: held only to compare and set one timestamp, never across an await.
+    last_prune: Mutex<Instant>,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        Self {
+            routes: DashMap::new(),
+            by_backend: DashMap::new(),
+            removed: DashMap::new(),
+            last_prune: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl RouteCache {
+    pub fn get(&self, token: &BearerToken) -> Option<RouteInfo> {
+        self.routes.get(token).map(|route| route.clone())
+    }
+
+    /// Caches `route` for `token` unless its backend was removed; returns whether it did.
+    /// A `false` means the route is stale and must not be used either.
+    pub fn insert(&self, token: BearerToken, route: RouteInfo) -> bool {
+        // The backend's index entry stays locked while we check for removal and insert, and
+        // `remove_backend` marks the backend removed *before* taking that same lock, so
+        // either we see the mark or the removal sees (and evicts) our token.
+        let mut tokens = self.by_backend.entry(route.backend_id.clone()).or_default();
+        if self.removed.contains_key(&route.backend_id) {
+            drop(tokens);
+            self.by_backend
+                .remove_if(&route.backend_id, |_, tokens| tokens.is_empty());
+            return false;
+        }
+        tokens.insert(token.clone());
+        if let Some(previous) = self.routes.insert(token.clone(), route.clone()) {
+            // A token maps to one backend for life, but stay tidy if the controller says
+            // otherwise: the old backend's index must not keep pointing at this token.
+            if previous.backend_id != route.backend_id {
+                drop(tokens);
+                if let Some(mut old) = self.by_backend.get_mut(&previous.backend_id) {
+                    old.remove(&token);
+                }
+            }
+        }
+        true
+    }
+
+    /// Forgets every route to `backend` and refuses to cache it again.
+    pub fn remove_backend(&self, backend: &BackendName) {
+        self.removed.insert(backend.clone(), Instant::now());
+        if let Some((_, tokens)) = self.by_backend.remove(backend) {
+            for token in tokens {
+                self.routes
+                    .remove_if(&token, |_, route| &route.backend_id == backend);
+            }
+        }
+        self.prune_removed();
+    }
+
+    /// Whether `backend` was removed recently.
+    #[cfg(test)]
+    pub fn is_removed(&self, backend: &BackendName) -> bool {
+        self.removed.contains_key(backend)
+    }
+
+    /// Forgets every cached route (removal marks stay). Used after the controller connection
+    /// was down, because removals sent meanwhile were missed.
+    pub fn clear(&self) {
+        self.routes.clear();
+        self.by_backend.clear();
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    fn prune_removed(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self
+                .last_prune
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now.duration_since(*last) < PRUNE_EVERY {
+                return;
+            }
+            *last = now;
+        }
+        self.removed
+            .retain(|_, at| now.duration_since(*at) < REMOVED_BACKEND_MEMORY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plane_protocol::names::SecretToken;
+
+    fn route(backend: &BackendName) -> RouteInfo {
+        RouteInfo {
+            backend_id: backend.clone(),
+            address: "127.0.0.1:1".parse().expect("test address"),
+            secret_token: SecretToken::new_random(),
+            user: None,
+            user_data: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn removing_a_backend_evicts_all_its_tokens_and_only_those() {
+        let cache = RouteCache::default();
+        let (a, b) = (BackendName::new_random(), BackendName::new_random());
+        let (t1, t2, t3) = (
+            BearerToken::new_random(),
+            BearerToken::new_random(),
+            BearerToken::new_random(),
+        );
+        assert!(cache.insert(t1.clone(), route(&a)));
+        assert!(cache.insert(t2.clone(), route(&a)));
+        assert!(cache.insert(t3.clone(), route(&b)));
+
+        cache.remove_backend(&a);
+
+        assert_eq!(cache.get(&t1), None);
+        assert_eq!(cache.get(&t2), None);
+        assert_eq!(cache.get(&t3).map(|r| r.backend_id), Some(b));
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn a_late_route_to_a_removed_backend_is_refused() {
+        let cache = RouteCache::default();
+        let backend = BackendName::new_random();
+        cache.remove_backend(&backend);
+
+        let token = BearerToken::new_random();
+        assert!(!cache.insert(token.clone(), route(&backend)));
+        assert_eq!(cache.get(&token), None);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn clear_keeps_removal_marks() {
+        let cache = RouteCache::default();
+        let backend = BackendName::new_random();
+        assert!(cache.insert(BearerToken::new_random(), route(&backend)));
+        cache.remove_backend(&backend);
+        cache.clear();
+        assert!(cache.is_removed(&backend));
+        assert!(!cache.insert(BearerToken::new_random(), route(&backend)));
+    }
+}

@@ -1,0 +1,69 @@
+//! Health and state endpoints: `/pub/health`, `/ctrl/status`, `/ctrl/c/:cluster/state`.
+
+use super::error::ApiErrorResponse;
+use super::store::NodeKind;
+use super::ControllerState;
+use axum::extract::{Path, State};
+use axum::Json;
+use plane_protocol::api::{ClusterState, ControllerStatus, NodeState};
+use plane_protocol::names::ClusterName;
+use plane_protocol::PLANE_VERSION;
+
+/// Public liveness: no details beyond the version.
+pub async fn handle_health() -> Json<ControllerStatus> {
+    Json(ControllerStatus {
+        status: "ok".to_string(),
+        version: PLANE_VERSION.to_string(),
+        database: None,
+    })
+}
+
+/// Operator status: also names the database in use.
+pub async fn handle_controller_status(State(state): State<ControllerState>) -> Json<ControllerStatus> {
+    Json(ControllerStatus {
+        status: "ok".to_string(),
+        version: PLANE_VERSION.to_string(),
+        database: Some(state.store().kind().as_str().to_string()),
+    })
+}
+
+pub async fn handle_cluster_state(
+    State(state): State<ControllerState>,
+    Path(cluster): Path<String>,
+) -> Result<Json<ClusterState>, ApiErrorResponse> {
+    let cluster: ClusterName = cluster
+        .parse()
+        .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
+    let live = state.store().live_backend_counts(&cluster).await?;
+    let drones = state
+        .store()
+        .nodes(&cluster, NodeKind::Drone)
+        .await?
+        .into_iter()
+        .map(|node| NodeState {
+            connected: state.nodes().is_drone_connected(&cluster, &node.name),
+            backends: Some(live.get(&node.name).copied().unwrap_or(0)),
+            pool: Some(node.pool),
+            last_seen: node.last_seen,
+            name: node.name,
+        })
+        .collect();
+    let proxies = state
+        .store()
+        .nodes(&cluster, NodeKind::Proxy)
+        .await?
+        .into_iter()
+        .map(|node| NodeState {
+            connected: state.nodes().is_proxy_connected(&cluster, &node.name),
+            backends: None,
+            pool: None,
+            last_seen: node.last_seen,
+            name: node.name,
+        })
+        .collect();
+    Ok(Json(ClusterState {
+        cluster,
+        drones,
+        proxies,
+    }))
+}

@@ -1,0 +1,415 @@
+//! `POST /ctrl/connect` and `POST /ctrl/spawn`: get-or-create a backend by key, place it
+//! on a drone, and hand back a tokenized URL.
+
+use super::error::ApiErrorResponse;
+use super::store::{NewBackend, NewToken};
+use super::ControllerState;
+use axum::extract::{FromRequest, State};
+use axum::Json;
+use plane_protocol::api::{
+    ApiErrorKind, ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest,
+};
+use plane_protocol::backend::BackendStatus;
+use plane_protocol::drone::{ActionKind, BackendAction, MessageToDrone, SpawnAction};
+use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, SecretToken};
+use plane_protocol::time::Millis;
+use plane_protocol::RESERVED_ENV_VARS;
+use serde_json::{Map, Value};
+
+/// A JSON body whose rejections become `400` [`ApiErrorResponse`]s naming the bad field.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiErrorResponse))]
+pub struct ApiJson<T>(pub T);
+
+/// How often a connect retries after losing a race for a key to another connect.
+const KEY_RACE_RETRIES: usize = 5;
+
+pub async fn handle_connect(
+    State(state): State<ControllerState>,
+    ApiJson(request): ApiJson<ConnectRequest>,
+) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
+    validate_connect(&request)?;
+    let pool = request
+        .spawn_config
+        .as_ref()
+        .and_then(|c| c.pool.clone())
+        .or(request.pool.clone())
+        .unwrap_or_default();
+    let caller = Caller {
+        user: request.user.as_deref(),
+        auth: &request.auth,
+    };
+
+    let Some(key) = &request.key else {
+        let spawn_config = request.spawn_config.as_ref().ok_or_else(|| {
+            ApiErrorResponse::bad_request("a connect needs a `key`, a `spawn_config`, or both")
+        })?;
+        return spawn(&state, spawn_config, &pool, None, caller)
+            .await?
+            .ok_or_else(|| ApiErrorResponse::from(anyhow::anyhow!("spawn without a key lost a key race")))
+            .map(Json);
+    };
+
+    for _ in 0..KEY_RACE_RETRIES {
+        if let Some(holder) = state.store().key_holder(&key.namespace, &key.name).await? {
+            if holder.tag != key.tag {
+                return Err(ApiErrorResponse::new(
+                    ApiErrorKind::KeyHeld,
+                    format!(
+                        "key {:?} in namespace {:?} is held by backend {} with tag {:?}; this request has tag {:?}",
+                        key.name, key.namespace, holder.backend_id, holder.tag, key.tag
+                    ),
+                ));
+            }
+            if let Some(response) = join_existing(&state, &holder.backend_id, caller).await? {
+                return Ok(Json(response));
+            }
+            // The holder terminated between the two reads; try again.
+            continue;
+        }
+        let Some(spawn_config) = &request.spawn_config else {
+            return Err(ApiErrorResponse::new(
+                ApiErrorKind::KeyUnheldNoSpawnConfig,
+                format!(
+                    "no backend holds key {:?} in namespace {:?}, and the request has no spawn_config to start one",
+                    key.name, key.namespace
+                ),
+            ));
+        };
+        if let Some(response) = spawn(&state, spawn_config, &pool, Some(key), caller).await? {
+            return Ok(Json(response));
+        }
+        // Another connect took the key first; join its backend on the next pass.
+    }
+    Err(anyhow::anyhow!("gave up after {KEY_RACE_RETRIES} races for key {:?}", key.name).into())
+}
+
+pub async fn handle_spawn(
+    State(state): State<ControllerState>,
+    ApiJson(request): ApiJson<SpawnRequest>,
+) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
+    validate_spawn_config(&request.spawn_config)?;
+    validate_user(request.user.as_deref())?;
+    let pool = request.spawn_config.pool.clone().unwrap_or_default();
+    let caller = Caller {
+        user: request.user.as_deref(),
+        auth: &request.auth,
+    };
+    let response = spawn(&state, &request.spawn_config, &pool, None, caller)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("spawn without a key lost a key race"))?;
+    Ok(Json(response))
+}
+
+/// Who a token is issued to.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    user: Option<&'a str>,
+    auth: &'a Map<String, Value>,
+}
+
+/// Issues a token for a running backend. `None` if it terminated meanwhile.
+async fn join_existing(
+    state: &ControllerState,
+    backend_id: &BackendName,
+    caller: Caller<'_>,
+) -> Result<Option<ConnectResponse>, ApiErrorResponse> {
+    let Some(backend) = state.store().backend(backend_id).await? else {
+        return Ok(None);
+    };
+    if backend.status.is_terminating() {
+        return Ok(None);
+    }
+    let (token, secret) = match backend.static_token.clone() {
+        // A static token and its secret were recorded once, at spawn.
+        Some(token) => {
+            let row = state.store().token(&token).await?.ok_or_else(|| {
+                anyhow::anyhow!("the static token of backend {backend_id} is missing")
+            })?;
+            (token, row.secret)
+        }
+        None => {
+            let token = BearerToken::new_random();
+            let secret = SecretToken::new_random();
+            let new_token = NewToken {
+                token: &token,
+                secret: &secret,
+                user: caller.user,
+                auth: caller.auth,
+            };
+            state.store().add_token(backend_id, &new_token).await?;
+            (token, secret)
+        }
+    };
+    Ok(Some(response(
+        state,
+        backend_id.clone(),
+        false,
+        backend.status,
+        &backend.cluster,
+        token,
+        secret,
+        backend.drone,
+    )))
+}
+
+/// Starts a new backend. `None` when `key` was taken by a concurrent connect.
+async fn spawn(
+    state: &ControllerState,
+    spawn_config: &SpawnConfig,
+    pool: &str,
+    key: Option<&KeyConfig>,
+    caller: Caller<'_>,
+) -> Result<Option<ConnectResponse>, ApiErrorResponse> {
+    let cluster = spawn_config
+        .cluster
+        .clone()
+        .or_else(|| state.config().default_cluster.clone())
+        .ok_or_else(|| {
+            ApiErrorResponse::new(
+                ApiErrorKind::NoClusterProvided,
+                "spawn_config.cluster is missing and the controller has no default cluster",
+            )
+        })?;
+    let live = state.store().live_backend_counts(&cluster).await?;
+    let drone = state.nodes().pick_drone(&cluster, pool, &live).ok_or_else(|| {
+        ApiErrorResponse::new(
+            ApiErrorKind::NoDroneAvailable,
+            format!("no drone is connected for cluster {cluster:?} and pool {pool:?}"),
+        )
+    })?;
+
+    let backend_id = spawn_config.id.clone().unwrap_or_else(BackendName::new_random);
+    let token = BearerToken::new_random();
+    let secret = SecretToken::new_random();
+    let static_token = spawn_config.use_static_token.then(|| token.clone());
+    let new = NewBackend {
+        id: &backend_id,
+        cluster: &cluster,
+        pool,
+        drone: &drone,
+        spawn_config,
+        key,
+        static_token: static_token.as_ref(),
+        token: NewToken {
+            token: &token,
+            secret: &secret,
+            user: caller.user,
+            auth: caller.auth,
+        },
+        now: Millis::now(),
+    };
+    let created = state
+        .store()
+        .create_backend(new, |fencing_token| {
+            ActionKind::Spawn(SpawnAction {
+                executable: spawn_config.executable.clone(),
+                key: key.map(|k| k.name.clone()),
+                fencing_token,
+                static_token: static_token.clone(),
+            })
+        })
+        .await;
+    let created = match created {
+        Ok(Some(created)) => created,
+        Ok(None) => return Ok(None),
+        Err(super::store::StoreError::AlreadyExists(_)) => {
+            return Err(ApiErrorResponse::new(
+                ApiErrorKind::BackendIdTaken,
+                format!("spawn_config.id {backend_id:?} is already in use"),
+            ))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    state.nodes().send_to_drone(
+        &cluster,
+        &drone,
+        MessageToDrone::Action(BackendAction {
+            action_id: created.action_id,
+            backend_id: backend_id.clone(),
+            action: created.action,
+        }),
+    );
+    tracing::info!(backend = %backend_id, %drone, %cluster, key = ?key.map(|k| &k.name), "backend scheduled");
+    Ok(Some(response(
+        state,
+        backend_id,
+        true,
+        BackendStatus::Scheduled,
+        &cluster,
+        token,
+        secret,
+        drone,
+    )))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn response(
+    state: &ControllerState,
+    backend_id: BackendName,
+    spawned: bool,
+    status: BackendStatus,
+    cluster: &ClusterName,
+    token: BearerToken,
+    secret_token: SecretToken,
+    drone: NodeName,
+) -> ConnectResponse {
+    ConnectResponse {
+        url: format!("{}/{token}/", cluster.base_url()),
+        status_url: state.status_url(&backend_id),
+        backend_id,
+        spawned,
+        status,
+        token,
+        subdomain: None,
+        secret_token,
+        drone: Some(drone),
+    }
+}
+
+fn validate_connect(request: &ConnectRequest) -> Result<(), ApiErrorResponse> {
+    if let Some(key) = &request.key {
+        validate_text("key.name", &key.name, 1, 256)?;
+        validate_text("key.namespace", &key.namespace, 0, 64)?;
+        validate_text("key.tag", &key.tag, 0, 256)?;
+    }
+    if let Some(spawn_config) = &request.spawn_config {
+        validate_spawn_config(spawn_config)?;
+    }
+    if let Some(pool) = &request.pool {
+        validate_pool("pool", pool)?;
+    }
+    validate_user(request.user.as_deref())
+}
+
+fn validate_user(user: Option<&str>) -> Result<(), ApiErrorResponse> {
+    match user {
+        Some(user) => validate_text("user", user, 1, 256),
+        None => Ok(()),
+    }
+}
+
+fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
+    let executable = &config.executable;
+    if executable.image.is_empty()
+        || executable.image.len() > 512
+        || executable
+            .image
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ApiErrorResponse::bad_request(format!(
+            "spawn_config.executable.image {:?} is not a valid image reference",
+            executable.image
+        )));
+    }
+    for (name, value) in &executable.env {
+        let valid_name = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(ApiErrorResponse::bad_request(format!(
+                "spawn_config.executable.env: {name:?} is not a valid variable name (letters, digits and '_', not starting with a digit)"
+            )));
+        }
+        if RESERVED_ENV_VARS.contains(&name.as_str()) {
+            return Err(ApiErrorResponse::bad_request(format!(
+                "spawn_config.executable.env: {name:?} is set by Plane and cannot be overridden"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(ApiErrorResponse::bad_request(format!(
+                "spawn_config.executable.env.{name} contains a NUL byte"
+            )));
+        }
+    }
+    let limits = &executable.resource_limits;
+    if limits.cpu_time_limit.is_some() {
+        return Err(ApiErrorResponse::bad_request(
+            "spawn_config.executable.resource_limits.cpu_time_limit is not supported",
+        ));
+    }
+    if limits.disk_limit_bytes.is_some() {
+        return Err(ApiErrorResponse::bad_request(
+            "spawn_config.executable.resource_limits.disk_limit_bytes is not supported",
+        ));
+    }
+    if let Some(bytes) = limits.memory_limit_bytes {
+        if bytes < 6 * 1024 * 1024 {
+            return Err(ApiErrorResponse::bad_request(format!(
+                "spawn_config.executable.resource_limits.memory_limit_bytes must be at least 6291456 (6 MiB), got {bytes}"
+            )));
+        }
+    }
+    if let Some(percent) = limits.cpu_period_percent {
+        if !(1..=100).contains(&percent) {
+            return Err(ApiErrorResponse::bad_request(format!(
+                "spawn_config.executable.resource_limits.cpu_period_percent must be 1 to 100, got {percent}"
+            )));
+        }
+    }
+    if let Some(period) = limits.cpu_period {
+        if !(1000..=1_000_000).contains(&period) {
+            return Err(ApiErrorResponse::bad_request(format!(
+                "spawn_config.executable.resource_limits.cpu_period must be 1000 to 1000000 microseconds, got {period}"
+            )));
+        }
+    }
+    match &executable.mount {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(_) => {
+            return Err(ApiErrorResponse::bad_request(
+                "spawn_config.executable.mount is not supported",
+            ))
+        }
+    }
+    for (field, value) in [
+        ("spawn_config.max_idle_seconds", config.max_idle_seconds),
+        ("spawn_config.lifetime_limit_seconds", config.lifetime_limit_seconds),
+    ] {
+        if let Some(seconds) = value {
+            if seconds < 1 {
+                return Err(ApiErrorResponse::bad_request(format!(
+                    "{field} must be at least 1, got {seconds}"
+                )));
+            }
+        }
+    }
+    if let Some(pool) = &config.pool {
+        validate_pool("spawn_config.pool", pool)?;
+    }
+    if config.subdomain.is_some() {
+        return Err(ApiErrorResponse::bad_request(
+            "spawn_config.subdomain is not supported yet",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_pool(field: &str, pool: &str) -> Result<(), ApiErrorResponse> {
+    if pool.len() > 64
+        || !pool
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(ApiErrorResponse::bad_request(format!(
+            "{field} {pool:?} is invalid: at most 64 letters, digits, '.', '_' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiErrorResponse> {
+    let length = value.chars().count();
+    if length < min || length > max {
+        return Err(ApiErrorResponse::bad_request(format!(
+            "{field} must be {min} to {max} characters long, got {length}"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiErrorResponse::bad_request(format!(
+            "{field} may not contain control characters"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The proxy socket: answers route requests (waiting for starting backends to become
+//! ready), records connection reports, and pushes route removals.
+
+use super::error::ApiErrorResponse;
+use super::socket::{self, Incoming, HELLO_TIMEOUT};
+use super::store::NodeKind;
+use super::ControllerState;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use futures_util::StreamExt;
+use plane_protocol::backend::BackendStatus;
+use plane_protocol::names::{BearerToken, ClusterName};
+use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteInfo};
+use plane_protocol::time::Millis;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub async fn handle_proxy_socket(
+    State(state): State<ControllerState>,
+    Path(cluster): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiErrorResponse> {
+    let cluster: ClusterName = cluster
+        .parse()
+        .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
+    Ok(upgrade.on_upgrade(move |socket| proxy_session(state, cluster, socket)))
+}
+
+async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, socket::receive(&mut stream)).await;
+    let Ok(Incoming::Message(MessageFromProxy::Hello { name, version })) = hello else {
+        tracing::warn!(%cluster, "proxy socket closed: no hello");
+        return;
+    };
+    if let Err(err) = state
+        .store()
+        .upsert_node(&cluster, NodeKind::Proxy, &name, "", &version)
+        .await
+    {
+        tracing::error!(proxy = %name, error = %err, "could not record proxy");
+        return;
+    }
+    let (sender, mut outbox) = mpsc::unbounded_channel();
+    let _registration = state
+        .nodes()
+        .register_proxy(cluster.clone(), name.clone(), sender.clone());
+    tracing::info!(proxy = %name, %cluster, "proxy connected");
+    // Route lookups run concurrently; they end with the session.
+    let mut lookups = tokio::task::JoinSet::new();
+
+    loop {
+        tokio::select! {
+            _ = state.shutdown_token().cancelled() => break,
+            Some(message) = outbox.recv() => {
+                if socket::send(&mut sink, &message).await.is_err() {
+                    break;
+                }
+            }
+            Some(_) = lookups.join_next(), if !lookups.is_empty() => {}
+            incoming = socket::receive::<MessageFromProxy>(&mut stream) => match incoming {
+                Incoming::Closed => break,
+                Incoming::Invalid(detail) => {
+                    tracing::warn!(proxy = %name, %detail, "invalid message from proxy");
+                }
+                Incoming::Message(MessageFromProxy::Hello { .. }) => {
+                    tracing::warn!(proxy = %name, "duplicate hello ignored");
+                }
+                Incoming::Message(MessageFromProxy::RouteRequest { token }) => {
+                    let state = state.clone();
+                    let cluster = cluster.clone();
+                    let sender = sender.clone();
+                    lookups.spawn(async move {
+                        let route = match resolve_route(&state, &cluster, &token).await {
+                            Ok(route) => route,
+                            Err(err) => {
+                                tracing::error!(error = %err, "route lookup failed");
+                                None
+                            }
+                        };
+                        let _ = sender.send(MessageToProxy::RouteResponse { token, route });
+                    });
+                }
+                Incoming::Message(MessageFromProxy::KeepAlive { backends }) => {
+                    if let Err(err) = state.store().touch_backends(&backends, Millis::now()).await {
+                        tracing::warn!(proxy = %name, error = %err, "could not record keep-alive");
+                    }
+                    let _ = state.store().touch_node(&cluster, NodeKind::Proxy, &name).await;
+                }
+            },
+        }
+    }
+    lookups.abort_all();
+    tracing::info!(proxy = %name, %cluster, "proxy disconnected");
+}
+
+/// Where a token leads: `None` for an unknown token, a backend in another cluster, or one
+/// that has stopped. A backend still starting is waited for, up to the configured limit.
+async fn resolve_route(
+    state: &ControllerState,
+    cluster: &ClusterName,
+    token: &BearerToken,
+) -> anyhow::Result<Option<RouteInfo>> {
+    let Some(token_row) = state.store().token(token).await? else {
+        return Ok(None);
+    };
+    let mut changes = state.subscribe_status_changes();
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(state.config().route_wait_timeout_ms);
+    loop {
+        let Some(backend) = state.store().backend(&token_row.backend_id).await? else {
+            return Ok(None);
+        };
+        if &backend.cluster != cluster || backend.status.is_terminating() {
+            return Ok(None);
+        }
+        if backend.status == BackendStatus::Ready {
+            let Some(address) = backend.address else {
+                anyhow::bail!("ready backend {} has no address", backend.id);
+            };
+            return Ok(Some(RouteInfo {
+                backend_id: backend.id,
+                address,
+                secret_token: token_row.secret,
+                user: token_row.user,
+                user_data: token_row.auth,
+            }));
+        }
+        // Wait for this backend's next change (or any lag), then look again.
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(change)) if change.backend.id != token_row.backend_id => continue,
+                Ok(_) => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! JSON framing shared by the drone and proxy sockets: one message per text frame.
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// How long a node has after connecting to introduce itself.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What arrived on a node socket.
+pub enum Incoming<T> {
+    Message(T),
+    /// A frame that is not a valid message; logged and skipped.
+    Invalid(String),
+    /// The socket closed or failed.
+    Closed,
+}
+
+pub async fn receive<T: DeserializeOwned>(stream: &mut SplitStream<WebSocket>) -> Incoming<T> {
+    loop {
+        match stream.next().await {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Incoming::Closed,
+            Some(Ok(Message::Text(text))) => {
+                return match serde_json::from_str(text.as_str()) {
+                    Ok(message) => Incoming::Message(message),
+                    Err(err) => Incoming::Invalid(format!("{err}: {}", text.as_str())),
+                }
+            }
+            // Pings are answered by axum; binary frames are not part of the protocol.
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+pub async fn send<T: Serialize>(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: &T,
+) -> Result<(), ()> {
+    let text = serde_json::to_string(message).map_err(|_| ())?;
+    sink.send(Message::Text(text.into())).await.map_err(|_| ())
+}

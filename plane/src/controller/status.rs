@@ -1,0 +1,125 @@
+//! `GET /pub/b/:backend/status` and `/status-stream`: a backend's current status, and its
+//! history followed by live changes as server-sent events.
+
+use super::error::ApiErrorResponse;
+use super::terminate::backend_param;
+use super::ControllerState;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Json;
+use futures_util::Stream;
+use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry};
+use plane_protocol::names::BackendName;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+pub async fn handle_status(
+    State(state): State<ControllerState>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Result<Json<BackendStatusStreamEntry>, ApiErrorResponse> {
+    let backend = backend_param(&params)?;
+    let history = state.store().status_history(&backend).await?;
+    history
+        .into_iter()
+        .last()
+        .map(Json)
+        .ok_or_else(|| ApiErrorResponse::not_found(format!("no backend {backend}")))
+}
+
+/// Replays the history (after `Last-Event-ID`, if given), then streams each new status.
+/// The stream ends after `terminated`. Event IDs are status numbers, so a client that
+/// reconnects with `Last-Event-ID` gets exactly what it missed.
+pub async fn handle_status_stream(
+    State(state): State<ControllerState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiErrorResponse> {
+    let backend = backend_param(&params)?;
+    let last_seen = match headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .ok_or_else(|| {
+                ApiErrorResponse::bad_request("Last-Event-ID must be an event id from this stream")
+            })?,
+    };
+    // Subscribe before reading history so nothing falls between the two.
+    let changes = state.subscribe_status_changes();
+    let history = state.store().status_history(&backend).await?;
+    if history.is_empty() {
+        return Err(ApiErrorResponse::not_found(format!("no backend {backend}")));
+    }
+
+    let (sender, receiver) = mpsc::channel(16);
+    tokio::spawn(stream_statuses(state, backend, history, changes, last_seen, sender));
+    Ok(Sse::new(ReceiverStream::new(receiver)).keep_alive(KeepAlive::default()))
+}
+
+/// Feeds one status stream until `terminated`, the client leaves, or shutdown.
+async fn stream_statuses(
+    state: ControllerState,
+    backend: BackendName,
+    history: Vec<BackendStatusStreamEntry>,
+    mut changes: broadcast::Receiver<std::sync::Arc<super::store::StatusChange>>,
+    mut last_sent: i32,
+    sender: mpsc::Sender<Result<Event, Infallible>>,
+) {
+    // Sends entries newer than the last one sent; returns false once the stream is over.
+    async fn send_newer(
+        entries: impl IntoIterator<Item = BackendStatusStreamEntry>,
+        last_sent: &mut i32,
+        sender: &mpsc::Sender<Result<Event, Infallible>>,
+    ) -> bool {
+        for entry in entries {
+            let number = entry.status.number();
+            if number <= *last_sent {
+                continue;
+            }
+            let Ok(event) = Event::default().id(number.to_string()).json_data(&entry) else {
+                return false;
+            };
+            if sender.send(Ok(event)).await.is_err() {
+                return false; // the client went away
+            }
+            *last_sent = number;
+            if entry.status == BackendStatus::Terminated {
+                return false;
+            }
+        }
+        true
+    }
+
+    if !send_newer(history, &mut last_sent, &sender).await {
+        return;
+    }
+    loop {
+        let received = tokio::select! {
+            _ = state.shutdown_token().cancelled() => return,
+            _ = sender.closed() => return,
+            received = changes.recv() => received,
+        };
+        let more = match received {
+            Ok(change) if change.backend.id == backend => {
+                send_newer([change.entry.clone()], &mut last_sent, &sender).await
+            }
+            Ok(_) => true,
+            // We fell behind the broadcast: catch up from the database.
+            Err(broadcast::error::RecvError::Lagged(_)) => match state.store().status_history(&backend).await {
+                Ok(history) => send_newer(history, &mut last_sent, &sender).await,
+                Err(err) => {
+                    tracing::warn!(%backend, error = %err, "status stream catch-up failed");
+                    false
+                }
+            },
+            Err(broadcast::error::RecvError::Closed) => false,
+        };
+        if !more {
+            return;
+        }
+    }
+}

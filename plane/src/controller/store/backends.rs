@@ -1,0 +1,403 @@
+//! The `backend` and `backend_status` tables: creating backends, moving their status
+//! forward, and the queries the sweeper and drone placement need.
+
+use super::{actions, keys, tokens, Store, StoreError, StoreResult};
+use anyhow::Context;
+use plane_protocol::api::{KeyConfig, SpawnConfig};
+use plane_protocol::backend::{
+    BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind,
+    TerminationReason,
+};
+use plane_protocol::drone::ActionKind;
+use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName};
+use plane_protocol::time::Millis;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+/// One backend as stored.
+#[derive(Clone, Debug)]
+pub struct BackendRow {
+    pub id: BackendName,
+    pub cluster: ClusterName,
+    pub pool: String,
+    pub drone: NodeName,
+    pub status: BackendStatus,
+    pub status_time: Millis,
+    pub address: Option<SocketAddr>,
+    pub termination_kind: Option<TerminationKind>,
+    pub termination_reason: Option<TerminationReason>,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub termination_requested: Option<TerminationKind>,
+    pub key_name: Option<String>,
+    pub static_token: Option<BearerToken>,
+    pub created_at: Millis,
+    pub last_active_at: Millis,
+}
+
+/// What [`Store::create_backend`] writes in one transaction.
+pub struct NewBackend<'a> {
+    pub id: &'a BackendName,
+    pub cluster: &'a ClusterName,
+    pub pool: &'a str,
+    pub drone: &'a NodeName,
+    pub spawn_config: &'a SpawnConfig,
+    pub key: Option<&'a KeyConfig>,
+    pub static_token: Option<&'a BearerToken>,
+    /// The first connection token, issued with the backend.
+    pub token: tokens::NewToken<'a>,
+    pub now: Millis,
+}
+
+/// The result of a successful [`Store::create_backend`].
+#[derive(Clone, Debug)]
+pub struct CreatedBackend {
+    pub action_id: i64,
+    pub action: ActionKind,
+    pub fencing_token: Option<i64>,
+}
+
+/// A status transition that was applied (it moved the backend forward).
+#[derive(Clone, Debug)]
+pub struct StatusChange {
+    pub backend: BackendRow,
+    pub entry: BackendStatusStreamEntry,
+}
+
+fn parse_column<T>(row: &AnyRow, column: &str, parse: impl Fn(&str) -> Option<T>) -> StoreResult<T> {
+    let raw: String = row.try_get(column).map_err(anyhow::Error::from)?;
+    parse(&raw)
+        .with_context(|| format!("unreadable value {raw:?} in column {column}"))
+        .map_err(StoreError::Other)
+}
+
+fn parse_optional<T>(
+    row: &AnyRow,
+    column: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> StoreResult<Option<T>> {
+    let raw: Option<String> = row.try_get(column).map_err(anyhow::Error::from)?;
+    match raw {
+        None => Ok(None),
+        Some(raw) => parse(&raw)
+            .with_context(|| format!("unreadable value {raw:?} in column {column}"))
+            .map(Some)
+            .map_err(StoreError::Other),
+    }
+}
+
+impl BackendRow {
+    fn from_row(row: &AnyRow) -> StoreResult<BackendRow> {
+        let get_i64 = |column: &str| -> StoreResult<i64> {
+            row.try_get::<i64, _>(column)
+                .map_err(|e| StoreError::Other(e.into()))
+        };
+        let exit_code: Option<i64> = row.try_get("exit_code").map_err(anyhow::Error::from)?;
+        Ok(BackendRow {
+            id: parse_column(row, "id", |s| s.parse().ok())?,
+            cluster: parse_column(row, "cluster", |s| s.parse().ok())?,
+            pool: row.try_get("pool").map_err(anyhow::Error::from)?,
+            drone: parse_column(row, "drone", |s| s.parse().ok())?,
+            status: parse_column(row, "status", BackendStatus::parse)?,
+            status_time: Millis(get_i64("status_time")?),
+            address: parse_optional(row, "address", |s| s.parse().ok())?,
+            termination_kind: parse_optional(row, "termination_kind", TerminationKind::parse)?,
+            termination_reason: parse_optional(
+                row,
+                "termination_reason",
+                TerminationReason::parse,
+            )?,
+            exit_code: exit_code.map(|c| c as i32),
+            message: row.try_get("message").map_err(anyhow::Error::from)?,
+            termination_requested: parse_optional(
+                row,
+                "termination_requested",
+                TerminationKind::parse,
+            )?,
+            key_name: row.try_get("key_name").map_err(anyhow::Error::from)?,
+            static_token: parse_optional(row, "static_token", |s| s.parse().ok())?,
+            created_at: Millis(get_i64("created_at")?),
+            last_active_at: Millis(get_i64("last_active_at")?),
+        })
+    }
+}
+
+fn entry_from_row(row: &AnyRow) -> StoreResult<BackendStatusStreamEntry> {
+    let exit_code: Option<i64> = row.try_get("exit_code").map_err(anyhow::Error::from)?;
+    let status = parse_column(row, "status", BackendStatus::parse)?;
+    Ok(BackendStatusStreamEntry {
+        status,
+        termination_reason: parse_optional(row, "termination_reason", TerminationReason::parse)?,
+        termination_kind: parse_optional(row, "termination_kind", TerminationKind::parse)?,
+        exit_error: exit_error(status, exit_code),
+        exit_code: exit_code.map(|c| c as i32),
+        message: row.try_get("message").map_err(anyhow::Error::from)?,
+        time: Millis(row.try_get("time").map_err(anyhow::Error::from)?),
+    })
+}
+
+/// Plane 0.5's `exit_error`: set only on `terminated`, true for a non-zero exit code.
+fn exit_error(status: BackendStatus, exit_code: Option<i64>) -> Option<bool> {
+    (status == BackendStatus::Terminated).then_some(matches!(exit_code, Some(code) if code != 0))
+}
+
+const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \
+     termination_kind, termination_reason, exit_code, message, termination_requested, \
+     key_name, static_token, created_at, last_active_at";
+
+impl Store {
+    /// Writes a new backend in `scheduled`, takes its key (if any), records its first
+    /// token and the spawn action for its drone — all or nothing. Returns `Ok(None)` when
+    /// the key is already held (another connect won the race).
+    pub async fn create_backend(
+        &self,
+        new: NewBackend<'_>,
+        make_action: impl FnOnce(Option<i64>) -> ActionKind,
+    ) -> StoreResult<Option<CreatedBackend>> {
+        let mut tx = self.pool.begin().await?;
+        let spawn_config_json =
+            serde_json::to_string(new.spawn_config).context("serializing spawn config")?;
+        let expires_at = new
+            .spawn_config
+            .lifetime_limit_seconds
+            .map(|seconds| new.now.plus_seconds(seconds).0);
+        sqlx::query(
+            "INSERT INTO backend (id, cluster, pool, drone, status, status_number, status_time, \
+             spawn_config, key_namespace, key_name, static_token, max_idle_seconds, created_at, \
+             last_active_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14)",
+        )
+        .bind(new.id.as_str())
+        .bind(new.cluster.as_str())
+        .bind(new.pool)
+        .bind(new.drone.as_str())
+        .bind(BackendStatus::Scheduled.as_str())
+        .bind(i64::from(BackendStatus::Scheduled.number()))
+        .bind(new.now.0)
+        .bind(spawn_config_json)
+        .bind(new.key.map(|k| k.namespace.clone()))
+        .bind(new.key.map(|k| k.name.clone()))
+        .bind(new.static_token.map(|t| t.to_string()))
+        .bind(new.spawn_config.max_idle_seconds)
+        .bind(new.now.0)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        insert_history(
+            &mut tx,
+            new.id,
+            &BackendStateUpdate::status(BackendStatus::Scheduled),
+            new.now,
+        )
+        .await?;
+
+        let fencing_token = match new.key {
+            Some(key) => match keys::acquire(&mut tx, key, new.id, new.now).await? {
+                Some(token) => Some(token),
+                None => return Ok(None), // dropping the transaction rolls it back
+            },
+            None => None,
+        };
+        tokens::insert(&mut tx, new.id, &new.token, new.now).await?;
+        let action = make_action(fencing_token);
+        let action_id =
+            actions::insert(&mut tx, new.id, new.cluster, new.drone, &action, new.now).await?;
+        tx.commit().await?;
+        Ok(Some(CreatedBackend {
+            action_id,
+            action,
+            fencing_token,
+        }))
+    }
+
+    pub async fn backend(&self, id: &BackendName) -> StoreResult<Option<BackendRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {BACKEND_COLUMNS} FROM backend WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(BackendRow::from_row).transpose()
+    }
+
+    /// Every status the backend has been in, oldest first.
+    pub async fn status_history(
+        &self,
+        id: &BackendName,
+    ) -> StoreResult<Vec<BackendStatusStreamEntry>> {
+        let rows = sqlx::query(
+            "SELECT status, termination_kind, termination_reason, exit_code, message, time \
+             FROM backend_status WHERE backend_id = $1 ORDER BY status_number",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    /// Applies a drone's report if it moves the backend forward and the backend belongs to
+    /// that drone. On `terminated` the key is released in the same transaction.
+    /// Returns `None` for a stale, duplicated or foreign report.
+    pub async fn apply_status(
+        &self,
+        id: &BackendName,
+        drone: &NodeName,
+        update: &BackendStateUpdate,
+        now: Millis,
+    ) -> StoreResult<Option<StatusChange>> {
+        let mut tx = self.pool.begin().await?;
+        let result = sqlx::query(
+            "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
+             address = COALESCE($4, address), \
+             termination_kind = COALESCE($5, termination_kind), \
+             termination_reason = COALESCE($6, termination_reason), \
+             exit_code = COALESCE($7, exit_code), message = COALESCE($8, message), \
+             last_active_at = CASE WHEN $1 = 'ready' THEN $3 ELSE last_active_at END \
+             WHERE id = $9 AND drone = $10 AND status_number < $2",
+        )
+        .bind(update.status.as_str())
+        .bind(i64::from(update.status.number()))
+        .bind(now.0)
+        .bind(update.address.map(|a| a.to_string()))
+        .bind(update.termination_kind.map(|k| k.as_str()))
+        .bind(update.termination_reason.map(|r| r.as_str()))
+        .bind(update.exit_code.map(i64::from))
+        .bind(update.message.clone())
+        .bind(id.as_str())
+        .bind(drone.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let entry = insert_history(&mut tx, id, update, now).await?;
+        if update.status == BackendStatus::Terminated {
+            keys::release(&mut tx, id).await?;
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {BACKEND_COLUMNS} FROM backend WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let backend = BackendRow::from_row(&row)?;
+        tx.commit().await?;
+        Ok(Some(StatusChange { backend, entry }))
+    }
+
+    /// Records that `kind` termination was asked for. Returns false when an equal or
+    /// stronger termination was already asked for (or the backend has terminated), so the
+    /// caller need not send the action again.
+    pub async fn request_termination(
+        &self,
+        id: &BackendName,
+        kind: TerminationKind,
+    ) -> StoreResult<bool> {
+        let allowed_previous = match kind {
+            // A soft request only goes out if nothing was requested yet.
+            TerminationKind::Soft => "termination_requested IS NULL",
+            // A hard request may follow a soft one.
+            TerminationKind::Hard => {
+                "(termination_requested IS NULL OR termination_requested = 'soft')"
+            }
+        };
+        let result = sqlx::query(&format!(
+            "UPDATE backend SET termination_requested = $1 \
+             WHERE id = $2 AND status_number < $3 AND {allowed_previous}"
+        ))
+        .bind(kind.as_str())
+        .bind(id.as_str())
+        .bind(i64::from(BackendStatus::Terminated.number()))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Marks backends as active now (a proxy reported connections or traffic).
+    pub async fn touch_backends(&self, ids: &[BackendName], now: Millis) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE backend SET last_active_at = $1 WHERE id = $2")
+                .bind(now.0)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Backends due for sweeping: ready and idle past `max_idle_seconds`, or past their
+    /// lifetime limit, with no termination asked for yet.
+    pub async fn sweepable_backends(&self, now: Millis) -> StoreResult<Vec<BackendName>> {
+        let rows = sqlx::query(
+            "SELECT id FROM backend WHERE status_number < $1 AND termination_requested IS NULL \
+             AND ((max_idle_seconds IS NOT NULL AND status_number = $2 \
+                   AND last_active_at + max_idle_seconds * 1000 <= $3) \
+               OR (expires_at IS NOT NULL AND expires_at <= $3))",
+        )
+        .bind(i64::from(BackendStatus::Terminating.number()))
+        .bind(i64::from(BackendStatus::Ready.number()))
+        .bind(now.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| parse_column(row, "id", |s| s.parse().ok()))
+            .collect()
+    }
+
+    /// How many not-yet-terminated backends each drone of the cluster has.
+    pub async fn live_backend_counts(
+        &self,
+        cluster: &ClusterName,
+    ) -> StoreResult<HashMap<NodeName, u32>> {
+        let rows = sqlx::query(
+            "SELECT drone, COUNT(*) AS n FROM backend WHERE cluster = $1 AND status_number < $2 \
+             GROUP BY drone",
+        )
+        .bind(cluster.as_str())
+        .bind(i64::from(BackendStatus::Terminated.number()))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = HashMap::new();
+        for row in &rows {
+            let drone = parse_column(row, "drone", |s| s.parse::<NodeName>().ok())?;
+            let n: i64 = row.try_get("n").map_err(anyhow::Error::from)?;
+            counts.insert(drone, n as u32);
+        }
+        Ok(counts)
+    }
+}
+
+async fn insert_history(
+    conn: &mut sqlx::AnyConnection,
+    id: &BackendName,
+    update: &BackendStateUpdate,
+    now: Millis,
+) -> StoreResult<BackendStatusStreamEntry> {
+    sqlx::query(
+        "INSERT INTO backend_status (backend_id, status, status_number, termination_kind, \
+         termination_reason, exit_code, message, time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(id.as_str())
+    .bind(update.status.as_str())
+    .bind(i64::from(update.status.number()))
+    .bind(update.termination_kind.map(|k| k.as_str()))
+    .bind(update.termination_reason.map(|r| r.as_str()))
+    .bind(update.exit_code.map(i64::from))
+    .bind(update.message.clone())
+    .bind(now.0)
+    .execute(conn)
+    .await?;
+    Ok(BackendStatusStreamEntry {
+        status: update.status,
+        termination_reason: update.termination_reason,
+        termination_kind: update.termination_kind,
+        exit_error: exit_error(update.status, update.exit_code.map(i64::from)),
+        exit_code: update.exit_code,
+        message: update.message.clone(),
+        time: now,
+    })
+}

@@ -1,0 +1,128 @@
+//! The controller's database facade: one `Store` over SQLite or PostgreSQL, one file per
+//! table family. Handlers never write SQL; they call methods here.
+//!
+//! Both databases run the same SQL through sqlx's `Any` driver. Times are stored as
+//! milliseconds since the epoch (BIGINT) so no date type has to agree between the two.
+
+mod actions;
+mod backends;
+mod keys;
+mod nodes;
+mod tokens;
+
+pub use backends::{BackendRow, CreatedBackend, NewBackend, StatusChange};
+pub use keys::KeyHolder;
+pub use nodes::{NodeKind, NodeRow};
+pub use tokens::{NewToken, TokenRow};
+
+use anyhow::Context;
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+use std::path::Path;
+use std::time::Duration;
+
+/// Which database a [`Store`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatabaseKind {
+    Sqlite,
+    Postgres,
+}
+
+impl DatabaseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// Failures the store's callers branch on; everything else is an `Other`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint refused the write (e.g. a backend ID already in use).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db_err) = &err {
+            if db_err.is_unique_violation() {
+                return StoreError::AlreadyExists(db_err.message().to_string());
+            }
+        }
+        StoreError::Other(anyhow::Error::new(err))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Cheap to clone: the pool is reference-counted.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    kind: DatabaseKind,
+}
+
+impl Store {
+    /// Opens the database named by `url` (`postgres://...`, `sqlite://...`, or a plain file
+    /// path for SQLite) and applies the migrations.
+    pub async fn open(url: &str) -> anyhow::Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (kind, url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (DatabaseKind::Postgres, url.to_string())
+        } else {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            if let Some(parent) = Path::new(path).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent).with_context(|| {
+                        format!("creating the database directory {}", parent.display())
+                    })?;
+                }
+            }
+            (DatabaseKind::Sqlite, format!("sqlite://{path}?mode=rwc"))
+        };
+
+        let options = match kind {
+            // One connection: SQLite allows one writer at a time, and a single connection
+            // turns lock contention (SQLITE_BUSY on lock upgrades) into plain queueing.
+            DatabaseKind::Sqlite => AnyPoolOptions::new()
+                .max_connections(1)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        use sqlx::Executor;
+                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;")
+                            .await?;
+                        Ok(())
+                    })
+                }),
+            DatabaseKind::Postgres => AnyPoolOptions::new().max_connections(10),
+        };
+        let pool = options
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .with_context(|| format!("connecting to the {} database", kind.as_str()))?;
+
+        let migrator = match kind {
+            DatabaseKind::Sqlite => sqlx::migrate!("../migrations/sqlite"),
+            DatabaseKind::Postgres => sqlx::migrate!("../migrations/postgres"),
+        };
+        migrator
+            .run(&pool)
+            .await
+            .context("applying database migrations")?;
+        Ok(Store { pool, kind })
+    }
+
+    pub fn kind(&self) -> DatabaseKind {
+        self.kind
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

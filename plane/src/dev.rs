@@ -1,0 +1,115 @@
+//! `plane dev`: controller, drone and proxy in one process on loopback, on the embedded
+//! database, with a locally built demo image, so Plane can be tried offline in a minute.
+
+use crate::controller::{self, config::ControllerConfig};
+use crate::demo_image::{self, ImageSpec};
+use anyhow::Context;
+use clap::Args;
+use plane_drone::config::DroneConfig;
+use plane_protocol::names::{ClusterName, NodeName};
+use plane_proxy::config::ProxyConfig;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// The image repository `plane dev` builds its demo backend into.
+pub const DEMO_IMAGE: &str = "plane/demo";
+
+#[derive(Args, Debug, Clone)]
+pub struct DevOpts {
+    /// Where the embedded database lives.
+    #[arg(long, env = "PLANE_DATA_DIR", default_value = "./.plane")]
+    pub data_dir: PathBuf,
+    /// Port of the controller's HTTP API on 127.0.0.1.
+    #[arg(long, env = "PLANE_CONTROLLER_PORT", default_value_t = 8080)]
+    pub controller_port: u16,
+    /// Port of the proxy on 127.0.0.1; the cluster is named `localhost:<port>`.
+    #[arg(long, env = "PLANE_PROXY_PORT", default_value_t = 9090)]
+    pub proxy_port: u16,
+    /// Seconds a backend gets to exit after SIGTERM before it is killed.
+    #[arg(long, env = "PLANE_STOP_GRACE_PERIOD_SECONDS", default_value_t = 10)]
+    pub stop_grace_period_seconds: u64,
+}
+
+pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
+    let loopback = Ipv4Addr::LOCALHOST;
+    let controller_listener = TcpListener::bind((loopback, opts.controller_port))
+        .await
+        .with_context(|| {
+            format!(
+                "--controller-port {}: cannot listen on 127.0.0.1:{}",
+                opts.controller_port, opts.controller_port
+            )
+        })?;
+    let proxy_listener = TcpListener::bind((loopback, opts.proxy_port))
+        .await
+        .with_context(|| {
+            format!(
+                "--proxy-port {}: cannot listen on 127.0.0.1:{}",
+                opts.proxy_port, opts.proxy_port
+            )
+        })?;
+    let proxy_port = proxy_listener.local_addr()?.port();
+    let cluster: ClusterName = format!("localhost:{proxy_port}")
+        .parse()
+        .context("building the cluster name")?;
+
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .context("connecting to the Docker engine (is it running, and may this user use it?)")?;
+    docker
+        .ping()
+        .await
+        .context("the Docker engine does not answer (is it running, and may this user use it?)")?;
+    let executable = std::env::current_exe().context("finding the plane executable")?;
+    let demo_image = demo_image::ensure(
+        &docker,
+        &ImageSpec {
+            executable,
+            args: vec!["demo-backend".to_string()],
+            repository: DEMO_IMAGE.to_string(),
+        },
+    )
+    .await
+    .context("building the demo backend image")?;
+
+    let db = opts.data_dir.join("plane.db");
+    let mut controller_config = ControllerConfig::new(db.display().to_string());
+    controller_config.default_cluster = Some(cluster.clone());
+    let controller_addr = controller_listener.local_addr()?;
+    controller_config.public_url = Some(url::Url::parse(&format!("http://{controller_addr}"))?);
+    let controller = controller::start(controller_config, controller_listener).await?;
+    let controller_url = controller.url();
+
+    let mut proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());
+    proxy_config.name = NodeName::new_random("dev-proxy");
+    let proxy = plane_proxy::start(proxy_config, proxy_listener).await?;
+
+    let mut drone_config = DroneConfig::new(controller_url.clone(), cluster.clone());
+    drone_config.name = "dev-drone".parse().context("naming the drone")?;
+    drone_config.stop_grace_period_ms = opts.stop_grace_period_seconds * 1000;
+    let drone = plane_drone::start(drone_config).await?;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(drone.is_connected() && proxy.is_connected()) {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the drone and proxy did not connect to the controller within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let proxy_addr = SocketAddr::new(loopback.into(), proxy_port);
+    println!("plane dev is ready: controller {controller_url} | proxy http://{proxy_addr} | cluster {cluster} | database {}", db.display());
+    println!();
+    println!("Start a backend and follow it until it is ready:");
+    println!("  plane connect --controller {controller_url} --key my-first-key --image {DEMO_IMAGE}:latest --max-idle-seconds 60");
+    println!("Then open the printed URL in a browser. Stop plane dev with Ctrl-C.");
+    tracing::info!(image = %demo_image, "demo image ready");
+
+    crate::signals::wait_for_shutdown_signal().await;
+    // Drone first: it stops its backends and reports it while the controller still listens.
+    drone.shutdown().await;
+    proxy.shutdown().await;
+    controller.shutdown().await;
+    Ok(())
+}

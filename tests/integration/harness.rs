@@ -1,0 +1,360 @@
+//! `TestEnv`: a controller, drone and proxy started in-process on 127.0.0.1:0, on SQLite
+//! or a fresh PostgreSQL database, plus helpers to drive them and wait on conditions.
+
+use plane::controller::{self, config::ControllerConfig, ControllerHandle};
+use plane::demo_image::{self, ImageSpec};
+use plane_drone::config::DroneConfig;
+use plane_drone::DroneHandle;
+use plane_protocol::api::{ConnectResponse, ExecutorConfig, SpawnConfig};
+use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry};
+use plane_protocol::names::{BackendName, ClusterName, NodeName};
+use plane_proxy::config::ProxyConfig;
+use plane_proxy::ProxyHandle;
+use rand::distributions::{Alphanumeric, DistString};
+use serde_json::{json, Value};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// The longest any single test may run.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Which database a test runs against.
+#[derive(Clone, Copy, Debug)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// Declares a test that runs once on SQLite and once on PostgreSQL:
+/// `db_test!(name, |env| async move { ... })`.
+#[macro_export]
+macro_rules! db_test {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "current_thread")]
+            async fn sqlite() {
+                $crate::harness::run_test(stringify!($name), $crate::harness::Db::Sqlite, $body).await;
+            }
+
+            #[tokio::test(flavor = "current_thread")]
+            async fn postgres() {
+                $crate::harness::run_test(stringify!($name), $crate::harness::Db::Postgres, $body).await;
+            }
+        }
+    };
+}
+
+/// Starts a `TestEnv`, runs the body under [`TEST_TIMEOUT`], and shuts everything down.
+/// On failure the scratch directory (database, notes) is kept and its path printed.
+pub async fn run_test<F, Fut>(name: &str, db: Db, body: F)
+where
+    F: FnOnce(TestEnv) -> Fut,
+    Fut: Future<Output = TestEnv>,
+{
+    init_logging();
+    let env = TestEnv::start(name, db).await;
+    let scratch = env.scratch.clone();
+    let result = tokio::time::timeout(TEST_TIMEOUT, body(env)).await;
+    match result {
+        Ok(env) => {
+            env.shutdown().await;
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        Err(_) => panic!(
+            "test {name} ({db:?}) timed out after {TEST_TIMEOUT:?}; scratch kept at {}",
+            scratch.display()
+        ),
+    }
+}
+
+fn init_logging() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        // Captured per test by the test harness (each test runs on its own thread with a
+        // current-thread runtime), so a failing test shows its own logs.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,sqlx=warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// The test backend image, built once per test run (on its own runtime, since every test
+/// has its own).
+pub fn test_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime for the image build");
+            runtime.block_on(async {
+                let docker = bollard::Docker::connect_with_local_defaults()
+                    .expect("connect to the Docker engine");
+                demo_image::ensure(
+                    &docker,
+                    &ImageSpec {
+                        executable: PathBuf::from(env!("CARGO_BIN_EXE_plane-test-backend")),
+                        args: vec![],
+                        repository: "plane-test/backend".to_string(),
+                    },
+                )
+                .await
+                .expect("build the test backend image")
+            })
+        })
+        .join()
+        .expect("image build thread")
+    })
+}
+
+fn random_suffix() -> String {
+    Alphanumeric
+        .sample_string(&mut rand::thread_rng(), 8)
+        .to_lowercase()
+}
+
+/// A running controller + drone + proxy.
+pub struct TestEnv {
+    pub controller: ControllerHandle,
+    pub drone: DroneHandle,
+    pub proxy: ProxyHandle,
+    pub cluster: ClusterName,
+    pub client: reqwest::Client,
+    pub scratch: PathBuf,
+    postgres_db: Option<(String, String)>,
+}
+
+impl TestEnv {
+    async fn start(name: &str, db: Db) -> TestEnv {
+        let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("scratch")
+            .join(format!("{name}-{db:?}-{}", random_suffix()).to_lowercase());
+        std::fs::create_dir_all(&scratch).expect("create scratch dir");
+        let (db_url, postgres_db) = match db {
+            Db::Sqlite => (scratch.join("plane.db").display().to_string(), None),
+            Db::Postgres => {
+                let (url, admin, db_name) = create_postgres_database().await;
+                (url, Some((admin, db_name)))
+            }
+        };
+        let image = test_image();
+        assert!(!image.is_empty());
+
+        let proxy_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let cluster: ClusterName = format!("127.0.0.1:{}", proxy_listener.local_addr().expect("addr").port())
+            .parse()
+            .expect("cluster name");
+        let mut controller_config = ControllerConfig::new(db_url);
+        controller_config.sweep_interval_ms = 200;
+        controller_config.default_cluster = Some(cluster.clone());
+        let controller_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind controller");
+        let controller = controller::start(controller_config, controller_listener)
+            .await
+            .expect("start controller");
+
+        let mut proxy_config = ProxyConfig::new(controller.url(), cluster.clone());
+        proxy_config.report_interval_ms = 250;
+        let proxy = plane_proxy::start(proxy_config, proxy_listener)
+            .await
+            .expect("start proxy");
+
+        let mut drone_config = DroneConfig::new(controller.url(), cluster.clone());
+        drone_config.name = NodeName::new_random("test-drone");
+        drone_config.stop_grace_period_ms = 1500;
+        drone_config.heartbeat_interval_ms = 500;
+        let drone = plane_drone::start(drone_config).await.expect("start drone");
+
+        let env = TestEnv {
+            controller,
+            drone,
+            proxy,
+            cluster,
+            client: reqwest::Client::new(),
+            scratch,
+            postgres_db,
+        };
+        wait_for("drone and proxy to connect", Duration::from_secs(20), || async {
+            let connected = env.drone.is_connected() && env.proxy.is_connected();
+            connected.then_some(()).ok_or("not yet connected")
+        })
+        .await;
+        env
+    }
+
+    pub async fn shutdown(self) {
+        self.drone.shutdown().await;
+        self.proxy.shutdown().await;
+        self.controller.shutdown().await;
+        if let Some((admin, db_name)) = self.postgres_db {
+            drop_postgres_database(&admin, &db_name).await;
+        }
+    }
+
+    pub fn controller_url(&self, path: &str) -> String {
+        format!("{}{}", self.controller.url().as_str().trim_end_matches('/'), path)
+    }
+
+    pub fn proxy_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy.local_addr(), path)
+    }
+
+    /// A spawn config for the test backend image with the given extra environment.
+    pub fn spawn_config(&self, env: &[(&str, &str)]) -> SpawnConfig {
+        SpawnConfig {
+            id: None,
+            cluster: Some(self.cluster.clone()),
+            pool: None,
+            executable: ExecutorConfig {
+                image: test_image().to_string(),
+                pull_policy: None,
+                credentials: None,
+                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                resource_limits: Default::default(),
+                mount: None,
+            },
+            lifetime_limit_seconds: None,
+            max_idle_seconds: None,
+            use_static_token: false,
+            subdomain: None,
+        }
+    }
+
+    /// POSTs JSON to the controller; returns the status code and the JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.controller_url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("controller reachable");
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// Connects with a key and the given spawn config; panics unless it succeeds.
+    pub async fn connect(&self, key: &str, spawn_config: &SpawnConfig) -> ConnectResponse {
+        let body = json!({ "key": { "name": key }, "spawn_config": spawn_config, "user": "alice" });
+        let (status, body) = self.post("/ctrl/connect", &body).await;
+        assert_eq!(status, 200, "connect failed: {body}");
+        serde_json::from_value(body).expect("connect response")
+    }
+
+    /// The backend's latest status entry.
+    pub async fn status(&self, backend: &BackendName) -> BackendStatusStreamEntry {
+        self.client
+            .get(self.controller_url(&format!("/pub/b/{backend}/status")))
+            .send()
+            .await
+            .expect("status reachable")
+            .json()
+            .await
+            .expect("status JSON")
+    }
+
+    /// Waits until the backend reaches `status` (or, for a status it could skip, a later
+    /// one); returns the entry seen.
+    pub async fn wait_for_status(
+        &self,
+        backend: &BackendName,
+        status: BackendStatus,
+        within: Duration,
+    ) -> BackendStatusStreamEntry {
+        wait_for(&format!("backend {backend} to reach {status}"), within, || async {
+            let entry = self.status(backend).await;
+            if entry.status == status {
+                Ok(entry)
+            } else {
+                Err(format!("status is {}: {entry:?}", entry.status))
+            }
+        })
+        .await
+    }
+
+    /// Reads the whole status stream of a backend (it ends after `terminated`).
+    pub async fn status_stream(&self, backend: &BackendName) -> Vec<BackendStatusStreamEntry> {
+        let text = self
+            .client
+            .get(self.controller_url(&format!("/pub/b/{backend}/status-stream")))
+            .send()
+            .await
+            .expect("stream reachable")
+            .text()
+            .await
+            .expect("stream body");
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(|data| serde_json::from_str(data.trim()).expect("stream entry"))
+            .collect()
+    }
+
+    /// GETs a path through the proxy under `token`; returns the status code and body.
+    pub async fn get_via_proxy(&self, token: &str, path: &str) -> (u16, String) {
+        let response = self
+            .client
+            .get(self.proxy_url(&format!("/{token}{path}")))
+            .send()
+            .await
+            .expect("proxy reachable");
+        (response.status().as_u16(), response.text().await.unwrap_or_default())
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Ok`, or panics after `within` with what was
+/// awaited and the last thing seen.
+pub async fn wait_for<T, E, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let last = match check().await {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates an empty database on the server named by `PLANE_TEST_POSTGRES_URL` and returns
+/// (url of the new database, admin url, database name).
+async fn create_postgres_database() -> (String, String, String) {
+    use sqlx::Connection;
+    let admin = std::env::var("PLANE_TEST_POSTGRES_URL").expect(
+        "PLANE_TEST_POSTGRES_URL must name a PostgreSQL server for the postgres variants \
+         (the README's test command, ./scripts/test.sh, starts one)",
+    );
+    let db_name = format!("plane_test_{}", random_suffix());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .expect("connect to the test PostgreSQL server");
+    sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let mut url = url::Url::parse(&admin).expect("PLANE_TEST_POSTGRES_URL is a URL");
+    url.set_path(&db_name);
+    (url.to_string(), admin, db_name)
+}
+
+async fn drop_postgres_database(admin: &str, db_name: &str) {
+    use sqlx::Connection;
+    if let Ok(mut conn) = sqlx::PgConnection::connect(admin).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+    }
+}
