@@ -100,10 +100,12 @@ db_test!(bad_paths_and_unknown_backends_get_json_errors, |env: TestEnv| async mo
 
 db_test!(a_chosen_backend_id_cannot_be_reused, |env: TestEnv| async move {
     let mut config = env.spawn_config(&[]);
-    config.id = Some("ba-chosen-id".parse().expect("id"));
+    // Random, so the SQLite and PostgreSQL runs (sharing one Docker engine) don't collide.
+    let id = plane_protocol::names::BackendName::new_random();
+    config.id = Some(id.clone());
     let (status, body) = env.post("/ctrl/spawn", &json!({ "spawn_config": config })).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["backend_id"], "ba-chosen-id");
+    assert_eq!(body["backend_id"], id.as_str());
     let (status, error) = env.post("/ctrl/spawn", &json!({ "spawn_config": config })).await;
     assert_eq!(status, 409, "{error}");
     assert_eq!(error["kind"], "BackendIdTaken");

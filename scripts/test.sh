@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs Plane's whole test suite: formatting, lints, unit tests and the integration tests
+# on SQLite and PostgreSQL against the local Docker engine.
+#
+# Installs what is missing (apt-get) and starts a throwaway PostgreSQL on a free loopback
+# port, removed again on exit. Needs: cargo, a running Docker engine, root or sudo for
+# apt-get when packages are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- Packages --------------------------------------------------------------------------
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable (docker info failed)" >&2; exit 1; }
+
+# --- Throwaway PostgreSQL on a free loopback port ---------------------------------------
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+pg_dir=$(mktemp -d /tmp/plane-test-pg.XXXXXX)
+pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+pg_user=$(id -un)
+run_pg() {
+  # PostgreSQL refuses to run as root; use the postgres account the package created.
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+if [ "$(id -u)" = 0 ]; then chown postgres "$pg_dir"; pg_user=postgres; fi
+cleanup() {
+  run_pg "$pg_bin/pg_ctl" -D "$pg_dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$pg_dir"
+}
+trap cleanup EXIT
+log "starting PostgreSQL on 127.0.0.1:$pg_port"
+run_pg "$pg_bin/initdb" -D "$pg_dir/data" -U "$pg_user" --auth=trust >/dev/null
+run_pg "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/postgres.log" -w \
+  -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $pg_dir -c max_connections=300 -c fsync=off" start >/dev/null
+export PLANE_TEST_POSTGRES_URL="postgres://$pg_user@127.0.0.1:$pg_port/postgres"
+
+# --- Checks and tests -------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+log "cargo build (the plane binary is used by the walkthrough test)"
+cargo build --workspace --all-targets
+log "cargo test"
+# Integration tests mostly wait on containers, so run more of them than there are cores.
+cargo test --workspace -- --test-threads "${PLANE_TEST_THREADS:-6}"
