@@ -280,6 +280,155 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::executor;
+    use crate::lifecycle::LifecycleSettings;
+    use crate::runtime::fake::FakeRuntime;
+    use plane_protocol::backend::{BackendStateUpdate, BackendStatus};
+    use plane_protocol::names::BackendName;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_tungstenite::accept_hdr_async;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    type ServerSocket = WebSocketStream<TcpStream>;
+
+    async fn accept(listener: &TcpListener) -> ServerSocket {
+        let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("drone connects within 10 s")
+            .expect("accept");
+        let check_path = |request: &Request, response: Response| {
+            assert_eq!(request.uri().path(), "/ctrl/c/localhost:9090/drone-socket");
+            Ok(response)
+        };
+        accept_hdr_async(stream, check_path)
+            .await
+            .expect("websocket handshake")
+    }
+
+    /// The drone's next message other than a heartbeat.
+    async fn next_message(socket: &mut ServerSocket) -> MessageFromDrone {
+        let read = async {
+            loop {
+                let frame = socket.next().await.expect("socket open").expect("frame");
+                if let Message::Text(text) = frame {
+                    let message: MessageFromDrone =
+                        serde_json::from_str(&text).expect("valid drone message");
+                    if !matches!(message, MessageFromDrone::Heartbeat { .. }) {
+                        return message;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("a message within 10 s")
+    }
+
+    async fn send_to_drone(socket: &mut ServerSocket, message: &MessageToDrone) {
+        let json = serde_json::to_string(message).expect("encodes");
+        socket.send(Message::Text(json.into())).await.expect("send");
+    }
+
+    #[tokio::test]
+    async fn unacked_events_are_replayed_after_a_reconnect_and_actions_are_acked() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base: Url = format!("http://{}", listener.local_addr().expect("addr"))
+            .parse()
+            .expect("url");
+        let cluster: ClusterName = "localhost:9090".parse().expect("cluster");
+        let cancel = CancellationToken::new();
+        let events = EventQueue::new();
+        let (executor, _task) = executor::start(
+            FakeRuntime::new().await,
+            events.clone(),
+            LifecycleSettings {
+                stop_grace_period: Duration::from_millis(100),
+                startup_timeout: Duration::from_secs(1),
+            },
+            cancel.clone(),
+        )
+        .await
+        .expect("executor");
+        let earlier = BackendName::new_random();
+        let event_id = events.push(
+            earlier.clone(),
+            BackendStateUpdate::status(BackendStatus::Loading),
+        );
+        let (connected_tx, mut connected) = watch::channel(false);
+        let connection = Connection {
+            url: socket_url(&base, &cluster).expect("socket url"),
+            name: "dr-conn-test".parse().expect("name"),
+            pool: String::new(),
+            heartbeat_interval: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            executor,
+            events: events.clone(),
+            connected: connected_tx,
+            stop_actions: CancellationToken::new(),
+        };
+        let task = tokio::spawn(connection.run(cancel.clone()));
+
+        // First connection: hello, then the pending event; drop it without acking.
+        let mut socket = accept(&listener).await;
+        assert!(matches!(
+            next_message(&mut socket).await,
+            MessageFromDrone::Hello { ref name, .. } if name.as_str() == "dr-conn-test"
+        ));
+        match next_message(&mut socket).await {
+            MessageFromDrone::BackendEvent(event) => assert_eq!(event.event_id, event_id),
+            other => panic!("expected the pending event, got {other:?}"),
+        }
+        connected.wait_for(|c| *c).await.expect("watch alive");
+        drop(socket);
+
+        // Second connection: hello and the same event again, since it was never acked.
+        let mut socket = accept(&listener).await;
+        assert!(matches!(next_message(&mut socket).await, MessageFromDrone::Hello { .. }));
+        match next_message(&mut socket).await {
+            MessageFromDrone::BackendEvent(event) => assert_eq!(event.event_id, event_id),
+            other => panic!("expected the replayed event, got {other:?}"),
+        }
+        send_to_drone(&mut socket, &MessageToDrone::EventAck { event_id }).await;
+
+        let unknown = BackendName::new_random();
+        send_to_drone(
+            &mut socket,
+            &MessageToDrone::Action(BackendAction {
+                action_id: 5,
+                backend_id: unknown.clone(),
+                action: ActionKind::Terminate {
+                    kind: plane_protocol::backend::TerminationKind::Hard,
+                    reason: plane_protocol::backend::TerminationReason::External,
+                },
+            }),
+        )
+        .await;
+        let mut acked = false;
+        let mut reported = false;
+        while !(acked && reported) {
+            match next_message(&mut socket).await {
+                MessageFromDrone::ActionAck { action_id } => {
+                    assert_eq!(action_id, 5);
+                    acked = true;
+                }
+                MessageFromDrone::BackendEvent(event) => {
+                    assert_eq!(event.backend_id, unknown);
+                    assert_eq!(event.update.status, BackendStatus::Terminated);
+                    reported = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The ack above was processed before the action, so only the new event is pending.
+        assert!(events.unacked_after(None).iter().all(|e| e.event_id != event_id));
+
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("connection task stops")
+            .expect("no panic");
+        assert!(!*connected.borrow());
+    }
 
     #[test]
     fn socket_url_follows_the_controller_scheme_and_path() {

@@ -367,3 +367,328 @@ impl RecentSet {
         self.members.contains(backend_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::fake::{FakeContainer, FakeRuntime};
+    use plane_protocol::api::ExecutorConfig;
+    use std::time::Duration;
+
+    struct Harness {
+        runtime: FakeRuntime,
+        events: EventQueue,
+        executor: ExecutorHandle,
+        cancel: CancellationToken,
+    }
+
+    async fn harness(orphans: &[&BackendName]) -> Harness {
+        let runtime = FakeRuntime::new().await;
+        for orphan in orphans {
+            runtime.add_orphan((*orphan).clone());
+        }
+        let events = EventQueue::new();
+        let cancel = CancellationToken::new();
+        let settings = LifecycleSettings {
+            stop_grace_period: Duration::from_millis(300),
+            startup_timeout: Duration::from_millis(1500),
+        };
+        let (executor, _task) = start(runtime.clone(), events.clone(), settings, cancel.clone())
+            .await
+            .expect("executor starts");
+        Harness {
+            runtime,
+            events,
+            executor,
+            cancel,
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.cancel.cancel();
+        }
+    }
+
+    fn spawn_action(image: &str) -> SpawnAction {
+        SpawnAction {
+            executable: ExecutorConfig {
+                image: image.into(),
+                pull_policy: None,
+                credentials: None,
+                env: Default::default(),
+                resource_limits: Default::default(),
+                mount: None,
+            },
+            key: None,
+            fencing_token: None,
+            static_token: None,
+        }
+    }
+
+    fn updates_for(events: &EventQueue, backend_id: &BackendName) -> Vec<BackendStateUpdate> {
+        events
+            .unacked_after(None)
+            .into_iter()
+            .filter(|e| &e.backend_id == backend_id)
+            .map(|e| e.update)
+            .collect()
+    }
+
+    /// Waits until the backend has reported `status`; returns all its updates so far.
+    async fn wait_for_status(
+        events: &EventQueue,
+        backend_id: &BackendName,
+        status: BackendStatus,
+    ) -> Vec<BackendStateUpdate> {
+        let mut changed = events.subscribe();
+        let wait = async {
+            loop {
+                let updates = updates_for(events, backend_id);
+                if updates.iter().any(|u| u.status == status) {
+                    return updates;
+                }
+                changed.changed().await.expect("queue alive");
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), wait).await {
+            Ok(updates) => updates,
+            Err(_) => panic!(
+                "backend {backend_id} never reported {status}; saw {:?}",
+                statuses(&updates_for(events, backend_id))
+            ),
+        }
+    }
+
+    fn statuses(updates: &[BackendStateUpdate]) -> Vec<BackendStatus> {
+        updates.iter().map(|u| u.status).collect()
+    }
+
+    fn last(updates: &[BackendStateUpdate]) -> &BackendStateUpdate {
+        updates.last().expect("at least one update")
+    }
+
+    use BackendStatus::*;
+
+    #[tokio::test]
+    async fn soft_terminate_walks_the_whole_lifecycle_and_removes_the_container() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Ready).await;
+        assert_eq!(statuses(&updates), vec![Loading, Starting, Waiting, Ready]);
+        assert!(last(&updates).address.is_some());
+        assert_eq!(h.executor.running().await.expect("running"), vec![id.clone()]);
+
+        h.executor
+            .terminate(id.clone(), TerminationKind::Soft, TerminationReason::External)
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert_eq!(
+            statuses(&updates),
+            vec![Loading, Starting, Waiting, Ready, Terminating, Terminated]
+        );
+        let done = last(&updates);
+        assert_eq!(done.exit_code, Some(143));
+        assert_eq!(done.termination_kind, Some(TerminationKind::Soft));
+        assert_eq!(done.termination_reason, Some(TerminationReason::External));
+        assert_eq!(h.runtime.container(&id), None);
+    }
+
+    #[tokio::test]
+    async fn soft_terminate_escalates_to_sigkill_after_the_grace_period() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("stubborn"))
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &id, Ready).await;
+        h.executor
+            .terminate(id.clone(), TerminationKind::Soft, TerminationReason::Swept)
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert_eq!(
+            statuses(&updates)[4..],
+            [Terminating, HardTerminating, Terminated]
+        );
+        assert_eq!(updates[5].termination_reason, Some(TerminationReason::Swept));
+        assert_eq!(last(&updates).exit_code, Some(137));
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_exits_by_itself_reports_only_its_exit_code() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &id, Ready).await;
+        h.runtime.exit(&id, 3);
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        let done = last(&updates);
+        assert_eq!(done.exit_code, Some(3));
+        assert_eq!(done.termination_reason, None);
+        assert_eq!(done.termination_kind, None);
+        assert!(h.executor.running().await.expect("running").is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unloadable_image_fails_the_start_with_a_message() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("missing"))
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert_eq!(statuses(&updates), vec![Loading, Terminated]);
+        let done = last(&updates);
+        assert_eq!(done.termination_reason, Some(TerminationReason::StartFailed));
+        let message = done.message.as_deref().unwrap_or_default();
+        assert!(message.contains("\"missing\""), "message: {message}");
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_never_answers_http_times_out() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("silent"))
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert_eq!(
+            statuses(&updates),
+            vec![Loading, Starting, Waiting, HardTerminating, Terminated]
+        );
+        assert_eq!(
+            last(&updates).termination_reason,
+            Some(TerminationReason::StartupTimeout)
+        );
+        assert_eq!(h.runtime.container(&id), None);
+    }
+
+    #[tokio::test]
+    async fn terminate_while_loading_ends_the_backend_without_starting_it() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("hang"))
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &id, Loading).await;
+        h.executor
+            .terminate(id.clone(), TerminationKind::Hard, TerminationReason::External)
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert_eq!(statuses(&updates), vec![Loading, Terminated]);
+        assert_eq!(
+            last(&updates).termination_reason,
+            Some(TerminationReason::External)
+        );
+        assert!(h.runtime.started().is_empty());
+    }
+
+    #[tokio::test]
+    async fn duplicate_spawns_start_a_backend_once_even_after_it_ended() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        for _ in 0..2 {
+            h.executor
+                .spawn(id.clone(), spawn_action("app"))
+                .await
+                .expect("accepted");
+        }
+        wait_for_status(&h.events, &id, Ready).await;
+        h.executor
+            .terminate(id.clone(), TerminationKind::Hard, TerminationReason::External)
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &id, Terminated).await;
+        h.executor
+            .spawn(id.clone(), spawn_action("app"))
+            .await
+            .expect("accepted again");
+        // The executor handles commands in order, so once this answers the re-sent spawn
+        // has been processed.
+        assert!(h.executor.running().await.expect("running").is_empty());
+        assert_eq!(h.runtime.started(), vec![id]);
+    }
+
+    #[tokio::test]
+    async fn terminate_for_an_unknown_backend_reports_it_terminated_at_once() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .terminate(id.clone(), TerminationKind::Soft, TerminationReason::KeyExpired)
+            .await
+            .expect("accepted");
+        let updates = updates_for(&h.events, &id);
+        assert_eq!(statuses(&updates), vec![Terminated]);
+        assert_eq!(
+            updates[0].termination_reason,
+            Some(TerminationReason::KeyExpired)
+        );
+    }
+
+    #[tokio::test]
+    async fn orphans_are_removed_reported_lost_and_never_restarted() {
+        let orphan = BackendName::new_random();
+        let h = harness(&[&orphan]).await;
+        let updates = updates_for(&h.events, &orphan);
+        assert_eq!(statuses(&updates), vec![Terminated]);
+        assert_eq!(updates[0].termination_reason, Some(TerminationReason::Lost));
+        assert_eq!(h.runtime.container(&orphan), None);
+
+        h.executor
+            .spawn(orphan.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        assert!(h.executor.running().await.expect("running").is_empty());
+        assert!(h.runtime.started().is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_terminates_every_backend_as_lost_and_refuses_new_ones() {
+        let h = harness(&[]).await;
+        let ready = BackendName::new_random();
+        let loading = BackendName::new_random();
+        h.executor
+            .spawn(ready.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        h.executor
+            .spawn(loading.clone(), spawn_action("hang"))
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &ready, Ready).await;
+
+        tokio::time::timeout(Duration::from_secs(10), h.executor.shutdown())
+            .await
+            .expect("shutdown finishes");
+        for id in [&ready, &loading] {
+            let updates = updates_for(&h.events, id);
+            let done = last(&updates);
+            assert_eq!(done.status, Terminated);
+            assert_eq!(done.termination_reason, Some(TerminationReason::Lost));
+            assert_eq!(done.termination_kind, Some(TerminationKind::Soft));
+        }
+        assert!(matches!(
+            h.runtime.container(&ready),
+            None | Some(FakeContainer::Exited(_))
+        ));
+        let refused = h
+            .executor
+            .spawn(BackendName::new_random(), spawn_action("app"))
+            .await;
+        assert!(matches!(refused, Err(ExecutorError::ShuttingDown)));
+    }
+}

@@ -102,7 +102,9 @@ impl TerminationKind {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Soft, Self::Hard].into_iter().find(|k| k.as_str() == s)
+        [Self::Soft, Self::Hard]
+            .into_iter()
+            .find(|k| k.as_str() == s)
     }
 }
 

@@ -48,7 +48,9 @@ pub struct BackendEvent {
 pub enum MessageToDrone {
     Action(BackendAction),
     /// The controller has durably recorded the event; the drone may forget it.
-    EventAck { event_id: u64 },
+    EventAck {
+        event_id: u64,
+    },
 }
 
 /// Something the drone must do to one backend.

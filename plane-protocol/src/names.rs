@@ -132,7 +132,9 @@ fn validate_node_name(s: &str) -> Result<(), InvalidName> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     {
-        return Err(invalid("may only contain letters, digits, '.', '_' and '-'"));
+        return Err(invalid(
+            "may only contain letters, digits, '.', '_' and '-'",
+        ));
     }
     Ok(())
 }
@@ -218,8 +220,7 @@ impl SecretToken {
 }
 
 fn validate_token(s: &str) -> Result<(), InvalidName> {
-    if s.is_empty() || s.len() > 128 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
-    {
+    if s.is_empty() || s.len() > 128 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') {
         return Err(InvalidName {
             kind: "token",
             value: s.to_string(),

@@ -110,7 +110,10 @@ impl ProxyConfig {
         for (name, value) in [
             ("report_interval_ms", self.report_interval_ms),
             ("route_timeout_ms", self.route_timeout_ms),
-            ("backend_connect_timeout_ms", self.backend_connect_timeout_ms),
+            (
+                "backend_connect_timeout_ms",
+                self.backend_connect_timeout_ms,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroDuration(name));
@@ -138,7 +141,11 @@ impl ProxyConfig {
                     .pop_if_empty()
                     .extend(["ctrl", "c", cluster, "proxy-socket"]);
             }
-            Err(()) => return Err(ConfigError::ControllerUrlNotABase(self.controller_url.clone())),
+            Err(()) => {
+                return Err(ConfigError::ControllerUrlNotABase(
+                    self.controller_url.clone(),
+                ))
+            }
         }
         Ok(url)
     }

@@ -91,7 +91,10 @@ pub fn add_verified(
 ) -> Result<(), InvalidHeaderValue> {
     if let Some(user) = &route.user {
         // from_bytes: a non-ASCII user name passes as its UTF-8 bytes.
-        headers.insert(X_VERIFIED_USERNAME, HeaderValue::from_bytes(user.as_bytes())?);
+        headers.insert(
+            X_VERIFIED_USERNAME,
+            HeaderValue::from_bytes(user.as_bytes())?,
+        );
     }
     headers.insert(
         X_VERIFIED_USER_DATA,

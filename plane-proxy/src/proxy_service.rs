@@ -209,8 +209,7 @@ impl ProxyState {
                     }
                 };
                 let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await
-                {
+                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
                     debug!(%error, "tunnel ended with an error");
                 }
             };

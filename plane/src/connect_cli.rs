@@ -15,7 +15,11 @@ use url::Url;
 #[derive(Args, Debug, Clone)]
 pub struct ConnectOpts {
     /// Base URL of the controller.
-    #[arg(long, env = "PLANE_CONTROLLER_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "PLANE_CONTROLLER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub controller: Url,
     /// Key of the backend (reused if a backend already holds it).
     #[arg(long)]
@@ -57,7 +61,9 @@ fn parse_pull_policy(value: &str) -> Result<PullPolicy, String> {
         "IfNotPresent" => Ok(PullPolicy::IfNotPresent),
         "Always" => Ok(PullPolicy::Always),
         "Never" => Ok(PullPolicy::Never),
-        other => Err(format!("{other:?} is not one of IfNotPresent, Always, Never")),
+        other => Err(format!(
+            "{other:?} is not one of IfNotPresent, Always, Never"
+        )),
     }
 }
 
@@ -100,7 +106,10 @@ pub async fn run(opts: ConnectOpts) -> anyhow::Result<()> {
     };
 
     let client = reqwest::Client::new();
-    let endpoint = opts.controller.join("ctrl/connect").context("--controller is not a base URL")?;
+    let endpoint = opts
+        .controller
+        .join("ctrl/connect")
+        .context("--controller is not a base URL")?;
     let response = client
         .post(endpoint.clone())
         .json(&request)
@@ -111,12 +120,27 @@ pub async fn run(opts: ConnectOpts) -> anyhow::Result<()> {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         match serde_json::from_str::<ApiError>(&text) {
-            Ok(error) => bail!("the controller refused ({status}, {:?}): {}", error.kind, error.message),
+            Ok(error) => bail!(
+                "the controller refused ({status}, {:?}): {}",
+                error.kind,
+                error.message
+            ),
             Err(_) => bail!("the controller answered {status}: {text}"),
         }
     }
-    let connected: ConnectResponse = response.json().await.context("reading the connect response")?;
-    println!("backend:    {}{}", connected.backend_id, if connected.spawned { " (new)" } else { " (already running)" });
+    let connected: ConnectResponse = response
+        .json()
+        .await
+        .context("reading the connect response")?;
+    println!(
+        "backend:    {}{}",
+        connected.backend_id,
+        if connected.spawned {
+            " (new)"
+        } else {
+            " (already running)"
+        }
+    );
     println!("url:        {}", connected.url);
     println!("status url: {}", connected.status_url);
     if let Some(drone) = &connected.drone {
@@ -130,7 +154,10 @@ pub async fn run(opts: ConnectOpts) -> anyhow::Result<()> {
 
 /// Prints each status from the backend's status stream until it is ready (success) or
 /// terminated (failure).
-async fn follow_status(client: &reqwest::Client, connected: &ConnectResponse) -> anyhow::Result<()> {
+async fn follow_status(
+    client: &reqwest::Client,
+    connected: &ConnectResponse,
+) -> anyhow::Result<()> {
     let url = format!("{}-stream", connected.status_url);
     let response = client
         .get(&url)
@@ -142,11 +169,15 @@ async fn follow_status(client: &reqwest::Client, connected: &ConnectResponse) ->
     let mut body = response.bytes_stream();
     let mut buffer = String::new();
     while let Some(chunk) = body.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk.context("reading the status stream")?));
+        buffer.push_str(&String::from_utf8_lossy(
+            &chunk.context("reading the status stream")?,
+        ));
         while let Some(end) = buffer.find('\n') {
             let line = buffer[..end].trim_end_matches('\r').to_string();
             buffer.drain(..=end);
-            let Some(data) = line.strip_prefix("data:") else { continue };
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
             let entry: BackendStatusStreamEntry =
                 serde_json::from_str(data.trim()).context("reading a status entry")?;
             print_entry(&entry);

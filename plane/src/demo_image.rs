@@ -74,6 +74,8 @@ async fn build(docker: &Docker, spec: &ImageSpec, image: &str) -> anyhow::Result
     let libraries = shared_libraries()?;
 
     let mut archive = tar::Builder::new(Vec::new());
+    // Docker's tar reader does not accept GNU sparse entries.
+    archive.sparse(false);
     archive
         .append_path_with_name(&spec.executable, format!("rootfs/{name}"))
         .with_context(|| format!("adding {}", spec.executable.display()))?;
@@ -110,7 +112,9 @@ async fn build(docker: &Docker, spec: &ImageSpec, image: &str) -> anyhow::Result
     archive
         .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
         .context("adding the Dockerfile")?;
-    let context = archive.into_inner().context("finishing the build context")?;
+    let context = archive
+        .into_inner()
+        .context("finishing the build context")?;
 
     let options = BuildImageOptions {
         dockerfile: "Dockerfile".to_string(),

@@ -10,7 +10,11 @@ use plane_proxy::cli::ProxyOpts;
 use std::net::SocketAddr;
 
 #[derive(Parser)]
-#[command(name = "plane", version, about = "Run one stateful backend per key, on demand.")]
+#[command(
+    name = "plane",
+    version,
+    about = "Run one stateful backend per key, on demand."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "PLANE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]

@@ -6,128 +6,198 @@ use plane_protocol::backend::BackendStatus;
 use serde_json::json;
 use std::time::Duration;
 
-db_test!(connect_spawns_a_backend_that_becomes_ready_with_ordered_statuses, |env: TestEnv| async move {
-    let response = env.connect("doc-1", &env.spawn_config(&[])).await;
-    assert!(response.spawned);
-    assert_eq!(response.status, BackendStatus::Scheduled);
-    assert_eq!(response.url, format!("http://{}/{}/", env.cluster, response.token));
-    assert!(response.status_url.ends_with(&format!("/pub/b/{}/status", response.backend_id)));
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
-        .await;
-
-    // Terminate so the stream ends, then check it replays every status, in order.
-    let (code, _) = env
-        .post(&format!("/ctrl/b/{}/hard-terminate", response.backend_id), &json!({}))
-        .await;
-    assert_eq!(code, 200);
-    let statuses: Vec<BackendStatus> = env
-        .status_stream(&response.backend_id)
-        .await
-        .into_iter()
-        .map(|entry| entry.status)
-        .collect();
-    assert_eq!(
-        statuses,
-        vec![
-            BackendStatus::Scheduled,
-            BackendStatus::Loading,
-            BackendStatus::Starting,
-            BackendStatus::Waiting,
+db_test!(
+    connect_spawns_a_backend_that_becomes_ready_with_ordered_statuses,
+    |env: TestEnv| async move {
+        let response = env.connect("doc-1", &env.spawn_config(&[])).await;
+        assert!(response.spawned);
+        assert_eq!(response.status, BackendStatus::Scheduled);
+        assert_eq!(
+            response.url,
+            format!("http://{}/{}/", env.cluster, response.token)
+        );
+        assert!(response
+            .status_url
+            .ends_with(&format!("/pub/b/{}/status", response.backend_id)));
+        env.wait_for_status(
+            &response.backend_id,
             BackendStatus::Ready,
-            BackendStatus::HardTerminating,
-            BackendStatus::Terminated,
-        ]
-    );
-    env
-});
-
-db_test!(second_connect_with_same_key_reuses_backend_with_a_new_token, |env: TestEnv| async move {
-    let first = env.connect("shared-doc", &env.spawn_config(&[])).await;
-    let second = env.connect("shared-doc", &env.spawn_config(&[])).await;
-    assert_eq!(first.backend_id, second.backend_id);
-    assert!(first.spawned);
-    assert!(!second.spawned);
-    assert_ne!(first.token, second.token);
-    env.wait_for_status(&first.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+            Duration::from_secs(30),
+        )
         .await;
-    for token in [&first.token, &second.token] {
-        let (code, body) = env.get_via_proxy(token.as_str(), "/hello").await;
-        assert_eq!(code, 200, "token {token} should work: {body}");
+
+        // Terminate so the stream ends, then check it replays every status, in order.
+        let (code, _) = env
+            .post(
+                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(code, 200);
+        let statuses: Vec<BackendStatus> = env
+            .status_stream(&response.backend_id)
+            .await
+            .into_iter()
+            .map(|entry| entry.status)
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![
+                BackendStatus::Scheduled,
+                BackendStatus::Loading,
+                BackendStatus::Starting,
+                BackendStatus::Waiting,
+                BackendStatus::Ready,
+                BackendStatus::HardTerminating,
+                BackendStatus::Terminated,
+            ]
+        );
+        env
     }
-    env
-});
+);
 
-db_test!(connect_with_a_different_tag_is_refused_with_409, |env: TestEnv| async move {
-    let spawn_config = env.spawn_config(&[]);
-    let body = json!({ "key": { "name": "tagged", "tag": "v1" }, "spawn_config": spawn_config });
-    let (code, _) = env.post("/ctrl/connect", &body).await;
-    assert_eq!(code, 200);
-    let body = json!({ "key": { "name": "tagged", "tag": "v2" }, "spawn_config": spawn_config });
-    let (code, error) = env.post("/ctrl/connect", &body).await;
-    assert_eq!(code, 409, "{error}");
-    assert_eq!(error["kind"], "KeyHeld");
-    assert!(error["id"].is_string());
-    assert!(error["message"].as_str().unwrap_or("").contains("v1"));
-    env
-});
-
-db_test!(namespaces_keep_equal_key_names_apart, |env: TestEnv| async move {
-    let spawn_config = env.spawn_config(&[]);
-    let mut backends = Vec::new();
-    for namespace in ["team-a", "team-b"] {
-        let body = json!({ "key": { "name": "same-name", "namespace": namespace }, "spawn_config": spawn_config });
-        let (code, response) = env.post("/ctrl/connect", &body).await;
-        assert_eq!(code, 200, "{response}");
-        assert_eq!(response["spawned"], true);
-        backends.push(response["backend_id"].clone());
+db_test!(
+    second_connect_with_same_key_reuses_backend_with_a_new_token,
+    |env: TestEnv| async move {
+        let first = env.connect("shared-doc", &env.spawn_config(&[])).await;
+        let second = env.connect("shared-doc", &env.spawn_config(&[])).await;
+        assert_eq!(first.backend_id, second.backend_id);
+        assert!(first.spawned);
+        assert!(!second.spawned);
+        assert_ne!(first.token, second.token);
+        env.wait_for_status(
+            &first.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        for token in [&first.token, &second.token] {
+            let (code, body) = env.get_via_proxy(token.as_str(), "/hello").await;
+            assert_eq!(code, 200, "token {token} should work: {body}");
+        }
+        env
     }
-    assert_ne!(backends[0], backends[1]);
-    env
-});
+);
 
-db_test!(key_only_connect_with_nothing_running_is_refused, |env: TestEnv| async move {
-    let (code, error) = env
-        .post("/ctrl/connect", &json!({ "key": { "name": "nobody-home" } }))
+db_test!(
+    connect_with_a_different_tag_is_refused_with_409,
+    |env: TestEnv| async move {
+        let spawn_config = env.spawn_config(&[]);
+        let body =
+            json!({ "key": { "name": "tagged", "tag": "v1" }, "spawn_config": spawn_config });
+        let (code, _) = env.post("/ctrl/connect", &body).await;
+        assert_eq!(code, 200);
+        let body =
+            json!({ "key": { "name": "tagged", "tag": "v2" }, "spawn_config": spawn_config });
+        let (code, error) = env.post("/ctrl/connect", &body).await;
+        assert_eq!(code, 409, "{error}");
+        assert_eq!(error["kind"], "KeyHeld");
+        assert!(error["id"].is_string());
+        assert!(error["message"].as_str().unwrap_or("").contains("v1"));
+        env
+    }
+);
+
+db_test!(
+    namespaces_keep_equal_key_names_apart,
+    |env: TestEnv| async move {
+        let spawn_config = env.spawn_config(&[]);
+        let mut backends = Vec::new();
+        for namespace in ["team-a", "team-b"] {
+            let body = json!({ "key": { "name": "same-name", "namespace": namespace }, "spawn_config": spawn_config });
+            let (code, response) = env.post("/ctrl/connect", &body).await;
+            assert_eq!(code, 200, "{response}");
+            assert_eq!(response["spawned"], true);
+            backends.push(response["backend_id"].clone());
+        }
+        assert_ne!(backends[0], backends[1]);
+        env
+    }
+);
+
+db_test!(
+    key_only_connect_with_nothing_running_is_refused,
+    |env: TestEnv| async move {
+        let (code, error) = env
+            .post(
+                "/ctrl/connect",
+                &json!({ "key": { "name": "nobody-home" } }),
+            )
+            .await;
+        assert_eq!(code, 404, "{error}");
+        assert_eq!(error["kind"], "KeyUnheldNoSpawnConfig");
+        env
+    }
+);
+
+db_test!(
+    connect_to_a_cluster_without_drones_is_refused,
+    |env: TestEnv| async move {
+        let mut spawn_config = env.spawn_config(&[]);
+        spawn_config.cluster = Some("no-drones.example:1234".parse().expect("cluster"));
+        let (code, error) = env
+            .post(
+                "/ctrl/connect",
+                &json!({ "key": { "name": "k" }, "spawn_config": spawn_config }),
+            )
+            .await;
+        assert_eq!(code, 503, "{error}");
+        assert_eq!(error["kind"], "NoDroneAvailable");
+        env
+    }
+);
+
+db_test!(
+    backend_gets_its_key_and_fencing_token,
+    |env: TestEnv| async move {
+        let response = env
+            .connect("fenced", &env.spawn_config(&[("DEMO_GREETING", "hi")]))
+            .await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    assert_eq!(code, 404, "{error}");
-    assert_eq!(error["kind"], "KeyUnheldNoSpawnConfig");
-    env
-});
+        let (code, body) = env.get_via_proxy(response.token.as_str(), "/env").await;
+        assert_eq!(code, 200, "{body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
+        assert_eq!(echo["backend_id"], response.backend_id.as_str());
+        assert_eq!(echo["env"]["SESSION_BACKEND_KEY"], "fenced");
+        assert_eq!(echo["env"]["SESSION_BACKEND_FENCING_TOKEN"], "1");
+        assert_eq!(echo["env"]["DEMO_GREETING"], "hi");
+        env
+    }
+);
 
-db_test!(connect_to_a_cluster_without_drones_is_refused, |env: TestEnv| async move {
-    let mut spawn_config = env.spawn_config(&[]);
-    spawn_config.cluster = Some("no-drones.example:1234".parse().expect("cluster"));
-    let (code, error) = env
-        .post("/ctrl/connect", &json!({ "key": { "name": "k" }, "spawn_config": spawn_config }))
+db_test!(
+    cluster_state_lists_connected_drone_and_proxy,
+    |env: TestEnv| async move {
+        let url = env.controller_url(&format!("/ctrl/c/{}/state", env.cluster));
+        let state: serde_json::Value = wait_for(
+            "both nodes in cluster state",
+            Duration::from_secs(10),
+            || async {
+                let state: serde_json::Value = env
+                    .client
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ok = state["drones"][0]["connected"] == true
+                    && state["proxies"][0]["connected"] == true;
+                if ok {
+                    Ok(state)
+                } else {
+                    Err(state.to_string())
+                }
+            },
+        )
         .await;
-    assert_eq!(code, 503, "{error}");
-    assert_eq!(error["kind"], "NoDroneAvailable");
-    env
-});
-
-db_test!(backend_gets_its_key_and_fencing_token, |env: TestEnv| async move {
-    let response = env.connect("fenced", &env.spawn_config(&[("DEMO_GREETING", "hi")])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
-        .await;
-    let (code, body) = env.get_via_proxy(response.token.as_str(), "/env").await;
-    assert_eq!(code, 200, "{body}");
-    let echo: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
-    assert_eq!(echo["backend_id"], response.backend_id.as_str());
-    assert_eq!(echo["env"]["SESSION_BACKEND_KEY"], "fenced");
-    assert_eq!(echo["env"]["SESSION_BACKEND_FENCING_TOKEN"], "1");
-    assert_eq!(echo["env"]["DEMO_GREETING"], "hi");
-    env
-});
-
-db_test!(cluster_state_lists_connected_drone_and_proxy, |env: TestEnv| async move {
-    let url = env.controller_url(&format!("/ctrl/c/{}/state", env.cluster));
-    let state: serde_json::Value = wait_for("both nodes in cluster state", Duration::from_secs(10), || async {
-        let state: serde_json::Value = env.client.get(&url).send().await.map_err(|e| e.to_string())?
-            .json().await.map_err(|e| e.to_string())?;
-        let ok = state["drones"][0]["connected"] == true && state["proxies"][0]["connected"] == true;
-        if ok { Ok(state) } else { Err(state.to_string()) }
-    })
-    .await;
-    assert_eq!(state["drones"][0]["name"], env.drone.name().as_str());
-    env
-});
+        assert_eq!(state["drones"][0]["name"], env.drone.name().as_str());
+        env
+    }
+);

@@ -22,92 +22,145 @@ async fn connect_raw(env: &TestEnv, body: &str) -> (u16, Value) {
 fn assert_bad_request(status: u16, error: &Value, mentions: &str) {
     assert_eq!(status, 400, "{error}");
     assert_eq!(error["kind"], "BadRequest", "{error}");
-    assert!(error["id"].as_str().is_some_and(|id| !id.is_empty()), "{error}");
+    assert!(
+        error["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{error}"
+    );
     let message = error["message"].as_str().unwrap_or_default();
-    assert!(message.contains(mentions), "message {message:?} should mention {mentions:?}");
+    assert!(
+        message.contains(mentions),
+        "message {message:?} should mention {mentions:?}"
+    );
 }
 
-db_test!(bad_requests_get_400_json_errors_naming_the_problem, |env: TestEnv| async move {
-    let (status, error) = connect_raw(&env, "{not json").await;
-    assert_bad_request(status, &error, "invalid request body");
+db_test!(
+    bad_requests_get_400_json_errors_naming_the_problem,
+    |env: TestEnv| async move {
+        let (status, error) = connect_raw(&env, "{not json").await;
+        assert_bad_request(status, &error, "invalid request body");
 
-    let (status, error) = connect_raw(&env, r#"{"key": {"name": "a"}, "surprise": 1}"#).await;
-    assert_bad_request(status, &error, "surprise");
+        let (status, error) = connect_raw(&env, r#"{"key": {"name": "a"}, "surprise": 1}"#).await;
+        assert_bad_request(status, &error, "surprise");
 
-    let image = crate::harness::test_image();
-    let cases: Vec<(Value, &str)> = vec![
-        (json!({ "key": { "name": "" }, "spawn_config": { "executable": { "image": image } } }), "key.name"),
-        (json!({ "key": { "name": "a\u{1}b" } }), "key.name"),
-        (json!({ "spawn_config": { "executable": { "image": image }, "max_idle_seconds": -5 } }), "max_idle_seconds"),
-        (json!({ "spawn_config": { "executable": { "image": image }, "lifetime_limit_seconds": 0 } }), "lifetime_limit_seconds"),
-        (json!({ "spawn_config": { "executable": { "image": "has space" } } }), "image"),
-        (json!({ "spawn_config": { "executable": { "image": image, "env": { "PORT": "1" } } } }), "PORT"),
-        (json!({ "spawn_config": { "executable": { "image": image, "env": { "SESSION_BACKEND_ID": "x" } } } }), "SESSION_BACKEND_ID"),
-        (json!({ "spawn_config": { "executable": { "image": image, "pull_policy": "Sometimes" } } }), "pull_policy"),
-        (json!({ "spawn_config": { "executable": { "image": image }, "cluster": "bad cluster" } }), "cluster"),
-        (json!({ "spawn_config": { "executable": { "image": image }, "id": "Not_Valid" } }), "id"),
-        (json!({ "spawn_config": { "executable": { "image": image, "unknown_field": 1 } } }), "unknown_field"),
-        (json!({}), "key"),
-    ];
-    for (body, mentions) in cases {
-        let (status, error) = env.post("/ctrl/connect", &body).await;
-        assert_bad_request(status, &error, mentions);
+        let image = crate::harness::test_image();
+        let cases: Vec<(Value, &str)> = vec![
+            (
+                json!({ "key": { "name": "" }, "spawn_config": { "executable": { "image": image } } }),
+                "key.name",
+            ),
+            (json!({ "key": { "name": "a\u{1}b" } }), "key.name"),
+            (
+                json!({ "spawn_config": { "executable": { "image": image }, "max_idle_seconds": -5 } }),
+                "max_idle_seconds",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image }, "lifetime_limit_seconds": 0 } }),
+                "lifetime_limit_seconds",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": "has space" } } }),
+                "image",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image, "env": { "PORT": "1" } } } }),
+                "PORT",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image, "env": { "SESSION_BACKEND_ID": "x" } } } }),
+                "SESSION_BACKEND_ID",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image, "pull_policy": "Sometimes" } } }),
+                "pull_policy",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image }, "cluster": "bad cluster" } }),
+                "cluster",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image }, "id": "Not_Valid" } }),
+                "id",
+            ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image, "unknown_field": 1 } } }),
+                "unknown_field",
+            ),
+            (json!({}), "key"),
+        ];
+        for (body, mentions) in cases {
+            let (status, error) = env.post("/ctrl/connect", &body).await;
+            assert_bad_request(status, &error, mentions);
+        }
+
+        // Nothing was written: no backend was scheduled on the drone.
+        let state: Value = env
+            .client
+            .get(env.controller_url(&format!("/ctrl/c/{}/state", env.cluster)))
+            .send()
+            .await
+            .expect("state")
+            .json()
+            .await
+            .expect("state JSON");
+        assert_eq!(state["drones"][0]["backends"], 0, "{state}");
+        env
     }
+);
 
-    // Nothing was written: no backend was scheduled on the drone.
-    let state: Value = env
-        .client
-        .get(env.controller_url(&format!("/ctrl/c/{}/state", env.cluster)))
-        .send()
-        .await
-        .expect("state")
-        .json()
-        .await
-        .expect("state JSON");
-    assert_eq!(state["drones"][0]["backends"], 0, "{state}");
-    env
-});
+db_test!(
+    bad_paths_and_unknown_backends_get_json_errors,
+    |env: TestEnv| async move {
+        let (status, error) = env
+            .post("/ctrl/b/NOT_A_VALID_ID/soft-terminate", &json!({}))
+            .await;
+        assert_bad_request(status, &error, "backend id");
 
-db_test!(bad_paths_and_unknown_backends_get_json_errors, |env: TestEnv| async move {
-    let (status, error) = env.post("/ctrl/b/NOT_A_VALID_ID/soft-terminate", &json!({})).await;
-    assert_bad_request(status, &error, "backend id");
+        let (status, error) = env
+            .post("/ctrl/b/ba-doesnotexist/hard-terminate", &json!({}))
+            .await;
+        assert_eq!(status, 404, "{error}");
+        assert_eq!(error["kind"], "NotFound");
 
-    let (status, error) = env.post("/ctrl/b/ba-doesnotexist/hard-terminate", &json!({})).await;
-    assert_eq!(status, 404, "{error}");
-    assert_eq!(error["kind"], "NotFound");
+        let response = env
+            .client
+            .get(env.controller_url("/pub/b/ba-doesnotexist/status"))
+            .send()
+            .await
+            .expect("controller reachable");
+        assert_eq!(response.status().as_u16(), 404);
+        let error: Value = response.json().await.expect("JSON");
+        assert_eq!(error["kind"], "NotFound");
 
-    let response = env
-        .client
-        .get(env.controller_url("/pub/b/ba-doesnotexist/status"))
-        .send()
-        .await
-        .expect("controller reachable");
-    assert_eq!(response.status().as_u16(), 404);
-    let error: Value = response.json().await.expect("JSON");
-    assert_eq!(error["kind"], "NotFound");
+        let response = env
+            .client
+            .get(env.controller_url("/no/such/endpoint"))
+            .send()
+            .await
+            .expect("controller reachable");
+        assert_eq!(response.status().as_u16(), 404);
+        let error: Value = response.json().await.expect("JSON");
+        assert_eq!(error["kind"], "NotFound");
+        env
+    }
+);
 
-    let response = env
-        .client
-        .get(env.controller_url("/no/such/endpoint"))
-        .send()
-        .await
-        .expect("controller reachable");
-    assert_eq!(response.status().as_u16(), 404);
-    let error: Value = response.json().await.expect("JSON");
-    assert_eq!(error["kind"], "NotFound");
-    env
-});
-
-db_test!(a_chosen_backend_id_cannot_be_reused, |env: TestEnv| async move {
-    let mut config = env.spawn_config(&[]);
-    // Random, so the SQLite and PostgreSQL runs (sharing one Docker engine) don't collide.
-    let id = plane_protocol::names::BackendName::new_random();
-    config.id = Some(id.clone());
-    let (status, body) = env.post("/ctrl/spawn", &json!({ "spawn_config": config })).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["backend_id"], id.as_str());
-    let (status, error) = env.post("/ctrl/spawn", &json!({ "spawn_config": config })).await;
-    assert_eq!(status, 409, "{error}");
-    assert_eq!(error["kind"], "BackendIdTaken");
-    env
-});
+db_test!(
+    a_chosen_backend_id_cannot_be_reused,
+    |env: TestEnv| async move {
+        let mut config = env.spawn_config(&[]);
+        // Random, so the SQLite and PostgreSQL runs (sharing one Docker engine) don't collide.
+        let id = plane_protocol::names::BackendName::new_random();
+        config.id = Some(id.clone());
+        let (status, body) = env
+            .post("/ctrl/spawn", &json!({ "spawn_config": config }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["backend_id"], id.as_str());
+        let (status, error) = env
+            .post("/ctrl/spawn", &json!({ "spawn_config": config }))
+            .await;
+        assert_eq!(status, 409, "{error}");
+        assert_eq!(error["kind"], "BackendIdTaken");
+        env
+    }
+);

@@ -38,12 +38,14 @@ macro_rules! db_test {
 
             #[tokio::test(flavor = "current_thread")]
             async fn sqlite() {
-                $crate::harness::run_test(stringify!($name), $crate::harness::Db::Sqlite, $body).await;
+                $crate::harness::run_test(stringify!($name), $crate::harness::Db::Sqlite, $body)
+                    .await;
             }
 
             #[tokio::test(flavor = "current_thread")]
             async fn postgres() {
-                $crate::harness::run_test(stringify!($name), $crate::harness::Db::Postgres, $body).await;
+                $crate::harness::run_test(stringify!($name), $crate::harness::Db::Postgres, $body)
+                    .await;
             }
         }
     };
@@ -148,13 +150,18 @@ impl TestEnv {
         assert!(!image.is_empty());
 
         let proxy_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let cluster: ClusterName = format!("127.0.0.1:{}", proxy_listener.local_addr().expect("addr").port())
-            .parse()
-            .expect("cluster name");
+        let cluster: ClusterName = format!(
+            "127.0.0.1:{}",
+            proxy_listener.local_addr().expect("addr").port()
+        )
+        .parse()
+        .expect("cluster name");
         let mut controller_config = ControllerConfig::new(db_url);
         controller_config.sweep_interval_ms = 200;
         controller_config.default_cluster = Some(cluster.clone());
-        let controller_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind controller");
+        let controller_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind controller");
         let controller = controller::start(controller_config, controller_listener)
             .await
             .expect("start controller");
@@ -180,10 +187,14 @@ impl TestEnv {
             scratch,
             postgres_db,
         };
-        wait_for("drone and proxy to connect", Duration::from_secs(20), || async {
-            let connected = env.drone.is_connected() && env.proxy.is_connected();
-            connected.then_some(()).ok_or("not yet connected")
-        })
+        wait_for(
+            "drone and proxy to connect",
+            Duration::from_secs(20),
+            || async {
+                let connected = env.drone.is_connected() && env.proxy.is_connected();
+                connected.then_some(()).ok_or("not yet connected")
+            },
+        )
         .await;
         env
     }
@@ -198,7 +209,11 @@ impl TestEnv {
     }
 
     pub fn controller_url(&self, path: &str) -> String {
-        format!("{}{}", self.controller.url().as_str().trim_end_matches('/'), path)
+        format!(
+            "{}{}",
+            self.controller.url().as_str().trim_end_matches('/'),
+            path
+        )
     }
 
     pub fn proxy_url(&self, path: &str) -> String {
@@ -215,7 +230,10 @@ impl TestEnv {
                 image: test_image().to_string(),
                 pull_policy: None,
                 credentials: None,
-                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 resource_limits: Default::default(),
                 mount: None,
             },
@@ -268,14 +286,18 @@ impl TestEnv {
         status: BackendStatus,
         within: Duration,
     ) -> BackendStatusStreamEntry {
-        wait_for(&format!("backend {backend} to reach {status}"), within, || async {
-            let entry = self.status(backend).await;
-            if entry.status == status {
-                Ok(entry)
-            } else {
-                Err(format!("status is {}: {entry:?}", entry.status))
-            }
-        })
+        wait_for(
+            &format!("backend {backend} to reach {status}"),
+            within,
+            || async {
+                let entry = self.status(backend).await;
+                if entry.status == status {
+                    Ok(entry)
+                } else {
+                    Err(format!("status is {}: {entry:?}", entry.status))
+                }
+            },
+        )
         .await
     }
 
@@ -304,7 +326,10 @@ impl TestEnv {
             .send()
             .await
             .expect("proxy reachable");
-        (response.status().as_u16(), response.text().await.unwrap_or_default())
+        (
+            response.status().as_u16(),
+            response.text().await.unwrap_or_default(),
+        )
     }
 }
 

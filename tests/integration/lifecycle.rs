@@ -6,110 +6,220 @@ use plane_protocol::backend::{BackendStatus, TerminationKind, TerminationReason}
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-db_test!(soft_terminate_ends_in_terminated_soft, |env: TestEnv| async move {
-    let response = env.connect("soft", &env.spawn_config(&[])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+db_test!(
+    soft_terminate_ends_in_terminated_soft,
+    |env: TestEnv| async move {
+        let response = env.connect("soft", &env.spawn_config(&[])).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    let (code, body) = env
-        .post(&format!("/ctrl/b/{}/soft-terminate", response.backend_id), &json!({}))
-        .await;
-    assert_eq!(code, 200, "{body}");
-    let entry = env
-        .wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    assert_eq!(entry.termination_kind, Some(TerminationKind::Soft));
-    assert_eq!(entry.termination_reason, Some(TerminationReason::External));
-    // The demo backend exits cleanly on SIGTERM.
-    assert_eq!(entry.exit_error, Some(false));
-    let statuses: Vec<_> = env.status_stream(&response.backend_id).await.into_iter().map(|e| e.status).collect();
-    assert!(statuses.contains(&BackendStatus::Terminating), "{statuses:?}");
-    assert!(!statuses.contains(&BackendStatus::HardTerminating), "{statuses:?}");
-    env
-});
+        let (code, body) = env
+            .post(
+                &format!("/ctrl/b/{}/soft-terminate", response.backend_id),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+        let entry = env
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(entry.termination_kind, Some(TerminationKind::Soft));
+        assert_eq!(entry.termination_reason, Some(TerminationReason::External));
+        // The demo backend exits cleanly on SIGTERM.
+        assert_eq!(entry.exit_error, Some(false));
+        let statuses: Vec<_> = env
+            .status_stream(&response.backend_id)
+            .await
+            .into_iter()
+            .map(|e| e.status)
+            .collect();
+        assert!(
+            statuses.contains(&BackendStatus::Terminating),
+            "{statuses:?}"
+        );
+        assert!(
+            !statuses.contains(&BackendStatus::HardTerminating),
+            "{statuses:?}"
+        );
+        env
+    }
+);
 
-db_test!(hard_terminate_ends_in_terminated_hard, |env: TestEnv| async move {
-    let response = env.connect("hard", &env.spawn_config(&[])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+db_test!(
+    hard_terminate_ends_in_terminated_hard,
+    |env: TestEnv| async move {
+        let response = env.connect("hard", &env.spawn_config(&[])).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    let (code, _) = env
-        .post(&format!("/ctrl/c/{}/b/{}/hard-terminate", env.cluster, response.backend_id), &json!({}))
-        .await;
-    assert_eq!(code, 200);
-    let entry = env
-        .wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    assert_eq!(entry.termination_kind, Some(TerminationKind::Hard));
-    assert_eq!(entry.termination_reason, Some(TerminationReason::External));
-    assert_eq!(entry.exit_code, Some(137), "SIGKILL exit code: {entry:?}");
-    env
-});
+        let (code, _) = env
+            .post(
+                &format!(
+                    "/ctrl/c/{}/b/{}/hard-terminate",
+                    env.cluster, response.backend_id
+                ),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(code, 200);
+        let entry = env
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(entry.termination_kind, Some(TerminationKind::Hard));
+        assert_eq!(entry.termination_reason, Some(TerminationReason::External));
+        assert_eq!(entry.exit_code, Some(137), "SIGKILL exit code: {entry:?}");
+        env
+    }
+);
 
-db_test!(backend_that_exits_by_itself_reports_its_exit_code_and_frees_the_key, |env: TestEnv| async move {
-    let config = env.spawn_config(&[("DEMO_EXIT_AFTER_MS", "1500"), ("DEMO_EXIT_CODE", "3")]);
-    let response = env.connect("exits", &config).await;
-    let entry = env
-        .wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    assert_eq!(entry.exit_code, Some(3));
-    assert_eq!(entry.exit_error, Some(true));
-    assert_eq!(entry.termination_reason, None);
-    let again = env.connect("exits", &env.spawn_config(&[])).await;
-    assert!(again.spawned, "the key is free again");
-    assert_ne!(again.backend_id, response.backend_id);
-    let (code, body) = env
-        .post(&format!("/ctrl/b/{}/hard-terminate", again.backend_id), &json!({}))
-        .await;
-    assert_eq!(code, 200, "{body}");
-    env
-});
+db_test!(
+    backend_that_exits_by_itself_reports_its_exit_code_and_frees_the_key,
+    |env: TestEnv| async move {
+        let config = env.spawn_config(&[("DEMO_EXIT_AFTER_MS", "1500"), ("DEMO_EXIT_CODE", "3")]);
+        let response = env.connect("exits", &config).await;
+        let entry = env
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(entry.exit_code, Some(3));
+        assert_eq!(entry.exit_error, Some(true));
+        assert_eq!(entry.termination_reason, None);
+        let again = env.connect("exits", &env.spawn_config(&[])).await;
+        assert!(again.spawned, "the key is free again");
+        assert_ne!(again.backend_id, response.backend_id);
+        let (code, body) = env
+            .post(
+                &format!("/ctrl/b/{}/hard-terminate", again.backend_id),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+        env
+    }
+);
 
-db_test!(backend_ignoring_sigterm_is_killed_after_the_grace_period, |env: TestEnv| async move {
-    let response = env.connect("stubborn", &env.spawn_config(&[("DEMO_IGNORE_SIGTERM", "1")])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+db_test!(
+    backend_ignoring_sigterm_is_killed_after_the_grace_period,
+    |env: TestEnv| async move {
+        let response = env
+            .connect(
+                "stubborn",
+                &env.spawn_config(&[("DEMO_IGNORE_SIGTERM", "1")]),
+            )
+            .await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    let started = Instant::now();
-    env.post(&format!("/ctrl/b/{}/soft-terminate", response.backend_id), &json!({}))
+        let started = Instant::now();
+        env.post(
+            &format!("/ctrl/b/{}/soft-terminate", response.backend_id),
+            &json!({}),
+        )
         .await;
-    let entry = env
-        .wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    // The drone's grace period in tests is 1.5 s: the kill cannot come before it.
-    assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
-    assert_eq!(entry.exit_code, Some(137));
-    let statuses: Vec<_> = env.status_stream(&response.backend_id).await.into_iter().map(|e| e.status).collect();
-    assert!(statuses.contains(&BackendStatus::Terminating), "{statuses:?}");
-    assert!(statuses.contains(&BackendStatus::HardTerminating), "{statuses:?}");
-    env
-});
+        let entry = env
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        // The drone's grace period in tests is 1.5 s: the kill cannot come before it.
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(entry.exit_code, Some(137));
+        let statuses: Vec<_> = env
+            .status_stream(&response.backend_id)
+            .await
+            .into_iter()
+            .map(|e| e.status)
+            .collect();
+        assert!(
+            statuses.contains(&BackendStatus::Terminating),
+            "{statuses:?}"
+        );
+        assert!(
+            statuses.contains(&BackendStatus::HardTerminating),
+            "{statuses:?}"
+        );
+        env
+    }
+);
 
-db_test!(nonexistent_image_ends_in_terminated_with_a_reason, |env: TestEnv| async move {
-    let mut config = env.spawn_config(&[]);
-    config.executable.image = "plane-test/does-not-exist:never".to_string();
-    let response = env.connect("missing-image", &config).await;
-    let entry = env
-        .wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(60))
-        .await;
-    assert_eq!(entry.termination_reason, Some(TerminationReason::StartFailed));
-    assert!(entry.message.unwrap_or_default().contains("does-not-exist"));
-    let again = env.connect("missing-image", &env.spawn_config(&[])).await;
-    assert!(again.spawned, "the key is free again");
-    env
-});
+db_test!(
+    nonexistent_image_ends_in_terminated_with_a_reason,
+    |env: TestEnv| async move {
+        let mut config = env.spawn_config(&[]);
+        config.executable.image = "plane-test/does-not-exist:never".to_string();
+        let response = env.connect("missing-image", &config).await;
+        let entry = env
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(
+            entry.termination_reason,
+            Some(TerminationReason::StartFailed)
+        );
+        assert!(entry.message.unwrap_or_default().contains("does-not-exist"));
+        let again = env.connect("missing-image", &env.spawn_config(&[])).await;
+        assert!(again.spawned, "the key is free again");
+        env
+    }
+);
 
 db_test!(terminating_twice_is_harmless, |env: TestEnv| async move {
     let response = env.connect("twice", &env.spawn_config(&[])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
-        .await;
+    env.wait_for_status(
+        &response.backend_id,
+        BackendStatus::Ready,
+        Duration::from_secs(30),
+    )
+    .await;
     for _ in 0..2 {
         let (code, _) = env
-            .post(&format!("/ctrl/b/{}/hard-terminate", response.backend_id), &json!({}))
+            .post(
+                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
+                &json!({}),
+            )
             .await;
         assert_eq!(code, 200);
     }
-    env.wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
+    env.wait_for_status(
+        &response.backend_id,
+        BackendStatus::Terminated,
+        Duration::from_secs(30),
+    )
+    .await;
     let (code, body) = env
-        .post(&format!("/ctrl/b/{}/soft-terminate", response.backend_id), &json!({}))
+        .post(
+            &format!("/ctrl/b/{}/soft-terminate", response.backend_id),
+            &json!({}),
+        )
         .await;
     assert_eq!(code, 200);
     assert_eq!(body["status"], "terminated");

@@ -9,88 +9,130 @@ use serde_json::Value;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-db_test!(http_through_the_proxy_reaches_the_backend_with_verified_headers, |env: TestEnv| async move {
-    let response = env.connect("http-doc", &env.spawn_config(&[])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+db_test!(
+    http_through_the_proxy_reaches_the_backend_with_verified_headers,
+    |env: TestEnv| async move {
+        let response = env.connect("http-doc", &env.spawn_config(&[])).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    let reply = env
-        .client
-        .put(env.proxy_url(&format!("/{}/rest/of/path?x=1&y=two", response.token)))
-        .header("x-custom", "kept")
-        .body("request body")
-        .send()
-        .await
-        .expect("proxy reachable");
-    assert_eq!(reply.status().as_u16(), 200);
-    let echo: Value = reply.json().await.expect("echo JSON");
-    assert_eq!(echo["method"], "PUT");
-    assert_eq!(echo["path"], "/rest/of/path");
-    assert_eq!(echo["query"], "x=1&y=two");
-    assert_eq!(echo["body"], "request body");
-    let headers = &echo["headers"];
-    assert_eq!(headers["x-custom"], "kept");
-    assert_eq!(headers["x-verified-username"], "alice");
-    assert_eq!(headers["x-verified-backend"], response.backend_id.as_str());
-    assert_eq!(headers["x-verified-secret"], response.secret_token.as_str());
-    assert_eq!(headers["x-verified-path"], "/rest/of/path?x=1&y=two");
-    assert_eq!(headers["x-verified-user-data"], "{}");
-    env
-});
-
-db_test!(spoofed_verified_headers_never_reach_the_backend, |env: TestEnv| async move {
-    let response = env.connect("spoof-doc", &env.spawn_config(&[])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
-        .await;
-    let reply = env
-        .client
-        .get(env.proxy_url(&format!("/{}/whoami", response.token)))
-        .header("x-verified-username", "mallory")
-        .header("X-Verified-Secret", "forged")
-        .header("x-verified-anything", "forged")
-        .send()
-        .await
-        .expect("proxy reachable");
-    let echo: Value = reply.json().await.expect("echo JSON");
-    let headers = &echo["headers"];
-    assert_eq!(headers["x-verified-username"], "alice");
-    assert_eq!(headers["x-verified-secret"], response.secret_token.as_str());
-    assert!(headers.get("x-verified-anything").is_none(), "{headers}");
-    env
-});
-
-db_test!(websocket_echo_works_through_the_proxy, |env: TestEnv| async move {
-    let response = env.connect("ws-doc", &env.spawn_config(&[])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
-        .await;
-    let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), response.token);
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("websocket through proxy");
-    for text in ["hello", "plane"] {
-        socket.send(Message::text(text)).await.expect("send");
-        let echoed = socket.next().await.expect("a reply").expect("a frame");
-        assert_eq!(echoed.into_text().expect("text").as_str(), text);
+        let reply = env
+            .client
+            .put(env.proxy_url(&format!("/{}/rest/of/path?x=1&y=two", response.token)))
+            .header("x-custom", "kept")
+            .body("request body")
+            .send()
+            .await
+            .expect("proxy reachable");
+        assert_eq!(reply.status().as_u16(), 200);
+        let echo: Value = reply.json().await.expect("echo JSON");
+        assert_eq!(echo["method"], "PUT");
+        assert_eq!(echo["path"], "/rest/of/path");
+        assert_eq!(echo["query"], "x=1&y=two");
+        assert_eq!(echo["body"], "request body");
+        let headers = &echo["headers"];
+        assert_eq!(headers["x-custom"], "kept");
+        assert_eq!(headers["x-verified-username"], "alice");
+        assert_eq!(headers["x-verified-backend"], response.backend_id.as_str());
+        assert_eq!(headers["x-verified-secret"], response.secret_token.as_str());
+        assert_eq!(headers["x-verified-path"], "/rest/of/path?x=1&y=two");
+        assert_eq!(headers["x-verified-user-data"], "{}");
+        env
     }
-    env
-});
+);
+
+db_test!(
+    spoofed_verified_headers_never_reach_the_backend,
+    |env: TestEnv| async move {
+        let response = env.connect("spoof-doc", &env.spawn_config(&[])).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        let reply = env
+            .client
+            .get(env.proxy_url(&format!("/{}/whoami", response.token)))
+            .header("x-verified-username", "mallory")
+            .header("X-Verified-Secret", "forged")
+            .header("x-verified-anything", "forged")
+            .send()
+            .await
+            .expect("proxy reachable");
+        let echo: Value = reply.json().await.expect("echo JSON");
+        let headers = &echo["headers"];
+        assert_eq!(headers["x-verified-username"], "alice");
+        assert_eq!(headers["x-verified-secret"], response.secret_token.as_str());
+        assert!(headers.get("x-verified-anything").is_none(), "{headers}");
+        env
+    }
+);
+
+db_test!(
+    websocket_echo_works_through_the_proxy,
+    |env: TestEnv| async move {
+        let response = env.connect("ws-doc", &env.spawn_config(&[])).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), response.token);
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket through proxy");
+        for text in ["hello", "plane"] {
+            socket.send(Message::text(text)).await.expect("send");
+            let echoed = socket.next().await.expect("a reply").expect("a frame");
+            assert_eq!(echoed.into_text().expect("text").as_str(), text);
+        }
+        env
+    }
+);
 
 db_test!(unknown_tokens_get_a_clear_404, |env: TestEnv| async move {
-    let (code, body) = env.get_via_proxy("notarealtoken0000000000000000000", "/x").await;
+    let (code, body) = env
+        .get_via_proxy("notarealtoken0000000000000000000", "/x")
+        .await;
     assert_eq!(code, 404, "{body}");
     let error: Value = serde_json::from_str(&body).expect("JSON error body");
-    assert!(error["message"].as_str().unwrap_or("").contains("token"), "{error}");
+    assert!(
+        error["message"].as_str().unwrap_or("").contains("token"),
+        "{error}"
+    );
     env
 });
 
-db_test!(a_terminated_backend_is_no_longer_routed, |env: TestEnv| async move {
-    let response = env.connect("gone-doc", &env.spawn_config(&[])).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+db_test!(
+    a_terminated_backend_is_no_longer_routed,
+    |env: TestEnv| async move {
+        let response = env.connect("gone-doc", &env.spawn_config(&[])).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    let (code, _) = env.get_via_proxy(response.token.as_str(), "/").await;
-    assert_eq!(code, 200);
-    env.post(&format!("/ctrl/b/{}/hard-terminate", response.backend_id), &serde_json::json!({}))
+        let (code, _) = env.get_via_proxy(response.token.as_str(), "/").await;
+        assert_eq!(code, 200);
+        env.post(
+            &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
+            &serde_json::json!({}),
+        )
         .await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Terminated,
+            Duration::from_secs(30),
+        )
         .await;
-    let (code, body) = env.get_via_proxy(response.token.as_str(), "/").await;
-    assert_eq!(code, 404, "{body}");
-    env
-});
+        let (code, body) = env.get_via_proxy(response.token.as_str(), "/").await;
+        assert_eq!(code, 404, "{body}");
+        env
+    }
+);

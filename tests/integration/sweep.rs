@@ -7,60 +7,103 @@ use plane_protocol::backend::{BackendStatus, TerminationReason};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-db_test!(idle_backend_is_reaped_while_one_with_an_open_websocket_is_kept, |env: TestEnv| async move {
-    let mut config = env.spawn_config(&[]);
-    config.max_idle_seconds = Some(2);
-    let idle = env.connect("idle", &config).await;
-    let busy = env.connect("busy", &config).await;
-    env.wait_for_status(&busy.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+db_test!(
+    idle_backend_is_reaped_while_one_with_an_open_websocket_is_kept,
+    |env: TestEnv| async move {
+        let mut config = env.spawn_config(&[]);
+        config.max_idle_seconds = Some(2);
+        let idle = env.connect("idle", &config).await;
+        let busy = env.connect("busy", &config).await;
+        env.wait_for_status(
+            &busy.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), busy.token);
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("websocket");
+        let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), busy.token);
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket");
 
-    // The idle one is reaped after its 2 s...
-    let entry = env
-        .wait_for_status(&idle.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
-    // ...and by then the busy one has been idle-eligible for as long, yet it is kept
-    // while its WebSocket stays open.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(env.status(&busy.backend_id).await.status, BackendStatus::Ready);
-    socket.send(Message::text("still here")).await.expect("send");
-    let echoed = socket.next().await.expect("reply").expect("frame");
-    assert_eq!(echoed.into_text().expect("text").as_str(), "still here");
+        // The idle one is reaped after its 2 s...
+        let entry = env
+            .wait_for_status(
+                &idle.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
+        // ...and by then the busy one has been idle-eligible for as long, yet it is kept
+        // while its WebSocket stays open.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            env.status(&busy.backend_id).await.status,
+            BackendStatus::Ready
+        );
+        socket
+            .send(Message::text("still here"))
+            .await
+            .expect("send");
+        let echoed = socket.next().await.expect("reply").expect("frame");
+        assert_eq!(echoed.into_text().expect("text").as_str(), "still here");
 
-    // Once the socket closes, it is reaped too.
-    drop(socket);
-    let entry = env
-        .wait_for_status(&busy.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
-    env
-});
+        // Once the socket closes, it is reaped too.
+        drop(socket);
+        let entry = env
+            .wait_for_status(
+                &busy.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
+        env
+    }
+);
 
-db_test!(backend_nobody_connects_to_is_reaped, |env: TestEnv| async move {
-    let mut config = env.spawn_config(&[]);
-    config.max_idle_seconds = Some(1);
-    let response = env.connect("lonely", &config).await;
-    let entry = env
-        .wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
-    env
-});
+db_test!(
+    backend_nobody_connects_to_is_reaped,
+    |env: TestEnv| async move {
+        let mut config = env.spawn_config(&[]);
+        config.max_idle_seconds = Some(1);
+        let response = env.connect("lonely", &config).await;
+        let entry = env
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
+        env
+    }
+);
 
-db_test!(lifetime_limit_terminates_even_a_busy_backend, |env: TestEnv| async move {
-    let mut config = env.spawn_config(&[]);
-    config.lifetime_limit_seconds = Some(3);
-    let response = env.connect("short-lived", &config).await;
-    env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
+db_test!(
+    lifetime_limit_terminates_even_a_busy_backend,
+    |env: TestEnv| async move {
+        let mut config = env.spawn_config(&[]);
+        config.lifetime_limit_seconds = Some(3);
+        let response = env.connect("short-lived", &config).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
         .await;
-    let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), response.token);
-    let (_socket, _) = tokio_tungstenite::connect_async(url).await.expect("websocket");
-    let entry = env
-        .wait_for_status(&response.backend_id, BackendStatus::Terminated, Duration::from_secs(30))
-        .await;
-    assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
-    env
-});
+        let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), response.token);
+        let (_socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket");
+        let entry = env
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
+        env
+    }
+);

@@ -2,6 +2,8 @@
 //! depend on Docker (and can be exercised against a fake in unit tests).
 
 pub mod docker;
+#[cfg(test)]
+pub(crate) mod fake;
 
 use plane_protocol::api::{ExecutorConfig, ResourceLimits};
 use plane_protocol::names::BackendName;

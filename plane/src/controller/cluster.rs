@@ -19,7 +19,9 @@ pub async fn handle_health() -> Json<ControllerStatus> {
 }
 
 /// Operator status: also names the database in use.
-pub async fn handle_controller_status(State(state): State<ControllerState>) -> Json<ControllerStatus> {
+pub async fn handle_controller_status(
+    State(state): State<ControllerState>,
+) -> Json<ControllerStatus> {
     Json(ControllerStatus {
         status: "ok".to_string(),
         version: PLANE_VERSION.to_string(),

@@ -46,7 +46,9 @@ pub async fn handle_connect(
         })?;
         return spawn(&state, spawn_config, &pool, None, caller)
             .await?
-            .ok_or_else(|| ApiErrorResponse::from(anyhow::anyhow!("spawn without a key lost a key race")))
+            .ok_or_else(|| {
+                ApiErrorResponse::from(anyhow::anyhow!("spawn without a key lost a key race"))
+            })
             .map(Json);
     };
 
@@ -81,7 +83,11 @@ pub async fn handle_connect(
         }
         // Another connect took the key first; join its backend on the next pass.
     }
-    Err(anyhow::anyhow!("gave up after {KEY_RACE_RETRIES} races for key {:?}", key.name).into())
+    Err(anyhow::anyhow!(
+        "gave up after {KEY_RACE_RETRIES} races for key {:?}",
+        key.name
+    )
+    .into())
 }
 
 pub async fn handle_spawn(
@@ -172,14 +178,20 @@ async fn spawn(
             )
         })?;
     let live = state.store().live_backend_counts(&cluster).await?;
-    let drone = state.nodes().pick_drone(&cluster, pool, &live).ok_or_else(|| {
-        ApiErrorResponse::new(
-            ApiErrorKind::NoDroneAvailable,
-            format!("no drone is connected for cluster {cluster:?} and pool {pool:?}"),
-        )
-    })?;
+    let drone = state
+        .nodes()
+        .pick_drone(&cluster, pool, &live)
+        .ok_or_else(|| {
+            ApiErrorResponse::new(
+                ApiErrorKind::NoDroneAvailable,
+                format!("no drone is connected for cluster {cluster:?} and pool {pool:?}"),
+            )
+        })?;
 
-    let backend_id = spawn_config.id.clone().unwrap_or_else(BackendName::new_random);
+    let backend_id = spawn_config
+        .id
+        .clone()
+        .unwrap_or_else(BackendName::new_random);
     let token = BearerToken::new_random();
     let secret = SecretToken::new_random();
     let static_token = spawn_config.use_static_token.then(|| token.clone());
@@ -365,7 +377,10 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
     }
     for (field, value) in [
         ("spawn_config.max_idle_seconds", config.max_idle_seconds),
-        ("spawn_config.lifetime_limit_seconds", config.lifetime_limit_seconds),
+        (
+            "spawn_config.lifetime_limit_seconds",
+            config.lifetime_limit_seconds,
+        ),
     ] {
         if let Some(seconds) = value {
             if seconds < 1 {

@@ -50,9 +50,10 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
     // the live queue: anything created after registration waits in the queue, so the
     // drone sees every action in creation order (possibly twice, which it tolerates).
     let (sender, mut outbox) = mpsc::unbounded_channel();
-    let _registration = state
-        .nodes()
-        .register_drone(cluster.clone(), name.clone(), pool.clone(), sender);
+    let _registration =
+        state
+            .nodes()
+            .register_drone(cluster.clone(), name.clone(), pool.clone(), sender);
     tracing::info!(drone = %name, %cluster, %pool, %version, "drone connected");
     let pending = match state.store().pending_actions(&cluster, &name).await {
         Ok(pending) => pending,
@@ -62,7 +63,10 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         }
     };
     for action in pending {
-        if socket::send(&mut sink, &MessageToDrone::Action(action)).await.is_err() {
+        if socket::send(&mut sink, &MessageToDrone::Action(action))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -91,7 +95,10 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         }
     }
     tracing::info!(drone = %name, %cluster, "drone disconnected");
-    let _ = state.store().touch_node(&cluster, NodeKind::Drone, &name).await;
+    let _ = state
+        .store()
+        .touch_node(&cluster, NodeKind::Drone, &name)
+        .await;
 }
 
 /// Handles one message; returns the reply to send, if any.
@@ -107,7 +114,11 @@ async fn handle_message(
             None
         }
         MessageFromDrone::Heartbeat { .. } => {
-            if let Err(err) = state.store().touch_node(cluster, NodeKind::Drone, drone).await {
+            if let Err(err) = state
+                .store()
+                .touch_node(cluster, NodeKind::Drone, drone)
+                .await
+            {
                 tracing::warn!(%drone, error = %err, "could not record heartbeat");
             }
             None

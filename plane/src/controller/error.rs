@@ -73,7 +73,9 @@ impl IntoResponse for ApiErrorResponse {
 impl From<StoreError> for ApiErrorResponse {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::AlreadyExists(what) => Self::internal(anyhow::anyhow!("already exists: {what}")),
+            StoreError::AlreadyExists(what) => {
+                Self::internal(anyhow::anyhow!("already exists: {what}"))
+            }
             StoreError::Other(err) => Self::internal(err),
         }
     }

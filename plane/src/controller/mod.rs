@@ -9,8 +9,8 @@ mod error;
 mod nodes;
 mod proxy_socket;
 mod socket;
-pub mod store;
 mod status;
+pub mod store;
 mod sweeper;
 mod terminate;
 
@@ -108,7 +108,10 @@ fn router(state: ControllerState) -> Router {
         .nest("/ctrl/b/{backend}", terminate_routes.clone())
         .nest("/ctrl/c/{cluster}/b/{backend}", terminate_routes)
         .route("/ctrl/status", get(cluster::handle_controller_status))
-        .route("/ctrl/c/{cluster}/state", get(cluster::handle_cluster_state))
+        .route(
+            "/ctrl/c/{cluster}/state",
+            get(cluster::handle_cluster_state),
+        )
         .route(
             "/ctrl/c/{cluster}/drone-socket",
             get(drone_socket::handle_drone_socket),
@@ -157,7 +160,10 @@ impl ControllerHandle {
     pub async fn shutdown(self) {
         self.state.shutdown_token().cancel();
         let mut server = self.server;
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+            .await
+            .is_err()
+        {
             server.abort();
         }
         self.sweeper.abort();
@@ -166,9 +172,14 @@ impl ControllerHandle {
 }
 
 /// Opens the store, then serves the API on `listener` until [`ControllerHandle::shutdown`].
-pub async fn start(config: ControllerConfig, listener: TcpListener) -> anyhow::Result<ControllerHandle> {
+pub async fn start(
+    config: ControllerConfig,
+    listener: TcpListener,
+) -> anyhow::Result<ControllerHandle> {
     let store = Store::open(&config.db).await?;
-    let local_addr = listener.local_addr().context("reading the listen address")?;
+    let local_addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
     let public_url = match &config.public_url {
         Some(url) => url.clone(),
         None => Url::parse(&format!("http://{local_addr}")).context("building the public URL")?,

@@ -106,8 +106,8 @@ async fn resolve_route(
         return Ok(None);
     };
     let mut changes = state.subscribe_status_changes();
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_millis(state.config().route_wait_timeout_ms);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(state.config().route_wait_timeout_ms);
     loop {
         let Some(backend) = state.store().backend(&token_row.backend_id).await? else {
             return Ok(None);

@@ -56,7 +56,9 @@ pub async fn handle_status_stream(
     }
 
     let (sender, receiver) = mpsc::channel(16);
-    tokio::spawn(stream_statuses(state, backend, history, changes, last_seen, sender));
+    tokio::spawn(stream_statuses(
+        state, backend, history, changes, last_seen, sender,
+    ));
     Ok(Sse::new(ReceiverStream::new(receiver)).keep_alive(KeepAlive::default()))
 }
 
@@ -109,13 +111,15 @@ async fn stream_statuses(
             }
             Ok(_) => true,
             // We fell behind the broadcast: catch up from the database.
-            Err(broadcast::error::RecvError::Lagged(_)) => match state.store().status_history(&backend).await {
-                Ok(history) => send_newer(history, &mut last_sent, &sender).await,
-                Err(err) => {
-                    tracing::warn!(%backend, error = %err, "status stream catch-up failed");
-                    false
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                match state.store().status_history(&backend).await {
+                    Ok(history) => send_newer(history, &mut last_sent, &sender).await,
+                    Err(err) => {
+                        tracing::warn!(%backend, error = %err, "status stream catch-up failed");
+                        false
+                    }
                 }
-            },
+            }
             Err(broadcast::error::RecvError::Closed) => false,
         };
         if !more {

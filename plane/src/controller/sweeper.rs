@@ -8,8 +8,9 @@ use plane_protocol::time::Millis;
 use std::time::Duration;
 
 pub async fn run(state: ControllerState) {
-    let mut interval =
-        tokio::time::interval(Duration::from_millis(state.config().sweep_interval_ms.max(10)));
+    let mut interval = tokio::time::interval(Duration::from_millis(
+        state.config().sweep_interval_ms.max(10),
+    ));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -25,8 +26,13 @@ pub async fn run(state: ControllerState) {
         };
         for backend in due {
             tracing::info!(%backend, "sweeping idle or expired backend");
-            if let Err(err) =
-                terminate(&state, &backend, TerminationKind::Soft, TerminationReason::Swept).await
+            if let Err(err) = terminate(
+                &state,
+                &backend,
+                TerminationKind::Soft,
+                TerminationReason::Swept,
+            )
+            .await
             {
                 tracing::warn!(%backend, message = %err.message, "sweep failed");
             }

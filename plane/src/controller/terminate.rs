@@ -16,8 +16,17 @@ pub async fn handle_soft_terminate(
     Path(params): Path<HashMap<String, String>>,
 ) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
     let backend = backend_param(&params)?;
-    let status = terminate(&state, &backend, TerminationKind::Soft, TerminationReason::External).await?;
-    Ok(Json(TerminateResponse { backend_id: backend, status }))
+    let status = terminate(
+        &state,
+        &backend,
+        TerminationKind::Soft,
+        TerminationReason::External,
+    )
+    .await?;
+    Ok(Json(TerminateResponse {
+        backend_id: backend,
+        status,
+    }))
 }
 
 pub async fn handle_hard_terminate(
@@ -25,8 +34,17 @@ pub async fn handle_hard_terminate(
     Path(params): Path<HashMap<String, String>>,
 ) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
     let backend = backend_param(&params)?;
-    let status = terminate(&state, &backend, TerminationKind::Hard, TerminationReason::External).await?;
-    Ok(Json(TerminateResponse { backend_id: backend, status }))
+    let status = terminate(
+        &state,
+        &backend,
+        TerminationKind::Hard,
+        TerminationReason::External,
+    )
+    .await?;
+    Ok(Json(TerminateResponse {
+        backend_id: backend,
+        status,
+    }))
 }
 
 /// Reads and validates the `{backend}` path segment (shared by every `/b/{backend}` route).
@@ -65,9 +83,11 @@ pub async fn terminate(
             )
             .await?;
         tracing::info!(backend = %backend_id, ?kind, ?reason, "termination requested");
-        state
-            .nodes()
-            .send_to_drone(&backend.cluster, &backend.drone, MessageToDrone::Action(action));
+        state.nodes().send_to_drone(
+            &backend.cluster,
+            &backend.drone,
+            MessageToDrone::Action(action),
+        );
     }
     Ok(backend.status)
 }

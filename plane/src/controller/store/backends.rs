@@ -5,8 +5,7 @@ use super::{actions, keys, tokens, Store, StoreError, StoreResult};
 use anyhow::Context;
 use plane_protocol::api::{KeyConfig, SpawnConfig};
 use plane_protocol::backend::{
-    BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind,
-    TerminationReason,
+    BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind, TerminationReason,
 };
 use plane_protocol::drone::ActionKind;
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName};
@@ -66,7 +65,11 @@ pub struct StatusChange {
     pub entry: BackendStatusStreamEntry,
 }
 
-fn parse_column<T>(row: &AnyRow, column: &str, parse: impl Fn(&str) -> Option<T>) -> StoreResult<T> {
+fn parse_column<T>(
+    row: &AnyRow,
+    column: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> StoreResult<T> {
     let raw: String = row.try_get(column).map_err(anyhow::Error::from)?;
     parse(&raw)
         .with_context(|| format!("unreadable value {raw:?} in column {column}"))

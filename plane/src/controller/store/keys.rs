@@ -65,13 +65,18 @@ pub(super) async fn acquire(
     .fetch_optional(conn)
     .await?;
     match row {
-        Some(row) => Ok(Some(row.try_get("fencing_token").map_err(anyhow::Error::from)?)),
+        Some(row) => Ok(Some(
+            row.try_get("fencing_token").map_err(anyhow::Error::from)?,
+        )),
         None => Ok(None),
     }
 }
 
 /// Frees whatever key `backend` holds.
-pub(super) async fn release(conn: &mut sqlx::AnyConnection, backend: &BackendName) -> StoreResult<()> {
+pub(super) async fn release(
+    conn: &mut sqlx::AnyConnection,
+    backend: &BackendName,
+) -> StoreResult<()> {
     sqlx::query("UPDATE backend_key SET backend_id = NULL WHERE backend_id = $1")
         .bind(backend.as_str())
         .execute(conn)

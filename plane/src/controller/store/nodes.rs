@@ -61,13 +61,15 @@ impl Store {
         kind: NodeKind,
         name: &NodeName,
     ) -> StoreResult<()> {
-        sqlx::query("UPDATE node SET last_seen = $1 WHERE cluster = $2 AND kind = $3 AND name = $4")
-            .bind(Millis::now().0)
-            .bind(cluster.as_str())
-            .bind(kind.as_str())
-            .bind(name.as_str())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE node SET last_seen = $1 WHERE cluster = $2 AND kind = $3 AND name = $4",
+        )
+        .bind(Millis::now().0)
+        .bind(cluster.as_str())
+        .bind(kind.as_str())
+        .bind(name.as_str())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -1,0 +1,143 @@
+//! An in-memory [`Runtime`] for unit tests of the lifecycle and executor. The image name
+//! picks the behaviour: `missing` cannot be loaded, `hang` never finishes loading, `silent`
+//! never answers HTTP, `stubborn` ignores SIGTERM; anything else answers HTTP and exits
+//! with 143 on SIGTERM.
+
+use super::{BackendSpec, Runtime, RuntimeError, Signal};
+use plane_protocol::api::ExecutorConfig;
+use plane_protocol::names::BackendName;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum FakeContainer {
+    Running { image: String },
+    Exited(Option<i32>),
+}
+
+#[derive(Clone)]
+pub(crate) struct FakeRuntime {
+    containers: Arc<watch::Sender<HashMap<BackendName, FakeContainer>>>,
+    started: Arc<Mutex<Vec<BackendName>>>,
+    answering: SocketAddr,
+    silent: SocketAddr,
+    _silent_listener: Arc<TcpListener>,
+}
+
+impl FakeRuntime {
+    pub(crate) async fn new() -> Self {
+        let answering = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let answering_addr = answering.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = answering.accept().await {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        // Bound but never accepted from: connections queue up and no answer ever comes.
+        let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self {
+            containers: Arc::new(watch::channel(HashMap::new()).0),
+            started: Arc::default(),
+            answering: answering_addr,
+            silent: silent.local_addr().expect("addr"),
+            _silent_listener: Arc::new(silent),
+        }
+    }
+
+    /// Pretends an earlier run left a container behind.
+    pub(crate) fn add_orphan(&self, backend_id: BackendName) {
+        self.containers.send_modify(|c| {
+            c.insert(backend_id, FakeContainer::Running { image: "orphan".into() });
+        });
+    }
+
+    /// Makes a running backend exit by itself.
+    pub(crate) fn exit(&self, backend_id: &BackendName, code: i32) {
+        self.containers.send_modify(|c| {
+            c.insert(backend_id.clone(), FakeContainer::Exited(Some(code)));
+        });
+    }
+
+    pub(crate) fn container(&self, backend_id: &BackendName) -> Option<FakeContainer> {
+        self.containers.borrow().get(backend_id).cloned()
+    }
+
+    /// Every backend ever started, in order.
+    pub(crate) fn started(&self) -> Vec<BackendName> {
+        self.started.lock().expect("lock").clone()
+    }
+}
+
+impl Runtime for FakeRuntime {
+    async fn prepare_image(&self, executable: &ExecutorConfig) -> Result<(), RuntimeError> {
+        match executable.image.as_str() {
+            "missing" => Err(RuntimeError::ImageUnavailable {
+                image: executable.image.clone(),
+                message: "no such image".into(),
+            }),
+            "hang" => std::future::pending().await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn start_backend(&self, spec: &BackendSpec) -> Result<SocketAddr, RuntimeError> {
+        self.started.lock().expect("lock").push(spec.backend_id.clone());
+        self.containers.send_modify(|c| {
+            c.insert(
+                spec.backend_id.clone(),
+                FakeContainer::Running { image: spec.image.clone() },
+            );
+        });
+        Ok(if spec.image == "silent" { self.silent } else { self.answering })
+    }
+
+    async fn signal(&self, backend_id: &BackendName, signal: Signal) -> Result<(), RuntimeError> {
+        let mut result = Ok(());
+        self.containers.send_modify(|c| match c.get(backend_id) {
+            None => result = Err(RuntimeError::NotFound(backend_id.clone())),
+            Some(FakeContainer::Exited(_)) => {
+                result = Err(RuntimeError::NotRunning(backend_id.clone()))
+            }
+            Some(FakeContainer::Running { image }) => {
+                let exit = match signal {
+                    Signal::Term if image == "stubborn" => None,
+                    Signal::Term => Some(143),
+                    Signal::Kill => Some(137),
+                };
+                if let Some(code) = exit {
+                    c.insert(backend_id.clone(), FakeContainer::Exited(Some(code)));
+                }
+            }
+        });
+        result
+    }
+
+    async fn wait_exit(&self, backend_id: &BackendName) -> Result<Option<i32>, RuntimeError> {
+        let mut containers = self.containers.subscribe();
+        let state = containers
+            .wait_for(|c| !matches!(c.get(backend_id), Some(FakeContainer::Running { .. })))
+            .await
+            .map_err(|err| RuntimeError::Engine { context: "fake".into(), source: err.into() })?;
+        match state.get(backend_id) {
+            Some(FakeContainer::Exited(code)) => Ok(*code),
+            _ => Err(RuntimeError::NotFound(backend_id.clone())),
+        }
+    }
+
+    async fn remove(&self, backend_id: &BackendName) -> Result<(), RuntimeError> {
+        self.containers.send_modify(|c| {
+            c.remove(backend_id);
+        });
+        Ok(())
+    }
+
+    async fn list_backends(&self) -> Result<Vec<BackendName>, RuntimeError> {
+        Ok(self.containers.borrow().keys().cloned().collect())
+    }
+}

@@ -1,0 +1,95 @@
+//! WebSockets pass through the proxy and keep their backend alive while open.
+
+use crate::support::{is_keepalive_for, with_timeout, TestEnv};
+use futures_util::{SinkExt, StreamExt};
+use plane_protocol::proxy::MessageToProxy;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn websocket_echoes_through_the_proxy() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, _) = env.route_to_upstream();
+
+        let url = format!("ws://{}/{token}/socket", env.addr());
+        let (mut socket, response) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket handshake through the proxy");
+        assert_eq!(response.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+
+        for text in ["hello", "again"] {
+            socket.send(Message::text(text)).await.expect("send");
+            let echoed = socket.next().await.expect("an echo").expect("a message");
+            assert_eq!(echoed, Message::text(text));
+        }
+        socket
+            .send(Message::binary(vec![0u8, 1, 2, 255]))
+            .await
+            .expect("send binary");
+        let echoed = socket.next().await.expect("an echo").expect("a message");
+        assert_eq!(echoed, Message::binary(vec![0u8, 1, 2, 255]));
+        socket.close(None).await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keepalive_names_a_backend_with_an_open_websocket() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, route) = env.route_to_upstream();
+        let url = format!("ws://{}/{token}/socket", env.addr());
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket handshake");
+
+        // The socket is idle throughout: only its being open can explain the second report.
+        let seen = env.controller.log().len();
+        env.controller
+            .wait_for("two keep-alives naming the WebSocket's backend", |log| {
+                log[seen..]
+                    .iter()
+                    .filter(|r| is_keepalive_for(r, &route.backend_id))
+                    .count()
+                    >= 2
+            })
+            .await;
+
+        socket
+            .send(Message::text("still here"))
+            .await
+            .expect("send");
+        assert!(socket.next().await.is_some_and(|m| m.is_ok()));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn removing_the_backend_closes_its_websockets() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, route) = env.route_to_upstream();
+        let url = format!("ws://{}/{token}/socket", env.addr());
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket handshake");
+        socket.send(Message::text("ping")).await.expect("send");
+        assert!(socket.next().await.is_some_and(|m| m.is_ok()));
+
+        env.controller.send(MessageToProxy::BackendRemoved {
+            backend_id: route.backend_id.clone(),
+        });
+
+        // The tunnel is cut, so the stream ends (with or without an error).
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = socket.next().await {}
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the WebSocket stayed open after its backend was removed"
+        );
+    })
+    .await;
+}
