@@ -32,6 +32,22 @@ pub struct DevOpts {
     pub stop_grace_period_seconds: u64,
 }
 
+/// The drone's name is stable for a data directory, so a restarted `plane dev` finds and
+/// cleans up the containers its previous run left, and never touches those of another.
+fn dev_drone_name(data_dir: &std::path::Path) -> anyhow::Result<NodeName> {
+    use std::hash::{Hash, Hasher};
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("--data-dir {}: cannot create it", data_dir.display()))?;
+    let canonical = data_dir
+        .canonicalize()
+        .with_context(|| format!("--data-dir {}: cannot resolve it", data_dir.display()))?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    canonical.hash(&mut hasher);
+    format!("dev-drone-{:08x}", hasher.finish() as u32)
+        .parse()
+        .context("naming the drone")
+}
+
 pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let loopback = Ipv4Addr::LOCALHOST;
     let controller_listener = TcpListener::bind((loopback, opts.controller_port))
@@ -86,7 +102,7 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let proxy = plane_proxy::start(proxy_config, proxy_listener).await?;
 
     let mut drone_config = DroneConfig::new(controller_url.clone(), cluster.clone());
-    drone_config.name = "dev-drone".parse().context("naming the drone")?;
+    drone_config.name = dev_drone_name(&opts.data_dir)?;
     drone_config.stop_grace_period_ms = opts.stop_grace_period_seconds * 1000;
     let drone = plane_drone::start(drone_config).await?;
 

@@ -8,6 +8,7 @@ use plane::logging::{self, LogFormat};
 use plane_drone::cli::DroneOpts;
 use plane_proxy::cli::ProxyOpts;
 use std::net::SocketAddr;
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
@@ -40,9 +41,26 @@ enum Command {
     DemoBackend,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The whole cause chain on one line; no backtrace for an operator's mistake.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     if !matches!(cli.command, Command::Connect(_)) {
         logging::init(cli.log_format);
     }

@@ -8,3 +8,4 @@ mod errors;
 mod lifecycle;
 mod proxy;
 mod sweep;
+mod walkthrough;
