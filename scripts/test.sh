@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Plane's whole test suite: formatting, lints, unit tests and the integration tests
-# on SQLite and PostgreSQL against the local Docker engine.
+# on SQLite and PostgreSQL against the local Docker engine, plus a headless-Chromium test.
 #
 # Installs what is missing (apt-get) and starts a throwaway PostgreSQL on a free loopback
 # port, removed again on exit. Needs: cargo, a running Docker engine, root or sudo for
@@ -18,6 +18,8 @@ as_root() {
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq

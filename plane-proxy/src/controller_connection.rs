@@ -78,13 +78,18 @@ impl Shared {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Tokens someone is still waiting for; drops entries whose waiters all gave up.
-    fn live_pending_tokens(&self) -> Vec<BearerToken> {
-        let mut pending = self.pending();
+    /// Forgets waiters that gave up (timed out), and tokens nobody waits for any more.
+    fn prune_pending(pending: &mut HashMap<BearerToken, Vec<Waiter>>) {
         pending.retain(|_, waiters| {
             waiters.retain(|waiter| !waiter.is_closed());
             !waiters.is_empty()
         });
+    }
+
+    /// Tokens someone is still waiting for.
+    fn live_pending_tokens(&self) -> Vec<BearerToken> {
+        let mut pending = self.pending();
+        Self::prune_pending(&mut pending);
         pending.keys().cloned().collect()
     }
 
@@ -164,7 +169,7 @@ impl ControllerClient {
             Ok(Ok(route)) => Ok(route),
             Ok(Err(_)) => Err(RouteError::ControllerUnavailable),
             Err(_) => {
-                self.shared.live_pending_tokens();
+                Shared::prune_pending(&mut self.shared.pending());
                 if self.is_connected() {
                     Err(RouteError::Timeout)
                 } else {

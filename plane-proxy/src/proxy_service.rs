@@ -54,8 +54,6 @@ enum BackendError {
     Connect(std::io::Error),
     #[error("HTTP exchange failed: {0}")]
     Http(hyper::Error),
-    #[error("answered 101 Switching Protocols to a request that did not ask to upgrade")]
-    UnrequestedUpgrade,
 }
 
 /// Splits `/<token>/rest?query` into the token and the path the backend sees
@@ -138,8 +136,7 @@ impl ProxyState {
             return match client_upgrade {
                 Some(client_upgrade) => self.start_tunnel(client_upgrade, response, guard),
                 None => {
-                    let error = BackendError::UnrequestedUpgrade;
-                    debug!(backend = %route.backend_id, %error, "bad backend answer");
+                    debug!(backend = %route.backend_id, "backend switched protocols unasked");
                     responses::bad_gateway()
                 }
             };

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod browser;
 mod connect;
 mod errors;
 mod lifecycle;
