@@ -201,3 +201,103 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    status_stream_resumes_after_last_event_id,
+    |env: TestEnv| async move {
+        let response = env.connect("resume", &env.spawn_config(&[])).await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        env.post(
+            &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
+            &json!({}),
+        )
+        .await;
+        env.wait_for_status(
+            &response.backend_id,
+            BackendStatus::Terminated,
+            Duration::from_secs(30),
+        )
+        .await;
+        // Event ids are status numbers: resuming after `ready` (50) replays only what followed.
+        let text = env
+            .client
+            .get(env.controller_url(&format!("/pub/b/{}/status-stream", response.backend_id)))
+            .header("last-event-id", BackendStatus::Ready.number().to_string())
+            .send()
+            .await
+            .expect("stream")
+            .text()
+            .await
+            .expect("body");
+        let statuses: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(|data| {
+                serde_json::from_str::<serde_json::Value>(data.trim()).expect("entry")["status"]
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(statuses, vec!["\"hard-terminating\"", "\"terminated\""]);
+        env
+    }
+);
+
+db_test!(
+    fencing_token_grows_each_time_a_key_changes_hands,
+    |env: TestEnv| async move {
+        for expected in ["1", "2"] {
+            let response = env.connect("fence-grows", &env.spawn_config(&[])).await;
+            env.wait_for_status(
+                &response.backend_id,
+                BackendStatus::Ready,
+                Duration::from_secs(30),
+            )
+            .await;
+            let (_, body) = env.get_via_proxy(response.token.as_str(), "/env").await;
+            let echo: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
+            assert_eq!(echo["env"]["SESSION_BACKEND_FENCING_TOKEN"], expected);
+            env.post(
+                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
+                &json!({}),
+            )
+            .await;
+            env.wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                Duration::from_secs(30),
+            )
+            .await;
+        }
+        env
+    }
+);
+
+db_test!(
+    static_token_backends_hand_every_connect_the_same_token,
+    |env: TestEnv| async move {
+        let mut config = env.spawn_config(&[]);
+        config.use_static_token = true;
+        let first = env.connect("static", &config).await;
+        let second = env.connect("static", &config).await;
+        assert_eq!(first.token, second.token);
+        assert_eq!(first.secret_token, second.secret_token);
+        env.wait_for_status(
+            &first.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        let (_, body) = env.get_via_proxy(first.token.as_str(), "/env").await;
+        let echo: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
+        assert_eq!(
+            echo["env"]["SESSION_BACKEND_STATIC_TOKEN"],
+            first.token.as_str()
+        );
+        env
+    }
+);
