@@ -239,6 +239,8 @@ pub enum ApiErrorKind {
     NotFound,
     /// Missing or wrong credentials.
     Unauthorized,
+    /// The endpoint exists but not with this HTTP method.
+    MethodNotAllowed,
     /// A fault on our side; details are in the controller's log under the error's `id`.
     Internal,
 }

@@ -225,3 +225,38 @@ db_test!(terminating_twice_is_harmless, |env: TestEnv| async move {
     assert_eq!(body["status"], "terminated");
     env
 });
+
+db_test!(
+    connect_during_termination_waits_and_starts_a_fresh_backend,
+    |env: TestEnv| async move {
+        // Ignoring SIGTERM keeps it terminating for the drone's 1.5 s grace period.
+        let config = env.spawn_config(&[("DEMO_IGNORE_SIGTERM", "1")]);
+        let old = env.connect("handover", &config).await;
+        env.wait_for_status(
+            &old.backend_id,
+            BackendStatus::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        env.post(
+            &format!("/ctrl/b/{}/soft-terminate", old.backend_id),
+            &json!({}),
+        )
+        .await;
+        env.wait_for_status(
+            &old.backend_id,
+            BackendStatus::Terminating,
+            Duration::from_secs(30),
+        )
+        .await;
+        let new = env.connect("handover", &env.spawn_config(&[])).await;
+        assert!(new.spawned);
+        assert_ne!(new.backend_id, old.backend_id);
+        // The old one was gone before the new one was scheduled: never two at once.
+        assert_eq!(
+            env.status(&old.backend_id).await.status,
+            BackendStatus::Terminated
+        );
+        env
+    }
+);

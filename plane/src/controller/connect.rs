@@ -21,6 +21,9 @@ use serde_json::{Map, Value};
 #[from_request(via(axum::Json), rejection(ApiErrorResponse))]
 pub struct ApiJson<T>(pub T);
 
+/// How long a connect waits for a terminating backend to release the key it wants.
+const KEY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How often a connect retries after losing a race for a key to another connect.
 const KEY_RACE_RETRIES: usize = 5;
 
@@ -66,7 +69,7 @@ pub async fn handle_connect(
             if let Some(response) = join_existing(&state, &holder.backend_id, caller).await? {
                 return Ok(Json(response));
             }
-            // The holder terminated between the two reads; try again.
+            // The holder has terminated (or just finished terminating); try again.
             continue;
         }
         let Some(spawn_config) = &request.spawn_config else {
@@ -120,11 +123,30 @@ async fn join_existing(
     backend_id: &BackendName,
     caller: Caller<'_>,
 ) -> Result<Option<ConnectResponse>, ApiErrorResponse> {
+    // Subscribe before reading, so a change between the read and the wait is not missed.
+    let mut changes = state.subscribe_status_changes();
     let Some(backend) = state.store().backend(backend_id).await? else {
         return Ok(None);
     };
     if backend.status.is_terminating() {
-        return Ok(None);
+        // A terminating backend keeps its key until its process is gone, so that two never
+        // run at once. Wait for it to let go, then the caller starts a fresh one.
+        let deadline = tokio::time::Instant::now() + KEY_RELEASE_WAIT;
+        loop {
+            let status = state.store().backend(backend_id).await?.map(|b| b.status);
+            if status.is_none_or(|s| s == BackendStatus::Terminated) {
+                return Ok(None);
+            }
+            if !ControllerState::wait_for_change_of(&mut changes, backend_id, deadline).await {
+                return Err(ApiErrorResponse::new(
+                    ApiErrorKind::KeyHeld,
+                    format!(
+                        "backend {backend_id} holding this key is still terminating after {} s; retry shortly",
+                        KEY_RELEASE_WAIT.as_secs()
+                    ),
+                ));
+            }
+        }
     }
     let (token, secret) = match backend.static_token.clone() {
         // A static token and its secret were recorded once, at spawn.

@@ -45,6 +45,7 @@ impl ApiErrorResponse {
             ApiErrorKind::NoClusterProvided => StatusCode::BAD_REQUEST,
             ApiErrorKind::NoDroneAvailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -68,6 +68,22 @@ impl ControllerState {
         self.inner.status_changes.subscribe()
     }
 
+    /// Waits until `changes` delivers a change of `backend` (or reports lag, after which
+    /// the caller should re-read). Returns false if `deadline` passes first.
+    pub async fn wait_for_change_of(
+        changes: &mut broadcast::Receiver<Arc<StatusChange>>,
+        backend: &plane_protocol::names::BackendName,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => return false,
+                Ok(Ok(change)) if &change.backend.id != backend => continue,
+                Ok(_) => return true,
+            }
+        }
+    }
+
     fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
     }
@@ -126,8 +142,8 @@ fn router(state: ControllerState) -> Router {
         .fallback(|| async { ApiErrorResponse::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiErrorResponse::new(
-                ApiErrorKind::BadRequest,
-                "method not allowed on this endpoint",
+                ApiErrorKind::MethodNotAllowed,
+                "this endpoint does not accept that HTTP method",
             )
         })
         .with_state(state)

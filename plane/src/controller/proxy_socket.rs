@@ -127,13 +127,10 @@ async fn resolve_route(
                 user_data: token_row.auth,
             }));
         }
-        // Wait for this backend's next change (or any lag), then look again.
-        loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Err(_) => return Ok(None),
-                Ok(Ok(change)) if change.backend.id != token_row.backend_id => continue,
-                Ok(_) => break,
-            }
+        // Wait for this backend's next change, then look again.
+        if !ControllerState::wait_for_change_of(&mut changes, &token_row.backend_id, deadline).await
+        {
+            return Ok(None);
         }
     }
 }
