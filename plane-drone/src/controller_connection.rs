@@ -81,7 +81,8 @@ impl Connection {
                 _ = cancel.cancelled() => return,
                 attempt = tokio::time::timeout(
                     CONNECT_TIMEOUT,
-                    tokio_tungstenite::connect_async(self.url.as_str()),
+                    // Small frames must not wait for Nagle's algorithm.
+                    tokio_tungstenite::connect_async_with_config(self.url.as_str(), None, true),
                 ) => attempt,
             };
             match attempt {
@@ -190,7 +191,11 @@ impl Connection {
         send_raw(sink, Message::Ping(Default::default())).await
     }
 
-    async fn send_new_events<S>(&self, sink: &mut S, last_sent: &mut Option<u64>) -> Result<(), String>
+    async fn send_new_events<S>(
+        &self,
+        sink: &mut S,
+        last_sent: &mut Option<u64>,
+    ) -> Result<(), String>
     where
         S: SinkExt<Message> + Unpin,
         S::Error: std::fmt::Display,
@@ -232,7 +237,10 @@ impl Connection {
         S::Error: std::fmt::Display,
     {
         if self.stop_actions.is_cancelled() {
-            tracing::info!(action_id = action.action_id, "shutting down; leaving action unacked");
+            tracing::info!(
+                action_id = action.action_id,
+                "shutting down; leaving action unacked"
+            );
             return Ok(());
         }
         let BackendAction {
@@ -296,6 +304,8 @@ mod tests {
             .await
             .expect("drone connects within 10 s")
             .expect("accept");
+        // The callback's signature is tungstenite's; its error type is not ours to shrink.
+        #[allow(clippy::result_large_err)]
         let check_path = |request: &Request, response: Response| {
             assert_eq!(request.uri().path(), "/ctrl/c/localhost:9090/drone-socket");
             Ok(response)
@@ -383,7 +393,10 @@ mod tests {
 
         // Second connection: hello and the same event again, since it was never acked.
         let mut socket = accept(&listener).await;
-        assert!(matches!(next_message(&mut socket).await, MessageFromDrone::Hello { .. }));
+        assert!(matches!(
+            next_message(&mut socket).await,
+            MessageFromDrone::Hello { .. }
+        ));
         match next_message(&mut socket).await {
             MessageFromDrone::BackendEvent(event) => assert_eq!(event.event_id, event_id),
             other => panic!("expected the replayed event, got {other:?}"),
@@ -420,7 +433,10 @@ mod tests {
             }
         }
         // The ack above was processed before the action, so only the new event is pending.
-        assert!(events.unacked_after(None).iter().all(|e| e.event_id != event_id));
+        assert!(events
+            .unacked_after(None)
+            .iter()
+            .all(|e| e.event_id != event_id));
 
         cancel.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)

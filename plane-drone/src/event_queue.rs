@@ -59,7 +59,9 @@ impl EventQueue {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the map half-updated (each
         // operation is a single insert or remove), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records a status change and returns its event ID.
@@ -107,10 +109,6 @@ impl EventQueue {
 
     pub fn len(&self) -> usize {
         self.lock().pending.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Wakes on every push and ack; the value is the number of unacked events.

@@ -206,7 +206,10 @@ impl<R: Runtime> Runner<R> {
         }
         // Dropping the JoinSet aborts whatever still runs.
         if !self.tasks.is_empty() {
-            tracing::warn!(backends = self.tasks.len(), "executor stopped with backends still running");
+            tracing::warn!(
+                backends = self.tasks.len(),
+                "executor stopped with backends still running"
+            );
         }
     }
 
@@ -281,7 +284,10 @@ impl<R: Runtime> Runner<R> {
 
     fn shutdown(&mut self, reply: oneshot::Sender<()>) {
         if self.shutdown_waiters.is_none() {
-            tracing::info!(backends = self.running.len(), "terminating every backend for shutdown");
+            tracing::info!(
+                backends = self.running.len(),
+                "terminating every backend for shutdown"
+            );
             for requests in self.running.values() {
                 let _ = requests.send(TerminateRequest {
                     kind: TerminationKind::Soft,
@@ -289,7 +295,9 @@ impl<R: Runtime> Runner<R> {
                 });
             }
         }
-        self.shutdown_waiters.get_or_insert_with(Vec::new).push(reply);
+        self.shutdown_waiters
+            .get_or_insert_with(Vec::new)
+            .push(reply);
         self.notify_if_drained();
     }
 
@@ -481,10 +489,17 @@ mod tests {
         let updates = wait_for_status(&h.events, &id, Ready).await;
         assert_eq!(statuses(&updates), vec![Loading, Starting, Waiting, Ready]);
         assert!(last(&updates).address.is_some());
-        assert_eq!(h.executor.running().await.expect("running"), vec![id.clone()]);
+        assert_eq!(
+            h.executor.running().await.expect("running"),
+            vec![id.clone()]
+        );
 
         h.executor
-            .terminate(id.clone(), TerminationKind::Soft, TerminationReason::External)
+            .terminate(
+                id.clone(),
+                TerminationKind::Soft,
+                TerminationReason::External,
+            )
             .await
             .expect("accepted");
         let updates = wait_for_status(&h.events, &id, Terminated).await;
@@ -517,7 +532,10 @@ mod tests {
             statuses(&updates)[4..],
             [Terminating, HardTerminating, Terminated]
         );
-        assert_eq!(updates[5].termination_reason, Some(TerminationReason::Swept));
+        assert_eq!(
+            updates[5].termination_reason,
+            Some(TerminationReason::Swept)
+        );
         assert_eq!(last(&updates).exit_code, Some(137));
     }
 
@@ -550,7 +568,10 @@ mod tests {
         let updates = wait_for_status(&h.events, &id, Terminated).await;
         assert_eq!(statuses(&updates), vec![Loading, Terminated]);
         let done = last(&updates);
-        assert_eq!(done.termination_reason, Some(TerminationReason::StartFailed));
+        assert_eq!(
+            done.termination_reason,
+            Some(TerminationReason::StartFailed)
+        );
         let message = done.message.as_deref().unwrap_or_default();
         assert!(message.contains("\"missing\""), "message: {message}");
     }
@@ -585,7 +606,11 @@ mod tests {
             .expect("accepted");
         wait_for_status(&h.events, &id, Loading).await;
         h.executor
-            .terminate(id.clone(), TerminationKind::Hard, TerminationReason::External)
+            .terminate(
+                id.clone(),
+                TerminationKind::Hard,
+                TerminationReason::External,
+            )
             .await
             .expect("accepted");
         let updates = wait_for_status(&h.events, &id, Terminated).await;
@@ -609,7 +634,11 @@ mod tests {
         }
         wait_for_status(&h.events, &id, Ready).await;
         h.executor
-            .terminate(id.clone(), TerminationKind::Hard, TerminationReason::External)
+            .terminate(
+                id.clone(),
+                TerminationKind::Hard,
+                TerminationReason::External,
+            )
             .await
             .expect("accepted");
         wait_for_status(&h.events, &id, Terminated).await;
@@ -628,7 +657,11 @@ mod tests {
         let h = harness(&[]).await;
         let id = BackendName::new_random();
         h.executor
-            .terminate(id.clone(), TerminationKind::Soft, TerminationReason::KeyExpired)
+            .terminate(
+                id.clone(),
+                TerminationKind::Soft,
+                TerminationReason::KeyExpired,
+            )
             .await
             .expect("accepted");
         let updates = updates_for(&h.events, &id);

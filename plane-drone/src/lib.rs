@@ -6,10 +6,10 @@
 
 pub mod cli;
 pub mod config;
-pub mod controller_connection;
-pub mod event_queue;
-pub mod executor;
-pub mod lifecycle;
+mod controller_connection;
+mod event_queue;
+mod executor;
+mod lifecycle;
 pub mod runtime;
 
 pub use cli::DroneOpts;
@@ -26,13 +26,14 @@ use runtime::Runtime;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// After every backend has been terminated on shutdown, how long to keep the connection
 /// open for the controller to acknowledge the final events.
 const FINAL_EVENTS_GRACE: Duration = Duration::from_secs(3);
 
-/// A running drone.
+/// A running drone. Stop it with [`DroneHandle::shutdown`]; merely dropping it stops the
+/// drone's tasks abruptly and leaves its backends running.
 pub struct DroneHandle {
     name: NodeName,
     connected: watch::Receiver<bool>,
@@ -42,6 +43,9 @@ pub struct DroneHandle {
     stop_actions: CancellationToken,
     /// Stops every task of this drone.
     cancel: CancellationToken,
+    /// Dropping the handle without [`DroneHandle::shutdown`] stops every task at once, like
+    /// a crash: backends keep running and are cleaned up by the next start under this name.
+    _stop_on_drop: DropGuard,
     executor_task: JoinHandle<()>,
     connection_task: JoinHandle<()>,
 }
@@ -103,6 +107,7 @@ pub async fn start_with_runtime<R: Runtime>(
         executor,
         events,
         stop_actions,
+        _stop_on_drop: cancel.clone().drop_guard(),
         cancel,
         executor_task,
         connection_task,
@@ -133,8 +138,17 @@ impl DroneHandle {
         self.executor.shutdown().await;
 
         let mut pending = self.events.subscribe();
-        let acked = tokio::time::timeout(FINAL_EVENTS_GRACE, pending.wait_for(|len| *len == 0));
-        if acked.await.is_err() {
+        let drained = if pending.borrow().eq(&0) {
+            true
+        } else if !self.is_connected() {
+            // Nobody can acknowledge them, so there is nothing to wait for.
+            false
+        } else {
+            tokio::time::timeout(FINAL_EVENTS_GRACE, pending.wait_for(|len| *len == 0))
+                .await
+                .is_ok()
+        };
+        if !drained {
             tracing::warn!(
                 unacked = self.events.len(),
                 "shutting down with events the controller has not acknowledged"

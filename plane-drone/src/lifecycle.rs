@@ -126,7 +126,11 @@ impl<R: Runtime> Backend<'_, R> {
         self.report(BackendStateUpdate::status(status));
     }
 
-    async fn run(&self, spawn: SpawnAction, requests: &mut mpsc::UnboundedReceiver<TerminateRequest>) {
+    async fn run(
+        &self,
+        spawn: SpawnAction,
+        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+    ) {
         let runtime = &self.ctx.runtime;
         let image = &spawn.executable.image;
 
@@ -336,7 +340,9 @@ impl<R: Runtime> Backend<'_, R> {
 
 /// The next terminate request. If the executor has gone away (sender dropped) this never
 /// resolves: the executor aborts its tasks when it stops.
-async fn next_request(requests: &mut mpsc::UnboundedReceiver<TerminateRequest>) -> TerminateRequest {
+async fn next_request(
+    requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+) -> TerminateRequest {
     match requests.recv().await {
         Some(request) => request,
         None => std::future::pending().await,

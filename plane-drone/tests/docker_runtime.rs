@@ -6,7 +6,9 @@
 use bollard::image::{BuildImageOptions, RemoveImageOptions};
 use bollard::Docker;
 use futures_util::StreamExt;
-use plane_drone::runtime::docker::{DockerRuntime, DockerRuntimeConfig, BACKEND_LABEL, DRONE_LABEL};
+use plane_drone::runtime::docker::{
+    DockerRuntime, DockerRuntimeConfig, BACKEND_LABEL, DRONE_LABEL,
+};
 use plane_drone::runtime::{BackendSpec, Runtime, RuntimeError, Signal};
 use plane_protocol::api::{ExecutorConfig, PullPolicy};
 use plane_protocol::names::{BackendName, NodeName};
@@ -26,7 +28,9 @@ CMD ["trap 'exit 7' TERM; /bin/busybox httpd -f -p 8080 -h / & wait"]
 
 fn build_context() -> Vec<u8> {
     let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|err| {
-        panic!("this test needs a static busybox at {BUSYBOX} (apt-get install busybox-static): {err}")
+        panic!(
+            "this test needs a static busybox at {BUSYBOX} (apt-get install busybox-static): {err}"
+        )
     });
     let mut archive = tar::Builder::new(Vec::new());
     for (path, mode, data) in [
@@ -200,7 +204,10 @@ async fn exercise(
     ));
 
     runtime.remove(backend_id).await.expect("removed");
-    runtime.remove(backend_id).await.expect("removing twice is fine");
+    runtime
+        .remove(backend_id)
+        .await
+        .expect("removing twice is fine");
     assert!(runtime.list_backends().await.expect("list").is_empty());
     assert!(matches!(
         runtime.wait_exit(backend_id).await,

@@ -136,14 +136,11 @@ impl DockerRuntime {
             from_image: image_reference_with_tag(image),
             ..Default::default()
         };
-        let credentials = executable
-            .credentials
-            .as_ref()
-            .map(|c| DockerCredentials {
-                username: Some(c.username.clone()),
-                password: Some(c.password.clone()),
-                ..Default::default()
-            });
+        let credentials = executable.credentials.as_ref().map(|c| DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.clone()),
+            ..Default::default()
+        });
         let pull = async {
             let mut progress = self
                 .inner
@@ -176,7 +173,10 @@ impl DockerRuntime {
     }
 
     /// `Some(exit code)` once the process has exited, `None` while it runs.
-    async fn exit_state(&self, backend_id: &BackendName) -> Result<Option<Option<i32>>, RuntimeError> {
+    async fn exit_state(
+        &self,
+        backend_id: &BackendName,
+    ) -> Result<Option<Option<i32>>, RuntimeError> {
         let info = self
             .inner
             .docker
@@ -198,7 +198,10 @@ impl DockerRuntime {
         }
     }
 
-    async fn published_address(&self, backend_id: &BackendName) -> Result<SocketAddr, RuntimeError> {
+    async fn published_address(
+        &self,
+        backend_id: &BackendName,
+    ) -> Result<SocketAddr, RuntimeError> {
         let name = Self::container_name(backend_id);
         let info = self
             .inner
@@ -377,7 +380,12 @@ impl Runtime for DockerRuntime {
             v: true,
             link: false,
         };
-        match self.inner.docker.remove_container(&name, Some(options)).await {
+        match self
+            .inner
+            .docker
+            .remove_container(&name, Some(options))
+            .await
+        {
             Ok(()) => Ok(()),
             // Gone already, or another removal is under way: either way it is going away.
             Err(err) if matches!(status_of(&err), Some(404) | Some(409)) => Ok(()),
@@ -408,7 +416,9 @@ impl Runtime for DockerRuntime {
                 .and_then(|labels| labels.get(BACKEND_LABEL));
             match label.map(|l| l.parse::<BackendName>()) {
                 Some(Ok(backend_id)) => backends.push(backend_id),
-                _ => tracing::warn!(container = ?container.names, "container with this drone's label has no valid backend label; ignoring it"),
+                _ => {
+                    tracing::warn!(container = ?container.names, "container with this drone's label has no valid backend label; ignoring it")
+                }
             }
         }
         Ok(backends)

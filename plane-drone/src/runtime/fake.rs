@@ -53,7 +53,12 @@ impl FakeRuntime {
     /// Pretends an earlier run left a container behind.
     pub(crate) fn add_orphan(&self, backend_id: BackendName) {
         self.containers.send_modify(|c| {
-            c.insert(backend_id, FakeContainer::Running { image: "orphan".into() });
+            c.insert(
+                backend_id,
+                FakeContainer::Running {
+                    image: "orphan".into(),
+                },
+            );
         });
     }
 
@@ -87,14 +92,23 @@ impl Runtime for FakeRuntime {
     }
 
     async fn start_backend(&self, spec: &BackendSpec) -> Result<SocketAddr, RuntimeError> {
-        self.started.lock().expect("lock").push(spec.backend_id.clone());
+        self.started
+            .lock()
+            .expect("lock")
+            .push(spec.backend_id.clone());
         self.containers.send_modify(|c| {
             c.insert(
                 spec.backend_id.clone(),
-                FakeContainer::Running { image: spec.image.clone() },
+                FakeContainer::Running {
+                    image: spec.image.clone(),
+                },
             );
         });
-        Ok(if spec.image == "silent" { self.silent } else { self.answering })
+        Ok(if spec.image == "silent" {
+            self.silent
+        } else {
+            self.answering
+        })
     }
 
     async fn signal(&self, backend_id: &BackendName, signal: Signal) -> Result<(), RuntimeError> {
@@ -123,7 +137,10 @@ impl Runtime for FakeRuntime {
         let state = containers
             .wait_for(|c| !matches!(c.get(backend_id), Some(FakeContainer::Running { .. })))
             .await
-            .map_err(|err| RuntimeError::Engine { context: "fake".into(), source: err.into() })?;
+            .map_err(|err| RuntimeError::Engine {
+                context: "fake".into(),
+                source: err.into(),
+            })?;
         match state.get(backend_id) {
             Some(FakeContainer::Exited(code)) => Ok(*code),
             _ => Err(RuntimeError::NotFound(backend_id.clone())),

@@ -99,8 +99,10 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 
     /// Removes the backend's container, killing it if it still runs. Removing a container
     /// that does not exist succeeds.
-    fn remove(&self, backend_id: &BackendName)
-        -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove(
+        &self,
+        backend_id: &BackendName,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     /// The backends that have a container (running or not) belonging to this drone.
     fn list_backends(&self) -> impl Future<Output = Result<Vec<BackendName>, RuntimeError>> + Send;
