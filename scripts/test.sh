@@ -57,4 +57,8 @@ log "cargo build (the plane binary is used by the walkthrough test)"
 cargo build --workspace --all-targets
 log "cargo test"
 # Integration tests mostly wait on containers, so run more of them than there are cores.
-cargo test --workspace -- --test-threads "${PLANE_TEST_THREADS:-6}"
+test_log="$pg_dir/cargo-test.log"
+cargo test --workspace --all-targets -- --test-threads "${PLANE_TEST_THREADS:-6}" 2>&1 | tee "$test_log"
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "\nsummary: %d passed, %d failed\n", p, f }' "$test_log"

@@ -2,7 +2,6 @@
 //! the proxy, runs the demo page, and echoes a message over a WebSocket.
 
 use crate::harness::{run_test, wait_for, Db, TestEnv};
-use plane_protocol::backend::BackendStatus;
 use serde_json::{json, Value};
 use std::process::Stdio;
 use std::time::Duration;
@@ -107,9 +106,7 @@ impl Browser {
 #[tokio::test(flavor = "current_thread")]
 async fn a_browser_opens_the_backend_url_and_echoes_over_a_websocket() {
     run_test("browser", Db::Sqlite, |env: TestEnv| async move {
-        let response = env.connect("browser-doc", &env.spawn_config(&[])).await;
-        env.wait_for_status(&response.backend_id, BackendStatus::Ready, Duration::from_secs(30))
-            .await;
+        let response = env.connect_ready("browser-doc", &env.spawn_config(&[])).await;
         let browser = Browser::start().await;
         browser.open(&response.url).await;
         let log = "return document.getElementById('log').textContent";

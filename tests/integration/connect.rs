@@ -2,7 +2,7 @@
 
 use crate::db_test;
 use crate::harness::{wait_for, TestEnv};
-use plane_protocol::backend::BackendStatus;
+use plane_protocol::backend::{BackendStatus, TerminationKind};
 use serde_json::json;
 use std::time::Duration;
 
@@ -28,18 +28,10 @@ db_test!(
 
         // Terminate so the stream ends, then check it replays every status, in order.
         let (code, _) = env
-            .post(
-                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
-                &json!({}),
-            )
+            .terminate(&response.backend_id, TerminationKind::Hard)
             .await;
         assert_eq!(code, 200);
-        let statuses: Vec<BackendStatus> = env
-            .status_stream(&response.backend_id)
-            .await
-            .into_iter()
-            .map(|entry| entry.status)
-            .collect();
+        let statuses: Vec<BackendStatus> = env.status_sequence(&response.backend_id).await;
         assert_eq!(
             statuses,
             vec![
@@ -205,24 +197,10 @@ db_test!(
 db_test!(
     status_stream_resumes_after_last_event_id,
     |env: TestEnv| async move {
-        let response = env.connect("resume", &env.spawn_config(&[])).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
-        env.post(
-            &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
-            &json!({}),
-        )
-        .await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Terminated,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("resume", &env.spawn_config(&[])).await;
+        env.terminate(&response.backend_id, TerminationKind::Hard)
+            .await;
+        env.wait_terminated(&response.backend_id).await;
         // Event ids are status numbers: resuming after `ready` (50) replays only what followed.
         let text = env
             .client
@@ -251,27 +229,15 @@ db_test!(
     fencing_token_grows_each_time_a_key_changes_hands,
     |env: TestEnv| async move {
         for expected in ["1", "2"] {
-            let response = env.connect("fence-grows", &env.spawn_config(&[])).await;
-            env.wait_for_status(
-                &response.backend_id,
-                BackendStatus::Ready,
-                Duration::from_secs(30),
-            )
-            .await;
+            let response = env
+                .connect_ready("fence-grows", &env.spawn_config(&[]))
+                .await;
             let (_, body) = env.get_via_proxy(response.token.as_str(), "/env").await;
             let echo: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
             assert_eq!(echo["env"]["SESSION_BACKEND_FENCING_TOKEN"], expected);
-            env.post(
-                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
-                &json!({}),
-            )
-            .await;
-            env.wait_for_status(
-                &response.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+            env.terminate(&response.backend_id, TerminationKind::Hard)
+                .await;
+            env.wait_terminated(&response.backend_id).await;
         }
         env
     }

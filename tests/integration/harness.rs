@@ -6,7 +6,7 @@ use plane::demo_image::{self, ImageSpec};
 use plane_drone::config::DroneConfig;
 use plane_drone::DroneHandle;
 use plane_protocol::api::{ConnectResponse, ExecutorConfig, SpawnConfig};
-use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry};
+use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_proxy::config::ProxyConfig;
 use plane_proxy::ProxyHandle;
@@ -17,6 +17,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::net::TcpListener;
+
+/// How long a test waits for a backend to start or stop.
+pub const BACKEND_WAIT: Duration = Duration::from_secs(30);
 
 /// The longest any single test may run.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -264,6 +267,35 @@ impl TestEnv {
         let (status, body) = self.post("/ctrl/connect", &body).await;
         assert_eq!(status, 200, "connect failed: {body}");
         serde_json::from_value(body).expect("connect response")
+    }
+
+    /// Connects (see [`TestEnv::connect`]) and waits until the backend is ready.
+    pub async fn connect_ready(&self, key: &str, spawn_config: &SpawnConfig) -> ConnectResponse {
+        let response = self.connect(key, spawn_config).await;
+        self.wait_for_status(&response.backend_id, BackendStatus::Ready, BACKEND_WAIT)
+            .await;
+        response
+    }
+
+    /// Asks for a soft or hard termination; returns the status code and JSON body.
+    pub async fn terminate(&self, backend: &BackendName, kind: TerminationKind) -> (u16, Value) {
+        let path = format!("/ctrl/b/{backend}/{}-terminate", kind.as_str());
+        self.post(&path, &json!({})).await
+    }
+
+    /// Waits until the backend has terminated; returns its final entry.
+    pub async fn wait_terminated(&self, backend: &BackendName) -> BackendStatusStreamEntry {
+        self.wait_for_status(backend, BackendStatus::Terminated, BACKEND_WAIT)
+            .await
+    }
+
+    /// The statuses the backend has been through, from its (finished) status stream.
+    pub async fn status_sequence(&self, backend: &BackendName) -> Vec<BackendStatus> {
+        self.status_stream(backend)
+            .await
+            .into_iter()
+            .map(|entry| entry.status)
+            .collect()
     }
 
     /// The backend's latest status entry.

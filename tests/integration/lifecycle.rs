@@ -9,37 +9,17 @@ use std::time::{Duration, Instant};
 db_test!(
     soft_terminate_ends_in_terminated_soft,
     |env: TestEnv| async move {
-        let response = env.connect("soft", &env.spawn_config(&[])).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("soft", &env.spawn_config(&[])).await;
         let (code, body) = env
-            .post(
-                &format!("/ctrl/b/{}/soft-terminate", response.backend_id),
-                &json!({}),
-            )
+            .terminate(&response.backend_id, TerminationKind::Soft)
             .await;
         assert_eq!(code, 200, "{body}");
-        let entry = env
-            .wait_for_status(
-                &response.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+        let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(entry.termination_kind, Some(TerminationKind::Soft));
         assert_eq!(entry.termination_reason, Some(TerminationReason::External));
         // The demo backend exits cleanly on SIGTERM.
         assert_eq!(entry.exit_error, Some(false));
-        let statuses: Vec<_> = env
-            .status_stream(&response.backend_id)
-            .await
-            .into_iter()
-            .map(|e| e.status)
-            .collect();
+        let statuses: Vec<_> = env.status_sequence(&response.backend_id).await;
         assert!(
             statuses.contains(&BackendStatus::Terminating),
             "{statuses:?}"
@@ -55,13 +35,7 @@ db_test!(
 db_test!(
     hard_terminate_ends_in_terminated_hard,
     |env: TestEnv| async move {
-        let response = env.connect("hard", &env.spawn_config(&[])).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("hard", &env.spawn_config(&[])).await;
         let (code, _) = env
             .post(
                 &format!(
@@ -72,13 +46,7 @@ db_test!(
             )
             .await;
         assert_eq!(code, 200);
-        let entry = env
-            .wait_for_status(
-                &response.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+        let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(entry.termination_kind, Some(TerminationKind::Hard));
         assert_eq!(entry.termination_reason, Some(TerminationReason::External));
         assert_eq!(entry.exit_code, Some(137), "SIGKILL exit code: {entry:?}");
@@ -91,13 +59,7 @@ db_test!(
     |env: TestEnv| async move {
         let config = env.spawn_config(&[("DEMO_EXIT_AFTER_MS", "1500"), ("DEMO_EXIT_CODE", "3")]);
         let response = env.connect("exits", &config).await;
-        let entry = env
-            .wait_for_status(
-                &response.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+        let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(entry.exit_code, Some(3));
         assert_eq!(entry.exit_error, Some(true));
         assert_eq!(entry.termination_reason, None);
@@ -105,10 +67,7 @@ db_test!(
         assert!(again.spawned, "the key is free again");
         assert_ne!(again.backend_id, response.backend_id);
         let (code, body) = env
-            .post(
-                &format!("/ctrl/b/{}/hard-terminate", again.backend_id),
-                &json!({}),
-            )
+            .terminate(&again.backend_id, TerminationKind::Hard)
             .await;
         assert_eq!(code, 200, "{body}");
         env
@@ -131,18 +90,9 @@ db_test!(
         )
         .await;
         let started = Instant::now();
-        env.post(
-            &format!("/ctrl/b/{}/soft-terminate", response.backend_id),
-            &json!({}),
-        )
-        .await;
-        let entry = env
-            .wait_for_status(
-                &response.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
+        env.terminate(&response.backend_id, TerminationKind::Soft)
             .await;
+        let entry = env.wait_terminated(&response.backend_id).await;
         // The drone's grace period in tests is 1.5 s: the kill cannot come before it.
         assert!(
             started.elapsed() >= Duration::from_millis(1500),
@@ -150,12 +100,7 @@ db_test!(
             started.elapsed()
         );
         assert_eq!(entry.exit_code, Some(137));
-        let statuses: Vec<_> = env
-            .status_stream(&response.backend_id)
-            .await
-            .into_iter()
-            .map(|e| e.status)
-            .collect();
+        let statuses: Vec<_> = env.status_sequence(&response.backend_id).await;
         assert!(
             statuses.contains(&BackendStatus::Terminating),
             "{statuses:?}"
@@ -193,33 +138,16 @@ db_test!(
 );
 
 db_test!(terminating_twice_is_harmless, |env: TestEnv| async move {
-    let response = env.connect("twice", &env.spawn_config(&[])).await;
-    env.wait_for_status(
-        &response.backend_id,
-        BackendStatus::Ready,
-        Duration::from_secs(30),
-    )
-    .await;
+    let response = env.connect_ready("twice", &env.spawn_config(&[])).await;
     for _ in 0..2 {
         let (code, _) = env
-            .post(
-                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
-                &json!({}),
-            )
+            .terminate(&response.backend_id, TerminationKind::Hard)
             .await;
         assert_eq!(code, 200);
     }
-    env.wait_for_status(
-        &response.backend_id,
-        BackendStatus::Terminated,
-        Duration::from_secs(30),
-    )
-    .await;
+    env.wait_terminated(&response.backend_id).await;
     let (code, body) = env
-        .post(
-            &format!("/ctrl/b/{}/soft-terminate", response.backend_id),
-            &json!({}),
-        )
+        .terminate(&response.backend_id, TerminationKind::Soft)
         .await;
     assert_eq!(code, 200);
     assert_eq!(body["status"], "terminated");
@@ -231,18 +159,8 @@ db_test!(
     |env: TestEnv| async move {
         // Ignoring SIGTERM keeps it terminating for the drone's 1.5 s grace period.
         let config = env.spawn_config(&[("DEMO_IGNORE_SIGTERM", "1")]);
-        let old = env.connect("handover", &config).await;
-        env.wait_for_status(
-            &old.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
-        env.post(
-            &format!("/ctrl/b/{}/soft-terminate", old.backend_id),
-            &json!({}),
-        )
-        .await;
+        let old = env.connect_ready("handover", &config).await;
+        env.terminate(&old.backend_id, TerminationKind::Soft).await;
         env.wait_for_status(
             &old.backend_id,
             BackendStatus::Terminating,

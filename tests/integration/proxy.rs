@@ -4,21 +4,14 @@
 use crate::db_test;
 use crate::harness::TestEnv;
 use futures_util::{SinkExt, StreamExt};
-use plane_protocol::backend::BackendStatus;
+use plane_protocol::backend::TerminationKind;
 use serde_json::Value;
-use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 db_test!(
     http_through_the_proxy_reaches_the_backend_with_verified_headers,
     |env: TestEnv| async move {
-        let response = env.connect("http-doc", &env.spawn_config(&[])).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("http-doc", &env.spawn_config(&[])).await;
         let reply = env
             .client
             .put(env.proxy_url(&format!("/{}/rest/of/path?x=1&y=two", response.token)))
@@ -47,13 +40,7 @@ db_test!(
 db_test!(
     spoofed_verified_headers_never_reach_the_backend,
     |env: TestEnv| async move {
-        let response = env.connect("spoof-doc", &env.spawn_config(&[])).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("spoof-doc", &env.spawn_config(&[])).await;
         let reply = env
             .client
             .get(env.proxy_url(&format!("/{}/whoami", response.token)))
@@ -75,13 +62,7 @@ db_test!(
 db_test!(
     websocket_echo_works_through_the_proxy,
     |env: TestEnv| async move {
-        let response = env.connect("ws-doc", &env.spawn_config(&[])).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("ws-doc", &env.spawn_config(&[])).await;
         let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), response.token);
         let (mut socket, _) = tokio_tungstenite::connect_async(url)
             .await
@@ -111,26 +92,12 @@ db_test!(unknown_tokens_get_a_clear_404, |env: TestEnv| async move {
 db_test!(
     a_terminated_backend_is_no_longer_routed,
     |env: TestEnv| async move {
-        let response = env.connect("gone-doc", &env.spawn_config(&[])).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("gone-doc", &env.spawn_config(&[])).await;
         let (code, _) = env.get_via_proxy(response.token.as_str(), "/").await;
         assert_eq!(code, 200);
-        env.post(
-            &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
-            &serde_json::json!({}),
-        )
-        .await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Terminated,
-            Duration::from_secs(30),
-        )
-        .await;
+        env.terminate(&response.backend_id, TerminationKind::Hard)
+            .await;
+        env.wait_terminated(&response.backend_id).await;
         let (code, body) = env.get_via_proxy(response.token.as_str(), "/").await;
         assert_eq!(code, 404, "{body}");
         env

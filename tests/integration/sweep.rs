@@ -13,26 +13,14 @@ db_test!(
         let mut config = env.spawn_config(&[]);
         config.max_idle_seconds = Some(2);
         let idle = env.connect("idle", &config).await;
-        let busy = env.connect("busy", &config).await;
-        env.wait_for_status(
-            &busy.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let busy = env.connect_ready("busy", &config).await;
         let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), busy.token);
         let (mut socket, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket");
 
         // The idle one is reaped after its 2 s...
-        let entry = env
-            .wait_for_status(
-                &idle.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+        let entry = env.wait_terminated(&idle.backend_id).await;
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
         // ...and by then the busy one has been idle-eligible for as long, yet it is kept
         // while its WebSocket stays open.
@@ -50,13 +38,7 @@ db_test!(
 
         // Once the socket closes, it is reaped too.
         drop(socket);
-        let entry = env
-            .wait_for_status(
-                &busy.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+        let entry = env.wait_terminated(&busy.backend_id).await;
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
         env
     }
@@ -68,13 +50,7 @@ db_test!(
         let mut config = env.spawn_config(&[]);
         config.max_idle_seconds = Some(1);
         let response = env.connect("lonely", &config).await;
-        let entry = env
-            .wait_for_status(
-                &response.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+        let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
         env
     }
@@ -85,24 +61,12 @@ db_test!(
     |env: TestEnv| async move {
         let mut config = env.spawn_config(&[]);
         config.lifetime_limit_seconds = Some(3);
-        let response = env.connect("short-lived", &config).await;
-        env.wait_for_status(
-            &response.backend_id,
-            BackendStatus::Ready,
-            Duration::from_secs(30),
-        )
-        .await;
+        let response = env.connect_ready("short-lived", &config).await;
         let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), response.token);
         let (_socket, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket");
-        let entry = env
-            .wait_for_status(
-                &response.backend_id,
-                BackendStatus::Terminated,
-                Duration::from_secs(30),
-            )
-            .await;
+        let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
         env
     }
