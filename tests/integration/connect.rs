@@ -221,6 +221,24 @@ db_test!(
             })
             .collect();
         assert_eq!(statuses, vec!["\"hard-terminating\"", "\"terminated\""]);
+
+        // A client that already saw `terminated` (as EventSource does on reconnect) gets
+        // an empty stream that ends, not one that hangs.
+        let resumed = env
+            .client
+            .get(env.controller_url(&format!("/pub/b/{}/status-stream", response.backend_id)))
+            .header(
+                "last-event-id",
+                BackendStatus::Terminated.number().to_string(),
+            )
+            .send()
+            .await
+            .expect("stream");
+        let text = tokio::time::timeout(Duration::from_secs(10), resumed.text())
+            .await
+            .expect("the stream ends")
+            .expect("body");
+        assert!(!text.contains("data:"), "{text}");
         env
     }
 );

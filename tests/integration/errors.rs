@@ -85,6 +85,10 @@ db_test!(
                 json!({ "spawn_config": { "executable": { "image": image, "unknown_field": 1 } } }),
                 "unknown_field",
             ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image }, "max_idle_seconds": 10_000_000_000_i64 } }),
+                "max_idle_seconds",
+            ),
             (json!({}), "key"),
         ];
         for (body, mentions) in cases {

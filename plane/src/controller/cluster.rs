@@ -1,12 +1,12 @@
 //! Health and state endpoints: `/pub/health`, `/ctrl/status`, `/ctrl/c/:cluster/state`.
 
 use super::error::ApiErrorResponse;
+use super::paths::ClusterPath;
 use super::store::NodeKind;
 use super::ControllerState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::{ClusterState, ControllerStatus, NodeState};
-use plane_protocol::names::ClusterName;
 use plane_protocol::PLANE_VERSION;
 
 /// Public liveness: no details beyond the version.
@@ -31,11 +31,8 @@ pub async fn handle_controller_status(
 
 pub async fn handle_cluster_state(
     State(state): State<ControllerState>,
-    Path(cluster): Path<String>,
+    ClusterPath(cluster): ClusterPath,
 ) -> Result<Json<ClusterState>, ApiErrorResponse> {
-    let cluster: ClusterName = cluster
-        .parse()
-        .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
     let live = state.store().live_backend_counts(&cluster).await?;
     let drones = state
         .store()

@@ -24,6 +24,10 @@ pub struct ApiJson<T>(pub T);
 /// How long a connect waits for a terminating backend to release the key it wants.
 const KEY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The largest idle or lifetime limit accepted: ten years, in seconds. Larger values would
+/// overflow millisecond arithmetic in the database.
+const MAX_LIMIT_SECONDS: i64 = 10 * 365 * 24 * 60 * 60;
+
 /// How often a connect retries after losing a race for a key to another connect.
 const KEY_RACE_RETRIES: usize = 5;
 
@@ -405,9 +409,9 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
         ),
     ] {
         if let Some(seconds) = value {
-            if seconds < 1 {
+            if !(1..=MAX_LIMIT_SECONDS).contains(&seconds) {
                 return Err(ApiErrorResponse::bad_request(format!(
-                    "{field} must be at least 1, got {seconds}"
+                    "{field} must be 1 to {MAX_LIMIT_SECONDS} (ten years), got {seconds}"
                 )));
             }
         }

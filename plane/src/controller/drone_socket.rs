@@ -2,11 +2,12 @@
 //! reconnect), and applies the status events it reports.
 
 use super::error::ApiErrorResponse;
-use super::socket::{self, Incoming, HELLO_TIMEOUT};
+use super::paths::{ClusterPath, SocketUpgrade};
+use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
 use super::store::NodeKind;
 use super::ControllerState;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::ws::WebSocket;
+use axum::extract::State;
 use axum::response::Response;
 use futures_util::StreamExt;
 use plane_protocol::drone::{BackendEvent, MessageFromDrone, MessageToDrone};
@@ -16,12 +17,9 @@ use tokio::sync::mpsc;
 
 pub async fn handle_drone_socket(
     State(state): State<ControllerState>,
-    Path(cluster): Path<String>,
-    upgrade: WebSocketUpgrade,
+    ClusterPath(cluster): ClusterPath,
+    SocketUpgrade(upgrade): SocketUpgrade,
 ) -> Result<Response, ApiErrorResponse> {
-    let cluster: ClusterName = cluster
-        .parse()
-        .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
     Ok(upgrade.on_upgrade(move |socket| drone_session(state, cluster, socket)))
 }
 
@@ -71,16 +69,26 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         }
     }
 
+    // Reset by every frame received; fires when the node has gone quiet.
+    let silence = tokio::time::sleep(SILENCE_TIMEOUT);
+    tokio::pin!(silence);
     loop {
         tokio::select! {
             _ = state.shutdown_token().cancelled() => break,
+            _ = &mut silence => {
+                tracing::warn!(%cluster, %name, "node silent for {SILENCE_TIMEOUT:?}; closing its socket");
+                break;
+            }
             Some(message) = outbox.recv() => {
                 if socket::send(&mut sink, &message).await.is_err() {
                     break;
                 }
             }
-            incoming = socket::receive::<MessageFromDrone>(&mut stream) => match incoming {
+            incoming = socket::receive::<MessageFromDrone>(&mut stream) => {
+                silence.as_mut().reset(tokio::time::Instant::now() + SILENCE_TIMEOUT);
+                match incoming {
                 Incoming::Closed => break,
+                Incoming::Alive => {}
                 Incoming::Invalid(detail) => {
                     tracing::warn!(drone = %name, %detail, "invalid message from drone");
                 }
@@ -91,7 +99,8 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
                         }
                     }
                 }
-            },
+            }
+            }
         }
     }
     tracing::info!(drone = %name, %cluster, "drone disconnected");
@@ -124,12 +133,12 @@ async fn handle_message(
             None
         }
         MessageFromDrone::ActionAck { action_id } => {
-            if let Err(err) = state.store().ack_action(drone, action_id).await {
+            if let Err(err) = state.store().ack_action(cluster, drone, action_id).await {
                 tracing::warn!(%drone, action_id, error = %err, "could not record action ack");
             }
             None
         }
-        MessageFromDrone::BackendEvent(event) => apply_event(state, drone, event).await,
+        MessageFromDrone::BackendEvent(event) => apply_event(state, cluster, drone, event).await,
     }
 }
 
@@ -137,12 +146,19 @@ async fn handle_message(
 /// event that could not be stored is not acked, so the drone sends it again.
 async fn apply_event(
     state: &ControllerState,
+    cluster: &ClusterName,
     drone: &NodeName,
     event: BackendEvent,
 ) -> Option<MessageToDrone> {
     let result = state
         .store()
-        .apply_status(&event.backend_id, drone, &event.update, Millis::now())
+        .apply_status(
+            &event.backend_id,
+            cluster,
+            drone,
+            &event.update,
+            Millis::now(),
+        )
         .await;
     match result {
         Ok(Some(change)) => {

@@ -7,6 +7,7 @@ mod connect;
 mod drone_socket;
 mod error;
 mod nodes;
+mod paths;
 mod proxy_socket;
 mod socket;
 mod status;

@@ -2,11 +2,12 @@
 //! ready), records connection reports, and pushes route removals.
 
 use super::error::ApiErrorResponse;
-use super::socket::{self, Incoming, HELLO_TIMEOUT};
+use super::paths::{ClusterPath, SocketUpgrade};
+use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
 use super::store::NodeKind;
 use super::ControllerState;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::ws::WebSocket;
+use axum::extract::State;
 use axum::response::Response;
 use futures_util::StreamExt;
 use plane_protocol::backend::BackendStatus;
@@ -18,12 +19,9 @@ use tokio::sync::mpsc;
 
 pub async fn handle_proxy_socket(
     State(state): State<ControllerState>,
-    Path(cluster): Path<String>,
-    upgrade: WebSocketUpgrade,
+    ClusterPath(cluster): ClusterPath,
+    SocketUpgrade(upgrade): SocketUpgrade,
 ) -> Result<Response, ApiErrorResponse> {
-    let cluster: ClusterName = cluster
-        .parse()
-        .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
     Ok(upgrade.on_upgrade(move |socket| proxy_session(state, cluster, socket)))
 }
 
@@ -50,17 +48,27 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
     // Route lookups run concurrently; they end with the session.
     let mut lookups = tokio::task::JoinSet::new();
 
+    // Reset by every frame received; fires when the node has gone quiet.
+    let silence = tokio::time::sleep(SILENCE_TIMEOUT);
+    tokio::pin!(silence);
     loop {
         tokio::select! {
             _ = state.shutdown_token().cancelled() => break,
+            _ = &mut silence => {
+                tracing::warn!(%cluster, %name, "node silent for {SILENCE_TIMEOUT:?}; closing its socket");
+                break;
+            }
             Some(message) = outbox.recv() => {
                 if socket::send(&mut sink, &message).await.is_err() {
                     break;
                 }
             }
             Some(_) = lookups.join_next(), if !lookups.is_empty() => {}
-            incoming = socket::receive::<MessageFromProxy>(&mut stream) => match incoming {
+            incoming = socket::receive::<MessageFromProxy>(&mut stream) => {
+                silence.as_mut().reset(tokio::time::Instant::now() + SILENCE_TIMEOUT);
+                match incoming {
                 Incoming::Closed => break,
+                Incoming::Alive => {}
                 Incoming::Invalid(detail) => {
                     tracing::warn!(proxy = %name, %detail, "invalid message from proxy");
                 }
@@ -88,7 +96,8 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
                     }
                     let _ = state.store().touch_node(&cluster, NodeKind::Proxy, &name).await;
                 }
-            },
+            }
+            }
         }
     }
     lookups.abort_all();

@@ -10,28 +10,32 @@ use std::time::Duration;
 /// How long a node has after connecting to introduce itself.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A node that sends nothing (no heartbeat, report or ping) for this long is treated as
+/// gone and its session closed, so a half-open connection does not keep it "connected".
+/// Drones and proxies send something every few seconds.
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What arrived on a node socket.
 pub enum Incoming<T> {
     Message(T),
     /// A frame that is not a valid message; logged and skipped.
     Invalid(String),
+    /// A ping or other control frame: a sign of life, nothing to handle.
+    Alive,
     /// The socket closed or failed.
     Closed,
 }
 
+/// The next frame, decoded.
 pub async fn receive<T: DeserializeOwned>(stream: &mut SplitStream<WebSocket>) -> Incoming<T> {
-    loop {
-        match stream.next().await {
-            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Incoming::Closed,
-            Some(Ok(Message::Text(text))) => {
-                return match serde_json::from_str(text.as_str()) {
-                    Ok(message) => Incoming::Message(message),
-                    Err(err) => Incoming::Invalid(format!("{err}: {}", text.as_str())),
-                }
-            }
-            // Pings are answered by axum; binary frames are not part of the protocol.
-            Some(Ok(_)) => continue,
-        }
+    match stream.next().await {
+        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Incoming::Closed,
+        Some(Ok(Message::Text(text))) => match serde_json::from_str(text.as_str()) {
+            Ok(message) => Incoming::Message(message),
+            Err(err) => Incoming::Invalid(format!("{err}: {}", text.as_str())),
+        },
+        // Pings are answered by axum; binary frames are not part of the protocol.
+        Some(Ok(_)) => Incoming::Alive,
     }
 }
 

@@ -2,25 +2,25 @@
 //! history followed by live changes as server-sent events.
 
 use super::error::ApiErrorResponse;
-use super::terminate::backend_param;
+use super::paths::BackendPath;
 use super::ControllerState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
 use futures_util::Stream;
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry};
 use plane_protocol::names::BackendName;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 pub async fn handle_status(
     State(state): State<ControllerState>,
-    Path(params): Path<HashMap<String, String>>,
+    path: BackendPath,
 ) -> Result<Json<BackendStatusStreamEntry>, ApiErrorResponse> {
-    let backend = backend_param(&params)?;
+    path.check_cluster(&state).await?;
+    let backend = path.backend;
     let history = state.store().status_history(&backend).await?;
     history
         .into_iter()
@@ -34,10 +34,11 @@ pub async fn handle_status(
 /// reconnects with `Last-Event-ID` gets exactly what it missed.
 pub async fn handle_status_stream(
     State(state): State<ControllerState>,
-    Path(params): Path<HashMap<String, String>>,
+    path: BackendPath,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiErrorResponse> {
-    let backend = backend_param(&params)?;
+    path.check_cluster(&state).await?;
+    let backend = path.backend;
     let last_seen = match headers.get("last-event-id") {
         None => 0,
         Some(value) => value
@@ -96,7 +97,11 @@ async fn stream_statuses(
         true
     }
 
-    if !send_newer(history, &mut last_sent, &sender).await {
+    let already_over = history
+        .last()
+        .is_some_and(|entry| entry.status == BackendStatus::Terminated);
+    if !send_newer(history, &mut last_sent, &sender).await || already_over {
+        // Over: terminated was just sent, or the client had already seen it.
         return;
     }
     loop {

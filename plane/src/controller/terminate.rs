@@ -2,20 +2,21 @@
 //! sweeper also uses.
 
 use super::error::ApiErrorResponse;
+use super::paths::BackendPath;
 use super::ControllerState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::TerminateResponse;
 use plane_protocol::backend::{BackendStatus, TerminationKind, TerminationReason};
 use plane_protocol::drone::MessageToDrone;
 use plane_protocol::names::BackendName;
-use std::collections::HashMap;
 
 pub async fn handle_soft_terminate(
     State(state): State<ControllerState>,
-    Path(params): Path<HashMap<String, String>>,
+    path: BackendPath,
 ) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
-    let backend = backend_param(&params)?;
+    path.check_cluster(&state).await?;
+    let backend = path.backend;
     let status = terminate(
         &state,
         &backend,
@@ -31,9 +32,10 @@ pub async fn handle_soft_terminate(
 
 pub async fn handle_hard_terminate(
     State(state): State<ControllerState>,
-    Path(params): Path<HashMap<String, String>>,
+    path: BackendPath,
 ) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
-    let backend = backend_param(&params)?;
+    path.check_cluster(&state).await?;
+    let backend = path.backend;
     let status = terminate(
         &state,
         &backend,
@@ -45,15 +47,6 @@ pub async fn handle_hard_terminate(
         backend_id: backend,
         status,
     }))
-}
-
-/// Reads and validates the `{backend}` path segment (shared by every `/b/{backend}` route).
-pub fn backend_param(params: &HashMap<String, String>) -> Result<BackendName, ApiErrorResponse> {
-    let raw = params
-        .get("backend")
-        .ok_or_else(|| ApiErrorResponse::bad_request("missing backend id in path"))?;
-    raw.parse()
-        .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))
 }
 
 /// Asks the backend's drone to stop it. Idempotent: asking again (or asking a terminated
@@ -72,16 +65,11 @@ pub async fn terminate(
     if backend.status == BackendStatus::Terminated {
         return Ok(backend.status);
     }
-    if state.store().request_termination(backend_id, kind).await? {
-        let action = state
-            .store()
-            .add_action(
-                backend_id,
-                &backend.cluster,
-                &backend.drone,
-                plane_protocol::drone::ActionKind::Terminate { kind, reason },
-            )
-            .await?;
+    if let Some(action) = state
+        .store()
+        .request_termination(&backend, kind, reason)
+        .await?
+    {
         tracing::info!(backend = %backend_id, ?kind, ?reason, "termination requested");
         state.nodes().send_to_drone(
             &backend.cluster,

@@ -9,23 +9,6 @@ use plane_protocol::time::Millis;
 use sqlx::Row;
 
 impl Store {
-    /// Stores an action for a drone and returns it with its ID.
-    pub async fn add_action(
-        &self,
-        backend: &BackendName,
-        cluster: &ClusterName,
-        drone: &NodeName,
-        action: ActionKind,
-    ) -> StoreResult<BackendAction> {
-        let mut conn = self.pool.acquire().await?;
-        let action_id = insert(&mut conn, backend, cluster, drone, &action, Millis::now()).await?;
-        Ok(BackendAction {
-            action_id,
-            backend_id: backend.clone(),
-            action,
-        })
-    }
-
     /// Unacknowledged actions for a drone, oldest first.
     pub async fn pending_actions(
         &self,
@@ -54,12 +37,19 @@ impl Store {
     }
 
     /// Marks an action as received by its drone (only that drone may ack it).
-    pub async fn ack_action(&self, drone: &NodeName, action_id: i64) -> StoreResult<()> {
+    pub async fn ack_action(
+        &self,
+        cluster: &ClusterName,
+        drone: &NodeName,
+        action_id: i64,
+    ) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE backend_action SET acked_at = $1 WHERE id = $2 AND drone = $3 AND acked_at IS NULL",
+            "UPDATE backend_action SET acked_at = $1 \
+             WHERE id = $2 AND cluster = $3 AND drone = $4 AND acked_at IS NULL",
         )
         .bind(Millis::now().0)
         .bind(action_id)
+        .bind(cluster.as_str())
         .bind(drone.as_str())
         .execute(&self.pool)
         .await?;

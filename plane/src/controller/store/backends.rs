@@ -7,7 +7,7 @@ use plane_protocol::api::{KeyConfig, SpawnConfig};
 use plane_protocol::backend::{
     BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind, TerminationReason,
 };
-use plane_protocol::drone::ActionKind;
+use plane_protocol::drone::{ActionKind, BackendAction};
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName};
 use plane_protocol::time::Millis;
 use sqlx::any::AnyRow;
@@ -246,6 +246,7 @@ impl Store {
     pub async fn apply_status(
         &self,
         id: &BackendName,
+        cluster: &ClusterName,
         drone: &NodeName,
         update: &BackendStateUpdate,
         now: Millis,
@@ -258,7 +259,7 @@ impl Store {
              termination_reason = COALESCE($6, termination_reason), \
              exit_code = COALESCE($7, exit_code), message = COALESCE($8, message), \
              last_active_at = CASE WHEN $1 = 'ready' THEN $3 ELSE last_active_at END \
-             WHERE id = $9 AND drone = $10 AND status_number < $2",
+             WHERE id = $9 AND cluster = $10 AND drone = $11 AND status_number < $2",
         )
         .bind(update.status.as_str())
         .bind(i64::from(update.status.number()))
@@ -269,6 +270,7 @@ impl Store {
         .bind(update.exit_code.map(i64::from))
         .bind(update.message.clone())
         .bind(id.as_str())
+        .bind(cluster.as_str())
         .bind(drone.as_str())
         .execute(&mut *tx)
         .await?;
@@ -290,14 +292,15 @@ impl Store {
         Ok(Some(StatusChange { backend, entry }))
     }
 
-    /// Records that `kind` termination was asked for. Returns false when an equal or
-    /// stronger termination was already asked for (or the backend has terminated), so the
-    /// caller need not send the action again.
+    /// Records that `kind` termination was asked for and stores the drone action for it,
+    /// in one transaction. Returns `None` when an equal or stronger termination was already
+    /// asked for (or the backend has terminated): there is nothing new to send.
     pub async fn request_termination(
         &self,
-        id: &BackendName,
+        backend: &BackendRow,
         kind: TerminationKind,
-    ) -> StoreResult<bool> {
+        reason: TerminationReason,
+    ) -> StoreResult<Option<BackendAction>> {
         let allowed_previous = match kind {
             // A soft request only goes out if nothing was requested yet.
             TerminationKind::Soft => "termination_requested IS NULL",
@@ -306,16 +309,35 @@ impl Store {
                 "(termination_requested IS NULL OR termination_requested = 'soft')"
             }
         };
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(&format!(
             "UPDATE backend SET termination_requested = $1 \
              WHERE id = $2 AND status_number < $3 AND {allowed_previous}"
         ))
         .bind(kind.as_str())
-        .bind(id.as_str())
+        .bind(backend.id.as_str())
         .bind(i64::from(BackendStatus::Terminated.number()))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(result.rows_affected() > 0)
+        if result.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let action = ActionKind::Terminate { kind, reason };
+        let action_id = actions::insert(
+            &mut tx,
+            &backend.id,
+            &backend.cluster,
+            &backend.drone,
+            &action,
+            Millis::now(),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(BackendAction {
+            action_id,
+            backend_id: backend.id.clone(),
+            action,
+        }))
     }
 
     /// Marks backends as active now (a proxy reported connections or traffic).

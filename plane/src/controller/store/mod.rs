@@ -83,7 +83,12 @@ impl Store {
                     })?;
                 }
             }
-            (DatabaseKind::Sqlite, format!("sqlite://{path}?mode=rwc"))
+            // The path becomes part of a URL: escape what would end or re-read it.
+            let escaped = path
+                .replace('%', "%25")
+                .replace('?', "%3F")
+                .replace('#', "%23");
+            (DatabaseKind::Sqlite, format!("sqlite://{escaped}?mode=rwc"))
         };
 
         let options = match kind {

@@ -1,0 +1,87 @@
+//! Path extractors whose rejections are JSON `ApiErrorResponse`s like every other error.
+
+use super::error::ApiErrorResponse;
+use super::ControllerState;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
+use plane_protocol::names::{BackendName, ClusterName};
+use std::collections::HashMap;
+
+/// The `{backend}` segment of `/b/{backend}/...` routes, and `{cluster}` for the
+/// `/c/{cluster}/b/{backend}/...` forms.
+pub struct BackendPath {
+    pub backend: BackendName,
+    pub cluster: Option<ClusterName>,
+}
+
+impl BackendPath {
+    /// In the `/c/{cluster}/...` forms the backend must belong to that cluster; a backend
+    /// of another cluster is as good as absent there.
+    pub async fn check_cluster(&self, state: &ControllerState) -> Result<(), ApiErrorResponse> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        match state.store().backend(&self.backend).await? {
+            Some(row) if &row.cluster == cluster => Ok(()),
+            _ => Err(ApiErrorResponse::not_found(format!(
+                "no backend {} in cluster {cluster}",
+                self.backend
+            ))),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for BackendPath {
+    type Rejection = ApiErrorResponse;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(params) =
+            Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
+        let backend = params
+            .get("backend")
+            .ok_or_else(|| ApiErrorResponse::bad_request("missing backend id in path"))?
+            .parse()
+            .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
+        let cluster = params
+            .get("cluster")
+            .map(|raw| raw.parse())
+            .transpose()
+            .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
+        Ok(BackendPath { backend, cluster })
+    }
+}
+
+/// The `{cluster}` segment of `/c/{cluster}/...` routes.
+pub struct ClusterPath(pub ClusterName);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClusterPath {
+    type Rejection = ApiErrorResponse;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+        raw.parse()
+            .map(ClusterPath)
+            .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))
+    }
+}
+
+/// A WebSocket upgrade; a plain HTTP request to a socket route gets a JSON 400.
+pub struct SocketUpgrade(pub WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for SocketUpgrade {
+    type Rejection = ApiErrorResponse;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map(SocketUpgrade)
+            .map_err(|rejection: WebSocketUpgradeRejection| {
+                ApiErrorResponse::bad_request(format!(
+                    "this endpoint takes a WebSocket connection: {}",
+                    rejection.body_text()
+                ))
+            })
+    }
+}
