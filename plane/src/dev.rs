@@ -81,7 +81,7 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let demo_image = demo_image::ensure(
         &docker,
         &ImageSpec {
-            executable,
+            executable: executable.clone(),
             args: vec!["demo-backend".to_string()],
             repository: DEMO_IMAGE.to_string(),
         },
@@ -118,7 +118,10 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     println!("plane dev is ready: controller {controller_url} | proxy http://{proxy_addr} | cluster {cluster} | database {}", db.display());
     println!();
     println!("Start a backend and follow it until it is ready:");
-    println!("  plane connect --controller {controller_url} --key my-first-key --image {DEMO_IMAGE}:latest --max-idle-seconds 60");
+    println!(
+        "  {} connect --controller {controller_url} --key my-first-key --image {DEMO_IMAGE}:latest --max-idle-seconds 60",
+        executable.display()
+    );
     println!("Then open the printed URL in a browser. Stop plane dev with Ctrl-C.");
     tracing::info!(image = %demo_image, "demo image ready");
 
