@@ -127,7 +127,9 @@ fn random_suffix() -> String {
 
 /// A running controller + drone + proxy.
 pub struct TestEnv {
-    pub controller: ControllerHandle,
+    /// `None` only while [`TestEnv::restart_controller`] swaps it.
+    controller: Option<ControllerHandle>,
+    controller_config: ControllerConfig,
     pub drone: DroneHandle,
     pub proxy: ProxyHandle,
     pub cluster: ClusterName,
@@ -165,7 +167,7 @@ impl TestEnv {
         let controller_listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind controller");
-        let controller = controller::start(controller_config, controller_listener)
+        let controller = controller::start(controller_config.clone(), controller_listener)
             .await
             .expect("start controller");
 
@@ -182,7 +184,8 @@ impl TestEnv {
         let drone = plane_drone::start(drone_config).await.expect("start drone");
 
         let env = TestEnv {
-            controller,
+            controller: Some(controller),
+            controller_config,
             drone,
             proxy,
             cluster,
@@ -205,7 +208,9 @@ impl TestEnv {
     pub async fn shutdown(self) {
         self.drone.shutdown().await;
         self.proxy.shutdown().await;
-        self.controller.shutdown().await;
+        if let Some(controller) = self.controller {
+            controller.shutdown().await;
+        }
         if let Some((admin, db_name)) = self.postgres_db {
             drop_postgres_database(&admin, &db_name).await;
         }
@@ -214,9 +219,48 @@ impl TestEnv {
     pub fn controller_url(&self, path: &str) -> String {
         format!(
             "{}{}",
-            self.controller.url().as_str().trim_end_matches('/'),
+            self.controller().url().as_str().trim_end_matches('/'),
             path
         )
+    }
+
+    pub fn controller(&self) -> &ControllerHandle {
+        self.controller.as_ref().expect("controller is running")
+    }
+
+    /// Stops the controller and starts a new one on the same address and database, then
+    /// waits for the drone and proxy to reconnect to it.
+    pub async fn restart_controller(&mut self) {
+        let old = self.controller.take().expect("controller is running");
+        let addr = old.local_addr();
+        old.shutdown().await;
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("rebind controller address");
+        let controller = controller::start(self.controller_config.clone(), listener)
+            .await
+            .expect("restart controller");
+        self.controller = Some(controller);
+        // The nodes notice the old socket closing and reconnect with backoff.
+        wait_for(
+            "drone and proxy to reconnect",
+            Duration::from_secs(20),
+            || async {
+                let state: Value = self
+                    .client
+                    .get(self.controller_url(&format!("/ctrl/c/{}/state", self.cluster)))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let connected = state["drones"][0]["connected"] == true
+                    && state["proxies"][0]["connected"] == true;
+                connected.then_some(()).ok_or(state.to_string())
+            },
+        )
+        .await;
     }
 
     pub fn proxy_url(&self, path: &str) -> String {

@@ -178,3 +178,26 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    backends_survive_a_controller_restart,
+    |mut env: TestEnv| async move {
+        let response = env.connect_ready("survivor", &env.spawn_config(&[])).await;
+        env.restart_controller().await;
+        // Still routed, still the key's holder, and still under the controller's command.
+        let (code, body) = env
+            .get_via_proxy(response.token.as_str(), "/after-restart")
+            .await;
+        assert_eq!(code, 200, "{body}");
+        let again = env.connect("survivor", &env.spawn_config(&[])).await;
+        assert!(!again.spawned);
+        assert_eq!(again.backend_id, response.backend_id);
+        let (code, _) = env
+            .terminate(&response.backend_id, TerminationKind::Hard)
+            .await;
+        assert_eq!(code, 200);
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(entry.termination_kind, Some(TerminationKind::Hard));
+        env
+    }
+);
