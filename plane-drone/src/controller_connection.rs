@@ -135,6 +135,10 @@ impl Connection {
 
         let silence_limit = (self.heartbeat_interval * 3).max(MIN_SILENCE_LIMIT);
         let mut last_heard = Instant::now();
+        // The oldest unacked event at the previous heartbeat. Still unacked a whole
+        // interval later means the controller did not store it (it acks only what it
+        // stored), so everything unacked is sent again; duplicates are harmless.
+        let mut oldest_unacked_at_last_beat = None;
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -162,7 +166,15 @@ impl Connection {
                     if last_heard.elapsed() > silence_limit {
                         Err(format!("nothing heard from the controller for {silence_limit:?}"))
                     } else {
-                        self.heartbeat(&mut sink).await
+                        let oldest = self.events.unacked_after(None).first().map(|e| e.event_id);
+                        if oldest.is_some() && oldest == oldest_unacked_at_last_beat {
+                            last_sent = None;
+                        }
+                        oldest_unacked_at_last_beat = oldest;
+                        match self.heartbeat(&mut sink).await {
+                            Ok(()) => self.send_new_events(&mut sink, &mut last_sent).await,
+                            failed => failed,
+                        }
                     }
                 }
                 Ok(()) = events_changed.changed() => {

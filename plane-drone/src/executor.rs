@@ -122,6 +122,9 @@ pub(crate) async fn start<R: Runtime>(
 ) -> anyhow::Result<(ExecutorHandle, JoinHandle<()>)> {
     let http = reqwest::Client::builder()
         .no_proxy()
+        // Any answer means the backend is serving, a redirect included; following it could
+        // lead anywhere.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("building the HTTP client for readiness probes")?;
     let mut finished = RecentSet::new(FINISHED_MEMORY);

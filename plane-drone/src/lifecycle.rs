@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Per-try bound on one readiness probe; a backend that accepts but does not answer within
-/// this is probed again.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// this is probed again. Generous, so a slow first response still counts as ready (a
+/// closed port fails at once, whatever this is); the startup deadline bounds the whole.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between readiness probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long to wait for the exit after SIGKILL before reporting `terminated` anyway, so a

@@ -200,6 +200,8 @@ enum SessionError {
     Closed,
     #[error("nothing heard from the controller for {0:?}")]
     Silent(Duration),
+    #[error("the controller did not take a message within {0:?}")]
+    SendTimeout(Duration),
 }
 
 struct Runner {
@@ -298,7 +300,7 @@ impl Runner {
                     if silent_for > silence_limit {
                         return Err(SessionError::Silent(silent_for));
                     }
-                    socket.send(Message::Ping(Default::default())).await?;
+                    send_frame(socket, Message::Ping(Default::default())).await?;
                     self.send_report(socket).await?;
                 }
             }
@@ -337,6 +339,16 @@ impl Runner {
 
 async fn send(socket: &mut Socket, message: &MessageFromProxy) -> Result<(), SessionError> {
     let text = serde_json::to_string(message)?;
-    socket.send(Message::text(text)).await?;
-    Ok(())
+    send_frame(socket, Message::text(text)).await
+}
+
+/// How long one frame may wait for the controller to take it. A controller that stops
+/// reading would otherwise block the session (and its silence check) forever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn send_frame(socket: &mut Socket, frame: Message) -> Result<(), SessionError> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(SessionError::SendTimeout(SEND_TIMEOUT)),
+    }
 }

@@ -74,7 +74,8 @@ pub fn strip_verified(headers: &mut HeaderMap) {
     // Header names are stored lowercased, so a prefix test is case-insensitive.
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with(VERIFIED_PREFIX))
+        // Many servers (CGI, WSGI, Rack) read `x_verified_user` as `x-verified-user`.
+        .filter(|name| name.as_str().replace('_', "-").starts_with(VERIFIED_PREFIX))
         .cloned()
         .collect();
     for name in spoofed {

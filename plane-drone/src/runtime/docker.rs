@@ -107,7 +107,7 @@ impl DockerRuntime {
         let stop_events = cancel.child_token();
         tokio::spawn(watch_exits(
             docker.clone(),
-            config.drone.clone(),
+            ownership_labels(&config),
             exits.clone(),
             stop_events.clone(),
         ));
@@ -394,10 +394,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list_backends(&self) -> Result<Vec<BackendName>, RuntimeError> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{DRONE_LABEL}={}", self.inner.config.drone)],
-        )]);
+        let filters = HashMap::from([("label".to_string(), ownership_labels(&self.inner.config))]);
         let containers = self
             .inner
             .docker
@@ -425,11 +422,20 @@ impl Runtime for DockerRuntime {
     }
 }
 
+/// Label filters matching exactly this drone's containers: drone names are unique only
+/// within a cluster, and several clusters may share one Docker engine.
+fn ownership_labels(config: &DockerRuntimeConfig) -> Vec<String> {
+    vec![
+        format!("{DRONE_LABEL}={}", config.drone),
+        format!("{CLUSTER_LABEL}={}", config.cluster),
+    ]
+}
+
 /// Follows the engine's `die` events for this drone's containers and broadcasts them,
 /// re-subscribing (from the last event seen, so nothing is skipped) when the stream ends.
 async fn watch_exits(
     docker: Docker,
-    drone: NodeName,
+    labels: Vec<String>,
     exits: broadcast::Sender<ContainerExit>,
     cancel: CancellationToken,
 ) {
@@ -438,7 +444,7 @@ async fn watch_exits(
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
             ("event".to_string(), vec!["die".to_string()]),
-            ("label".to_string(), vec![format!("{DRONE_LABEL}={drone}")]),
+            ("label".to_string(), labels.clone()),
         ]);
         let mut events = docker.events(Some(EventsOptions {
             since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),

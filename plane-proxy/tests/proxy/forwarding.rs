@@ -71,6 +71,7 @@ async fn spoofed_verified_headers_are_stripped() {
                 ("X-Verified-Username", "mallory"),
                 ("x-verified-secret", "guessed"),
                 ("x-VERIFIED-made-up", "anything"),
+                ("x_verified_username", "mallory"),
                 ("x-forwarded-for", "10.9.9.9"),
             ],
             "",
@@ -80,6 +81,7 @@ async fn spoofed_verified_headers_are_stripped() {
         assert_eq!(response.status, StatusCode::OK);
         assert_eq!(response.echoed_header("x-verified-username"), None);
         assert_eq!(response.echoed_header("x-verified-made-up"), None);
+        assert_eq!(response.echoed_header("x_verified_username"), None);
         assert_eq!(
             response.echoed_header("x-verified-secret").as_deref(),
             Some(route.secret_token.as_str())
