@@ -285,3 +285,23 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    concurrent_connects_for_one_key_start_exactly_one_backend,
+    |env: TestEnv| async move {
+        let spawn_config = env.spawn_config(&[]);
+        let connects = (0..20).map(|_| env.connect("contended", &spawn_config));
+        let responses = futures_util::future::join_all(connects).await;
+        let spawned = responses.iter().filter(|r| r.spawned).count();
+        assert_eq!(spawned, 1, "exactly one connect starts the backend");
+        let first = &responses[0].backend_id;
+        assert!(responses.iter().all(|r| &r.backend_id == first));
+        let tokens: std::collections::HashSet<_> = responses.iter().map(|r| &r.token).collect();
+        assert_eq!(
+            tokens.len(),
+            responses.len(),
+            "every connect gets its own token"
+        );
+        env
+    }
+);
