@@ -2,8 +2,8 @@
 # Runs Plane's whole test suite: formatting, lints, unit tests and the integration tests
 # on SQLite and PostgreSQL against the local Docker engine, plus a headless-Chromium test.
 #
-# Installs what is missing (apt-get) and starts a throwaway PostgreSQL on a free loopback
-# port, removed again on exit. Needs: cargo, a running Docker engine, root or sudo for
+# Installs what is missing (apt-get) and starts a throwaway PostgreSQL and a throwaway
+# password-protected image registry on free loopback ports, removed again on exit. Needs: cargo, a running Docker engine, root or sudo for
 # apt-get when packages are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,9 @@ as_root() {
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -30,16 +33,20 @@ docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable
 # --- Throwaway PostgreSQL on a free loopback port ---------------------------------------
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 pg_dir=$(mktemp -d /tmp/plane-test-pg.XXXXXX)
-pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+pg_port=$(free_port)
 pg_user=$(id -un)
 run_pg() {
   # PostgreSQL refuses to run as root; use the postgres account the package created.
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 if [ "$(id -u)" = 0 ]; then chown postgres "$pg_dir"; pg_user=postgres; fi
+registry_dir=$(mktemp -d /tmp/plane-test-registry.XXXXXX)
+registry_pid=
 cleanup() {
   run_pg "$pg_bin/pg_ctl" -D "$pg_dir/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$pg_dir"
+  [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null
+  rm -rf "$pg_dir" "$registry_dir"
 }
 trap cleanup EXIT
 log "starting PostgreSQL on 127.0.0.1:$pg_port"
@@ -47,6 +54,38 @@ run_pg "$pg_bin/initdb" -D "$pg_dir/data" -U "$pg_user" --auth=trust >/dev/null
 run_pg "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/postgres.log" -w \
   -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $pg_dir -c max_connections=300 -c fsync=off" start >/dev/null
 export PLANE_TEST_POSTGRES_URL="postgres://$pg_user@127.0.0.1:$pg_port/postgres"
+
+# --- Throwaway password-protected image registry on a free loopback port -----------------
+# Docker treats registries on 127.0.0.0/8 as insecure-allowed, so plain HTTP works.
+registry_port=$(free_port)
+registry_password=$(python3 -c 'import secrets; print(secrets.token_hex(12))')
+htpasswd -Bbn plane "$registry_password" > "$registry_dir/htpasswd"
+cat > "$registry_dir/config.yml" <<YAML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $registry_dir/data
+http:
+  addr: 127.0.0.1:$registry_port
+auth:
+  htpasswd:
+    realm: plane-test
+    path: $registry_dir/htpasswd
+YAML
+log "starting an image registry on 127.0.0.1:$registry_port"
+docker-registry serve "$registry_dir/config.yml" > "$registry_dir/registry.log" 2>&1 &
+registry_pid=$!
+for _ in $(seq 1 50); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$registry_port/v2/" || true)
+  [ "$code" = 401 ] && break
+  sleep 0.1
+done
+[ "$code" = 401 ] || { echo "error: the test registry did not start; see $registry_dir/registry.log" >&2; cat "$registry_dir/registry.log" >&2; exit 1; }
+export PLANE_TEST_REGISTRY="127.0.0.1:$registry_port"
+export PLANE_TEST_REGISTRY_USER=plane
+export PLANE_TEST_REGISTRY_PASSWORD="$registry_password"
 
 # --- Checks and tests -------------------------------------------------------------------
 log "cargo fmt --check"

@@ -8,5 +8,6 @@ mod connect;
 mod errors;
 mod lifecycle;
 mod proxy;
+mod pull;
 mod sweep;
 mod walkthrough;

@@ -1,0 +1,169 @@
+//! Image pulls against a real (local, password-protected) registry: each pull policy, and
+//! registry credentials.
+
+use crate::db_test;
+use crate::harness::{test_image, TestEnv};
+use bollard::auth::DockerCredentials;
+use bollard::image::{PushImageOptions, RemoveImageOptions, TagImageOptions};
+use futures_util::StreamExt;
+use plane_protocol::api::{PullPolicy, RegistryCredentials, SpawnConfig};
+use plane_protocol::backend::TerminationReason;
+use rand::distributions::{Alphanumeric, DistString};
+
+/// The test registry, started by the test command: `host:port`, user, password.
+struct Registry {
+    address: String,
+    username: String,
+    password: String,
+}
+
+fn registry() -> Registry {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} must be set: the test command (scripts/test.sh) starts a local registry")
+        })
+    };
+    Registry {
+        address: var("PLANE_TEST_REGISTRY"),
+        username: var("PLANE_TEST_REGISTRY_USER"),
+        password: var("PLANE_TEST_REGISTRY_PASSWORD"),
+    }
+}
+
+impl Registry {
+    fn credentials(&self) -> RegistryCredentials {
+        RegistryCredentials {
+            username: self.username.clone(),
+            password: self.password.clone(),
+        }
+    }
+
+    /// Pushes the test backend image under a fresh repository and removes the local tag, so
+    /// the engine must pull it to run it. Returns the image reference.
+    async fn push_fresh_image(&self) -> String {
+        let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
+        let name = Alphanumeric
+            .sample_string(&mut rand::thread_rng(), 10)
+            .to_lowercase();
+        let repo = format!("{}/plane-test/pull-{name}", self.address);
+        docker
+            .tag_image(
+                test_image(),
+                Some(TagImageOptions {
+                    repo: repo.as_str(),
+                    tag: "v1",
+                }),
+            )
+            .await
+            .expect("tag for the registry");
+        let credentials = DockerCredentials {
+            username: Some(self.username.clone()),
+            password: Some(self.password.clone()),
+            serveraddress: Some(self.address.clone()),
+            ..Default::default()
+        };
+        let mut push = docker.push_image(
+            &repo,
+            Some(PushImageOptions { tag: "v1" }),
+            Some(credentials),
+        );
+        while let Some(step) = push.next().await {
+            let step = step.expect("push to the test registry");
+            assert!(step.error.is_none(), "push failed: {step:?}");
+        }
+        let image = format!("{repo}:v1");
+        remove_local(&image).await;
+        image
+    }
+}
+
+/// Untags a local image (the layers stay, shared with the test image).
+async fn remove_local(image: &str) {
+    let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
+    let options = RemoveImageOptions {
+        force: false,
+        noprune: true,
+    };
+    let _ = docker.remove_image(image, Some(options), None).await;
+}
+
+fn config_for(env: &TestEnv, image: &str, policy: Option<PullPolicy>) -> SpawnConfig {
+    let mut config = env.spawn_config(&[]);
+    config.executable.image = image.to_string();
+    config.executable.pull_policy = policy;
+    config.executable.credentials = Some(registry().credentials());
+    config
+}
+
+db_test!(
+    a_missing_image_is_pulled_with_credentials_by_default,
+    |env: TestEnv| async move {
+        let image = registry().push_fresh_image().await;
+        let response = env
+            .connect_ready("pulled", &config_for(&env, &image, None))
+            .await;
+        let (code, _) = env.get_via_proxy(response.token.as_str(), "/").await;
+        assert_eq!(code, 200);
+        remove_local(&image).await;
+        env
+    }
+);
+
+db_test!(
+    pull_policy_always_pulls_even_when_the_image_is_present,
+    |env: TestEnv| async move {
+        let image = registry().push_fresh_image().await;
+        env.connect_ready(
+            "always",
+            &config_for(&env, &image, Some(PullPolicy::Always)),
+        )
+        .await;
+        // Present now; Always still goes to the registry, so without credentials it fails.
+        let mut config = config_for(&env, &image, Some(PullPolicy::Always));
+        config.executable.credentials = None;
+        let response = env.connect("always-no-credentials", &config).await;
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(
+            entry.termination_reason,
+            Some(TerminationReason::StartFailed)
+        );
+        remove_local(&image).await;
+        env
+    }
+);
+
+db_test!(
+    pull_policy_never_refuses_an_image_the_drone_lacks,
+    |env: TestEnv| async move {
+        let image = registry().push_fresh_image().await;
+        let response = env
+            .connect("never", &config_for(&env, &image, Some(PullPolicy::Never)))
+            .await;
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(
+            entry.termination_reason,
+            Some(TerminationReason::StartFailed)
+        );
+        assert!(entry.message.unwrap_or_default().contains(&image));
+        env
+    }
+);
+
+db_test!(
+    wrong_registry_credentials_fail_the_start_with_a_reason,
+    |env: TestEnv| async move {
+        let image = registry().push_fresh_image().await;
+        let mut config = config_for(&env, &image, None);
+        config.executable.credentials = Some(RegistryCredentials {
+            username: "plane".to_string(),
+            password: "wrong".to_string(),
+        });
+        let response = env.connect("bad-credentials", &config).await;
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(
+            entry.termination_reason,
+            Some(TerminationReason::StartFailed)
+        );
+        env
+    }
+);
