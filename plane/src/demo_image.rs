@@ -3,7 +3,7 @@
 //! backend (the `plane` binary itself); the test suite packages its test backend the same way.
 
 use anyhow::{bail, Context};
-use bollard::image::{BuildImageOptions, TagImageOptions};
+use bollard::image::{BuildImageOptions, ListImagesOptions, RemoveImageOptions, TagImageOptions};
 use bollard::Docker;
 use futures_util::StreamExt;
 use std::collections::BTreeSet;
@@ -25,7 +25,8 @@ pub struct ImageSpec {
 /// is also tagged `<repository>:latest`.
 pub async fn ensure(docker: &Docker, spec: &ImageSpec) -> anyhow::Result<String> {
     let image = format!("{}:{}", spec.repository, fingerprint(&spec.executable)?);
-    if docker.inspect_image(&image).await.is_err() {
+    let missing = docker.inspect_image(&image).await.is_err();
+    if missing {
         build(docker, spec, &image).await?;
     }
     docker
@@ -38,7 +39,35 @@ pub async fn ensure(docker: &Docker, spec: &ImageSpec) -> anyhow::Result<String>
         )
         .await
         .with_context(|| format!("tagging {image} as {}:latest", spec.repository))?;
+    if missing {
+        remove_older_builds(docker, &spec.repository, &image).await;
+    }
     Ok(image)
+}
+
+/// Untags earlier builds of the repository so rebuilding the binary does not pile up
+/// images. Best effort: an image still used by a container stays.
+async fn remove_older_builds(docker: &Docker, repository: &str, current: &str) {
+    let filters = [("reference".to_string(), vec![repository.to_string()])].into();
+    let options = ListImagesOptions::<String> {
+        filters,
+        ..Default::default()
+    };
+    let Ok(images) = docker.list_images(Some(options)).await else {
+        return;
+    };
+    let latest = format!("{repository}:latest");
+    for tag in images.iter().flat_map(|image| image.repo_tags.iter()) {
+        if tag != current && *tag != latest {
+            let options = RemoveImageOptions {
+                force: false,
+                noprune: false,
+            };
+            if let Err(err) = docker.remove_image(tag, Some(options), None).await {
+                tracing::debug!(%tag, %err, "kept an older image");
+            }
+        }
+    }
 }
 
 /// Identifies a build of the executable by its size and modification time.
