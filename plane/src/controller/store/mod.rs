@@ -75,7 +75,13 @@ impl Store {
         let (kind, url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (DatabaseKind::Postgres, url.to_string())
         } else {
-            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            let path = match url.split_once("://") {
+                None => url,
+                Some(("sqlite", path)) => path,
+                Some((scheme, _)) => anyhow::bail!(
+                    "database {url:?}: unsupported scheme {scheme:?}; use postgres://... or a SQLite file path"
+                ),
+            };
             if let Some(parent) = Path::new(path).parent() {
                 if !parent.as_os_str().is_empty() {
                     std::fs::create_dir_all(parent).with_context(|| {
@@ -106,6 +112,14 @@ impl Store {
                 }),
             DatabaseKind::Postgres => AnyPoolOptions::new().max_connections(10),
         };
+        // One direct connection first: a pool reports only "timed out", this says why.
+        {
+            use sqlx::Connection;
+            let conn = sqlx::AnyConnection::connect(&url)
+                .await
+                .with_context(|| format!("connecting to the {} database", kind.as_str()))?;
+            conn.close().await.ok();
+        }
         let pool = options
             .acquire_timeout(Duration::from_secs(10))
             .connect(&url)
