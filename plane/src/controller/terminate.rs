@@ -15,36 +15,26 @@ pub async fn handle_soft_terminate(
     State(state): State<ControllerState>,
     path: BackendPath,
 ) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
-    path.check_cluster(&state).await?;
-    let backend = path.backend;
-    let status = terminate(
-        &state,
-        &backend,
-        TerminationKind::Soft,
-        TerminationReason::External,
-    )
-    .await?;
-    Ok(Json(TerminateResponse {
-        backend_id: backend,
-        status,
-    }))
+    terminate_on_request(&state, path, TerminationKind::Soft).await
 }
 
 pub async fn handle_hard_terminate(
     State(state): State<ControllerState>,
     path: BackendPath,
 ) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
-    path.check_cluster(&state).await?;
-    let backend = path.backend;
-    let status = terminate(
-        &state,
-        &backend,
-        TerminationKind::Hard,
-        TerminationReason::External,
-    )
-    .await?;
+    terminate_on_request(&state, path, TerminationKind::Hard).await
+}
+
+/// A terminate asked for on the API (reason `external`).
+async fn terminate_on_request(
+    state: &ControllerState,
+    path: BackendPath,
+    kind: TerminationKind,
+) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
+    path.check_cluster(state).await?;
+    let status = terminate(state, &path.backend, kind, TerminationReason::External).await?;
     Ok(Json(TerminateResponse {
-        backend_id: backend,
+        backend_id: path.backend,
         status,
     }))
 }
