@@ -1,7 +1,7 @@
 //! Connect: get-or-create by key, status progression, token reuse rules.
 
 use crate::db_test;
-use crate::harness::{wait_for, TestEnv};
+use crate::harness::TestEnv;
 use plane_protocol::backend::{BackendStatus, TerminationKind};
 use serde_json::json;
 use std::time::Duration;
@@ -165,30 +165,7 @@ db_test!(
 db_test!(
     cluster_state_lists_connected_drone_and_proxy,
     |env: TestEnv| async move {
-        let url = env.controller_url(&format!("/ctrl/c/{}/state", env.cluster));
-        let state: serde_json::Value = wait_for(
-            "both nodes in cluster state",
-            Duration::from_secs(10),
-            || async {
-                let state: serde_json::Value = env
-                    .client
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .json()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let ok = state["drones"][0]["connected"] == true
-                    && state["proxies"][0]["connected"] == true;
-                if ok {
-                    Ok(state)
-                } else {
-                    Err(state.to_string())
-                }
-            },
-        )
-        .await;
+        let state = env.wait_for_connected_nodes().await;
         assert_eq!(state["drones"][0]["name"], env.drone.name().as_str());
         env
     }

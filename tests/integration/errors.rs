@@ -97,15 +97,9 @@ db_test!(
         }
 
         // Nothing was written: no backend was scheduled on the drone.
-        let state: Value = env
-            .client
-            .get(env.controller_url(&format!("/ctrl/c/{}/state", env.cluster)))
-            .send()
-            .await
-            .expect("state")
-            .json()
-            .await
-            .expect("state JSON");
+        let (_, state) = env
+            .get_json(&format!("/ctrl/c/{}/state", env.cluster))
+            .await;
         assert_eq!(state["drones"][0]["backends"], 0, "{state}");
         env
     }
@@ -125,24 +119,12 @@ db_test!(
         assert_eq!(status, 404, "{error}");
         assert_eq!(error["kind"], "NotFound");
 
-        let response = env
-            .client
-            .get(env.controller_url("/pub/b/ba-doesnotexist/status"))
-            .send()
-            .await
-            .expect("controller reachable");
-        assert_eq!(response.status().as_u16(), 404);
-        let error: Value = response.json().await.expect("JSON");
+        let (status, error) = env.get_json("/pub/b/ba-doesnotexist/status").await;
+        assert_eq!(status, 404, "{error}");
         assert_eq!(error["kind"], "NotFound");
 
-        let response = env
-            .client
-            .get(env.controller_url("/no/such/endpoint"))
-            .send()
-            .await
-            .expect("controller reachable");
-        assert_eq!(response.status().as_u16(), 404);
-        let error: Value = response.json().await.expect("JSON");
+        let (status, error) = env.get_json("/no/such/endpoint").await;
+        assert_eq!(status, 404, "{error}");
         assert_eq!(error["kind"], "NotFound");
         env
     }

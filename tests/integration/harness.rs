@@ -242,25 +242,27 @@ impl TestEnv {
             .expect("restart controller");
         self.controller = Some(controller);
         // The nodes notice the old socket closing and reconnect with backoff.
+        self.wait_for_connected_nodes().await;
+    }
+
+    /// Waits until the cluster state shows the drone and proxy connected; returns it.
+    pub async fn wait_for_connected_nodes(&self) -> Value {
+        let path = format!("/ctrl/c/{}/state", self.cluster);
         wait_for(
-            "drone and proxy to reconnect",
+            "drone and proxy connected in the cluster state",
             Duration::from_secs(20),
             || async {
-                let state: Value = self
-                    .client
-                    .get(self.controller_url(&format!("/ctrl/c/{}/state", self.cluster)))
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .json()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (_, state) = self.get_json(&path).await;
                 let connected = state["drones"][0]["connected"] == true
                     && state["proxies"][0]["connected"] == true;
-                connected.then_some(()).ok_or(state.to_string())
+                if connected {
+                    Ok(state)
+                } else {
+                    Err(state.to_string())
+                }
             },
         )
-        .await;
+        .await
     }
 
     pub fn proxy_url(&self, path: &str) -> String {
@@ -303,6 +305,18 @@ impl TestEnv {
         let status = response.status().as_u16();
         let body = response.json().await.unwrap_or(Value::Null);
         (status, body)
+    }
+
+    /// GETs a controller path; returns the status code and the JSON body (`Null` if none).
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.controller_url(path))
+            .send()
+            .await
+            .expect("controller reachable");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// Connects with a key and the given spawn config; panics unless it succeeds.
