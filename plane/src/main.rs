@@ -7,7 +7,6 @@ use plane::dev::DevOpts;
 use plane::logging::{self, LogFormat};
 use plane_drone::cli::DroneOpts;
 use plane_proxy::cli::ProxyOpts;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -65,10 +64,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         logging::init(cli.log_format);
     }
     match cli.command {
-        Command::Controller(opts) => {
-            let listen = SocketAddr::new(opts.host, opts.port);
-            plane::controller::run(opts.into_config(), listen).await
-        }
+        Command::Controller(opts) => plane::controller::run(opts.into_config()?).await,
         Command::Drone(opts) => plane_drone::run(opts.into_config()?).await,
         Command::Proxy(opts) => plane_proxy::run(opts.into_config()?).await,
         Command::Dev(opts) => plane::dev::run(opts).await,

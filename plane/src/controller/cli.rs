@@ -3,7 +3,7 @@
 use super::config::ControllerConfig;
 use clap::Args;
 use plane_protocol::names::ClusterName;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use url::Url;
 
 #[derive(Args, Debug, Clone)]
@@ -23,18 +23,33 @@ pub struct ControllerOpts {
     /// Cluster for spawn configs that name none.
     #[arg(long, env = "PLANE_DEFAULT_CLUSTER")]
     pub default_cluster: Option<ClusterName>,
-    /// Milliseconds between sweeps for idle or expired backends.
+    /// Milliseconds between sweeps for idle, expired or lost backends.
     #[arg(long, env = "PLANE_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
+    /// Milliseconds a proxy's route request may wait for a starting backend.
+    #[arg(long, env = "PLANE_ROUTE_WAIT_TIMEOUT_MS", default_value_t = 60_000)]
+    pub route_wait_timeout_ms: u64,
+    /// Milliseconds one renewal keeps a backend's key lease (drones renew every heartbeat).
+    #[arg(long, env = "PLANE_LEASE_MS", default_value_t = 15_000)]
+    pub lease_ms: u64,
+    /// Milliseconds of silence after which a drone is marked lost (at least --lease-ms).
+    #[arg(long, env = "PLANE_LOST_WINDOW_MS", default_value_t = 30_000)]
+    pub lost_window_ms: u64,
 }
 
 impl ControllerOpts {
-    pub fn into_config(self) -> ControllerConfig {
-        ControllerConfig {
+    pub fn into_config(self) -> anyhow::Result<ControllerConfig> {
+        let config = ControllerConfig {
+            listen: SocketAddr::new(self.host, self.port),
             public_url: self.public_url,
             default_cluster: self.default_cluster,
             sweep_interval_ms: self.sweep_interval_ms,
+            route_wait_timeout_ms: self.route_wait_timeout_ms,
+            lease_ms: self.lease_ms,
+            lost_window_ms: self.lost_window_ms,
             ..ControllerConfig::new(self.db)
-        }
+        };
+        config.validate()?;
+        Ok(config)
     }
 }

@@ -2,10 +2,13 @@
 
 use plane_protocol::names::ClusterName;
 use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
 use url::Url;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ControllerConfig {
+    /// Address [`super::run`] listens on (tests and `plane dev` bind their own listener).
+    pub listen: SocketAddr,
     /// Database to use: `postgres://user:pass@host/db`, `sqlite:///path/plane.db`, or a
     /// plain file path (SQLite).
     pub db: String,
@@ -14,21 +17,69 @@ pub struct ControllerConfig {
     pub public_url: Option<Url>,
     /// Cluster used when a spawn config names none.
     pub default_cluster: Option<ClusterName>,
-    /// How often the sweeper looks for idle or expired backends, in milliseconds.
+    /// How often the sweeper looks for idle, expired or lost backends, in milliseconds.
     pub sweep_interval_ms: u64,
     /// How long a proxy's route request may wait for a starting backend to become ready,
     /// in milliseconds.
     pub route_wait_timeout_ms: u64,
+    /// How long one renewal keeps a backend's key lease, in milliseconds. Drones renew on
+    /// every heartbeat, so this must be at least two of their heartbeat intervals (plus
+    /// their fencing margin); a drone whose heartbeat does not fit is refused at hello.
+    pub lease_ms: u64,
+    /// A drone silent for this many milliseconds is marked lost and its backends
+    /// `terminated{lost}`. At least `lease_ms`, so that no drone is declared lost while a
+    /// lease it holds could still be valid.
+    pub lost_window_ms: u64,
 }
 
 impl ControllerConfig {
     pub fn new(db: impl Into<String>) -> Self {
         Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             db: db.into(),
             public_url: None,
             default_cluster: None,
             sweep_interval_ms: 1000,
             route_wait_timeout_ms: 60_000,
+            lease_ms: 15_000,
+            lost_window_ms: 30_000,
         }
+    }
+
+    /// Refuses timings that cannot work together, naming the flags involved.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.sweep_interval_ms > 0,
+            "--sweep-interval-ms must be at least 1"
+        );
+        anyhow::ensure!(
+            self.lease_ms >= 100,
+            "--lease-ms must be at least 100 (got {})",
+            self.lease_ms
+        );
+        anyhow::ensure!(
+            self.lost_window_ms >= self.lease_ms,
+            "--lost-window-ms ({}) must be at least --lease-ms ({}): a drone must not be declared lost while one of its leases may still be valid",
+            self.lost_window_ms,
+            self.lease_ms
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_window_shorter_than_the_lease_is_refused_naming_both_flags() {
+        let config = ControllerConfig {
+            lease_ms: 10_000,
+            lost_window_ms: 5_000,
+            ..ControllerConfig::new("plane.db")
+        };
+        let message = config.validate().expect_err("refused").to_string();
+        assert!(message.contains("--lost-window-ms") && message.contains("--lease-ms"));
+        assert!(ControllerConfig::new("plane.db").validate().is_ok());
     }
 }

@@ -1,14 +1,12 @@
 //! `POST /ctrl/connect` and `POST /ctrl/spawn`: get-or-create a backend by key, place it
 //! on a drone, and hand back a tokenized URL.
 
-use super::error::ApiErrorResponse;
+use super::error::{ApiErrorResponse, ControllerError};
 use super::store::{NewBackend, NewToken};
 use super::ControllerState;
 use axum::extract::{FromRequest, State};
 use axum::Json;
-use plane_protocol::api::{
-    ApiErrorKind, ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest,
-};
+use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
 use plane_protocol::backend::BackendStatus;
 use plane_protocol::drone::{ActionKind, BackendAction, MessageToDrone, SpawnAction};
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, SecretToken};
@@ -35,7 +33,16 @@ pub async fn handle_connect(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<ConnectRequest>,
 ) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
-    validate_connect(&request)?;
+    Ok(Json(connect(&state, &request).await?))
+}
+
+/// Get-or-create by key: joins the backend holding the key (with a fresh token), or starts
+/// one that takes it. Without a key, always starts a new backend.
+pub async fn connect(
+    state: &ControllerState,
+    request: &ConnectRequest,
+) -> Result<ConnectResponse, ControllerError> {
+    validate_connect(request)?;
     let pool = request
         .spawn_config
         .as_ref()
@@ -49,44 +56,38 @@ pub async fn handle_connect(
 
     let Some(key) = &request.key else {
         let spawn_config = request.spawn_config.as_ref().ok_or_else(|| {
-            ApiErrorResponse::bad_request("a connect needs a `key`, a `spawn_config`, or both")
+            ControllerError::invalid("a connect needs a `key`, a `spawn_config`, or both")
         })?;
-        return spawn(&state, spawn_config, &pool, None, caller)
+        return spawn(state, spawn_config, &pool, None, caller)
             .await?
-            .ok_or_else(|| {
-                ApiErrorResponse::from(anyhow::anyhow!("spawn without a key lost a key race"))
-            })
-            .map(Json);
+            .ok_or_else(|| anyhow::anyhow!("spawn without a key lost a key race").into());
     };
 
     for _ in 0..KEY_RACE_RETRIES {
         if let Some(holder) = state.store().key_holder(&key.namespace, &key.name).await? {
             if holder.tag != key.tag {
-                return Err(ApiErrorResponse::new(
-                    ApiErrorKind::KeyHeld,
-                    format!(
-                        "key {:?} in namespace {:?} is held by backend {} with tag {:?}; this request has tag {:?}",
-                        key.name, key.namespace, holder.backend_id, holder.tag, key.tag
-                    ),
-                ));
+                return Err(ControllerError::KeyHeld {
+                    name: key.name.clone(),
+                    namespace: key.namespace.clone(),
+                    holder: holder.backend_id,
+                    held_tag: holder.tag,
+                    requested_tag: key.tag.clone(),
+                });
             }
-            if let Some(response) = join_existing(&state, &holder.backend_id, caller).await? {
-                return Ok(Json(response));
+            if let Some(response) = join_existing(state, &holder.backend_id, caller).await? {
+                return Ok(response);
             }
             // The holder has terminated (or just finished terminating); try again.
             continue;
         }
         let Some(spawn_config) = &request.spawn_config else {
-            return Err(ApiErrorResponse::new(
-                ApiErrorKind::KeyUnheldNoSpawnConfig,
-                format!(
-                    "no backend holds key {:?} in namespace {:?}, and the request has no spawn_config to start one",
-                    key.name, key.namespace
-                ),
-            ));
+            return Err(ControllerError::KeyUnheldNoSpawnConfig {
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+            });
         };
-        if let Some(response) = spawn(&state, spawn_config, &pool, Some(key), caller).await? {
-            return Ok(Json(response));
+        if let Some(response) = spawn(state, spawn_config, &pool, Some(key), caller).await? {
+            return Ok(response);
         }
         // Another connect took the key first; join its backend on the next pass.
     }
@@ -110,7 +111,9 @@ pub async fn handle_spawn(
     };
     let response = spawn(&state, &request.spawn_config, &pool, None, caller)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("spawn without a key lost a key race"))?;
+        .ok_or_else(|| {
+            ControllerError::from(anyhow::anyhow!("spawn without a key lost a key race"))
+        })?;
     Ok(Json(response))
 }
 
@@ -126,7 +129,7 @@ async fn join_existing(
     state: &ControllerState,
     backend_id: &BackendName,
     caller: Caller<'_>,
-) -> Result<Option<ConnectResponse>, ApiErrorResponse> {
+) -> Result<Option<ConnectResponse>, ControllerError> {
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut changes = state.subscribe_status_changes();
     let Some(backend) = state.store().backend(backend_id).await? else {
@@ -142,13 +145,10 @@ async fn join_existing(
                 return Ok(None);
             }
             if !ControllerState::wait_for_change_of(&mut changes, backend_id, deadline).await {
-                return Err(ApiErrorResponse::new(
-                    ApiErrorKind::KeyHeld,
-                    format!(
-                        "backend {backend_id} holding this key is still terminating after {} s; retry shortly",
-                        KEY_RELEASE_WAIT.as_secs()
-                    ),
-                ));
+                return Err(ControllerError::KeyStillTerminating {
+                    holder: backend_id.clone(),
+                    waited_seconds: KEY_RELEASE_WAIT.as_secs(),
+                });
             }
         }
     }
@@ -192,26 +192,19 @@ async fn spawn(
     pool: &str,
     key: Option<&KeyConfig>,
     caller: Caller<'_>,
-) -> Result<Option<ConnectResponse>, ApiErrorResponse> {
+) -> Result<Option<ConnectResponse>, ControllerError> {
     let cluster = spawn_config
         .cluster
         .clone()
         .or_else(|| state.config().default_cluster.clone())
-        .ok_or_else(|| {
-            ApiErrorResponse::new(
-                ApiErrorKind::NoClusterProvided,
-                "spawn_config.cluster is missing and the controller has no default cluster",
-            )
-        })?;
+        .ok_or(ControllerError::NoClusterProvided)?;
     let live = state.store().live_backend_counts(&cluster).await?;
     let drone = state
         .nodes()
         .pick_drone(&cluster, pool, &live)
-        .ok_or_else(|| {
-            ApiErrorResponse::new(
-                ApiErrorKind::NoDroneAvailable,
-                format!("no drone is connected for cluster {cluster:?} and pool {pool:?}"),
-            )
+        .ok_or_else(|| ControllerError::NoDroneAvailable {
+            cluster: cluster.clone(),
+            pool: pool.to_string(),
         })?;
 
     let backend_id = spawn_config
@@ -252,10 +245,7 @@ async fn spawn(
         Ok(Some(created)) => created,
         Ok(None) => return Ok(None),
         Err(super::store::StoreError::AlreadyExists(_)) => {
-            return Err(ApiErrorResponse::new(
-                ApiErrorKind::BackendIdTaken,
-                format!("spawn_config.id {backend_id:?} is already in use"),
-            ))
+            return Err(ControllerError::BackendIdTaken(backend_id))
         }
         Err(err) => return Err(err.into()),
     };
@@ -305,7 +295,7 @@ fn response(
     }
 }
 
-fn validate_connect(request: &ConnectRequest) -> Result<(), ApiErrorResponse> {
+fn validate_connect(request: &ConnectRequest) -> Result<(), ControllerError> {
     if let Some(key) = &request.key {
         validate_text("key.name", &key.name, 1, 256)?;
         validate_text("key.namespace", &key.namespace, 0, 64)?;
@@ -320,14 +310,14 @@ fn validate_connect(request: &ConnectRequest) -> Result<(), ApiErrorResponse> {
     validate_user(request.user.as_deref())
 }
 
-fn validate_user(user: Option<&str>) -> Result<(), ApiErrorResponse> {
+fn validate_user(user: Option<&str>) -> Result<(), ControllerError> {
     match user {
         Some(user) => validate_text("user", user, 1, 256),
         None => Ok(()),
     }
 }
 
-fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
+fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ControllerError> {
     let executable = &config.executable;
     if executable.image.is_empty()
         || executable.image.len() > 512
@@ -336,7 +326,7 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
             .chars()
             .any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(ApiErrorResponse::bad_request(format!(
+        return Err(ControllerError::invalid(format!(
             "spawn_config.executable.image {:?} is not a valid image reference",
             executable.image
         )));
@@ -346,49 +336,49 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
             && !name.starts_with(|c: char| c.is_ascii_digit())
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid_name {
-            return Err(ApiErrorResponse::bad_request(format!(
+            return Err(ControllerError::invalid(format!(
                 "spawn_config.executable.env: {name:?} is not a valid variable name (letters, digits and '_', not starting with a digit)"
             )));
         }
         if RESERVED_ENV_VARS.contains(&name.as_str()) {
-            return Err(ApiErrorResponse::bad_request(format!(
+            return Err(ControllerError::invalid(format!(
                 "spawn_config.executable.env: {name:?} is set by Plane and cannot be overridden"
             )));
         }
         if value.contains('\0') {
-            return Err(ApiErrorResponse::bad_request(format!(
+            return Err(ControllerError::invalid(format!(
                 "spawn_config.executable.env.{name} contains a NUL byte"
             )));
         }
     }
     let limits = &executable.resource_limits;
     if limits.cpu_time_limit.is_some() {
-        return Err(ApiErrorResponse::bad_request(
+        return Err(ControllerError::invalid(
             "spawn_config.executable.resource_limits.cpu_time_limit is not supported",
         ));
     }
     if limits.disk_limit_bytes.is_some() {
-        return Err(ApiErrorResponse::bad_request(
+        return Err(ControllerError::invalid(
             "spawn_config.executable.resource_limits.disk_limit_bytes is not supported",
         ));
     }
     if let Some(bytes) = limits.memory_limit_bytes {
         if bytes < 6 * 1024 * 1024 {
-            return Err(ApiErrorResponse::bad_request(format!(
+            return Err(ControllerError::invalid(format!(
                 "spawn_config.executable.resource_limits.memory_limit_bytes must be at least 6291456 (6 MiB), got {bytes}"
             )));
         }
     }
     if let Some(percent) = limits.cpu_period_percent {
         if !(1..=100).contains(&percent) {
-            return Err(ApiErrorResponse::bad_request(format!(
+            return Err(ControllerError::invalid(format!(
                 "spawn_config.executable.resource_limits.cpu_period_percent must be 1 to 100, got {percent}"
             )));
         }
     }
     if let Some(period) = limits.cpu_period {
         if !(1000..=1_000_000).contains(&period) {
-            return Err(ApiErrorResponse::bad_request(format!(
+            return Err(ControllerError::invalid(format!(
                 "spawn_config.executable.resource_limits.cpu_period must be 1000 to 1000000 microseconds, got {period}"
             )));
         }
@@ -396,7 +386,7 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
     match &executable.mount {
         None | Some(Value::Null) | Some(Value::Bool(false)) => {}
         Some(_) => {
-            return Err(ApiErrorResponse::bad_request(
+            return Err(ControllerError::invalid(
                 "spawn_config.executable.mount is not supported",
             ))
         }
@@ -410,7 +400,7 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
     ] {
         if let Some(seconds) = value {
             if !(1..=MAX_LIMIT_SECONDS).contains(&seconds) {
-                return Err(ApiErrorResponse::bad_request(format!(
+                return Err(ControllerError::invalid(format!(
                     "{field} must be 1 to {MAX_LIMIT_SECONDS} (ten years), got {seconds}"
                 )));
             }
@@ -420,35 +410,35 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ApiErrorResponse> {
         validate_pool("spawn_config.pool", pool)?;
     }
     if config.subdomain.is_some() {
-        return Err(ApiErrorResponse::bad_request(
+        return Err(ControllerError::invalid(
             "spawn_config.subdomain is not supported yet",
         ));
     }
     Ok(())
 }
 
-fn validate_pool(field: &str, pool: &str) -> Result<(), ApiErrorResponse> {
+fn validate_pool(field: &str, pool: &str) -> Result<(), ControllerError> {
     if pool.len() > 64
         || !pool
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
     {
-        return Err(ApiErrorResponse::bad_request(format!(
+        return Err(ControllerError::invalid(format!(
             "{field} {pool:?} is invalid: at most 64 letters, digits, '.', '_' or '-'"
         )));
     }
     Ok(())
 }
 
-fn validate_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiErrorResponse> {
+fn validate_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ControllerError> {
     let length = value.chars().count();
     if length < min || length > max {
-        return Err(ApiErrorResponse::bad_request(format!(
+        return Err(ControllerError::invalid(format!(
             "{field} must be {min} to {max} characters long, got {length}"
         )));
     }
     if value.chars().any(char::is_control) {
-        return Err(ApiErrorResponse::bad_request(format!(
+        return Err(ControllerError::invalid(format!(
             "{field} may not contain control characters"
         )));
     }

@@ -1,5 +1,6 @@
-//! `ApiErrorResponse`: the one place errors become HTTP responses (status, kind, message,
-//! correlation id).
+//! Errors of the controller: `ControllerError`, what domain operations (connect, spawn,
+//! terminate, sweep) fail with, and `ApiErrorResponse`, the one place any error becomes an
+//! HTTP response (status, kind, message, correlation id).
 
 use super::store::StoreError;
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -7,7 +8,50 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use plane_protocol::api::{ApiError, ApiErrorKind};
+use plane_protocol::names::{BackendName, ClusterName};
 use rand::distributions::{Alphanumeric, DistString};
+
+/// Why a domain operation failed. Callers that are not HTTP handlers (the sweeper, socket
+/// sessions) log it; handlers turn it into an [`ApiErrorResponse`] with `?`.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The request is malformed or a field is invalid; the message names it.
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("key {name:?} in namespace {namespace:?} is held by backend {holder} with tag {held_tag:?}; this request has tag {requested_tag:?}")]
+    KeyHeld {
+        name: String,
+        namespace: String,
+        holder: BackendName,
+        held_tag: String,
+        requested_tag: String,
+    },
+    #[error("backend {holder} holding this key is still terminating after {waited_seconds} s; retry shortly")]
+    KeyStillTerminating {
+        holder: BackendName,
+        waited_seconds: u64,
+    },
+    #[error("no backend holds key {name:?} in namespace {namespace:?}, and the request has no spawn_config to start one")]
+    KeyUnheldNoSpawnConfig { name: String, namespace: String },
+    #[error("spawn_config.cluster is missing and the controller has no default cluster")]
+    NoClusterProvided,
+    #[error("no drone is connected for cluster {cluster:?} and pool {pool:?}")]
+    NoDroneAvailable { cluster: ClusterName, pool: String },
+    #[error("spawn_config.id {0:?} is already in use")]
+    BackendIdTaken(BackendName),
+    #[error("no backend {0}")]
+    BackendNotFound(BackendName),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ControllerError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidRequest(message.into())
+    }
+}
 
 /// An error on its way to becoming an HTTP response. Handlers return it with `?`.
 #[derive(Debug)]
@@ -68,6 +112,26 @@ impl IntoResponse for ApiErrorResponse {
             message,
         };
         (status, Json(body)).into_response()
+    }
+}
+
+impl From<ControllerError> for ApiErrorResponse {
+    fn from(err: ControllerError) -> Self {
+        let kind = match &err {
+            ControllerError::InvalidRequest(_) => ApiErrorKind::BadRequest,
+            ControllerError::KeyHeld { .. } | ControllerError::KeyStillTerminating { .. } => {
+                ApiErrorKind::KeyHeld
+            }
+            ControllerError::KeyUnheldNoSpawnConfig { .. } => ApiErrorKind::KeyUnheldNoSpawnConfig,
+            ControllerError::NoClusterProvided => ApiErrorKind::NoClusterProvided,
+            ControllerError::NoDroneAvailable { .. } => ApiErrorKind::NoDroneAvailable,
+            ControllerError::BackendIdTaken(_) => ApiErrorKind::BackendIdTaken,
+            ControllerError::BackendNotFound(_) => ApiErrorKind::NotFound,
+            ControllerError::Store(_) | ControllerError::Internal(_) => {
+                return Self::internal(anyhow::Error::new(err));
+            }
+        };
+        Self::new(kind, err.to_string())
     }
 }
 

@@ -34,7 +34,7 @@ pub async fn run(state: ControllerState) {
             )
             .await
             {
-                tracing::warn!(%backend, message = %err.message, "sweep failed");
+                tracing::warn!(%backend, error = %err, "sweep failed");
             }
         }
     }

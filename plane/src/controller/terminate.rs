@@ -1,7 +1,7 @@
 //! Terminating backends: the soft/hard terminate endpoints and the one function the
 //! sweeper also uses.
 
-use super::error::ApiErrorResponse;
+use super::error::{ApiErrorResponse, ControllerError};
 use super::paths::BackendPath;
 use super::ControllerState;
 use axum::extract::State;
@@ -46,12 +46,12 @@ pub async fn terminate(
     backend_id: &BackendName,
     kind: TerminationKind,
     reason: TerminationReason,
-) -> Result<BackendStatus, ApiErrorResponse> {
+) -> Result<BackendStatus, ControllerError> {
     let backend = state
         .store()
         .backend(backend_id)
         .await?
-        .ok_or_else(|| ApiErrorResponse::not_found(format!("no backend {backend_id}")))?;
+        .ok_or_else(|| ControllerError::BackendNotFound(backend_id.clone()))?;
     if backend.status == BackendStatus::Terminated {
         return Ok(backend.status);
     }
