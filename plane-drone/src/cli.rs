@@ -30,9 +30,16 @@ pub struct DroneOpts {
     #[arg(long, env = "PLANE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub ip: IpAddr,
 
-    /// Milliseconds between heartbeats to the controller.
-    #[arg(long, env = "PLANE_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
+    /// Milliseconds between heartbeats to the controller (each renews the leases of this
+    /// drone's backends; the controller's --lease-ms must cover two of them plus
+    /// --fence-margin-ms).
+    #[arg(long, env = "PLANE_HEARTBEAT_INTERVAL_MS", default_value_t = 2_000)]
     pub heartbeat_interval_ms: u64,
+
+    /// Milliseconds before a lease ends at which a backend whose lease could not be renewed
+    /// is stopped (it is killed by half this before the end).
+    #[arg(long, env = "PLANE_FENCE_MARGIN_MS", default_value_t = 5_000)]
+    pub fence_margin_ms: u64,
 
     /// Milliseconds between SIGTERM and SIGKILL on a soft terminate.
     #[arg(long, env = "PLANE_STOP_GRACE_PERIOD_MS", default_value_t = 10_000)]
@@ -62,6 +69,7 @@ impl DroneOpts {
             pool: self.pool,
             ip: self.ip,
             heartbeat_interval_ms: self.heartbeat_interval_ms,
+            fence_margin_ms: self.fence_margin_ms,
             stop_grace_period_ms: self.stop_grace_period_ms,
             startup_timeout_ms: self.startup_timeout_ms,
             reconnect_max_backoff_ms: self.reconnect_max_backoff_ms,
@@ -71,6 +79,10 @@ impl DroneOpts {
         anyhow::ensure!(
             config.heartbeat_interval_ms > 0,
             "--heartbeat-interval-ms must be at least 1"
+        );
+        anyhow::ensure!(
+            config.fence_margin_ms >= 2,
+            "--fence-margin-ms must be at least 2"
         );
         Ok(config)
     }
@@ -112,7 +124,7 @@ mod tests {
         let config = cli.drone.into_config().expect("valid config");
         assert_eq!(config.name.as_str(), "dr-test");
         assert_eq!(config.stop_grace_period_ms, 250);
-        assert_eq!(config.heartbeat_interval_ms, 5_000);
+        assert_eq!(config.heartbeat_interval_ms, 2_000);
         assert_eq!(config.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(config.pool, "");
     }

@@ -28,6 +28,12 @@ pub struct DroneConfig {
     /// Milliseconds between heartbeats to the controller.
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    /// Milliseconds before a backend's key lease ends (as this drone counts it) at which the
+    /// drone starts stopping a backend whose lease it could not renew; it kills it no later
+    /// than half this before the end. The controller refuses a drone unless its lease is at
+    /// least two heartbeat intervals plus this margin.
+    #[serde(default = "default_fence_margin_ms")]
+    pub fence_margin_ms: u64,
     /// Milliseconds a soft-terminated backend gets between SIGTERM and SIGKILL.
     #[serde(default = "default_stop_grace_period_ms")]
     pub stop_grace_period_ms: u64,
@@ -50,6 +56,10 @@ fn default_ip() -> IpAddr {
 }
 
 fn default_heartbeat_interval_ms() -> u64 {
+    2_000
+}
+
+fn default_fence_margin_ms() -> u64 {
     5_000
 }
 
@@ -79,6 +89,7 @@ impl DroneConfig {
             pool: String::new(),
             ip: default_ip(),
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            fence_margin_ms: default_fence_margin_ms(),
             stop_grace_period_ms: default_stop_grace_period_ms(),
             startup_timeout_ms: default_startup_timeout_ms(),
             reconnect_max_backoff_ms: default_reconnect_max_backoff_ms(),
@@ -89,6 +100,10 @@ impl DroneConfig {
     pub(crate) fn heartbeat_interval(&self) -> Duration {
         // A zero interval would make `tokio::time::interval` panic.
         Duration::from_millis(self.heartbeat_interval_ms.max(1))
+    }
+
+    pub(crate) fn fence_margin(&self) -> Duration {
+        Duration::from_millis(self.fence_margin_ms)
     }
 
     pub(crate) fn stop_grace_period(&self) -> Duration {

@@ -4,7 +4,9 @@
 
 use crate::event_queue::EventQueue;
 use crate::executor::ExecutorHandle;
+use crate::leases::Leases;
 use futures_util::{SinkExt, StreamExt};
+use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::drone::{ActionKind, BackendAction, MessageFromDrone, MessageToDrone};
 use plane_protocol::names::{ClusterName, NodeName};
 use plane_protocol::PLANE_VERSION;
@@ -56,6 +58,9 @@ pub(crate) struct Connection {
     pub name: NodeName,
     pub pool: String,
     pub heartbeat_interval: Duration,
+    pub fence_margin: Duration,
+    /// Heartbeats renew these; answers update them.
+    pub leases: Leases,
     pub max_backoff: Duration,
     pub executor: ExecutorHandle,
     pub events: EventQueue,
@@ -121,6 +126,8 @@ impl Connection {
             name: self.name.clone(),
             pool: self.pool.clone(),
             version: PLANE_VERSION.to_string(),
+            heartbeat_interval_ms: Some(self.heartbeat_interval.as_millis() as u64),
+            fence_margin_ms: Some(self.fence_margin.as_millis() as u64),
         };
         if let Err(why) = send(&mut sink, &hello).await {
             return SessionEnd::Lost(why);
@@ -180,6 +187,8 @@ impl Connection {
                 Ok(()) = events_changed.changed() => {
                     self.send_new_events(&mut sink, &mut last_sent).await
                 }
+                // A new backend waits for its lease: renew now rather than at the next beat.
+                _ = self.leases.renewal_requested() => self.renew_leases(&mut sink).await,
             };
             if let Err(why) = result {
                 return SessionEnd::Lost(why);
@@ -192,15 +201,27 @@ impl Connection {
         S: SinkExt<Message> + Unpin,
         S::Error: std::fmt::Display,
     {
+        self.renew_leases(sink).await?;
+        // Gives a quiet controller something to answer, so the silence check above
+        // only trips on a dead connection.
+        send_raw(sink, Message::Ping(Default::default())).await
+    }
+
+    /// Sends a heartbeat naming every backend this drone runs; the controller's answer
+    /// ([`MessageToDrone::LeaseRenewal`]) renews their leases.
+    async fn renew_leases<S>(&self, sink: &mut S) -> Result<(), String>
+    where
+        S: SinkExt<Message> + Unpin,
+        S::Error: std::fmt::Display,
+    {
         let backends = match self.executor.running().await {
             Ok(backends) => backends,
             // Shutting down: the last heartbeats are not worth a reconnect.
             Err(_) => return Ok(()),
         };
-        send(sink, &MessageFromDrone::Heartbeat { backends }).await?;
-        // Gives a quiet controller something to answer, so the silence check above
-        // only trips on a dead connection.
-        send_raw(sink, Message::Ping(Default::default())).await
+        // Recorded before sending, so the lease is counted from no later than the send.
+        let seq = self.leases.heartbeat_sent();
+        send(sink, &MessageFromDrone::Heartbeat { backends, seq }).await
     }
 
     async fn send_new_events<S>(
@@ -240,6 +261,29 @@ impl Connection {
                 Ok(())
             }
             MessageToDrone::Action(action) => self.handle_action(sink, action).await,
+            MessageToDrone::LeaseRenewal {
+                seq,
+                lease_ms,
+                renewed,
+                gone,
+            } => {
+                self.leases
+                    .renewed(seq, Duration::from_millis(lease_ms), &renewed);
+                for backend_id in gone {
+                    // The controller has given this backend up (its lease ran out, or this
+                    // drone was declared lost): whatever still runs must stop now.
+                    tracing::warn!(backend = %backend_id, "controller says this backend is gone; killing it");
+                    let _ = self
+                        .executor
+                        .terminate(backend_id, TerminationKind::Hard, TerminationReason::Lost)
+                        .await;
+                }
+                Ok(())
+            }
+            MessageToDrone::Refused { reason } => {
+                tracing::error!(%reason, "the controller refused this drone");
+                Err(format!("refused by the controller: {reason}"))
+            }
         }
     }
 
@@ -360,9 +404,11 @@ mod tests {
         let cluster: ClusterName = "localhost:9090".parse().expect("cluster");
         let cancel = CancellationToken::new();
         let events = EventQueue::new();
+        let leases = Leases::new(Duration::from_millis(100));
         let (executor, _task) = executor::start(
             FakeRuntime::new().await,
             events.clone(),
+            leases.clone(),
             LifecycleSettings {
                 stop_grace_period: Duration::from_millis(100),
                 startup_timeout: Duration::from_secs(1),
@@ -382,6 +428,8 @@ mod tests {
             name: "dr-conn-test".parse().expect("name"),
             pool: String::new(),
             heartbeat_interval: Duration::from_millis(50),
+            fence_margin: Duration::from_millis(100),
+            leases,
             max_backoff: Duration::from_millis(200),
             executor,
             events: events.clone(),

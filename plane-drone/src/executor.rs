@@ -5,6 +5,7 @@
 //! run, which have finished) so spawn, terminate and shutdown never race each other.
 
 use crate::event_queue::EventQueue;
+use crate::leases::Leases;
 use crate::lifecycle::{run_backend, BackendContext, LifecycleSettings, TerminateRequest};
 use crate::runtime::Runtime;
 use anyhow::Context;
@@ -117,6 +118,7 @@ impl ExecutorHandle {
 pub(crate) async fn start<R: Runtime>(
     runtime: R,
     events: EventQueue,
+    leases: Leases,
     settings: LifecycleSettings,
     cancel: CancellationToken,
 ) -> anyhow::Result<(ExecutorHandle, JoinHandle<()>)> {
@@ -139,6 +141,7 @@ pub(crate) async fn start<R: Runtime>(
             settings,
             http,
         }),
+        leases,
         running: HashMap::new(),
         task_backends: HashMap::new(),
         finished,
@@ -183,6 +186,7 @@ async fn reconcile_orphans<R: Runtime>(
 
 struct Runner<R> {
     ctx: Arc<BackendContext<R>>,
+    leases: Leases,
     /// Backends whose task runs, with the channel to ask them to stop.
     running: HashMap<BackendName, mpsc::UnboundedSender<TerminateRequest>>,
     /// Which backend each task runs, to clean up after a task that panicked.
@@ -250,11 +254,13 @@ impl<R: Runtime> Runner<R> {
         }
         tracing::info!(backend = %backend_id, image = %spawn.executable.image, "spawning backend");
         let (requests, receiver) = mpsc::unbounded_channel();
+        let lease = self.leases.track(&backend_id);
         let task = self.tasks.spawn(run_backend(
             self.ctx.clone(),
             backend_id.clone(),
             spawn,
             receiver,
+            lease,
         ));
         self.task_backends.insert(task.id(), backend_id.clone());
         self.running.insert(backend_id, requests);
@@ -313,6 +319,7 @@ impl<R: Runtime> Runner<R> {
             return;
         };
         self.running.remove(&backend_id);
+        self.leases.untrack(&backend_id);
         if let Some(err) = panicked {
             tracing::error!(backend = %backend_id, error = %err, "backend task failed");
             self.ctx.events.push(
@@ -404,9 +411,30 @@ mod tests {
             stop_grace_period: Duration::from_millis(300),
             startup_timeout: Duration::from_millis(1500),
         };
-        let (executor, _task) = start(runtime.clone(), events.clone(), settings, cancel.clone())
-            .await
-            .expect("executor starts");
+        // Stands in for the controller's side of the lease protocol: every renewal asked
+        // for is granted for an hour.
+        let leases = Leases::new(Duration::from_millis(100));
+        let granting = leases.clone();
+        let grant_cancel = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = grant_cancel.cancelled() => return,
+                    _ = granting.renewal_requested() => {}
+                }
+                let seq = granting.heartbeat_sent();
+                granting.renewed(seq, Duration::from_secs(3600), &granting.tracked());
+            }
+        });
+        let (executor, _task) = start(
+            runtime.clone(),
+            events.clone(),
+            leases,
+            settings,
+            cancel.clone(),
+        )
+        .await
+        .expect("executor starts");
         Harness {
             runtime,
             events,

@@ -9,6 +9,7 @@ pub mod config;
 mod controller_connection;
 mod event_queue;
 mod executor;
+mod leases;
 mod lifecycle;
 pub mod runtime;
 
@@ -19,6 +20,7 @@ use anyhow::Context;
 use controller_connection::Connection;
 use event_queue::EventQueue;
 use executor::ExecutorHandle;
+use leases::Leases;
 use lifecycle::LifecycleSettings;
 use plane_protocol::names::NodeName;
 use runtime::docker::{DockerRuntime, DockerRuntimeConfig};
@@ -80,10 +82,16 @@ pub async fn start_with_runtime<R: Runtime>(
         stop_grace_period: config.stop_grace_period(),
         startup_timeout: config.startup_timeout(),
     };
-    let (executor, executor_task) =
-        executor::start(runtime, events.clone(), settings, cancel.child_token())
-            .await
-            .context("starting the executor")?;
+    let leases = Leases::new(config.fence_margin());
+    let (executor, executor_task) = executor::start(
+        runtime,
+        events.clone(),
+        leases.clone(),
+        settings,
+        cancel.child_token(),
+    )
+    .await
+    .context("starting the executor")?;
 
     let (connected_tx, connected) = watch::channel(false);
     let stop_actions = CancellationToken::new();
@@ -92,6 +100,8 @@ pub async fn start_with_runtime<R: Runtime>(
         name: config.name.clone(),
         pool: config.pool.clone(),
         heartbeat_interval: config.heartbeat_interval(),
+        fence_margin: config.fence_margin(),
+        leases,
         max_backoff: config.reconnect_max_backoff(),
         executor: executor.clone(),
         events: events.clone(),

@@ -5,6 +5,7 @@
 //! was created, with that container removed.
 
 use crate::event_queue::EventQueue;
+use crate::leases::LeaseWatch;
 use crate::runtime::{BackendSpec, Runtime, RuntimeError, Signal};
 use plane_protocol::backend::{
     BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
@@ -104,10 +105,12 @@ pub(crate) async fn run_backend<R: Runtime>(
     backend_id: BackendName,
     spawn: SpawnAction,
     mut requests: mpsc::UnboundedReceiver<TerminateRequest>,
+    lease: LeaseWatch,
 ) {
-    let backend = Backend {
+    let mut backend = Backend {
         ctx: &ctx,
         id: &backend_id,
+        lease,
     };
     backend.run(spawn, &mut requests).await;
 }
@@ -115,9 +118,19 @@ pub(crate) async fn run_backend<R: Runtime>(
 struct Backend<'a, R> {
     ctx: &'a BackendContext<R>,
     id: &'a BackendName,
+    /// The backend's key lease: its process starts only once the lease is confirmed, and is
+    /// stopped on the drone's own clock if the lease cannot be renewed.
+    lease: LeaseWatch,
 }
 
-impl<R: Runtime> Backend<'_, R> {
+/// What the drone does to a backend whose lease it could not renew: stop it (the lease's
+/// fencing margin bounds the grace period, see [`Backend::terminate`]).
+const FENCE: TerminateRequest = TerminateRequest {
+    kind: TerminationKind::Soft,
+    reason: TerminationReason::KeyExpired,
+};
+
+impl<'a, R: Runtime> Backend<'a, R> {
     fn report(&self, update: BackendStateUpdate) {
         tracing::info!(backend = %self.id, status = %update.status, "backend status");
         self.ctx.events.push(self.id.clone(), update);
@@ -128,7 +141,7 @@ impl<R: Runtime> Backend<'_, R> {
     }
 
     async fn run(
-        &self,
+        &mut self,
         spawn: SpawnAction,
         requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
     ) {
@@ -151,6 +164,31 @@ impl<R: Runtime> Backend<'_, R> {
         };
         if let Err(err) = prepared {
             self.report_start_failed(format!("could not load image {image:?}: {err}"));
+            return;
+        }
+
+        // The process may only start under a lease the controller has confirmed: a spawn
+        // that reached us late (after its lease ran out and its key moved on) never runs.
+        let confirmed = tokio::select! {
+            biased;
+            request = next_request(requests) => Err(request),
+            _ = self.lease.confirmed() => Ok(()),
+            _ = tokio::time::sleep(self.ctx.settings.startup_timeout) => Err(TerminateRequest {
+                kind: TerminationKind::Hard,
+                reason: TerminationReason::KeyExpired,
+            }),
+        };
+        if let Err(request) = confirmed {
+            let message = (request.reason == TerminationReason::KeyExpired).then(|| {
+                "the controller did not confirm this backend's lease; it was never started"
+                    .to_string()
+            });
+            self.report(BackendStateUpdate {
+                termination_kind: Some(request.kind),
+                termination_reason: Some(request.reason),
+                message,
+                ..BackendStateUpdate::status(BackendStatus::Terminated)
+            });
             return;
         }
 
@@ -183,10 +221,15 @@ impl<R: Runtime> Backend<'_, R> {
             ..BackendStateUpdate::status(BackendStatus::Waiting)
         });
         let deadline = started_at + self.ctx.settings.startup_timeout;
+        let exit = self.wait_exit();
         let startup = tokio::select! {
             biased;
             request = next_request(requests) => Startup::Terminate(request),
-            exit_code = self.wait_exit() => Startup::Exited(exit_code),
+            _ = self.lease.lapsing() => {
+                tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the backend");
+                Startup::Terminate(FENCE)
+            }
+            exit_code = exit => Startup::Exited(exit_code),
             ready = tokio::time::timeout_at(deadline, wait_until_ready(&self.ctx.http, address)) => {
                 match ready {
                     Ok(()) => Startup::Ready,
@@ -211,10 +254,15 @@ impl<R: Runtime> Backend<'_, R> {
             address: Some(address),
             ..BackendStateUpdate::status(BackendStatus::Ready)
         });
+        let exit = self.wait_exit();
         tokio::select! {
             biased;
             request = next_request(requests) => self.terminate(request, requests).await,
-            exit_code = self.wait_exit() => self.finish(exit_code, None, None).await,
+            _ = self.lease.lapsing() => {
+                tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the backend");
+                self.terminate(FENCE, requests).await
+            }
+            exit_code = exit => self.finish(exit_code, None, None).await,
         }
     }
 
@@ -228,9 +276,10 @@ impl<R: Runtime> Backend<'_, R> {
     }
 
     /// Stops a started backend: SIGTERM and the grace period for a soft request (a hard
-    /// request arriving meanwhile cuts it short), then SIGKILL.
+    /// request arriving meanwhile, or the lease nearing its end, cuts it short), then
+    /// SIGKILL.
     async fn terminate(
-        &self,
+        &mut self,
         request: TerminateRequest,
         requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
     ) {
@@ -256,19 +305,28 @@ impl<R: Runtime> Backend<'_, R> {
             }
             let grace = tokio::time::sleep(self.ctx.settings.stop_grace_period);
             tokio::pin!(grace);
-            loop {
-                tokio::select! {
-                    exit_code = &mut exit => {
-                        return self.finish(exit_code, Some(request), None).await;
-                    }
-                    _ = &mut grace => break,
-                    next = next_request(requests) => {
-                        if next.kind == TerminationKind::Hard {
-                            break;
+            let exited = {
+                let lease_end = self.lease.must_be_dead();
+                tokio::pin!(lease_end);
+                loop {
+                    tokio::select! {
+                        exit_code = &mut exit => break Some(exit_code),
+                        _ = &mut grace => break None,
+                        _ = &mut lease_end => {
+                            tracing::warn!(backend = %self.id, "lease about to end during the grace period; killing");
+                            break None;
                         }
-                        // Already terminating softly; a repeated soft request changes nothing.
+                        next = next_request(requests) => {
+                            if next.kind == TerminationKind::Hard {
+                                break None;
+                            }
+                            // Already terminating softly; a repeated soft request changes nothing.
+                        }
                     }
                 }
+            };
+            if let Some(exit_code) = exited {
+                return self.finish(exit_code, Some(request), None).await;
             }
         }
 
@@ -324,15 +382,19 @@ impl<R: Runtime> Backend<'_, R> {
 
     /// Waits for the process to exit; `None` as the code when it is unknown (e.g. the
     /// container vanished). Engine failures are retried, since giving up would mean
-    /// reporting an exit that did not happen.
-    async fn wait_exit(&self) -> Option<i32> {
-        loop {
-            match self.ctx.runtime.wait_exit(self.id).await {
-                Ok(exit_code) => return exit_code,
-                Err(RuntimeError::NotFound(_)) => return None,
-                Err(err) => {
-                    tracing::warn!(backend = %self.id, error = %err, "waiting for exit failed; retrying");
-                    tokio::time::sleep(WAIT_RETRY_DELAY).await;
+    /// reporting an exit that did not happen. Borrows only the context and ID, so a
+    /// lifecycle can wait on this and on its lease at once.
+    fn wait_exit(&self) -> impl std::future::Future<Output = Option<i32>> + 'a {
+        let (ctx, id) = (self.ctx, self.id);
+        async move {
+            loop {
+                match ctx.runtime.wait_exit(id).await {
+                    Ok(exit_code) => return exit_code,
+                    Err(RuntimeError::NotFound(_)) => return None,
+                    Err(err) => {
+                        tracing::warn!(backend = %id, error = %err, "waiting for exit failed; retrying");
+                        tokio::time::sleep(WAIT_RETRY_DELAY).await;
+                    }
                 }
             }
         }

@@ -194,6 +194,10 @@ pub struct NodeState {
     pub connected: bool,
     /// When the node last sent anything (heartbeat or message).
     pub last_seen: Millis,
+    /// Drones: silent for longer than the controller's lost window; their backends have
+    /// been recorded `terminated{lost}`. Cleared when the drone is heard from again.
+    #[serde(default)]
+    pub lost: bool,
     /// Drones: their pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,

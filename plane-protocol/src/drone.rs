@@ -21,10 +21,25 @@ pub enum MessageFromDrone {
         #[serde(default)]
         pool: String,
         version: String,
+        /// Milliseconds between this drone's heartbeats. The controller refuses a drone
+        /// whose heartbeats could not keep its leases alive.
+        #[serde(default)]
+        heartbeat_interval_ms: Option<u64>,
+        /// Milliseconds before a lease's end at which this drone starts stopping a backend
+        /// it could not renew (see [`MessageToDrone::LeaseRenewal`]).
+        #[serde(default)]
+        fence_margin_ms: Option<u64>,
     },
-    /// Sent every heartbeat interval. Lists the backends the drone is running, which renews
-    /// their key leases.
-    Heartbeat { backends: Vec<BackendName> },
+    /// Sent every heartbeat interval (and at once when a backend arrives). Lists the
+    /// backends the drone is running, asking the controller to renew their leases; answered
+    /// by [`MessageToDrone::LeaseRenewal`] with the same `seq`.
+    Heartbeat {
+        backends: Vec<BackendName>,
+        /// Numbers this heartbeat within the drone process, so the answer can be matched to
+        /// the moment it was sent.
+        #[serde(default)]
+        seq: u64,
+    },
     /// A backend changed status.
     BackendEvent(BackendEvent),
     /// The drone has taken on an action; the controller stops re-sending it.
@@ -50,6 +65,23 @@ pub enum MessageToDrone {
     /// The controller has durably recorded the event; the drone may forget it.
     EventAck {
         event_id: u64,
+    },
+    /// The answer to a [`MessageFromDrone::Heartbeat`]. Each backend in `renewed` holds its
+    /// lease until at least `lease_ms` after the heartbeat `seq` was *sent*, measured on the
+    /// drone's own monotonic clock: the controller started its `lease_ms` when it received
+    /// the heartbeat, which is later. No wall clocks are compared.
+    LeaseRenewal {
+        seq: u64,
+        lease_ms: u64,
+        renewed: Vec<BackendName>,
+        /// Backends the drone listed that the controller no longer considers running here
+        /// (terminated, lost, or never its own): the drone must stop them at once.
+        gone: Vec<BackendName>,
+    },
+    /// The controller will not accept this drone (e.g. its heartbeat cannot keep leases
+    /// alive); the reason names the flags to change. The socket closes after this.
+    Refused {
+        reason: String,
     },
 }
 

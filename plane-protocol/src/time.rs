@@ -20,4 +20,18 @@ impl Millis {
     pub fn plus_seconds(self, seconds: i64) -> Self {
         Self(self.0.saturating_add(seconds.saturating_mul(1000)))
     }
+
+    pub fn plus_millis(self, millis: u64) -> Self {
+        Self(
+            self.0
+                .saturating_add(i64::try_from(millis).unwrap_or(i64::MAX)),
+        )
+    }
+
+    pub fn minus_millis(self, millis: u64) -> Self {
+        Self(
+            self.0
+                .saturating_sub(i64::try_from(millis).unwrap_or(i64::MAX)),
+        )
+    }
 }

@@ -163,6 +163,10 @@ impl TestEnv {
         .expect("cluster name");
         let mut controller_config = ControllerConfig::new(db_url);
         controller_config.sweep_interval_ms = 200;
+        // Short enough that lease and lost-drone tests take seconds, long enough that a
+        // loaded CI machine never misses a renewal: drones renew every 500 ms.
+        controller_config.lease_ms = 4_000;
+        controller_config.lost_window_ms = 5_000;
         controller_config.default_cluster = Some(cluster.clone());
         let controller_listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -181,6 +185,7 @@ impl TestEnv {
         drone_config.name = NodeName::new_random("test-drone");
         drone_config.stop_grace_period_ms = 1500;
         drone_config.heartbeat_interval_ms = 500;
+        drone_config.fence_margin_ms = 1_000;
         let drone = plane_drone::start(drone_config).await.expect("start drone");
 
         let env = TestEnv {

@@ -43,6 +43,7 @@ pub async fn handle_cluster_state(
             connected: state.nodes().is_drone_connected(&cluster, &node.name),
             backends: Some(live.get(&node.name).copied().unwrap_or(0)),
             pool: Some(node.pool),
+            lost: node.lost_at.is_some(),
             last_seen: node.last_seen,
             name: node.name,
         })
@@ -56,6 +57,7 @@ pub async fn handle_cluster_state(
             connected: state.nodes().is_proxy_connected(&cluster, &node.name),
             backends: None,
             pool: None,
+            lost: false,
             last_seen: node.last_seen,
             name: node.name,
         })

@@ -7,7 +7,7 @@ use super::ControllerState;
 use axum::extract::{FromRequest, State};
 use axum::Json;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
-use plane_protocol::backend::BackendStatus;
+use plane_protocol::backend::{BackendStatus, TerminationReason};
 use plane_protocol::drone::{ActionKind, BackendAction, MessageToDrone, SpawnAction};
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, SecretToken};
 use plane_protocol::time::Millis;
@@ -65,6 +65,29 @@ pub async fn connect(
 
     for _ in 0..KEY_RACE_RETRIES {
         if let Some(holder) = state.store().key_holder(&key.namespace, &key.name).await? {
+            let now = Millis::now();
+            if holder.lease_expires_at <= now {
+                // The holder's drone did not renew in time, so by protocol it has stopped
+                // the backend on its own clock: record that, and the key is free.
+                let message = format!(
+                    "its key lease ran out at {} ms without renewal; key {:?} was taken over",
+                    holder.lease_expires_at.0, key.name
+                );
+                if let Some(change) = state
+                    .store()
+                    .expire_backend(
+                        &holder.backend_id,
+                        TerminationReason::KeyExpired,
+                        message,
+                        now,
+                    )
+                    .await?
+                {
+                    tracing::warn!(backend = %holder.backend_id, key = %key.name, "key lease expired; taking the key over");
+                    state.publish_status_change(change);
+                }
+                continue;
+            }
             if holder.tag != key.tag {
                 return Err(ControllerError::KeyHeld {
                     name: key.name.clone(),
@@ -229,6 +252,7 @@ async fn spawn(
             auth: caller.auth,
         },
         now: Millis::now(),
+        lease_expires_at: Millis::now().plus_millis(state.config().lease_ms),
     };
     let created = state
         .store()

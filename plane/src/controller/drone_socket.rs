@@ -11,9 +11,14 @@ use axum::extract::State;
 use axum::response::Response;
 use futures_util::StreamExt;
 use plane_protocol::drone::{BackendEvent, MessageFromDrone, MessageToDrone};
-use plane_protocol::names::{ClusterName, NodeName};
+use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::time::Millis;
+use std::collections::HashSet;
+use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// How many stored actions are loaded at a time when replaying them to a drone.
+const REPLAY_PAGE: i64 = 100;
 
 pub async fn handle_drone_socket(
     State(state): State<ControllerState>,
@@ -30,11 +35,22 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         name,
         pool,
         version,
+        heartbeat_interval_ms,
+        fence_margin_ms,
     })) = hello
     else {
         tracing::warn!(%cluster, "drone socket closed: no hello");
         return;
     };
+    if let Err(reason) = check_timings(
+        state.config().lease_ms,
+        heartbeat_interval_ms,
+        fence_margin_ms,
+    ) {
+        tracing::error!(drone = %name, %cluster, %reason, "refusing drone");
+        let _ = socket::send(&mut sink, &MessageToDrone::Refused { reason }).await;
+        return;
+    }
     if let Err(err) = state
         .store()
         .upsert_node(&cluster, NodeKind::Drone, &name, &pool, &version)
@@ -53,30 +69,43 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
             .nodes()
             .register_drone(cluster.clone(), name.clone(), pool.clone(), sender);
     tracing::info!(drone = %name, %cluster, %pool, %version, "drone connected");
-    let pending = match state.store().pending_actions(&cluster, &name).await {
-        Ok(pending) => pending,
-        Err(err) => {
-            tracing::error!(drone = %name, error = %err, "could not load pending actions");
-            return;
-        }
-    };
-    for action in pending {
-        if socket::send(&mut sink, &MessageToDrone::Action(action))
+    // In pages, so a drone with a huge backlog neither holds a big result in memory nor
+    // keeps the database busy with one long read.
+    let mut after = 0;
+    loop {
+        let page = match state
+            .store()
+            .pending_actions(&cluster, &name, after, REPLAY_PAGE)
             .await
-            .is_err()
         {
-            return;
+            Ok(page) => page,
+            Err(err) => {
+                tracing::error!(drone = %name, error = %err, "could not load pending actions");
+                return;
+            }
+        };
+        let Some(last) = page.last() else { break };
+        after = last.action_id;
+        for action in page {
+            if socket::send(&mut sink, &MessageToDrone::Action(action))
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
 
-    // Reset by every frame received; fires when the node has gone quiet.
-    let silence = tokio::time::sleep(SILENCE_TIMEOUT);
+    // Reset by every frame received; fires when the node has gone quiet. A drone heartbeats
+    // at least twice per lease (checked above), so a lease of silence means it is gone.
+    let silence_timeout = Duration::from_millis(state.config().lease_ms).min(SILENCE_TIMEOUT);
+    let silence = tokio::time::sleep(silence_timeout);
     tokio::pin!(silence);
     loop {
         tokio::select! {
             _ = state.shutdown_token().cancelled() => break,
             _ = &mut silence => {
-                tracing::warn!(%cluster, %name, "node silent for {SILENCE_TIMEOUT:?}; closing its socket");
+                tracing::warn!(%cluster, %name, "drone silent for {silence_timeout:?}; closing its socket");
                 break;
             }
             Some(message) = outbox.recv() => {
@@ -85,7 +114,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
                 }
             }
             incoming = socket::receive::<MessageFromDrone>(&mut stream) => {
-                silence.as_mut().reset(tokio::time::Instant::now() + SILENCE_TIMEOUT);
+                silence.as_mut().reset(tokio::time::Instant::now() + silence_timeout);
                 match incoming {
                 Incoming::Closed => break,
                 Incoming::Alive => {}
@@ -103,11 +132,8 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
             }
         }
     }
+    // `last_seen` stays at the last heartbeat: the lost window counts from there.
     tracing::info!(drone = %name, %cluster, "drone disconnected");
-    let _ = state
-        .store()
-        .touch_node(&cluster, NodeKind::Drone, &name)
-        .await;
 }
 
 /// Handles one message; returns the reply to send, if any.
@@ -122,15 +148,8 @@ async fn handle_message(
             tracing::warn!(%drone, "duplicate hello ignored");
             None
         }
-        MessageFromDrone::Heartbeat { .. } => {
-            if let Err(err) = state
-                .store()
-                .touch_node(cluster, NodeKind::Drone, drone)
-                .await
-            {
-                tracing::warn!(%drone, error = %err, "could not record heartbeat");
-            }
-            None
+        MessageFromDrone::Heartbeat { backends, seq } => {
+            renew_leases(state, cluster, drone, backends, seq).await
         }
         MessageFromDrone::ActionAck { action_id } => {
             if let Err(err) = state.store().ack_action(cluster, drone, action_id).await {
@@ -140,6 +159,67 @@ async fn handle_message(
         }
         MessageFromDrone::BackendEvent(event) => apply_event(state, cluster, drone, event).await,
     }
+}
+
+/// Renews the leases of the backends a drone runs and tells it which it must stop. No
+/// answer when the database is unreachable: the drone then keeps counting down on its own
+/// clock, which is what keeps a key from running twice.
+async fn renew_leases(
+    state: &ControllerState,
+    cluster: &ClusterName,
+    drone: &NodeName,
+    backends: Vec<BackendName>,
+    seq: u64,
+) -> Option<MessageToDrone> {
+    let lease_ms = state.config().lease_ms;
+    let now = Millis::now();
+    let expires_at = Millis(now.0.saturating_add(lease_ms as i64));
+    let renewed = match state
+        .store()
+        .renew_leases(cluster, drone, &backends, now, expires_at)
+        .await
+    {
+        Ok(renewed) => renewed,
+        Err(err) => {
+            tracing::warn!(%drone, error = %err, "could not renew leases");
+            return None;
+        }
+    };
+    let renewed_set: HashSet<&BackendName> = renewed.iter().collect();
+    let gone: Vec<BackendName> = backends
+        .iter()
+        .filter(|b| !renewed_set.contains(b))
+        .cloned()
+        .collect();
+    if !gone.is_empty() {
+        tracing::warn!(%drone, ?gone, "drone runs backends whose leases are gone; telling it to stop them");
+    }
+    Some(MessageToDrone::LeaseRenewal {
+        seq,
+        lease_ms,
+        renewed,
+        gone,
+    })
+}
+
+/// Whether a drone's heartbeats can keep its leases alive: a lease must outlast two
+/// heartbeat intervals plus the drone's fencing margin, or a single late heartbeat would
+/// make the drone stop healthy backends. The message names the flags to change.
+fn check_timings(
+    lease_ms: u64,
+    heartbeat_interval_ms: Option<u64>,
+    fence_margin_ms: Option<u64>,
+) -> Result<(), String> {
+    let (Some(heartbeat), Some(margin)) = (heartbeat_interval_ms, fence_margin_ms) else {
+        return Err("this drone does not take part in key leases (no heartbeat interval or fencing margin in its hello); upgrade it".into());
+    };
+    let needed = heartbeat.saturating_mul(2).saturating_add(margin);
+    if lease_ms < needed {
+        return Err(format!(
+            "the controller's --lease-ms ({lease_ms}) is shorter than two of this drone's --heartbeat-interval-ms ({heartbeat}) plus its --fence-margin-ms ({margin}); raise --lease-ms to at least {needed} or lower the drone's"
+        ));
+    }
+    Ok(())
 }
 
 /// Applies a status report and acks it once it is durably recorded (or known stale). An
@@ -176,4 +256,19 @@ async fn apply_event(
     Some(MessageToDrone::EventAck {
         event_id: event.event_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_timings;
+
+    #[test]
+    fn a_lease_shorter_than_two_heartbeats_and_the_margin_is_refused_naming_the_flags() {
+        let reason = check_timings(5_000, Some(2_000), Some(2_000)).expect_err("refused");
+        for flag in ["--lease-ms", "--heartbeat-interval-ms", "--fence-margin-ms"] {
+            assert!(reason.contains(flag), "{reason}");
+        }
+        assert!(check_timings(6_000, Some(2_000), Some(2_000)).is_ok());
+        assert!(check_timings(60_000, None, None).is_err());
+    }
 }

@@ -1,11 +1,16 @@
-//! The sweeper: soft-terminates backends idle past `max_idle_seconds` or older than
-//! `lifetime_limit_seconds`, with reason `swept`.
+//! The sweeper: the controller's timed work. Each pass soft-terminates backends idle past
+//! `max_idle_seconds` or older than `lifetime_limit_seconds` (reason `swept`), records as
+//! `terminated{lost}` every backend whose key lease ran out, and declares drones silent past
+//! the lost window lost.
 
 use super::terminate::terminate;
 use super::ControllerState;
 use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::time::Millis;
 use std::time::Duration;
+
+/// How many expired leases one pass handles; the rest wait for the next pass.
+const EXPIRED_PER_PASS: i64 = 500;
 
 pub async fn run(state: ControllerState) {
     let mut interval = tokio::time::interval(Duration::from_millis(
@@ -17,25 +22,78 @@ pub async fn run(state: ControllerState) {
             _ = state.shutdown_token().cancelled() => return,
             _ = interval.tick() => {}
         }
-        let due = match state.store().sweepable_backends(Millis::now()).await {
-            Ok(due) => due,
-            Err(err) => {
-                tracing::warn!(error = %err, "sweep query failed; retrying next interval");
-                continue;
-            }
-        };
-        for backend in due {
-            tracing::info!(%backend, "sweeping idle or expired backend");
-            if let Err(err) = terminate(
-                &state,
-                &backend,
-                TerminationKind::Soft,
-                TerminationReason::Swept,
-            )
+        sweep_idle_and_expired(&state).await;
+        sweep_expired_leases(&state).await;
+        sweep_lost_drones(&state).await;
+    }
+}
+
+async fn sweep_idle_and_expired(state: &ControllerState) {
+    let due = match state.store().sweepable_backends(Millis::now()).await {
+        Ok(due) => due,
+        Err(err) => {
+            tracing::warn!(error = %err, "sweep query failed; retrying next interval");
+            return;
+        }
+    };
+    for backend in due {
+        tracing::info!(%backend, "sweeping idle or expired backend");
+        if let Err(err) = terminate(
+            state,
+            &backend,
+            TerminationKind::Soft,
+            TerminationReason::Swept,
+        )
+        .await
+        {
+            tracing::warn!(%backend, error = %err, "sweep failed");
+        }
+    }
+}
+
+/// A backend whose lease ran out was stopped by its drone (by protocol, on the drone's own
+/// clock, before the lease ended), or its drone is gone: record it `terminated{lost}`, which
+/// frees its key and drops its routes.
+async fn sweep_expired_leases(state: &ControllerState) {
+    let now = Millis::now();
+    let expired = match state.store().expired_leases(now, EXPIRED_PER_PASS).await {
+        Ok(expired) => expired,
+        Err(err) => {
+            tracing::warn!(error = %err, "expired-lease query failed; retrying next interval");
+            return;
+        }
+    };
+    for backend in expired {
+        let message = format!(
+            "drone {} did not renew the lease (it ran out at {} ms)",
+            backend.drone, backend.lease_expires_at.0
+        );
+        match state
+            .store()
+            .expire_backend(&backend.id, TerminationReason::Lost, message, now)
             .await
-            {
-                tracing::warn!(%backend, error = %err, "sweep failed");
+        {
+            Ok(Some(change)) => {
+                tracing::warn!(backend = %backend.id, drone = %backend.drone, "lease ran out; backend lost");
+                state.publish_status_change(change);
+            }
+            Ok(None) => {} // renewed or terminated meanwhile
+            Err(err) => {
+                tracing::warn!(backend = %backend.id, error = %err, "could not expire backend")
             }
         }
+    }
+}
+
+async fn sweep_lost_drones(state: &ControllerState) {
+    let now = Millis::now();
+    let silent_since = now.minus_millis(state.config().lost_window_ms);
+    match state.store().mark_lost_drones(silent_since, now).await {
+        Ok(lost) => {
+            for (cluster, drone) in lost {
+                tracing::warn!(%cluster, %drone, "drone silent past the lost window; declared lost");
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "lost-drone query failed; retrying next interval"),
     }
 }

@@ -9,18 +9,24 @@ use plane_protocol::time::Millis;
 use sqlx::Row;
 
 impl Store {
-    /// Unacknowledged actions for a drone, oldest first.
+    /// One page of unacknowledged actions for a drone: the oldest `limit` with an ID above
+    /// `after`. Paged so that a drone with a huge backlog is replayed in bounded steps.
     pub async fn pending_actions(
         &self,
         cluster: &ClusterName,
         drone: &NodeName,
+        after: i64,
+        limit: i64,
     ) -> StoreResult<Vec<BackendAction>> {
         let rows = sqlx::query(
             "SELECT id, backend_id, action FROM backend_action \
-             WHERE cluster = $1 AND drone = $2 AND acked_at IS NULL ORDER BY id",
+             WHERE cluster = $1 AND drone = $2 AND acked_at IS NULL AND id > $3 \
+             ORDER BY id LIMIT $4",
         )
         .bind(cluster.as_str())
         .bind(drone.as_str())
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -78,4 +84,21 @@ pub(super) async fn insert(
     .fetch_one(conn)
     .await?;
     Ok(row.try_get("id").map_err(anyhow::Error::from)?)
+}
+
+/// Marks every undelivered action of a backend as done: it has terminated, so re-sending
+/// them (say, a spawn to a drone that was away) could only do harm.
+pub(super) async fn drop_pending(
+    conn: &mut sqlx::AnyConnection,
+    backend: &BackendName,
+    now: Millis,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE backend_action SET acked_at = $1 WHERE backend_id = $2 AND acked_at IS NULL",
+    )
+    .bind(now.0)
+    .bind(backend.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -34,6 +34,8 @@ pub struct BackendRow {
     pub static_token: Option<BearerToken>,
     pub created_at: Millis,
     pub last_active_at: Millis,
+    /// Until when its drone may keep it running without renewing (controller clock).
+    pub lease_expires_at: Millis,
 }
 
 /// What [`Store::create_backend`] writes in one transaction.
@@ -48,6 +50,8 @@ pub struct NewBackend<'a> {
     /// The first connection token, issued with the backend.
     pub token: tokens::NewToken<'a>,
     pub now: Millis,
+    /// The first lease: the drone must renew it before then.
+    pub lease_expires_at: Millis,
 }
 
 /// The result of a successful [`Store::create_backend`].
@@ -123,6 +127,7 @@ impl BackendRow {
             static_token: parse_optional(row, "static_token", |s| s.parse().ok())?,
             created_at: Millis(get_i64("created_at")?),
             last_active_at: Millis(get_i64("last_active_at")?),
+            lease_expires_at: Millis(get_i64("lease_expires_at")?),
         })
     }
 }
@@ -148,7 +153,7 @@ fn exit_error(status: BackendStatus, exit_code: Option<i64>) -> Option<bool> {
 
 const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \
      termination_kind, termination_reason, exit_code, message, termination_requested, \
-     key_name, static_token, created_at, last_active_at";
+     key_name, static_token, created_at, last_active_at, lease_expires_at";
 
 impl Store {
     /// Writes a new backend in `scheduled`, takes its key (if any), records its first
@@ -169,8 +174,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO backend (id, cluster, pool, drone, status, status_number, status_time, \
              spawn_config, key_namespace, key_name, static_token, max_idle_seconds, created_at, \
-             last_active_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14)",
+             last_active_at, expires_at, lease_expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15)",
         )
         .bind(new.id.as_str())
         .bind(new.cluster.as_str())
@@ -186,6 +191,7 @@ impl Store {
         .bind(new.spawn_config.max_idle_seconds)
         .bind(new.now.0)
         .bind(expires_at)
+        .bind(new.lease_expires_at.0)
         .execute(&mut *tx)
         .await?;
         insert_history(
@@ -281,13 +287,115 @@ impl Store {
         if update.status == BackendStatus::Terminated {
             keys::release(&mut tx, id).await?;
         }
-        let row = sqlx::query(&format!(
-            "SELECT {BACKEND_COLUMNS} FROM backend WHERE id = $1"
-        ))
-        .bind(id.as_str())
-        .fetch_one(&mut *tx)
+        let backend = load_row(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(Some(StatusChange { backend, entry }))
+    }
+
+    /// Renews the leases of the backends `drone` says it runs, until `expires_at`. Only a
+    /// backend of that drone that has not terminated and whose lease has not yet run out is
+    /// renewed: once a lease has passed, the backend is dead by protocol (its drone stopped
+    /// it) and its key may already belong to another. Returns the renewed ones. Also
+    /// records that the drone was seen.
+    ///
+    /// On PostgreSQL this `UPDATE` and [`Store::expire_backend`] lock the same row, and each
+    /// re-checks its condition after the other commits, so a renewal and a takeover of one
+    /// lease can never both succeed.
+    pub async fn renew_leases(
+        &self,
+        cluster: &ClusterName,
+        drone: &NodeName,
+        backends: &[BackendName],
+        now: Millis,
+        expires_at: Millis,
+    ) -> StoreResult<Vec<BackendName>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE node SET last_seen = $1, lost_at = NULL \
+             WHERE cluster = $2 AND kind = 'drone' AND name = $3",
+        )
+        .bind(now.0)
+        .bind(cluster.as_str())
+        .bind(drone.as_str())
+        .execute(&mut *tx)
         .await?;
-        let backend = BackendRow::from_row(&row)?;
+        let mut renewed = Vec::with_capacity(backends.len());
+        for chunk in backends.chunks(super::MAX_LIST_PARAMETERS) {
+            let sql = format!(
+                "UPDATE backend SET lease_expires_at = $1 \
+                 WHERE cluster = $2 AND drone = $3 AND status_number < $4 \
+                 AND lease_expires_at > $5 AND id IN ({}) RETURNING id",
+                super::placeholders(6, chunk.len())
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(expires_at.0)
+                .bind(cluster.as_str())
+                .bind(drone.as_str())
+                .bind(i64::from(BackendStatus::Terminated.number()))
+                .bind(now.0);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                renewed.push(parse_column(&row, "id", |s| s.parse().ok())?);
+            }
+        }
+        tx.commit().await?;
+        Ok(renewed)
+    }
+
+    /// Backends not yet terminated whose lease ran out before `now` (at most `limit`).
+    pub async fn expired_leases(&self, now: Millis, limit: i64) -> StoreResult<Vec<BackendRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BACKEND_COLUMNS} FROM backend \
+             WHERE status_number < $1 AND lease_expires_at <= $2 \
+             ORDER BY lease_expires_at LIMIT $3"
+        ))
+        .bind(i64::from(BackendStatus::Terminated.number()))
+        .bind(now.0)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(BackendRow::from_row).collect()
+    }
+
+    /// Records that a backend whose lease has run out is `terminated` (its drone stopped it
+    /// before the lease ended, by protocol), frees its key and drops its undelivered
+    /// actions, in one transaction. `None` if its lease was renewed meanwhile or it had
+    /// already terminated.
+    pub async fn expire_backend(
+        &self,
+        id: &BackendName,
+        reason: TerminationReason,
+        message: String,
+        now: Millis,
+    ) -> StoreResult<Option<StatusChange>> {
+        let update = BackendStateUpdate {
+            termination_reason: Some(reason),
+            message: Some(message),
+            ..BackendStateUpdate::status(BackendStatus::Terminated)
+        };
+        let mut tx = self.pool.begin().await?;
+        let result = sqlx::query(
+            "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
+             termination_reason = $4, message = $5 \
+             WHERE id = $6 AND status_number < $2 AND lease_expires_at <= $3",
+        )
+        .bind(update.status.as_str())
+        .bind(i64::from(update.status.number()))
+        .bind(now.0)
+        .bind(reason.as_str())
+        .bind(update.message.clone())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let entry = insert_history(&mut tx, id, &update, now).await?;
+        keys::release(&mut tx, id).await?;
+        actions::drop_pending(&mut tx, id, now).await?;
+        let backend = load_row(&mut tx, id).await?;
         tx.commit().await?;
         Ok(Some(StatusChange { backend, entry }))
     }
@@ -355,12 +463,16 @@ impl Store {
     }
 
     /// Backends due for sweeping: ready and idle past `max_idle_seconds`, or past their
-    /// lifetime limit, with no termination asked for yet.
+    /// lifetime limit, with no termination asked for yet. A backend that any proxy holds a
+    /// connection to is never idle; idle time counts from when the last one closed
+    /// (`last_active_at`), or from `ready`.
     pub async fn sweepable_backends(&self, now: Millis) -> StoreResult<Vec<BackendName>> {
         let rows = sqlx::query(
             "SELECT id FROM backend WHERE status_number < $1 AND termination_requested IS NULL \
              AND ((max_idle_seconds IS NOT NULL AND status_number = $2 \
-                   AND last_active_at + max_idle_seconds * 1000 <= $3) \
+                   AND last_active_at + max_idle_seconds * 1000 <= $3 \
+                   AND NOT EXISTS (SELECT 1 FROM backend_connection c \
+                       WHERE c.backend_id = backend.id AND c.expires_at > $3)) \
                OR (expires_at IS NOT NULL AND expires_at <= $3))",
         )
         .bind(i64::from(BackendStatus::Terminating.number()))
@@ -394,6 +506,16 @@ impl Store {
         }
         Ok(counts)
     }
+}
+
+async fn load_row(conn: &mut sqlx::AnyConnection, id: &BackendName) -> StoreResult<BackendRow> {
+    let row = sqlx::query(&format!(
+        "SELECT {BACKEND_COLUMNS} FROM backend WHERE id = $1"
+    ))
+    .bind(id.as_str())
+    .fetch_one(conn)
+    .await?;
+    BackendRow::from_row(&row)
 }
 
 async fn insert_history(

@@ -14,13 +14,15 @@ pub struct KeyHolder {
     pub backend_id: BackendName,
     pub tag: String,
     pub fencing_token: i64,
+    /// The holder's lease; once passed, the key may be taken over.
+    pub lease_expires_at: Millis,
 }
 
 impl Store {
     /// The live backend holding `(namespace, name)`, if any.
     pub async fn key_holder(&self, namespace: &str, name: &str) -> StoreResult<Option<KeyHolder>> {
         let row = sqlx::query(
-            "SELECT k.backend_id, k.tag, k.fencing_token FROM backend_key k \
+            "SELECT k.backend_id, k.tag, k.fencing_token, b.lease_expires_at FROM backend_key k \
              JOIN backend b ON b.id = k.backend_id \
              WHERE k.namespace = $1 AND k.name = $2 AND b.status_number < $3",
         )
@@ -35,6 +37,10 @@ impl Store {
             backend_id: backend_id.parse().map_err(anyhow::Error::from)?,
             tag: row.try_get("tag").map_err(anyhow::Error::from)?,
             fencing_token: row.try_get("fencing_token").map_err(anyhow::Error::from)?,
+            lease_expires_at: Millis(
+                row.try_get("lease_expires_at")
+                    .map_err(anyhow::Error::from)?,
+            ),
         }))
     }
 }

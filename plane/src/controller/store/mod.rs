@@ -6,6 +6,7 @@
 
 mod actions;
 mod backends;
+mod connections;
 mod keys;
 mod nodes;
 mod tokens;
@@ -59,6 +60,18 @@ impl From<sqlx::Error> for StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How many values one `IN (...)` list binds; longer lists are split. Well under the
+/// parameter limits of both databases.
+const MAX_LIST_PARAMETERS: usize = 200;
+
+/// `$first, $first+1, ...` for `count` bound values.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Cheap to clone: the pool is reference-counted.
 #[derive(Clone)]
