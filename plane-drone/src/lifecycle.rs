@@ -118,13 +118,13 @@ struct Backend<'a, R> {
 }
 
 impl<R: Runtime> Backend<'_, R> {
-    fn report(&self, update: BackendStateUpdate) {
+    async fn report(&self, update: BackendStateUpdate) {
         tracing::info!(backend = %self.id, status = %update.status, "backend status");
-        self.ctx.events.push(self.id.clone(), update);
+        self.ctx.events.push(self.id.clone(), update).await;
     }
 
-    fn report_status(&self, status: BackendStatus) {
-        self.report(BackendStateUpdate::status(status));
+    async fn report_status(&self, status: BackendStatus) {
+        self.report(BackendStateUpdate::status(status)).await;
     }
 
     async fn run(
@@ -135,7 +135,7 @@ impl<R: Runtime> Backend<'_, R> {
         let runtime = &self.ctx.runtime;
         let image = &spawn.executable.image;
 
-        self.report_status(BackendStatus::Loading);
+        self.report_status(BackendStatus::Loading).await;
         let prepared = tokio::select! {
             biased;
             request = next_request(requests) => {
@@ -144,17 +144,18 @@ impl<R: Runtime> Backend<'_, R> {
                     termination_kind: Some(request.kind),
                     termination_reason: Some(request.reason),
                     ..BackendStateUpdate::status(BackendStatus::Terminated)
-                });
+                }).await;
                 return;
             }
             prepared = runtime.prepare_image(&spawn.executable) => prepared,
         };
         if let Err(err) = prepared {
-            self.report_start_failed(format!("could not load image {image:?}: {err}"));
+            self.report_start_failed(format!("could not load image {image:?}: {err}"))
+                .await;
             return;
         }
 
-        self.report_status(BackendStatus::Starting);
+        self.report_status(BackendStatus::Starting).await;
         let spec = BackendSpec {
             backend_id: self.id.clone(),
             image: image.clone(),
@@ -172,7 +173,8 @@ impl<R: Runtime> Backend<'_, R> {
                 return;
             }
             Err(err) => {
-                self.report_start_failed(format!("could not start image {image:?}: {err}"));
+                self.report_start_failed(format!("could not start image {image:?}: {err}"))
+                    .await;
                 return;
             }
         };
@@ -181,7 +183,8 @@ impl<R: Runtime> Backend<'_, R> {
         self.report(BackendStateUpdate {
             address: Some(address),
             ..BackendStateUpdate::status(BackendStatus::Waiting)
-        });
+        })
+        .await;
         let deadline = started_at + self.ctx.settings.startup_timeout;
         let startup = tokio::select! {
             biased;
@@ -210,7 +213,8 @@ impl<R: Runtime> Backend<'_, R> {
         self.report(BackendStateUpdate {
             address: Some(address),
             ..BackendStateUpdate::status(BackendStatus::Ready)
-        });
+        })
+        .await;
         tokio::select! {
             biased;
             request = next_request(requests) => self.terminate(request, requests).await,
@@ -218,13 +222,14 @@ impl<R: Runtime> Backend<'_, R> {
         }
     }
 
-    fn report_start_failed(&self, message: String) {
+    async fn report_start_failed(&self, message: String) {
         tracing::warn!(backend = %self.id, %message, "backend failed to start");
         self.report(BackendStateUpdate {
             termination_reason: Some(TerminationReason::StartFailed),
             message: Some(message),
             ..BackendStateUpdate::status(BackendStatus::Terminated)
-        });
+        })
+        .await;
     }
 
     /// Stops a started backend: SIGTERM and the grace period for a soft request (a hard
@@ -244,7 +249,8 @@ impl<R: Runtime> Backend<'_, R> {
                 termination_kind: Some(kind),
                 termination_reason: Some(reason),
                 ..BackendStateUpdate::status(BackendStatus::Terminating)
-            });
+            })
+            .await;
             match runtime.signal(self.id, Signal::Term).await {
                 Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
                 Err(RuntimeError::NotFound(_)) => {
@@ -276,7 +282,8 @@ impl<R: Runtime> Backend<'_, R> {
             termination_kind: Some(kind),
             termination_reason: Some(reason),
             ..BackendStateUpdate::status(BackendStatus::HardTerminating)
-        });
+        })
+        .await;
         match runtime.signal(self.id, Signal::Kill).await {
             Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
             Err(RuntimeError::NotFound(_)) => {
@@ -319,7 +326,8 @@ impl<R: Runtime> Backend<'_, R> {
             exit_code,
             message,
             ..BackendStateUpdate::status(BackendStatus::Terminated)
-        });
+        })
+        .await;
     }
 
     /// Waits for the process to exit; `None` as the code when it is unknown (e.g. the
