@@ -100,7 +100,7 @@ impl EventQueue {
     /// Records a status change and returns its event ID once it is stored (or, if storing
     /// failed, kept in memory only) and queued for sending.
     ///
-    /// If this future is dropped early, the event is still stored and sent.
+    /// If this future is dropped after its first poll, the event is still stored and sent.
     pub async fn push(&self, backend_id: BackendName, update: BackendStateUpdate) -> u64 {
         let (done, stored) = oneshot::channel();
         let event_id = {
