@@ -1,10 +1,11 @@
 //! `plane drone` command-line flags (each also readable from a `PLANE_*` environment
 //! variable), turned into a [`DroneConfig`].
 
-use crate::config::DroneConfig;
+use crate::config::{DroneConfig, DEFAULT_STATE_DIR};
 use clap::Args;
 use plane_protocol::names::{ClusterName, NodeName};
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use url::Url;
 
 /// Run a drone: start backends as Docker containers on behalf of the controller.
@@ -56,6 +57,11 @@ pub struct DroneOpts {
     /// Milliseconds an image pull may take before the backend fails to start.
     #[arg(long, env = "PLANE_PULL_TIMEOUT_MS", default_value_t = 300_000)]
     pub pull_timeout_ms: u64,
+
+    /// Directory for the drone's state (unacked events in drone.db); keep it across
+    /// restarts. One drone per directory.
+    #[arg(long, env = "PLANE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 impl DroneOpts {
@@ -74,6 +80,7 @@ impl DroneOpts {
             startup_timeout_ms: self.startup_timeout_ms,
             reconnect_max_backoff_ms: self.reconnect_max_backoff_ms,
             pull_timeout_ms: self.pull_timeout_ms,
+            state_dir: self.state_dir,
             ..DroneConfig::new(self.controller_url, self.cluster)
         };
         anyhow::ensure!(
@@ -127,5 +134,6 @@ mod tests {
         assert_eq!(config.heartbeat_interval_ms, 2_000);
         assert_eq!(config.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(config.pool, "");
+        assert_eq!(config.state_dir, PathBuf::from("./.plane-drone"));
     }
 }

@@ -4,6 +4,7 @@
 use plane_protocol::names::{ClusterName, NodeName};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
 
@@ -49,6 +50,12 @@ pub struct DroneConfig {
     /// `loading` status when a registry hangs rather than refusing.
     #[serde(default = "default_pull_timeout_ms")]
     pub pull_timeout_ms: u64,
+    /// Directory for the drone's local state, created if missing: `drone.db`, a SQLite
+    /// file holding status events until the controller acknowledges them, so they survive
+    /// a restart. One drone per directory (a second one fails to start); keep it across
+    /// restarts, e.g. on a volume, or unacked events are lost.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
 }
 
 fn default_ip() -> IpAddr {
@@ -79,8 +86,18 @@ fn default_pull_timeout_ms() -> u64 {
     300_000
 }
 
+/// Relative to the working directory, like `--state-dir`'s default.
+pub(crate) fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+
+/// The default of [`DroneConfig::state_dir`] and `--state-dir`.
+pub const DEFAULT_STATE_DIR: &str = "./.plane-drone";
+
 impl DroneConfig {
     /// A configuration with every optional field at its default and a random drone name.
+    /// Drones running side by side (tests, `plane dev`) must each be given their own
+    /// `state_dir`.
     pub fn new(controller_url: Url, cluster: ClusterName) -> Self {
         Self {
             controller_url,
@@ -94,6 +111,7 @@ impl DroneConfig {
             startup_timeout_ms: default_startup_timeout_ms(),
             reconnect_max_backoff_ms: default_reconnect_max_backoff_ms(),
             pull_timeout_ms: default_pull_timeout_ms(),
+            state_dir: default_state_dir(),
         }
     }
 

@@ -344,10 +344,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DroneConfig;
+    use crate::event_queue::test_support::TempStateDir;
     use crate::executor;
     use crate::lifecycle::LifecycleSettings;
     use crate::runtime::fake::FakeRuntime;
-    use plane_protocol::backend::{BackendStateUpdate, BackendStatus};
+    use plane_protocol::api::ExecutorConfig;
+    use plane_protocol::backend::{BackendStateUpdate, BackendStatus, TerminationReason};
+    use plane_protocol::drone::{BackendEvent, SpawnAction};
     use plane_protocol::names::BackendName;
     use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::accept_hdr_async;
@@ -372,6 +376,8 @@ mod tests {
     }
 
     /// The drone's next message other than a heartbeat.
+    /// Answers heartbeats as a controller does, renewing every listed backend's lease for a
+    /// minute, so that spawned backends may start.
     async fn next_message(socket: &mut ServerSocket) -> MessageFromDrone {
         let read = async {
             loop {
@@ -379,9 +385,16 @@ mod tests {
                 if let Message::Text(text) = frame {
                     let message: MessageFromDrone =
                         serde_json::from_str(&text).expect("valid drone message");
-                    if !matches!(message, MessageFromDrone::Heartbeat { .. }) {
+                    let MessageFromDrone::Heartbeat { backends, seq } = message else {
                         return message;
-                    }
+                    };
+                    let renewal = MessageToDrone::LeaseRenewal {
+                        seq,
+                        lease_ms: 60_000,
+                        renewed: backends,
+                        gone: vec![],
+                    };
+                    send_to_drone(socket, &renewal).await;
                 }
             }
         };
@@ -403,7 +416,8 @@ mod tests {
             .expect("url");
         let cluster: ClusterName = "localhost:9090".parse().expect("cluster");
         let cancel = CancellationToken::new();
-        let events = EventQueue::new();
+        let state_dir = TempStateDir::new();
+        let events = EventQueue::open(state_dir.path()).await.expect("open");
         let leases = Leases::new(Duration::from_millis(100));
         let (executor, _task) = executor::start(
             FakeRuntime::new().await,
@@ -418,10 +432,12 @@ mod tests {
         .await
         .expect("executor");
         let earlier = BackendName::new_random();
-        let event_id = events.push(
-            earlier.clone(),
-            BackendStateUpdate::status(BackendStatus::Loading),
-        );
+        let event_id = events
+            .push(
+                earlier.clone(),
+                BackendStateUpdate::status(BackendStatus::Loading),
+            )
+            .await;
         let (connected_tx, mut connected) = watch::channel(false);
         let connection = Connection {
             url: socket_url(&base, &cluster).expect("socket url"),
@@ -504,6 +520,112 @@ mod tests {
             .expect("connection task stops")
             .expect("no panic");
         assert!(!*connected.borrow());
+    }
+
+    /// Reads drone messages until the event that reports `status` for `backend_id`, and
+    /// returns every event seen on the way (acking none of them).
+    async fn events_until(
+        socket: &mut ServerSocket,
+        backend_id: &BackendName,
+        status: BackendStatus,
+    ) -> Vec<BackendEvent> {
+        let mut seen = Vec::new();
+        loop {
+            match next_message(socket).await {
+                MessageFromDrone::BackendEvent(event) => {
+                    let done = &event.backend_id == backend_id && event.update.status == status;
+                    seen.push(event);
+                    if done {
+                        return seen;
+                    }
+                }
+                MessageFromDrone::ActionAck { .. } => {}
+                other => panic!("expected events, got {other:?} after {seen:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn events_unacked_when_the_drone_crashed_are_replayed_by_the_next_start() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base: Url = format!("http://{}", listener.local_addr().expect("addr"))
+            .parse()
+            .expect("url");
+        let cluster: ClusterName = "localhost:9090".parse().expect("cluster");
+        let state_dir = TempStateDir::new();
+        let config = DroneConfig {
+            name: "dr-crash-test".parse().expect("name"),
+            heartbeat_interval_ms: 50,
+            reconnect_max_backoff_ms: 200,
+            state_dir: state_dir.path().to_path_buf(),
+            ..DroneConfig::new(base, cluster)
+        };
+        // Shared by both runs, like the Docker engine: the backend's container outlives
+        // the crashed drone.
+        let runtime = FakeRuntime::new().await;
+
+        let first =
+            crate::start_with_runtime(config.clone(), runtime.clone(), CancellationToken::new())
+                .await
+                .expect("first drone starts");
+        let mut socket = accept(&listener).await;
+        assert!(matches!(
+            next_message(&mut socket).await,
+            MessageFromDrone::Hello { .. }
+        ));
+        let backend = BackendName::new_random();
+        send_to_drone(
+            &mut socket,
+            &MessageToDrone::Action(BackendAction {
+                action_id: 1,
+                backend_id: backend.clone(),
+                action: ActionKind::Spawn(SpawnAction {
+                    executable: ExecutorConfig {
+                        image: "answers-http".into(),
+                        pull_policy: None,
+                        credentials: None,
+                        env: Default::default(),
+                        resource_limits: Default::default(),
+                        mount: None,
+                    },
+                    key: None,
+                    fencing_token: None,
+                    static_token: None,
+                }),
+            }),
+        )
+        .await;
+        // The controller hears the backend become ready but acks nothing; then the drone
+        // dies without a graceful shutdown.
+        let before_crash = events_until(&mut socket, &backend, BackendStatus::Ready).await;
+        drop(first);
+        drop(socket);
+
+        let second = crate::start_with_runtime(config, runtime, CancellationToken::new())
+            .await
+            .expect("second drone starts on the same state directory");
+        let mut socket = accept(&listener).await;
+        assert!(matches!(
+            next_message(&mut socket).await,
+            MessageFromDrone::Hello { .. }
+        ));
+        let after_restart = events_until(&mut socket, &backend, BackendStatus::Terminated).await;
+        let (replayed, new) = after_restart.split_at(after_restart.len() - 1);
+        assert_eq!(
+            replayed,
+            before_crash.as_slice(),
+            "the unacked events, in order"
+        );
+        // The new run found the container left behind and reports it lost, under an ID
+        // the earlier run never used.
+        assert_eq!(
+            new[0].update.termination_reason,
+            Some(TerminationReason::Lost)
+        );
+        let newest_before = before_crash.iter().map(|e| e.event_id).max();
+        assert!(Some(new[0].event_id) > newest_before);
+
+        drop(second);
     }
 
     #[test]

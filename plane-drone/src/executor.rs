@@ -171,15 +171,17 @@ async fn reconcile_orphans<R: Runtime>(
                 format!("drone restarted; removing the container failed: {err}")
             }
         };
-        events.push(
-            backend_id.clone(),
-            BackendStateUpdate {
-                termination_kind: Some(TerminationKind::Hard),
-                termination_reason: Some(TerminationReason::Lost),
-                message: Some(message),
-                ..BackendStateUpdate::status(BackendStatus::Terminated)
-            },
-        );
+        events
+            .push(
+                backend_id.clone(),
+                BackendStateUpdate {
+                    termination_kind: Some(TerminationKind::Hard),
+                    termination_reason: Some(TerminationReason::Lost),
+                    message: Some(message),
+                    ..BackendStateUpdate::status(BackendStatus::Terminated)
+                },
+            )
+            .await;
     }
     Ok(orphans)
 }
@@ -202,12 +204,14 @@ impl<R: Runtime> Runner<R> {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                // Handling may await an event's commit to the state file (an fsync, a few
+                // milliseconds); later commands wait meanwhile, which keeps them ordered.
                 command = commands.recv() => match command {
-                    Some(command) => self.handle(command),
+                    Some(command) => self.handle(command).await,
                     None => break,
                 },
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.task_done(done);
+                    self.task_done(done).await;
                 }
             }
         }
@@ -220,7 +224,7 @@ impl<R: Runtime> Runner<R> {
         }
     }
 
-    fn handle(&mut self, command: Command) {
+    async fn handle(&mut self, command: Command) {
         match command {
             Command::Spawn {
                 backend_id,
@@ -234,7 +238,7 @@ impl<R: Runtime> Runner<R> {
                 request,
                 reply,
             } => {
-                self.terminate(backend_id, request);
+                self.terminate(backend_id, request).await;
                 let _ = reply.send(Ok(()));
             }
             Command::Running { reply } => {
@@ -267,7 +271,7 @@ impl<R: Runtime> Runner<R> {
         Ok(())
     }
 
-    fn terminate(&mut self, backend_id: BackendName, request: TerminateRequest) {
+    async fn terminate(&mut self, backend_id: BackendName, request: TerminateRequest) {
         if let Some(requests) = self.running.get(&backend_id) {
             // The task holds the receiver until it has reported `terminated`; a send that
             // fails means it is finishing on its own.
@@ -278,15 +282,18 @@ impl<R: Runtime> Runner<R> {
             // Unknown here (e.g. the drone restarted): say so at once, so the controller does
             // not wait for a backend that will never report.
             tracing::info!(backend = %backend_id, "terminate for an unknown backend; reporting it terminated");
-            self.ctx.events.push(
-                backend_id.clone(),
-                BackendStateUpdate {
-                    termination_kind: Some(request.kind),
-                    termination_reason: Some(request.reason),
-                    message: Some("not running on this drone".into()),
-                    ..BackendStateUpdate::status(BackendStatus::Terminated)
-                },
-            );
+            self.ctx
+                .events
+                .push(
+                    backend_id.clone(),
+                    BackendStateUpdate {
+                        termination_kind: Some(request.kind),
+                        termination_reason: Some(request.reason),
+                        message: Some("not running on this drone".into()),
+                        ..BackendStateUpdate::status(BackendStatus::Terminated)
+                    },
+                )
+                .await;
             self.finished.insert(backend_id);
         }
     }
@@ -310,7 +317,7 @@ impl<R: Runtime> Runner<R> {
         self.notify_if_drained();
     }
 
-    fn task_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+    async fn task_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
         let (id, panicked) = match done {
             Ok((id, ())) => (id, None),
             Err(err) => (err.id(), Some(err)),
@@ -322,14 +329,17 @@ impl<R: Runtime> Runner<R> {
         self.leases.untrack(&backend_id);
         if let Some(err) = panicked {
             tracing::error!(backend = %backend_id, error = %err, "backend task failed");
-            self.ctx.events.push(
-                backend_id.clone(),
-                BackendStateUpdate {
-                    termination_reason: Some(TerminationReason::InternalError),
-                    message: Some("the drone lost track of this backend".into()),
-                    ..BackendStateUpdate::status(BackendStatus::Terminated)
-                },
-            );
+            self.ctx
+                .events
+                .push(
+                    backend_id.clone(),
+                    BackendStateUpdate {
+                        termination_reason: Some(TerminationReason::InternalError),
+                        message: Some("the drone lost track of this backend".into()),
+                        ..BackendStateUpdate::status(BackendStatus::Terminated)
+                    },
+                )
+                .await;
             // Its container may still run; remove it in the background, owned by the set.
             let ctx = self.ctx.clone();
             let orphan = backend_id.clone();
@@ -389,11 +399,14 @@ impl RecentSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event_queue::test_support::TempStateDir;
     use crate::runtime::fake::{FakeContainer, FakeRuntime};
     use plane_protocol::api::ExecutorConfig;
     use std::time::Duration;
 
     struct Harness {
+        /// Kept for the queue's lifetime; removed on drop.
+        _state_dir: TempStateDir,
         runtime: FakeRuntime,
         events: EventQueue,
         executor: ExecutorHandle,
@@ -405,7 +418,10 @@ mod tests {
         for orphan in orphans {
             runtime.add_orphan((*orphan).clone());
         }
-        let events = EventQueue::new();
+        let state_dir = TempStateDir::new();
+        let events = EventQueue::open(state_dir.path())
+            .await
+            .expect("event queue opens");
         let cancel = CancellationToken::new();
         let settings = LifecycleSettings {
             stop_grace_period: Duration::from_millis(300),
@@ -436,6 +452,7 @@ mod tests {
         .await
         .expect("executor starts");
         Harness {
+            _state_dir: state_dir,
             runtime,
             events,
             executor,

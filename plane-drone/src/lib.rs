@@ -1,6 +1,7 @@
 //! Plane's drone: runs backends as Docker containers on behalf of the controller.
 //!
-//! [`start`] connects to Docker, cleans up what an earlier run left, and starts two owned
+//! [`start`] connects to Docker, opens the drone's state directory (events an earlier run
+//! left unacked are replayed), cleans up what an earlier run left, and starts two owned
 //! tasks: the executor (one sub-task per backend) and the controller connection. [`run`]
 //! does the same and shuts down gracefully on ctrl-c or SIGTERM.
 
@@ -8,6 +9,7 @@ pub mod cli;
 pub mod config;
 mod controller_connection;
 mod event_queue;
+mod event_store;
 mod executor;
 mod leases;
 mod lifecycle;
@@ -70,14 +72,16 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
 }
 
 /// Starts a drone on any [`Runtime`]. `cancel` is the drone's root token; it is cancelled
-/// by [`DroneHandle::shutdown`].
+/// by [`DroneHandle::shutdown`]. Fails if another drone uses `config.state_dir`.
 pub async fn start_with_runtime<R: Runtime>(
     config: DroneConfig,
     runtime: R,
     cancel: CancellationToken,
 ) -> anyhow::Result<DroneHandle> {
     let url = controller_connection::socket_url(&config.controller_url, &config.cluster)?;
-    let events = EventQueue::new();
+    let events = EventQueue::open(&config.state_dir)
+        .await
+        .with_context(|| format!("opening state directory {}", config.state_dir.display()))?;
     let settings = LifecycleSettings {
         stop_grace_period: config.stop_grace_period(),
         startup_timeout: config.startup_timeout(),
@@ -174,6 +178,9 @@ impl DroneHandle {
                 tracing::error!(task = what, error = %err, "drone task failed");
             }
         }
+        // Acks received until now are deleted from the state file, so the next start does
+        // not replay them (which would be harmless, but noisy).
+        self.events.flush().await;
         tracing::info!(drone = %self.name, "drone stopped");
     }
 }

@@ -131,13 +131,13 @@ const FENCE: TerminateRequest = TerminateRequest {
 };
 
 impl<'a, R: Runtime> Backend<'a, R> {
-    fn report(&self, update: BackendStateUpdate) {
+    async fn report(&self, update: BackendStateUpdate) {
         tracing::info!(backend = %self.id, status = %update.status, "backend status");
-        self.ctx.events.push(self.id.clone(), update);
+        self.ctx.events.push(self.id.clone(), update).await;
     }
 
-    fn report_status(&self, status: BackendStatus) {
-        self.report(BackendStateUpdate::status(status));
+    async fn report_status(&self, status: BackendStatus) {
+        self.report(BackendStateUpdate::status(status)).await;
     }
 
     async fn run(
@@ -148,7 +148,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         let runtime = &self.ctx.runtime;
         let image = &spawn.executable.image;
 
-        self.report_status(BackendStatus::Loading);
+        self.report_status(BackendStatus::Loading).await;
         let prepared = tokio::select! {
             biased;
             request = next_request(requests) => {
@@ -157,13 +157,14 @@ impl<'a, R: Runtime> Backend<'a, R> {
                     termination_kind: Some(request.kind),
                     termination_reason: Some(request.reason),
                     ..BackendStateUpdate::status(BackendStatus::Terminated)
-                });
+                }).await;
                 return;
             }
             prepared = runtime.prepare_image(&spawn.executable) => prepared,
         };
         if let Err(err) = prepared {
-            self.report_start_failed(format!("could not load image {image:?}: {err}"));
+            self.report_start_failed(format!("could not load image {image:?}: {err}"))
+                .await;
             return;
         }
 
@@ -188,11 +189,12 @@ impl<'a, R: Runtime> Backend<'a, R> {
                 termination_reason: Some(request.reason),
                 message,
                 ..BackendStateUpdate::status(BackendStatus::Terminated)
-            });
+            })
+            .await;
             return;
         }
 
-        self.report_status(BackendStatus::Starting);
+        self.report_status(BackendStatus::Starting).await;
         let spec = BackendSpec {
             backend_id: self.id.clone(),
             image: image.clone(),
@@ -210,7 +212,8 @@ impl<'a, R: Runtime> Backend<'a, R> {
                 return;
             }
             Err(err) => {
-                self.report_start_failed(format!("could not start image {image:?}: {err}"));
+                self.report_start_failed(format!("could not start image {image:?}: {err}"))
+                    .await;
                 return;
             }
         };
@@ -219,7 +222,8 @@ impl<'a, R: Runtime> Backend<'a, R> {
         self.report(BackendStateUpdate {
             address: Some(address),
             ..BackendStateUpdate::status(BackendStatus::Waiting)
-        });
+        })
+        .await;
         let deadline = started_at + self.ctx.settings.startup_timeout;
         let exit = self.wait_exit();
         let startup = tokio::select! {
@@ -253,7 +257,8 @@ impl<'a, R: Runtime> Backend<'a, R> {
         self.report(BackendStateUpdate {
             address: Some(address),
             ..BackendStateUpdate::status(BackendStatus::Ready)
-        });
+        })
+        .await;
         let exit = self.wait_exit();
         tokio::select! {
             biased;
@@ -266,13 +271,14 @@ impl<'a, R: Runtime> Backend<'a, R> {
         }
     }
 
-    fn report_start_failed(&self, message: String) {
+    async fn report_start_failed(&self, message: String) {
         tracing::warn!(backend = %self.id, %message, "backend failed to start");
         self.report(BackendStateUpdate {
             termination_reason: Some(TerminationReason::StartFailed),
             message: Some(message),
             ..BackendStateUpdate::status(BackendStatus::Terminated)
-        });
+        })
+        .await;
     }
 
     /// Stops a started backend: SIGTERM and the grace period for a soft request (a hard
@@ -293,7 +299,8 @@ impl<'a, R: Runtime> Backend<'a, R> {
                 termination_kind: Some(kind),
                 termination_reason: Some(reason),
                 ..BackendStateUpdate::status(BackendStatus::Terminating)
-            });
+            })
+            .await;
             match runtime.signal(self.id, Signal::Term).await {
                 Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
                 Err(RuntimeError::NotFound(_)) => {
@@ -334,7 +341,8 @@ impl<'a, R: Runtime> Backend<'a, R> {
             termination_kind: Some(kind),
             termination_reason: Some(reason),
             ..BackendStateUpdate::status(BackendStatus::HardTerminating)
-        });
+        })
+        .await;
         match runtime.signal(self.id, Signal::Kill).await {
             Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
             Err(RuntimeError::NotFound(_)) => {
@@ -377,7 +385,8 @@ impl<'a, R: Runtime> Backend<'a, R> {
             exit_code,
             message,
             ..BackendStateUpdate::status(BackendStatus::Terminated)
-        });
+        })
+        .await;
     }
 
     /// Waits for the process to exit; `None` as the code when it is unknown (e.g. the

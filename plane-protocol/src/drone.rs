@@ -49,7 +49,8 @@ pub enum MessageFromDrone {
 /// A status change of one backend, numbered by the drone for acknowledgement.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendEvent {
-    /// Unique per drone process; echoed in [`MessageToDrone::EventAck`].
+    /// Unique per drone and growing, also across restarts (the drone stores unacked events
+    /// and replays them with their original IDs); echoed in [`MessageToDrone::EventAck`].
     pub event_id: u64,
     pub backend_id: BackendName,
     pub update: BackendStateUpdate,

@@ -18,7 +18,7 @@ pub const DEMO_IMAGE: &str = "plane/demo";
 
 #[derive(Args, Debug, Clone)]
 pub struct DevOpts {
-    /// Where the embedded database lives.
+    /// Where the embedded database (plane.db) and the drone's state (drone/) live.
     #[arg(long, env = "PLANE_DATA_DIR", default_value = "./.plane")]
     pub data_dir: PathBuf,
     /// Port of the controller's HTTP API on 127.0.0.1.
@@ -104,6 +104,9 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let mut drone_config = DroneConfig::new(controller_url.clone(), cluster.clone());
     drone_config.name = dev_drone_name(&opts.data_dir)?;
     drone_config.stop_grace_period_ms = opts.stop_grace_period_seconds * 1000;
+    // Next to the controller's database, so a restarted `plane dev` replays what the
+    // drone had not yet reported.
+    drone_config.state_dir = opts.data_dir.join("drone");
     let drone = plane_drone::start(drone_config).await?;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

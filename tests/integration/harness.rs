@@ -186,6 +186,8 @@ impl TestEnv {
         drone_config.stop_grace_period_ms = 1500;
         drone_config.heartbeat_interval_ms = 500;
         drone_config.fence_margin_ms = 1_000;
+        // Per test, since tests run concurrently and a state directory serves one drone.
+        drone_config.state_dir = scratch.join("drone-state");
         let drone = plane_drone::start(drone_config).await.expect("start drone");
 
         let env = TestEnv {
