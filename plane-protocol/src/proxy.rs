@@ -9,8 +9,24 @@ use std::net::SocketAddr;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageFromProxy {
-    /// First message on every connection.
-    Hello { name: NodeName, version: String },
+    /// First message on every connection. Followed at once by a
+    /// [`MessageFromProxy::ConnectionsChanged`] listing every backend with an open
+    /// connection (the controller forgets what an earlier session reported).
+    Hello {
+        name: NodeName,
+        version: String,
+        /// Milliseconds between this proxy's keep-alive reports; the controller lets an
+        /// open connection it was told of lapse after three of them without a refresh.
+        #[serde(default)]
+        report_interval_ms: Option<u64>,
+    },
+    /// Sent as it happens (a few times a second at most): backends that gained their first
+    /// open connection through this proxy, and backends that lost their last. A backend
+    /// with an open connection is never reaped as idle; idle time counts from its close.
+    ConnectionsChanged {
+        opened: Vec<BackendName>,
+        closed: Vec<BackendName>,
+    },
     /// Where does this token lead? Answered by [`MessageToProxy::RouteResponse`] once the
     /// backend is ready (or is known never to become ready).
     RouteRequest { token: BearerToken },

@@ -1,10 +1,12 @@
 //! Which backends have open connections (in-flight requests, streaming responses, WebSockets)
-//! or had traffic lately: the source of the keep-alive reports that stop the controller from
-//! reaping a backend someone is using.
+//! or had traffic lately: the source of the reports that stop the controller from reaping a
+//! backend someone is using. A backend gaining its first open connection or losing its last
+//! is reported as it happens; the periodic keep-alive refreshes the rest.
 
 use plane_protocol::names::BackendName;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Cheap to clone; every clone sees the same counts.
@@ -13,6 +15,8 @@ pub struct ConnectionTracker {
     // A plain lock rather than an actor: every operation is a few map updates, done from
     // `Drop` (which cannot await), and the lock is never held across an await.
     state: Arc<Mutex<TrackerState>>,
+    /// Woken when a backend gains its first open connection or loses its last.
+    changed: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -20,6 +24,9 @@ struct TrackerState {
     open: HashMap<BackendName, BackendConnections>,
     /// Backends that had a connection open at any point since the last report.
     touched: BTreeSet<BackendName>,
+    /// Backends whose "has an open connection" state flipped since the changes were last
+    /// taken.
+    flipped: BTreeSet<BackendName>,
 }
 
 #[derive(Debug)]
@@ -40,6 +47,7 @@ impl ConnectionTracker {
     pub fn open(&self, backend: &BackendName) -> ConnectionGuard {
         let mut state = self.lock();
         state.touched.insert(backend.clone());
+        let state = &mut *state;
         let entry = state
             .open
             .entry(backend.clone())
@@ -48,11 +56,42 @@ impl ConnectionTracker {
                 removed: CancellationToken::new(),
             });
         entry.count += 1;
-        ConnectionGuard {
+        let guard = ConnectionGuard {
             tracker: self.clone(),
             backend: backend.clone(),
             removed: entry.removed.clone(),
+        };
+        if entry.count == 1 {
+            state.flipped.insert(backend.clone());
+            self.changed.notify_one();
         }
+        guard
+    }
+
+    /// Resolves when some backend gained its first open connection or lost its last since
+    /// [`Self::take_changes`] was last called.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// The backends whose open/closed state flipped since the last call, as (now open, now
+    /// closed). A backend that flipped and flipped back is listed by its current state.
+    pub fn take_changes(&self) -> (Vec<BackendName>, Vec<BackendName>) {
+        let mut state = self.lock();
+        let flipped = std::mem::take(&mut state.flipped);
+        flipped
+            .into_iter()
+            .partition(|backend| state.open.contains_key(backend))
+    }
+
+    /// Puts changes that could not be sent back, so they are sent on the next connection.
+    pub fn restore_changes(&self, backends: impl IntoIterator<Item = BackendName>) {
+        self.lock().flipped.extend(backends);
+    }
+
+    /// Every backend with an open connection now.
+    pub fn open_backends(&self) -> Vec<BackendName> {
+        self.lock().open.keys().cloned().collect()
     }
 
     /// How many connections to `backend` are open now.
@@ -91,6 +130,8 @@ impl ConnectionTracker {
             entry.count = entry.count.saturating_sub(1);
             if entry.count == 0 {
                 state.open.remove(backend);
+                state.flipped.insert(backend.clone());
+                self.changed.notify_one();
             }
         }
         // A connection that opened and closed within one period still counts as traffic.
@@ -143,6 +184,29 @@ mod tests {
         assert_eq!(tracker.take_report(), vec![long.clone()]);
         assert_eq!(tracker.open_count(&long), 1);
         assert_eq!(tracker.open_count(&short), 0);
+    }
+
+    #[test]
+    fn first_open_and_last_close_are_changes_and_the_current_state_wins() {
+        let tracker = ConnectionTracker::default();
+        let (a, b) = (BackendName::new_random(), BackendName::new_random());
+        let first = tracker.open(&a);
+        let second = tracker.open(&a);
+        let _b_guard = tracker.open(&b);
+        let (opened, closed) = tracker.take_changes();
+        assert_eq!((opened.len(), closed.len()), (2, 0));
+
+        drop(first); // still one open: no change
+        assert_eq!(tracker.take_changes(), (vec![], vec![]));
+        drop(second);
+        assert_eq!(tracker.take_changes(), (vec![], vec![a.clone()]));
+
+        // Closed and reopened before anyone looked: reported as open.
+        drop(tracker.open(&a));
+        let _again = tracker.open(&a);
+        assert_eq!(tracker.take_changes(), (vec![a.clone()], vec![]));
+        tracker.restore_changes([a.clone()]);
+        assert_eq!(tracker.take_changes(), (vec![a], vec![]));
     }
 
     #[test]

@@ -30,6 +30,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection on which nothing (not even a pong) arrived for this long, and for at least
 /// three report intervals, is treated as dead: TCP alone may not notice a vanished peer.
 const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(10);
+/// The shortest time between two reports of connections opened or closed.
+const MIN_CHANGES_INTERVAL: Duration = Duration::from_millis(50);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Waiter = oneshot::Sender<Option<RouteInfo>>;
@@ -260,8 +262,22 @@ impl Runner {
         let hello = MessageFromProxy::Hello {
             name: self.config.name.clone(),
             version: plane_protocol::PLANE_VERSION.to_string(),
+            report_interval_ms: Some(self.config.report_interval.as_millis() as u64),
         };
         send(socket, &hello).await?;
+        // The controller starts this session knowing nothing of our connections: tell it
+        // everything open now, and only changes after that.
+        let tracker = &self.shared.tracker;
+        tracker.take_changes();
+        let opened = tracker.open_backends();
+        send(
+            socket,
+            &MessageFromProxy::ConnectionsChanged {
+                opened,
+                closed: vec![],
+            },
+        )
+        .await?;
         // Removals sent while we were away were missed, so nothing cached can be trusted.
         self.shared.cache.clear();
         // Every pending token is re-sent below, which covers those queued meanwhile.
@@ -277,10 +293,18 @@ impl Runner {
         let mut report = tokio::time::interval_at(Instant::now() + period, period);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        // Changes are sent at most this often, so a busy backend whose connections open and
+        // close all the time costs a message per interval, not one per request.
+        let mut next_changes_at = Instant::now();
 
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
+                _ = tracker.changed() => {
+                    tokio::time::sleep_until(next_changes_at).await;
+                    next_changes_at = Instant::now() + MIN_CHANGES_INTERVAL;
+                    self.send_changes(socket).await?;
+                }
                 token = self.requests.recv() => match token {
                     Some(token) => send(socket, &MessageFromProxy::RouteRequest { token }).await?,
                     None => return Ok(()),
@@ -305,6 +329,24 @@ impl Runner {
                 }
             }
         }
+    }
+
+    async fn send_changes(&self, socket: &mut Socket) -> Result<(), SessionError> {
+        let (opened, closed) = self.shared.tracker.take_changes();
+        if opened.is_empty() && closed.is_empty() {
+            return Ok(());
+        }
+        let message = MessageFromProxy::ConnectionsChanged {
+            opened: opened.clone(),
+            closed: closed.clone(),
+        };
+        let result = send(socket, &message).await;
+        if result.is_err() {
+            self.shared
+                .tracker
+                .restore_changes(opened.into_iter().chain(closed));
+        }
+        result
     }
 
     async fn send_report(&self, socket: &mut Socket) -> Result<(), SessionError> {

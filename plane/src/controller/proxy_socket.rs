@@ -17,6 +17,9 @@ use plane_protocol::time::Millis;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Assumed for proxies whose hello does not give their report interval.
+const DEFAULT_REPORT_INTERVAL_MS: u64 = 5_000;
+
 pub async fn handle_proxy_socket(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,
@@ -28,10 +31,29 @@ pub async fn handle_proxy_socket(
 async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, socket::receive(&mut stream)).await;
-    let Ok(Incoming::Message(MessageFromProxy::Hello { name, version })) = hello else {
+    let Ok(Incoming::Message(MessageFromProxy::Hello {
+        name,
+        version,
+        report_interval_ms,
+    })) = hello
+    else {
         tracing::warn!(%cluster, "proxy socket closed: no hello");
         return;
     };
+    // An open connection the proxy told us of counts until three reports pass without it
+    // being refreshed (the proxy died with the controller unaware, say).
+    let connection_ttl_ms = report_interval_ms
+        .unwrap_or(DEFAULT_REPORT_INTERVAL_MS)
+        .max(1)
+        .saturating_mul(3);
+    if let Err(err) = state
+        .store()
+        .proxy_session_started(&cluster, &name, Millis::now())
+        .await
+    {
+        tracing::error!(proxy = %name, error = %err, "could not reset the proxy's connections");
+        return;
+    }
     if let Err(err) = state
         .store()
         .upsert_node(&cluster, NodeKind::Proxy, &name, "", &version)
@@ -90,8 +112,25 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
                         let _ = sender.send(MessageToProxy::RouteResponse { token, route });
                     });
                 }
+                Incoming::Message(MessageFromProxy::ConnectionsChanged { opened, closed }) => {
+                    let now = Millis::now();
+                    let expires_at = now.plus_millis(connection_ttl_ms);
+                    if let Err(err) = state
+                        .store()
+                        .connections_changed(&cluster, &name, &opened, &closed, now, expires_at)
+                        .await
+                    {
+                        tracing::warn!(proxy = %name, error = %err, "could not record connection changes");
+                    }
+                }
                 Incoming::Message(MessageFromProxy::KeepAlive { backends }) => {
-                    if let Err(err) = state.store().touch_backends(&backends, Millis::now()).await {
+                    let now = Millis::now();
+                    let expires_at = now.plus_millis(connection_ttl_ms);
+                    if let Err(err) = state
+                        .store()
+                        .refresh_connections(&cluster, &name, &backends, now, expires_at)
+                        .await
+                    {
                         tracing::warn!(proxy = %name, error = %err, "could not record keep-alive");
                     }
                     let _ = state.store().touch_node(&cluster, NodeKind::Proxy, &name).await;
@@ -101,6 +140,14 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
         }
     }
     lookups.abort_all();
+    // Its connections no longer keep anything alive; idle time for them starts now.
+    if let Err(err) = state
+        .store()
+        .proxy_session_ended(&cluster, &name, Millis::now())
+        .await
+    {
+        tracing::warn!(proxy = %name, error = %err, "could not clear the proxy's connections; they lapse on their own");
+    }
     tracing::info!(proxy = %name, %cluster, "proxy disconnected");
 }
 

@@ -448,20 +448,6 @@ impl Store {
         }))
     }
 
-    /// Marks backends as active now (a proxy reported connections or traffic).
-    pub async fn touch_backends(&self, ids: &[BackendName], now: Millis) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        for id in ids {
-            sqlx::query("UPDATE backend SET last_active_at = $1 WHERE id = $2")
-                .bind(now.0)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// Backends due for sweeping: ready and idle past `max_idle_seconds`, or past their
     /// lifetime limit, with no termination asked for yet. A backend that any proxy holds a
     /// connection to is never idle; idle time counts from when the last one closed
