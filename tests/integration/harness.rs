@@ -175,19 +175,13 @@ impl TestEnv {
             .await
             .expect("start controller");
 
-        let mut proxy_config = ProxyConfig::new(controller.url(), cluster.clone());
-        proxy_config.report_interval_ms = 250;
+        // The proxy's default report interval: idle reaping must not depend on it.
+        let proxy_config = ProxyConfig::new(controller.url(), cluster.clone());
         let proxy = plane_proxy::start(proxy_config, proxy_listener)
             .await
             .expect("start proxy");
 
-        let mut drone_config = DroneConfig::new(controller.url(), cluster.clone());
-        drone_config.name = NodeName::new_random("test-drone");
-        drone_config.stop_grace_period_ms = 1500;
-        drone_config.heartbeat_interval_ms = 500;
-        drone_config.fence_margin_ms = 1_000;
-        // Per test, since tests run concurrently and a state directory serves one drone.
-        drone_config.state_dir = scratch.join("drone-state");
+        let drone_config = test_drone_config(&controller.url(), &cluster, &scratch, "test-drone");
         let drone = plane_drone::start(drone_config).await.expect("start drone");
 
         let env = TestEnv {
@@ -250,6 +244,28 @@ impl TestEnv {
         self.controller = Some(controller);
         // The nodes notice the old socket closing and reconnect with backoff.
         self.wait_for_connected_nodes().await;
+    }
+
+    /// A configuration for another drone of this cluster (same timings as the first), with
+    /// its own state directory in the scratch directory.
+    pub fn drone_config(&self, name_prefix: &str) -> DroneConfig {
+        test_drone_config(
+            &self.controller().url(),
+            &self.cluster,
+            &self.scratch,
+            name_prefix,
+        )
+    }
+
+    /// Starts a drone and waits until it has a session with the controller.
+    pub async fn start_drone(&self, config: DroneConfig) -> DroneHandle {
+        let drone = plane_drone::start(config).await.expect("start drone");
+        let mut connected = drone.connected();
+        tokio::time::timeout(Duration::from_secs(20), connected.wait_for(|c| *c))
+            .await
+            .expect("the drone connects within 20 s")
+            .expect("drone alive");
+        drone
     }
 
     /// Waits until the cluster state shows the drone and proxy connected; returns it.
@@ -428,6 +444,61 @@ impl TestEnv {
             response.text().await.unwrap_or_default(),
         )
     }
+}
+
+/// The drone settings every test drone uses: quick heartbeats (each renews the leases), a
+/// short grace period, and a state directory of its own under `scratch`.
+fn test_drone_config(
+    controller: &url::Url,
+    cluster: &ClusterName,
+    scratch: &std::path::Path,
+    name_prefix: &str,
+) -> DroneConfig {
+    let mut config = DroneConfig::new(controller.clone(), cluster.clone());
+    config.name = NodeName::new_random(name_prefix);
+    config.stop_grace_period_ms = 1500;
+    config.heartbeat_interval_ms = 500;
+    config.fence_margin_ms = 1_000;
+    // Per drone, since tests run concurrently and a state directory serves one drone.
+    config.state_dir = scratch.join(format!("state-{}", config.name));
+    config
+}
+
+/// Polls `check` every 100 ms for all of `during`, panicking at the first failure with what
+/// was expected to hold and what was seen. For promises of the form "X does not happen".
+pub async fn holds_for<E, F, Fut>(what: &str, during: Duration, mut check: F)
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let deadline = tokio::time::Instant::now() + during;
+    while tokio::time::Instant::now() < deadline {
+        if let Err(seen) = check().await {
+            panic!("expected {what} to hold for {during:?}; it stopped holding: {seen}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The IDs of the containers (running or not) Docker has for `backend`.
+pub async fn containers_of(backend: &BackendName) -> Vec<String> {
+    let docker = bollard::Docker::connect_with_local_defaults().expect("connect to Docker");
+    let filters = std::collections::HashMap::from([(
+        "label".to_string(),
+        vec![format!("dev.plane.backend={backend}")],
+    )]);
+    docker
+        .list_containers(Some(bollard::container::ListContainersOptions {
+            all: true,
+            filters,
+            ..Default::default()
+        }))
+        .await
+        .expect("list containers")
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
 }
 
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `within` with what was

@@ -1,7 +1,7 @@
 //! Idle reaping and lifetime limits.
 
 use crate::db_test;
-use crate::harness::TestEnv;
+use crate::harness::{holds_for, TestEnv};
 use futures_util::{SinkExt, StreamExt};
 use plane_protocol::backend::{BackendStatus, TerminationReason};
 use std::time::Duration;
@@ -24,11 +24,19 @@ db_test!(
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
         // ...and by then the busy one has been idle-eligible for as long, yet it is kept
         // while its WebSocket stays open.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(
-            env.status(&busy.backend_id).await.status,
-            BackendStatus::Ready
-        );
+        holds_for(
+            "the busy backend to stay ready",
+            Duration::from_secs(3),
+            || async {
+                let entry = env.status(&busy.backend_id).await;
+                if entry.status == BackendStatus::Ready {
+                    Ok(())
+                } else {
+                    Err(format!("{entry:?}"))
+                }
+            },
+        )
+        .await;
         socket
             .send(Message::text("still here"))
             .await
@@ -67,6 +75,41 @@ db_test!(
             .await
             .expect("websocket");
         let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
+        env
+    }
+);
+
+db_test!(
+    idle_websocket_keeps_a_backend_with_a_one_second_idle_limit_at_the_default_report_interval,
+    |env: TestEnv| async move {
+        // The proxy reports on its default 5 s timer; the idle limit is 1 s. Only reports of
+        // opens and closes as they happen can keep this backend alive, and reap it on time.
+        let mut config = env.spawn_config(&[]);
+        config.max_idle_seconds = Some(1);
+        let busy = env.connect_ready("one-second", &config).await;
+        let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), busy.token);
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket");
+        holds_for(
+            "the backend with an idle WebSocket to stay ready",
+            Duration::from_secs(7),
+            || async {
+                let entry = env.status(&busy.backend_id).await;
+                if entry.status == BackendStatus::Ready {
+                    Ok(())
+                } else {
+                    Err(format!("{entry:?}"))
+                }
+            },
+        )
+        .await;
+        socket.send(Message::text("ping")).await.expect("send");
+        let echoed = socket.next().await.expect("reply").expect("frame");
+        assert_eq!(echoed.into_text().expect("text").as_str(), "ping");
+        drop(socket);
+        let entry = env.wait_terminated(&busy.backend_id).await;
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
         env
     }

@@ -1,0 +1,285 @@
+//! One backend per key through crashes and partitions: key leases, drone self-fencing, lost
+//! drones, and the time bounds on starting backends.
+//!
+//! The harness runs leases of 4 s, drones renewing every 500 ms with a 1 s fencing margin,
+//! and a lost window of 5 s.
+
+use crate::db_test;
+use crate::harness::{containers_of, holds_for, wait_for, TestEnv, BACKEND_WAIT};
+use crate::relay::Relay;
+use futures_util::StreamExt;
+use plane_protocol::api::ConnectResponse;
+use plane_protocol::backend::{BackendStatus, TerminationReason};
+use plane_protocol::names::NodeName;
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The fencing token the backend was given, read from its own environment.
+async fn fencing_token(env: &TestEnv, response: &ConnectResponse) -> i64 {
+    let (status, body) = env.get_via_proxy(response.token.as_str(), "/echo").await;
+    assert_eq!(status, 200, "echo through the proxy: {body}");
+    let echo: Value = serde_json::from_str(&body).expect("echo JSON");
+    echo["env"]["SESSION_BACKEND_FENCING_TOKEN"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no fencing token in {echo}"))
+}
+
+/// Whether the cluster state lists `drone` with `field` equal to `value`.
+async fn drone_state_is(
+    env: &TestEnv,
+    drone: &NodeName,
+    field: &str,
+    value: bool,
+) -> Result<(), String> {
+    let (_, state) = env
+        .get_json(&format!("/ctrl/c/{}/state", env.cluster))
+        .await;
+    let found = state["drones"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"] == drone.as_str())
+        .cloned();
+    match found {
+        Some(d) if d[field] == value => Ok(()),
+        _ => Err(state.to_string()),
+    }
+}
+
+db_test!(
+    crashed_drone_loses_its_backends_and_the_key_spawns_afresh_on_another_drone,
+    |mut env: TestEnv| async move {
+        let first = env.connect_ready("crash", &env.spawn_config(&[])).await;
+        let first_token = fencing_token(&env, &first).await;
+        let crashed_name = env.drone.name().clone();
+        let crashed_config = {
+            let mut config = env.drone_config("unused");
+            config.name = crashed_name.clone();
+            config.state_dir = env.scratch.join(format!("state-{crashed_name}"));
+            config
+        };
+        let other = env.start_drone(env.drone_config("other-drone")).await;
+
+        // Like kill -9: every task of the drone stops at once, its container keeps running.
+        let crashed = std::mem::replace(&mut env.drone, other);
+        drop(crashed);
+        let crashed_at = Instant::now();
+        assert_eq!(containers_of(&first.backend_id).await.len(), 1);
+
+        let entry = env.wait_terminated(&first.backend_id).await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::Lost));
+        let second = env.connect_ready("crash", &env.spawn_config(&[])).await;
+        let spawnable_after = crashed_at.elapsed();
+        tracing::info!(
+            ?spawnable_after,
+            "key spawnable again after the drone crash"
+        );
+        assert!(second.spawned);
+        assert_ne!(second.backend_id, first.backend_id);
+        assert_eq!(second.drone.as_ref(), Some(env.drone.name()));
+        assert!(fencing_token(&env, &second).await > first_token);
+
+        wait_for(
+            "the crashed drone shown as lost",
+            Duration::from_secs(20),
+            || drone_state_is(&env, &crashed_name, "lost", true),
+        )
+        .await;
+
+        // The same drone started again finds the container its crashed run left and removes it.
+        let restarted = env.start_drone(crashed_config).await;
+        wait_for("the old container removed", BACKEND_WAIT, || async {
+            let left = containers_of(&first.backend_id).await;
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        })
+        .await;
+        drone_state_is(&env, &crashed_name, "lost", false)
+            .await
+            .expect("a drone heard from again is no longer lost");
+        assert_eq!(
+            env.status(&second.backend_id).await.status,
+            BackendStatus::Ready
+        );
+        restarted.shutdown().await;
+        env
+    }
+);
+
+db_test!(
+    partitioned_drone_stops_its_backend_before_the_key_moves_and_changes_nothing_when_it_heals,
+    |env: TestEnv| async move {
+        // Every container start and death in this cluster, in the order Docker saw them.
+        let docker_events = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+        let recorder = {
+            let docker_events = docker_events.clone();
+            let cluster = env.cluster.to_string();
+            let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
+            let filters = std::collections::HashMap::from([
+                ("type".to_string(), vec!["container".to_string()]),
+                (
+                    "event".to_string(),
+                    vec!["start".to_string(), "die".to_string()],
+                ),
+                (
+                    "label".to_string(),
+                    vec![format!("dev.plane.cluster={cluster}")],
+                ),
+            ]);
+            tokio::spawn(async move {
+                let mut events = docker.events(Some(bollard::system::EventsOptions::<String> {
+                    filters,
+                    ..Default::default()
+                }));
+                while let Some(Ok(event)) = events.next().await {
+                    let action = event.action.unwrap_or_default();
+                    let backend = event
+                        .actor
+                        .and_then(|a| a.attributes)
+                        .and_then(|a| a.get("dev.plane.backend").cloned())
+                        .unwrap_or_default();
+                    docker_events
+                        .lock()
+                        .expect("events")
+                        .push((action, backend));
+                }
+            })
+        };
+
+        // The drone that will be cut off reaches the controller through a relay. Its name
+        // sorts first, so the first backend goes to it.
+        let relay = Relay::start(env.controller().local_addr()).await;
+        let mut config = env.drone_config("a-cut-off");
+        config.controller_url = format!("http://{}", relay.addr()).parse().expect("url");
+        let cut_off = env.start_drone(config).await;
+        let first = env.connect_ready("partition", &env.spawn_config(&[])).await;
+        assert_eq!(first.drone.as_ref(), Some(cut_off.name()));
+        let first_token = fencing_token(&env, &first).await;
+
+        relay.partition();
+        wait_for(
+            "the old backend recorded as stopped",
+            BACKEND_WAIT,
+            || async {
+                let entry = env.status(&first.backend_id).await;
+                if entry.status == BackendStatus::Terminated {
+                    Ok(entry)
+                } else {
+                    Err(format!("{entry:?}"))
+                }
+            },
+        )
+        .await;
+        wait_for(
+            "the cut-off drone's session closed",
+            Duration::from_secs(20),
+            || drone_state_is(&env, cut_off.name(), "connected", false),
+        )
+        .await;
+        let second = env.connect_ready("partition", &env.spawn_config(&[])).await;
+        assert_eq!(second.drone.as_ref(), Some(env.drone.name()));
+        assert!(fencing_token(&env, &second).await > first_token);
+        wait_for(
+            "Docker to report both containers",
+            Duration::from_secs(10),
+            || async {
+                let seen = docker_events.lock().expect("events").clone();
+                let died = seen
+                    .iter()
+                    .position(|(a, b)| a == "die" && b == first.backend_id.as_str());
+                let started = seen
+                    .iter()
+                    .position(|(a, b)| a == "start" && b == second.backend_id.as_str());
+                match (died, started) {
+                    (Some(died), Some(started)) => {
+                        assert!(
+                            died < started,
+                            "the old container died after the new one started: {seen:?}"
+                        );
+                        Ok(())
+                    }
+                    _ => Err(format!("{seen:?}")),
+                }
+            },
+        )
+        .await;
+
+        relay.heal();
+        wait_for("the cut-off drone back", Duration::from_secs(30), || {
+            drone_state_is(&env, cut_off.name(), "connected", true)
+        })
+        .await;
+        // Its late reports of the old backend change nothing.
+        holds_for(
+            "the new backend to stay the key's",
+            Duration::from_secs(2),
+            || async {
+                let again = env.connect("partition", &env.spawn_config(&[])).await;
+                let old = env.status(&first.backend_id).await;
+                if again.backend_id == second.backend_id && old.status == BackendStatus::Terminated
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "key now at {}, old backend {old:?}",
+                        again.backend_id
+                    ))
+                }
+            },
+        )
+        .await;
+        assert!(containers_of(&first.backend_id).await.is_empty());
+        cut_off.shutdown().await;
+        recorder.abort();
+        env
+    }
+);
+
+db_test!(
+    terminate_while_waiting_for_the_port_means_it_never_becomes_ready,
+    |env: TestEnv| async move {
+        let config = env.spawn_config(&[("DEMO_STARTUP_DELAY_MS", "4000")]);
+        let response = env.connect("slow-start", &config).await;
+        env.wait_for_status(&response.backend_id, BackendStatus::Waiting, BACKEND_WAIT)
+            .await;
+        let (status, body) = env
+            .terminate(
+                &response.backend_id,
+                plane_protocol::backend::TerminationKind::Soft,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::External));
+        let statuses = env.status_sequence(&response.backend_id).await;
+        assert!(!statuses.contains(&BackendStatus::Ready), "{statuses:?}");
+        env
+    }
+);
+
+db_test!(
+    backend_that_never_listens_ends_in_startuptimeout,
+    |env: TestEnv| async move {
+        // A drone with a short startup timeout, serving its own pool.
+        let mut config = env.drone_config("impatient");
+        config.startup_timeout_ms = 1_500;
+        config.pool = "impatient".to_string();
+        let impatient = env.start_drone(config).await;
+        let mut spawn = env.spawn_config(&[("DEMO_STARTUP_DELAY_MS", "600000")]);
+        spawn.pool = Some("impatient".to_string());
+        let response = env.connect("never-listens", &spawn).await;
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(
+            entry.termination_reason,
+            Some(TerminationReason::StartupTimeout)
+        );
+        assert!(containers_of(&response.backend_id).await.is_empty());
+        impatient.shutdown().await;
+        env
+    }
+);
