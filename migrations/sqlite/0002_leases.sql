@@ -1,5 +1,6 @@
--- Key leases, lost drones and open proxy connections. Times are milliseconds since the Unix epoch,
--- on the controller's clock (drones never compare it with theirs).
+-- Key leases, lost drones, open proxy connections, node sessions and the sweeper's leader
+-- lease. Times are milliseconds since the Unix epoch, on the controller's clock (drones never
+-- compare it with theirs).
 
 -- Until when the backend's drone may keep it running without renewing. A backend whose
 -- lease has passed is dead by protocol: its drone stopped it on its own clock first.
@@ -8,6 +9,18 @@ CREATE INDEX backend_by_lease ON backend (status_number, lease_expires_at);
 
 -- Set when a drone has been silent for longer than the lost window; cleared when it reconnects.
 ALTER TABLE node ADD COLUMN lost_at BIGINT;
+-- Which controller holds the node's socket now (NULL: none), and a number that grows with every
+-- new session, so a controller whose session was replaced never marks the node disconnected.
+ALTER TABLE node ADD COLUMN connected_to TEXT;
+ALTER TABLE node ADD COLUMN generation BIGINT NOT NULL DEFAULT 0;
+
+-- Timed work (sweeps, lost drones) is done by one controller at a time: the holder of an
+-- unexpired row here.
+CREATE TABLE controller_lease (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
 
 -- Backends that a proxy has at least one open connection to right now. A row keeps a backend
 -- from being reaped as idle until it is deleted (the proxy reported the last connection

@@ -7,6 +7,7 @@ use super::ControllerState;
 use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::{ClusterState, ControllerStatus, NodeState};
+use plane_protocol::time::Millis;
 use plane_protocol::PLANE_VERSION;
 
 /// Public liveness: no details beyond the version.
@@ -34,13 +35,16 @@ pub async fn handle_cluster_state(
     ClusterPath(cluster): ClusterPath,
 ) -> Result<Json<ClusterState>, ApiErrorResponse> {
     let live = state.store().live_backend_counts(&cluster).await?;
+    let fresh_since = Millis::now().minus_millis(state.config().lease_ms);
     let drones = state
         .store()
         .nodes(&cluster, NodeKind::Drone)
         .await?
         .into_iter()
         .map(|node| NodeState {
-            connected: state.nodes().is_drone_connected(&cluster, &node.name),
+            // A session recorded by a controller that then died does not count once the
+            // drone has been silent for a lease.
+            connected: node.connected_to.is_some() && node.last_seen >= fresh_since,
             backends: Some(live.get(&node.name).copied().unwrap_or(0)),
             pool: Some(node.pool),
             lost: node.lost_at.is_some(),
@@ -54,7 +58,7 @@ pub async fn handle_cluster_state(
         .await?
         .into_iter()
         .map(|node| NodeState {
-            connected: state.nodes().is_proxy_connected(&cluster, &node.name),
+            connected: node.connected_to.is_some(),
             backends: None,
             pool: None,
             lost: false,

@@ -1,6 +1,7 @@
 //! `POST /ctrl/connect` and `POST /ctrl/spawn`: get-or-create a backend by key, place it
 //! on a drone, and hand back a tokenized URL.
 
+use super::bus::ChangeBus;
 use super::error::{ApiErrorResponse, ControllerError};
 use super::store::{NewBackend, NewToken};
 use super::ControllerState;
@@ -8,7 +9,7 @@ use axum::extract::{FromRequest, State};
 use axum::Json;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
 use plane_protocol::backend::{BackendStatus, TerminationReason};
-use plane_protocol::drone::{ActionKind, BackendAction, MessageToDrone, SpawnAction};
+use plane_protocol::drone::{ActionKind, SpawnAction};
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, SecretToken};
 use plane_protocol::time::Millis;
 use plane_protocol::RESERVED_ENV_VARS;
@@ -73,7 +74,7 @@ pub async fn connect(
                     "its key lease ran out at {} ms without renewal; key {:?} was taken over",
                     holder.lease_expires_at.0, key.name
                 );
-                if let Some(change) = state
+                let expired = state
                     .store()
                     .expire_backend(
                         &holder.backend_id,
@@ -81,10 +82,9 @@ pub async fn connect(
                         message,
                         now,
                     )
-                    .await?
-                {
+                    .await?;
+                if expired.is_some() {
                     tracing::warn!(backend = %holder.backend_id, key = %key.name, "key lease expired; taking the key over");
-                    state.publish_status_change(change);
                 }
                 continue;
             }
@@ -154,7 +154,7 @@ async fn join_existing(
     caller: Caller<'_>,
 ) -> Result<Option<ConnectResponse>, ControllerError> {
     // Subscribe before reading, so a change between the read and the wait is not missed.
-    let mut changes = state.subscribe_status_changes();
+    let mut changes = state.bus().subscribe_status();
     let Some(backend) = state.store().backend(backend_id).await? else {
         return Ok(None);
     };
@@ -167,7 +167,7 @@ async fn join_existing(
             if status.is_none_or(|s| s == BackendStatus::Terminated) {
                 return Ok(None);
             }
-            if !ControllerState::wait_for_change_of(&mut changes, backend_id, deadline).await {
+            if !ChangeBus::wait_for_change_of(&mut changes, backend_id, deadline).await {
                 return Err(ControllerError::KeyStillTerminating {
                     holder: backend_id.clone(),
                     waited_seconds: KEY_RELEASE_WAIT.as_secs(),
@@ -221,14 +221,12 @@ async fn spawn(
         .clone()
         .or_else(|| state.config().default_cluster.clone())
         .ok_or(ControllerError::NoClusterProvided)?;
-    let live = state.store().live_backend_counts(&cluster).await?;
-    let drone = state
-        .nodes()
-        .pick_drone(&cluster, pool, &live)
-        .ok_or_else(|| ControllerError::NoDroneAvailable {
+    let drone = pick_drone(state, &cluster, pool).await?.ok_or_else(|| {
+        ControllerError::NoDroneAvailable {
             cluster: cluster.clone(),
             pool: pool.to_string(),
-        })?;
+        }
+    })?;
 
     let backend_id = spawn_config
         .id
@@ -273,15 +271,9 @@ async fn spawn(
         }
         Err(err) => return Err(err.into()),
     };
-    state.nodes().send_to_drone(
-        &cluster,
-        &drone,
-        MessageToDrone::Action(BackendAction {
-            action_id: created.action_id,
-            backend_id: backend_id.clone(),
-            action: created.action,
-        }),
-    );
+    // The stored spawn action reaches the drone through the change bus, from whichever
+    // controller holds its session.
+    tracing::debug!(action_id = created.action_id, fencing_token = ?created.fencing_token, "spawn action stored");
     tracing::info!(backend = %backend_id, %drone, %cluster, key = ?key.map(|k| &k.name), "backend scheduled");
     Ok(Some(response(
         state,
@@ -293,6 +285,27 @@ async fn spawn(
         secret,
         drone,
     )))
+}
+
+/// The drone of the pool with the fewest live backends, among those with a session to any
+/// controller that have heartbeated within a lease.
+async fn pick_drone(
+    state: &ControllerState,
+    cluster: &ClusterName,
+    pool: &str,
+) -> Result<Option<NodeName>, ControllerError> {
+    let seen_since = Millis::now().minus_millis(state.config().lease_ms);
+    let candidates = state
+        .store()
+        .placeable_drones(cluster, pool, seen_since)
+        .await?;
+    if candidates.len() <= 1 {
+        return Ok(candidates.into_iter().next());
+    }
+    let live = state.store().live_backend_counts(cluster).await?;
+    Ok(candidates
+        .into_iter()
+        .min_by_key(|name| (live.get(name).copied().unwrap_or(0), name.clone())))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -4,18 +4,19 @@
 use super::error::ApiErrorResponse;
 use super::paths::{ClusterPath, SocketUpgrade};
 use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
-use super::store::NodeKind;
+use super::store::{NodeKind, NodeSession};
 use super::ControllerState;
-use axum::extract::ws::WebSocket;
+use axum::extract::ws::{Message, WebSocket};
 use axum::extract::State;
 use axum::response::Response;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::StreamExt;
 use plane_protocol::drone::{BackendEvent, MessageFromDrone, MessageToDrone};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::time::Millis;
 use std::collections::HashSet;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
 
 /// How many stored actions are loaded at a time when replaying them to a drone.
 const REPLAY_PAGE: i64 = 100;
@@ -51,53 +52,58 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         let _ = socket::send(&mut sink, &MessageToDrone::Refused { reason }).await;
         return;
     }
+    let session = NodeSession {
+        cluster: &cluster,
+        kind: NodeKind::Drone,
+        name: &name,
+        pool: &pool,
+        version: &version,
+        controller: state.controller_id(),
+    };
+    let generation = match state.store().node_connected(&session).await {
+        Ok(generation) => generation,
+        Err(err) => {
+            tracing::error!(drone = %name, error = %err, "could not record drone");
+            return;
+        }
+    };
+    tracing::info!(drone = %name, %cluster, %pool, %version, generation, "drone connected");
+    run_session(&state, &cluster, &name, &mut sink, &mut stream).await;
+    // A newer session (on this controller or another) keeps the drone connected.
     if let Err(err) = state
         .store()
-        .upsert_node(&cluster, NodeKind::Drone, &name, &pool, &version)
+        .node_disconnected(&cluster, NodeKind::Drone, &name, generation)
         .await
     {
-        tracing::error!(drone = %name, error = %err, "could not record drone");
+        tracing::warn!(drone = %name, error = %err, "could not record the drone's disconnection");
+    }
+    // `last_seen` stays at the last heartbeat: the lost window counts from there.
+    tracing::info!(drone = %name, %cluster, "drone disconnected");
+}
+
+/// The session after hello: sends the drone every stored action it has not acked (first
+/// all that are waiting, then new ones as the change bus announces them), and handles what
+/// it sends, until it goes quiet, leaves, or the controller shuts down.
+async fn run_session(
+    state: &ControllerState,
+    cluster: &ClusterName,
+    name: &NodeName,
+    sink: &mut SplitSink<WebSocket, Message>,
+    stream: &mut SplitStream<WebSocket>,
+) {
+    // Subscribed before the first read, so an action stored meanwhile is not missed.
+    let mut waiting = state.bus().subscribe_actions();
+    // Actions sent in this session and not yet acked; a new session sends them again.
+    let mut sent = HashSet::new();
+    if send_pending_actions(state, cluster, name, sink, &mut sent)
+        .await
+        .is_err()
+    {
         return;
     }
 
-    // Register first, then replay stored actions straight to the socket before draining
-    // the live queue: anything created after registration waits in the queue, so the
-    // drone sees every action in creation order (possibly twice, which it tolerates).
-    let (sender, mut outbox) = mpsc::unbounded_channel();
-    let _registration =
-        state
-            .nodes()
-            .register_drone(cluster.clone(), name.clone(), pool.clone(), sender);
-    tracing::info!(drone = %name, %cluster, %pool, %version, "drone connected");
-    // In pages, so a drone with a huge backlog neither holds a big result in memory nor
-    // keeps the database busy with one long read.
-    let mut after = 0;
-    loop {
-        let page = match state
-            .store()
-            .pending_actions(&cluster, &name, after, REPLAY_PAGE)
-            .await
-        {
-            Ok(page) => page,
-            Err(err) => {
-                tracing::error!(drone = %name, error = %err, "could not load pending actions");
-                return;
-            }
-        };
-        let Some(last) = page.last() else { break };
-        after = last.action_id;
-        for action in page {
-            if socket::send(&mut sink, &MessageToDrone::Action(action))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-
     // Reset by every frame received; fires when the node has gone quiet. A drone heartbeats
-    // at least twice per lease (checked above), so a lease of silence means it is gone.
+    // at least twice per lease (checked at hello), so a lease of silence means it is gone.
     let silence_timeout = Duration::from_millis(state.config().lease_ms).min(SILENCE_TIMEOUT);
     let silence = tokio::time::sleep(silence_timeout);
     tokio::pin!(silence);
@@ -108,32 +114,76 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
                 tracing::warn!(%cluster, %name, "drone silent for {silence_timeout:?}; closing its socket");
                 break;
             }
-            Some(message) = outbox.recv() => {
-                if socket::send(&mut sink, &message).await.is_err() {
+            notice = waiting.recv() => {
+                let concerns_us = match notice {
+                    Ok(notice) => notice.concerns(cluster, name),
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if concerns_us
+                    && send_pending_actions(state, cluster, name, sink, &mut sent).await.is_err()
+                {
                     break;
                 }
             }
-            incoming = socket::receive::<MessageFromDrone>(&mut stream) => {
+            incoming = socket::receive::<MessageFromDrone>(stream) => {
                 silence.as_mut().reset(tokio::time::Instant::now() + silence_timeout);
                 match incoming {
-                Incoming::Closed => break,
-                Incoming::Alive => {}
-                Incoming::Invalid(detail) => {
-                    tracing::warn!(drone = %name, %detail, "invalid message from drone");
-                }
-                Incoming::Message(message) => {
-                    if let Some(reply) = handle_message(&state, &cluster, &name, message).await {
-                        if socket::send(&mut sink, &reply).await.is_err() {
-                            break;
+                    Incoming::Closed => break,
+                    Incoming::Alive => {}
+                    Incoming::Invalid(detail) => {
+                        tracing::warn!(drone = %name, %detail, "invalid message from drone");
+                    }
+                    Incoming::Message(message) => {
+                        if let MessageFromDrone::ActionAck { action_id } = &message {
+                            sent.remove(action_id);
+                        }
+                        if let Some(reply) = handle_message(state, cluster, name, message).await {
+                            if socket::send(sink, &reply).await.is_err() {
+                                break;
+                            }
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// Sends every stored, unacked action of the drone not yet sent in this session, oldest
+/// first. In pages, so a drone with a huge backlog neither holds a big result in memory nor
+/// keeps the database busy with one long read. `Err` when the socket failed.
+async fn send_pending_actions(
+    state: &ControllerState,
+    cluster: &ClusterName,
+    name: &NodeName,
+    sink: &mut SplitSink<WebSocket, Message>,
+    sent: &mut HashSet<i64>,
+) -> Result<(), ()> {
+    let mut after = 0;
+    loop {
+        let page = match state
+            .store()
+            .pending_actions(cluster, name, after, REPLAY_PAGE)
+            .await
+        {
+            Ok(page) => page,
+            Err(err) => {
+                // Not fatal: the next catch-up of the change bus tries again.
+                tracing::warn!(drone = %name, error = %err, "could not load pending actions");
+                return Ok(());
+            }
+        };
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = last.action_id;
+        for action in page {
+            if sent.insert(action.action_id) {
+                socket::send(sink, &MessageToDrone::Action(action)).await?;
             }
         }
     }
-    // `last_seen` stays at the last heartbeat: the lost window counts from there.
-    tracing::info!(drone = %name, %cluster, "drone disconnected");
 }
 
 /// Handles one message; returns the reply to send, if any.
@@ -241,9 +291,9 @@ async fn apply_event(
         )
         .await;
     match result {
-        Ok(Some(change)) => {
+        // The change bus carries it to streams, route waits and proxies.
+        Ok(Some(_)) => {
             tracing::info!(backend = %event.backend_id, status = %event.update.status, "backend status");
-            state.publish_status_change(change);
         }
         Ok(None) => {
             tracing::debug!(backend = %event.backend_id, status = %event.update.status, "stale or foreign status ignored");

@@ -6,6 +6,7 @@
 //! (`connect`, `terminate`, the sweeper) return [`error::ControllerError`], which becomes
 //! HTTP in one place.
 
+mod bus;
 pub mod cli;
 mod cluster;
 pub mod config;
@@ -26,12 +27,15 @@ mod terminate;
 pub use self::state::ControllerState;
 
 use self::config::ControllerConfig;
+use self::nodes::ConnectedNodes;
+use self::state::StateParts;
 use self::store::Store;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 /// How long in-flight HTTP requests may run after shutdown begins.
@@ -43,6 +47,7 @@ pub struct ControllerHandle {
     local_addr: SocketAddr,
     server: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    bus: JoinHandle<()>,
 }
 
 impl ControllerHandle {
@@ -71,6 +76,7 @@ impl ControllerHandle {
             server.abort();
         }
         self.sweeper.abort();
+        self.bus.abort();
         self.state.store().close().await;
     }
 }
@@ -90,7 +96,19 @@ pub async fn start(
         Some(url) => url.clone(),
         None => Url::parse(&format!("http://{local_addr}")).context("building the public URL")?,
     };
-    let state = ControllerState::new(store, config, public_url);
+    let shutdown = CancellationToken::new();
+    let nodes = ConnectedNodes::default();
+    let (bus, bus_task) = bus::start(store.clone(), nodes.clone(), shutdown.child_token())
+        .await
+        .context("starting the change bus")?;
+    let state = ControllerState::new(StateParts {
+        store,
+        config,
+        public_url,
+        nodes,
+        bus,
+        shutdown,
+    });
 
     let app = router::router(state.clone());
     let shutdown = state.shutdown_token().clone();
@@ -109,6 +127,7 @@ pub async fn start(
         local_addr,
         server,
         sweeper,
+        bus: bus_task,
     })
 }
 

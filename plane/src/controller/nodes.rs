@@ -1,81 +1,47 @@
-//! The drones and proxies connected to this controller right now, and how to reach them.
+//! The proxies connected to this controller right now, so route removals can be pushed to
+//! them. (Drones need no such list: their actions reach them through the change bus, and
+//! which drones are connected anywhere is in the database.)
 
 use dashmap::DashMap;
-use plane_protocol::drone::MessageToDrone;
 use plane_protocol::names::{ClusterName, NodeName};
 use plane_protocol::proxy::MessageToProxy;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
 type NodeKey = (ClusterName, NodeName);
 
-struct Connection<M> {
+struct Connection {
     /// Distinguishes a reconnect from the connection it replaced.
     connection_id: u64,
-    pool: String,
-    sender: mpsc::UnboundedSender<M>,
+    sender: mpsc::UnboundedSender<MessageToProxy>,
 }
 
-/// Cheap to clone; shared by every socket session and handler.
+/// Cheap to clone; shared by every proxy session and the change bus.
 #[derive(Clone, Default)]
 pub struct ConnectedNodes {
-    drones: Arc<DashMap<NodeKey, Connection<MessageToDrone>>>,
-    proxies: Arc<DashMap<NodeKey, Connection<MessageToProxy>>>,
+    proxies: Arc<DashMap<NodeKey, Connection>>,
     next_connection_id: Arc<AtomicU64>,
 }
 
-/// Unregisters its node when dropped (at the end of the socket session), unless a newer
-/// connection of the same node has replaced it.
+/// Unregisters its proxy when dropped (at the end of the socket session), unless a newer
+/// connection of the same proxy has replaced it.
 pub struct Registration {
     nodes: ConnectedNodes,
     key: NodeKey,
     connection_id: u64,
-    is_drone: bool,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         let id = self.connection_id;
-        if self.is_drone {
-            self.nodes
-                .drones
-                .remove_if(&self.key, |_, conn| conn.connection_id == id);
-        } else {
-            self.nodes
-                .proxies
-                .remove_if(&self.key, |_, conn| conn.connection_id == id);
-        }
+        self.nodes
+            .proxies
+            .remove_if(&self.key, |_, conn| conn.connection_id == id);
     }
 }
 
 impl ConnectedNodes {
-    pub fn register_drone(
-        &self,
-        cluster: ClusterName,
-        name: NodeName,
-        pool: String,
-        sender: mpsc::UnboundedSender<MessageToDrone>,
-    ) -> Registration {
-        let connection_id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
-        let key = (cluster, name);
-        self.drones.insert(
-            key.clone(),
-            Connection {
-                connection_id,
-                pool,
-                sender,
-            },
-        );
-        Registration {
-            nodes: self.clone(),
-            key,
-            connection_id,
-            is_drone: true,
-        }
-    }
-
     pub fn register_proxy(
         &self,
         cluster: ClusterName,
@@ -88,7 +54,6 @@ impl ConnectedNodes {
             key.clone(),
             Connection {
                 connection_id,
-                pool: String::new(),
                 sender,
             },
         );
@@ -96,15 +61,6 @@ impl ConnectedNodes {
             nodes: self.clone(),
             key,
             connection_id,
-            is_drone: false,
-        }
-    }
-
-    /// Sends to a drone if it is connected. An undelivered action is not lost: it stays
-    /// stored until acked and is re-sent when the drone reconnects.
-    pub fn send_to_drone(&self, cluster: &ClusterName, drone: &NodeName, message: MessageToDrone) {
-        if let Some(conn) = self.drones.get(&(cluster.clone(), drone.clone())) {
-            let _ = conn.sender.send(message);
         }
     }
 
@@ -114,34 +70,5 @@ impl ConnectedNodes {
                 let _ = entry.sender.send(message.clone());
             }
         }
-    }
-
-    /// The drones of `cluster` in `pool` that are connected now.
-    pub fn connected_drones(&self, cluster: &ClusterName, pool: &str) -> Vec<NodeName> {
-        self.drones
-            .iter()
-            .filter(|entry| &entry.key().0 == cluster && entry.pool == pool)
-            .map(|entry| entry.key().1.clone())
-            .collect()
-    }
-
-    pub fn is_drone_connected(&self, cluster: &ClusterName, name: &NodeName) -> bool {
-        self.drones.contains_key(&(cluster.clone(), name.clone()))
-    }
-
-    pub fn is_proxy_connected(&self, cluster: &ClusterName, name: &NodeName) -> bool {
-        self.proxies.contains_key(&(cluster.clone(), name.clone()))
-    }
-
-    /// Picks the connected drone with the fewest live backends.
-    pub fn pick_drone(
-        &self,
-        cluster: &ClusterName,
-        pool: &str,
-        live_backends: &HashMap<NodeName, u32>,
-    ) -> Option<NodeName> {
-        self.connected_drones(cluster, pool)
-            .into_iter()
-            .min_by_key(|name| (live_backends.get(name).copied().unwrap_or(0), name.clone()))
     }
 }

@@ -1,10 +1,11 @@
 //! The proxy socket: answers route requests (waiting for starting backends to become
 //! ready), records connection reports, and pushes route removals.
 
+use super::bus::ChangeBus;
 use super::error::ApiErrorResponse;
 use super::paths::{ClusterPath, SocketUpgrade};
 use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
-use super::store::NodeKind;
+use super::store::{NodeKind, NodeSession};
 use super::ControllerState;
 use axum::extract::ws::WebSocket;
 use axum::extract::State;
@@ -54,14 +55,21 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
         tracing::error!(proxy = %name, error = %err, "could not reset the proxy's connections");
         return;
     }
-    if let Err(err) = state
-        .store()
-        .upsert_node(&cluster, NodeKind::Proxy, &name, "", &version)
-        .await
-    {
-        tracing::error!(proxy = %name, error = %err, "could not record proxy");
-        return;
-    }
+    let session = NodeSession {
+        cluster: &cluster,
+        kind: NodeKind::Proxy,
+        name: &name,
+        pool: "",
+        version: &version,
+        controller: state.controller_id(),
+    };
+    let generation = match state.store().node_connected(&session).await {
+        Ok(generation) => generation,
+        Err(err) => {
+            tracing::error!(proxy = %name, error = %err, "could not record proxy");
+            return;
+        }
+    };
     let (sender, mut outbox) = mpsc::unbounded_channel();
     let _registration = state
         .nodes()
@@ -148,6 +156,13 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
     {
         tracing::warn!(proxy = %name, error = %err, "could not clear the proxy's connections; they lapse on their own");
     }
+    if let Err(err) = state
+        .store()
+        .node_disconnected(&cluster, NodeKind::Proxy, &name, generation)
+        .await
+    {
+        tracing::warn!(proxy = %name, error = %err, "could not record the proxy's disconnection");
+    }
     tracing::info!(proxy = %name, %cluster, "proxy disconnected");
 }
 
@@ -161,7 +176,7 @@ async fn resolve_route(
     let Some(token_row) = state.store().token(token).await? else {
         return Ok(None);
     };
-    let mut changes = state.subscribe_status_changes();
+    let mut changes = state.bus().subscribe_status();
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(state.config().route_wait_timeout_ms);
     loop {
@@ -184,8 +199,7 @@ async fn resolve_route(
             }));
         }
         // Wait for this backend's next change, then look again.
-        if !ControllerState::wait_for_change_of(&mut changes, &token_row.backend_id, deadline).await
-        {
+        if !ChangeBus::wait_for_change_of(&mut changes, &token_row.backend_id, deadline).await {
             return Ok(None);
         }
     }

@@ -1,12 +1,12 @@
 //! `ControllerState`: the one cheap-to-clone value every handler, socket session and
 //! background task of the controller shares.
 
+use super::bus::ChangeBus;
 use super::config::ControllerConfig;
 use super::nodes::ConnectedNodes;
-use super::store::{StatusChange, Store};
-use plane_protocol::proxy::MessageToProxy;
+use super::store::Store;
+use rand::distributions::{Alphanumeric, DistString};
 use std::sync::Arc;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -20,23 +20,38 @@ struct Inner {
     store: Store,
     config: ControllerConfig,
     public_url: Url,
+    /// Names this controller process among all controllers on the database (node sessions
+    /// and the sweeper's leader lease are recorded under it).
+    controller_id: String,
     nodes: ConnectedNodes,
-    /// Every applied status change, for status streams and route waits.
-    status_changes: broadcast::Sender<Arc<StatusChange>>,
+    bus: ChangeBus,
     shutdown: CancellationToken,
 }
 
+/// What [`ControllerState::new`] puts together.
+pub(super) struct StateParts {
+    pub store: Store,
+    pub config: ControllerConfig,
+    pub public_url: Url,
+    pub nodes: ConnectedNodes,
+    pub bus: ChangeBus,
+    pub shutdown: CancellationToken,
+}
+
 impl ControllerState {
-    pub(super) fn new(store: Store, config: ControllerConfig, public_url: Url) -> Self {
-        let (status_changes, _) = broadcast::channel(1024);
+    pub(super) fn new(parts: StateParts) -> Self {
+        let suffix = Alphanumeric
+            .sample_string(&mut rand::thread_rng(), 10)
+            .to_lowercase();
         ControllerState {
             inner: Arc::new(Inner {
-                store,
-                config,
-                public_url,
-                nodes: ConnectedNodes::default(),
-                status_changes,
-                shutdown: CancellationToken::new(),
+                store: parts.store,
+                config: parts.config,
+                public_url: parts.public_url,
+                controller_id: format!("ctl-{suffix}"),
+                nodes: parts.nodes,
+                bus: parts.bus,
+                shutdown: parts.shutdown,
             }),
         }
     }
@@ -54,28 +69,16 @@ impl ControllerState {
         &self.inner.config
     }
 
+    pub fn controller_id(&self) -> &str {
+        &self.inner.controller_id
+    }
+
     pub fn nodes(&self) -> &ConnectedNodes {
         &self.inner.nodes
     }
 
-    pub fn subscribe_status_changes(&self) -> broadcast::Receiver<Arc<StatusChange>> {
-        self.inner.status_changes.subscribe()
-    }
-
-    /// Waits until `changes` delivers a change of `backend` (or reports lag, after which
-    /// the caller should re-read). Returns false if `deadline` passes first.
-    pub async fn wait_for_change_of(
-        changes: &mut broadcast::Receiver<Arc<StatusChange>>,
-        backend: &plane_protocol::names::BackendName,
-        deadline: tokio::time::Instant,
-    ) -> bool {
-        loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Err(_) => return false,
-                Ok(Ok(change)) if &change.backend.id != backend => continue,
-                Ok(_) => return true,
-            }
-        }
+    pub fn bus(&self) -> &ChangeBus {
+        &self.inner.bus
     }
 
     pub(super) fn shutdown_token(&self) -> &CancellationToken {
@@ -86,20 +89,5 @@ impl ControllerState {
     pub fn status_url(&self, backend: &plane_protocol::names::BackendName) -> String {
         let base = self.inner.public_url.as_str().trim_end_matches('/');
         format!("{base}/pub/b/{backend}/status")
-    }
-
-    /// Publishes an applied status change to streams, route waiters and (once the backend
-    /// stops taking traffic) the cluster's proxies.
-    pub(super) fn publish_status_change(&self, change: StatusChange) {
-        if change.entry.status.is_terminating() {
-            self.nodes().broadcast_to_proxies(
-                &change.backend.cluster,
-                MessageToProxy::BackendRemoved {
-                    backend_id: change.backend.id.clone(),
-                },
-            );
-        }
-        // No receivers is fine: nobody is watching this backend.
-        let _ = self.inner.status_changes.send(Arc::new(change));
     }
 }

@@ -50,7 +50,7 @@ pub async fn handle_status_stream(
             })?,
     };
     // Subscribe before reading history so nothing falls between the two.
-    let changes = state.subscribe_status_changes();
+    let changes = state.bus().subscribe_status();
     let history = state.store().status_history(&backend).await?;
     if history.is_empty() {
         return Err(ApiErrorResponse::not_found(format!("no backend {backend}")));
@@ -111,7 +111,7 @@ async fn stream_statuses(
             received = changes.recv() => received,
         };
         let more = match received {
-            Ok(change) if change.backend.id == backend => {
+            Ok(change) if change.backend_id == backend => {
                 send_newer([change.entry.clone()], &mut last_sent, &sender).await
             }
             Ok(_) => true,

@@ -9,6 +9,11 @@ use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::time::Millis;
 use std::time::Duration;
 
+/// The name of the sweeper's leader lease in `controller_lease`.
+const SWEEPER_LEASE: &str = "sweeper";
+/// The shortest leader lease, whatever the sweep interval.
+const MIN_LEADER_LEASE_MS: u64 = 2_000;
+
 /// How many expired leases one pass handles; the rest wait for the next pass.
 const EXPIRED_PER_PASS: i64 = 500;
 
@@ -22,9 +27,40 @@ pub async fn run(state: ControllerState) {
             _ = state.shutdown_token().cancelled() => return,
             _ = interval.tick() => {}
         }
+        if !is_leader(&state).await {
+            continue;
+        }
         sweep_idle_and_expired(&state).await;
         sweep_expired_leases(&state).await;
         sweep_lost_drones(&state).await;
+    }
+}
+
+/// Whether this controller holds the sweeper's lease, taking or renewing it. Controllers on
+/// one database share it, so one at a time does the timed work; if the holder dies, another
+/// takes over once the lease (a few sweep intervals) runs out.
+async fn is_leader(state: &ControllerState) -> bool {
+    let now = Millis::now();
+    let ttl = state
+        .config()
+        .sweep_interval_ms
+        .saturating_mul(3)
+        .max(MIN_LEADER_LEASE_MS);
+    match state
+        .store()
+        .hold_controller_lease(
+            SWEEPER_LEASE,
+            state.controller_id(),
+            now,
+            now.plus_millis(ttl),
+        )
+        .await
+    {
+        Ok(held) => held,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not renew the sweeper lease; skipping this pass");
+            false
+        }
     }
 }
 
@@ -73,9 +109,8 @@ async fn sweep_expired_leases(state: &ControllerState) {
             .expire_backend(&backend.id, TerminationReason::Lost, message, now)
             .await
         {
-            Ok(Some(change)) => {
+            Ok(Some(_)) => {
                 tracing::warn!(backend = %backend.id, drone = %backend.drone, "lease ran out; backend lost");
-                state.publish_status_change(change);
             }
             Ok(None) => {} // renewed or terminated meanwhile
             Err(err) => {

@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::TerminateResponse;
 use plane_protocol::backend::{BackendStatus, TerminationKind, TerminationReason};
-use plane_protocol::drone::MessageToDrone;
 use plane_protocol::names::BackendName;
 
 pub async fn handle_soft_terminate(
@@ -55,17 +54,13 @@ pub async fn terminate(
     if backend.status == BackendStatus::Terminated {
         return Ok(backend.status);
     }
+    // The stored action reaches the drone through the change bus.
     if let Some(action) = state
         .store()
         .request_termination(&backend, kind, reason)
         .await?
     {
-        tracing::info!(backend = %backend_id, ?kind, ?reason, "termination requested");
-        state.nodes().send_to_drone(
-            &backend.cluster,
-            &backend.drone,
-            MessageToDrone::Action(action),
-        );
+        tracing::info!(backend = %backend_id, ?kind, ?reason, action_id = action.action_id, "termination requested");
     }
     Ok(backend.status)
 }

@@ -1,7 +1,7 @@
 //! The `backend` and `backend_status` tables: creating backends, moving their status
 //! forward, and the queries the sweeper and drone placement need.
 
-use super::{actions, keys, tokens, Store, StoreError, StoreResult};
+use super::{actions, keys, tokens, Signal, Store, StoreError, StoreResult};
 use anyhow::Context;
 use plane_protocol::api::{KeyConfig, SpawnConfig};
 use plane_protocol::backend::{
@@ -62,14 +62,18 @@ pub struct CreatedBackend {
     pub fencing_token: Option<i64>,
 }
 
-/// A status transition that was applied (it moved the backend forward).
+/// A status transition that was applied (it moved the backend forward), as the change bus
+/// delivers it.
 #[derive(Clone, Debug)]
 pub struct StatusChange {
-    pub backend: BackendRow,
+    /// Position in the `backend_status` table; grows with every change.
+    pub sequence: i64,
+    pub backend_id: BackendName,
+    pub cluster: ClusterName,
     pub entry: BackendStatusStreamEntry,
 }
 
-fn parse_column<T>(
+pub(super) fn parse_column<T>(
     row: &AnyRow,
     column: &str,
     parse: impl Fn(&str) -> Option<T>,
@@ -132,7 +136,7 @@ impl BackendRow {
     }
 }
 
-fn entry_from_row(row: &AnyRow) -> StoreResult<BackendStatusStreamEntry> {
+pub(super) fn entry_from_row(row: &AnyRow) -> StoreResult<BackendStatusStreamEntry> {
     let exit_code: Option<i64> = row.try_get("exit_code").map_err(anyhow::Error::from)?;
     let status = parse_column(row, "status", BackendStatus::parse)?;
     Ok(BackendStatusStreamEntry {
@@ -213,7 +217,14 @@ impl Store {
         let action = make_action(fencing_token);
         let action_id =
             actions::insert(&mut tx, new.id, new.cluster, new.drone, &action, new.now).await?;
-        tx.commit().await?;
+        let signals = [
+            Signal::Status,
+            Signal::Actions {
+                cluster: new.cluster.clone(),
+                drone: new.drone.clone(),
+            },
+        ];
+        self.commit_and_signal(tx, &signals).await?;
         Ok(Some(CreatedBackend {
             action_id,
             action,
@@ -248,7 +259,7 @@ impl Store {
 
     /// Applies a drone's report if it moves the backend forward and the backend belongs to
     /// that drone. On `terminated` the key is released in the same transaction.
-    /// Returns `None` for a stale, duplicated or foreign report.
+    /// Returns the new entry, or `None` for a stale, duplicated or foreign report.
     pub async fn apply_status(
         &self,
         id: &BackendName,
@@ -256,7 +267,7 @@ impl Store {
         drone: &NodeName,
         update: &BackendStateUpdate,
         now: Millis,
-    ) -> StoreResult<Option<StatusChange>> {
+    ) -> StoreResult<Option<BackendStatusStreamEntry>> {
         let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
             "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
@@ -287,9 +298,8 @@ impl Store {
         if update.status == BackendStatus::Terminated {
             keys::release(&mut tx, id).await?;
         }
-        let backend = load_row(&mut tx, id).await?;
-        tx.commit().await?;
-        Ok(Some(StatusChange { backend, entry }))
+        self.commit_and_signal(tx, &[Signal::Status]).await?;
+        Ok(Some(entry))
     }
 
     /// Renews the leases of the backends `drone` says it runs, until `expires_at`. Only a
@@ -369,7 +379,7 @@ impl Store {
         reason: TerminationReason,
         message: String,
         now: Millis,
-    ) -> StoreResult<Option<StatusChange>> {
+    ) -> StoreResult<Option<BackendStatusStreamEntry>> {
         let update = BackendStateUpdate {
             termination_reason: Some(reason),
             message: Some(message),
@@ -395,9 +405,8 @@ impl Store {
         let entry = insert_history(&mut tx, id, &update, now).await?;
         keys::release(&mut tx, id).await?;
         actions::drop_pending(&mut tx, id, now).await?;
-        let backend = load_row(&mut tx, id).await?;
-        tx.commit().await?;
-        Ok(Some(StatusChange { backend, entry }))
+        self.commit_and_signal(tx, &[Signal::Status]).await?;
+        Ok(Some(entry))
     }
 
     /// Records that `kind` termination was asked for and stores the drone action for it,
@@ -440,7 +449,11 @@ impl Store {
             Millis::now(),
         )
         .await?;
-        tx.commit().await?;
+        let signal = Signal::Actions {
+            cluster: backend.cluster.clone(),
+            drone: backend.drone.clone(),
+        };
+        self.commit_and_signal(tx, &[signal]).await?;
         Ok(Some(BackendAction {
             action_id,
             backend_id: backend.id.clone(),
@@ -492,16 +505,6 @@ impl Store {
         }
         Ok(counts)
     }
-}
-
-async fn load_row(conn: &mut sqlx::AnyConnection, id: &BackendName) -> StoreResult<BackendRow> {
-    let row = sqlx::query(&format!(
-        "SELECT {BACKEND_COLUMNS} FROM backend WHERE id = $1"
-    ))
-    .bind(id.as_str())
-    .fetch_one(conn)
-    .await?;
-    BackendRow::from_row(&row)
 }
 
 async fn insert_history(

@@ -6,6 +6,7 @@
 
 mod actions;
 mod backends;
+mod changes;
 mod connections;
 mod keys;
 mod nodes;
@@ -13,14 +14,16 @@ mod tokens;
 
 pub use backends::{BackendRow, CreatedBackend, NewBackend, StatusChange};
 pub use keys::KeyHolder;
-pub use nodes::{NodeKind, NodeRow};
+pub use nodes::{NodeKind, NodeRow, NodeSession};
 pub use tokens::{NewToken, TokenRow};
 
 use anyhow::Context;
+use plane_protocol::names::{ClusterName, NodeName};
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 use std::path::Path;
 use std::time::Duration;
+use tokio::sync::broadcast;
 
 /// Which database a [`Store`] runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,11 +76,57 @@ fn placeholders(first: usize, count: usize) -> String {
         .join(", ")
 }
 
-/// Cheap to clone: the pool is reference-counted.
+/// What a committed write changed, for the change bus. Delivered in-process at once and,
+/// on PostgreSQL, to every controller by `NOTIFY` (sent inside the writing transaction, so
+/// it goes out only if the write commits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// New rows in `backend_status`.
+    Status,
+    /// New actions for a drone.
+    Actions {
+        cluster: ClusterName,
+        drone: NodeName,
+    },
+}
+
+impl Signal {
+    /// The PostgreSQL channel and payload.
+    fn channel_and_payload(&self) -> (&'static str, String) {
+        match self {
+            Signal::Status => (STATUS_CHANNEL, String::new()),
+            Signal::Actions { cluster, drone } => (ACTIONS_CHANNEL, format!("{cluster} {drone}")),
+        }
+    }
+
+    /// Reads a notification received on `channel` (see [`Signal::channel_and_payload`]).
+    pub fn from_notification(channel: &str, payload: &str) -> Option<Signal> {
+        match channel {
+            STATUS_CHANNEL => Some(Signal::Status),
+            ACTIONS_CHANNEL => {
+                let (cluster, drone) = payload.split_once(' ')?;
+                Some(Signal::Actions {
+                    cluster: cluster.parse().ok()?,
+                    drone: drone.parse().ok()?,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The PostgreSQL channels a controller listens on.
+pub const STATUS_CHANNEL: &str = "plane_status";
+pub const ACTIONS_CHANNEL: &str = "plane_actions";
+
+/// Cheap to clone: the pool and the signal channel are reference-counted.
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     kind: DatabaseKind,
+    /// The database URL, for connections outside the pool (PostgreSQL's LISTEN).
+    url: String,
+    signals: broadcast::Sender<Signal>,
 }
 
 impl Store {
@@ -147,7 +196,47 @@ impl Store {
             .run(&pool)
             .await
             .context("applying database migrations")?;
-        Ok(Store { pool, kind })
+        let (signals, _) = broadcast::channel(4096);
+        Ok(Store {
+            pool,
+            kind,
+            url,
+            signals,
+        })
+    }
+
+    /// Signals of writes made through this store, as they commit.
+    pub fn signals(&self) -> broadcast::Receiver<Signal> {
+        self.signals.subscribe()
+    }
+
+    /// The database URL (for a PostgreSQL listener connection).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Commits `tx`, with a `NOTIFY` for each signal on PostgreSQL, then signals in-process.
+    async fn commit_and_signal(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Any>,
+        signals: &[Signal],
+    ) -> StoreResult<()> {
+        if self.kind == DatabaseKind::Postgres {
+            for signal in signals {
+                let (channel, payload) = signal.channel_and_payload();
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(channel)
+                    .bind(payload)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        for signal in signals {
+            // Nobody listening (no bus yet, or shutting down) is fine.
+            let _ = self.signals.send(signal.clone());
+        }
+        Ok(())
     }
 
     pub fn kind(&self) -> DatabaseKind {

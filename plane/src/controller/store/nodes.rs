@@ -1,8 +1,10 @@
-//! The `node` table: every drone and proxy that has connected, and when it was last seen.
+//! The `node` table: every drone and proxy that has connected, which controller holds its
+//! session now (under a generation number), when it was last seen, and whether it is lost.
 
 use super::{Store, StoreResult};
 use plane_protocol::names::{ClusterName, NodeName};
 use plane_protocol::time::Millis;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 /// Drone or proxy, as stored in `node.kind`.
@@ -26,33 +28,75 @@ pub struct NodeRow {
     pub name: NodeName,
     pub pool: String,
     pub last_seen: Millis,
+    /// The controller holding the node's session, if any.
+    pub connected_to: Option<String>,
     /// Drones: when it was declared lost (silent past the lost window), if it has not
     /// been heard from since.
     pub lost_at: Option<Millis>,
 }
 
+/// One node's session with one controller.
+#[derive(Clone, Debug)]
+pub struct NodeSession<'a> {
+    pub cluster: &'a ClusterName,
+    pub kind: NodeKind,
+    pub name: &'a NodeName,
+    pub pool: &'a str,
+    pub version: &'a str,
+    /// The controller holding the session.
+    pub controller: &'a str,
+}
+
+fn parse_name<T: std::str::FromStr>(row: &AnyRow, column: &str) -> StoreResult<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let raw: String = row.try_get(column).map_err(anyhow::Error::from)?;
+    Ok(raw.parse().map_err(anyhow::Error::from)?)
+}
+
 impl Store {
-    /// Records that a node connected (or reconnected).
-    pub async fn upsert_node(
+    /// Records that a node began a session with `session.controller`; returns the session's
+    /// generation, which only grows. A reconnect (to any controller) replaces the previous
+    /// session, so the controller that held it can no longer mark the node disconnected.
+    pub async fn node_connected(&self, session: &NodeSession<'_>) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "INSERT INTO node (cluster, kind, name, pool, version, last_seen, connected_to, generation) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1) \
+             ON CONFLICT (cluster, kind, name) DO UPDATE SET pool = excluded.pool, \
+             version = excluded.version, last_seen = excluded.last_seen, lost_at = NULL, \
+             connected_to = excluded.connected_to, generation = node.generation + 1 \
+             RETURNING generation",
+        )
+        .bind(session.cluster.as_str())
+        .bind(session.kind.as_str())
+        .bind(session.name.as_str())
+        .bind(session.pool)
+        .bind(session.version)
+        .bind(Millis::now().0)
+        .bind(session.controller)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("generation").map_err(anyhow::Error::from)?)
+    }
+
+    /// Records that the session `generation` of a node ended, unless a newer session has
+    /// replaced it meanwhile.
+    pub async fn node_disconnected(
         &self,
         cluster: &ClusterName,
         kind: NodeKind,
         name: &NodeName,
-        pool: &str,
-        version: &str,
+        generation: i64,
     ) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO node (cluster, kind, name, pool, version, last_seen) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (cluster, kind, name) DO UPDATE SET pool = excluded.pool, \
-             version = excluded.version, last_seen = excluded.last_seen, lost_at = NULL",
+            "UPDATE node SET connected_to = NULL \
+             WHERE cluster = $1 AND kind = $2 AND name = $3 AND generation = $4",
         )
         .bind(cluster.as_str())
         .bind(kind.as_str())
         .bind(name.as_str())
-        .bind(pool)
-        .bind(version)
-        .bind(Millis::now().0)
+        .bind(generation)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -93,20 +137,34 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                let cluster: String = row.try_get("cluster").map_err(anyhow::Error::from)?;
-                let name: String = row.try_get("name").map_err(anyhow::Error::from)?;
-                Ok((
-                    cluster.parse().map_err(anyhow::Error::from)?,
-                    name.parse().map_err(anyhow::Error::from)?,
-                ))
-            })
+            .map(|row| Ok((parse_name(row, "cluster")?, parse_name(row, "name")?)))
             .collect()
+    }
+
+    /// The drones of a cluster's pool that can take a backend: in a session with some
+    /// controller, and heard from since `seen_since`.
+    pub async fn placeable_drones(
+        &self,
+        cluster: &ClusterName,
+        pool: &str,
+        seen_since: Millis,
+    ) -> StoreResult<Vec<NodeName>> {
+        let rows = sqlx::query(
+            "SELECT name FROM node WHERE cluster = $1 AND kind = 'drone' AND pool = $2 \
+             AND connected_to IS NOT NULL AND lost_at IS NULL AND last_seen >= $3",
+        )
+        .bind(cluster.as_str())
+        .bind(pool)
+        .bind(seen_since.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| parse_name(row, "name")).collect()
     }
 
     pub async fn nodes(&self, cluster: &ClusterName, kind: NodeKind) -> StoreResult<Vec<NodeRow>> {
         let rows = sqlx::query(
-            "SELECT name, pool, last_seen, lost_at FROM node WHERE cluster = $1 AND kind = $2 ORDER BY name",
+            "SELECT name, pool, last_seen, lost_at, connected_to FROM node \
+             WHERE cluster = $1 AND kind = $2 ORDER BY name",
         )
         .bind(cluster.as_str())
         .bind(kind.as_str())
@@ -114,11 +172,11 @@ impl Store {
         .await?;
         rows.iter()
             .map(|row| {
-                let name: String = row.try_get("name").map_err(anyhow::Error::from)?;
                 Ok(NodeRow {
-                    name: name.parse().map_err(anyhow::Error::from)?,
+                    name: parse_name(row, "name")?,
                     pool: row.try_get("pool").map_err(anyhow::Error::from)?,
                     last_seen: Millis(row.try_get("last_seen").map_err(anyhow::Error::from)?),
+                    connected_to: row.try_get("connected_to").map_err(anyhow::Error::from)?,
                     lost_at: row
                         .try_get::<Option<i64>, _>("lost_at")
                         .map_err(anyhow::Error::from)?
@@ -126,5 +184,31 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Takes or keeps the lease named `name` (e.g. the sweeper's) for `holder` until
+    /// `expires_at`, if it is free, expired, or already `holder`'s. Returns whether `holder`
+    /// holds it now. One conditional upsert, so two controllers never both succeed.
+    pub async fn hold_controller_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "INSERT INTO controller_lease (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             expires_at = excluded.expires_at \
+             WHERE controller_lease.holder = excluded.holder OR controller_lease.expires_at <= $4 \
+             RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(expires_at.0)
+        .bind(now.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
     }
 }

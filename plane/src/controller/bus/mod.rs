@@ -1,0 +1,198 @@
+//! The change bus: the one seam through which what one part of the system writes reaches
+//! the parts that must react (status streams, route waits, proxies' route eviction, drone
+//! sessions with actions to send), on this controller and on every other one.
+//!
+//! Writes go to the database; the store then signals them in-process and, on PostgreSQL,
+//! by `NOTIFY` inside the writing transaction (see [`super::store::Signal`]). The bus turns
+//! signals into reads: status changes are read from the `backend_status` table in sequence
+//! order, actions from `backend_action`. A signal is only a hint: a catch-up pass every
+//! [`CATCH_UP_INTERVAL`] (and whenever the PostgreSQL listener reconnects) reads whatever
+//! was missed, so a lost notification delays delivery but never loses it.
+
+mod listener;
+mod status_reader;
+
+use super::nodes::ConnectedNodes;
+use super::store::{DatabaseKind, Signal, StatusChange, Store};
+use plane_protocol::names::{ClusterName, NodeName};
+use plane_protocol::proxy::MessageToProxy;
+use status_reader::StatusReader;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How often the bus reads what it may have missed, whatever the signals say.
+const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Which drones have actions waiting: one of them, or (after a catch-up) any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActionsWaiting {
+    For(ClusterName, NodeName),
+    Anyone,
+}
+
+impl ActionsWaiting {
+    /// Whether a drone session of `cluster`/`drone` should look for actions.
+    pub fn concerns(&self, cluster: &ClusterName, drone: &NodeName) -> bool {
+        match self {
+            ActionsWaiting::Anyone => true,
+            ActionsWaiting::For(c, d) => c == cluster && d == drone,
+        }
+    }
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct ChangeBus {
+    status: broadcast::Sender<Arc<StatusChange>>,
+    actions: broadcast::Sender<ActionsWaiting>,
+}
+
+impl ChangeBus {
+    /// Every status change of every backend, in sequence order. A receiver that lags
+    /// should re-read what it cares about from the store.
+    pub fn subscribe_status(&self) -> broadcast::Receiver<Arc<StatusChange>> {
+        self.status.subscribe()
+    }
+
+    /// Wakes drone sessions that may have actions to send.
+    pub fn subscribe_actions(&self) -> broadcast::Receiver<ActionsWaiting> {
+        self.actions.subscribe()
+    }
+
+    /// Waits until `changes` delivers a change of `backend` (or reports lag, after which
+    /// the caller should re-read). Returns false if `deadline` passes first.
+    pub async fn wait_for_change_of(
+        changes: &mut broadcast::Receiver<Arc<StatusChange>>,
+        backend: &plane_protocol::names::BackendName,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => return false,
+                Ok(Ok(change)) if &change.backend_id != backend => continue,
+                Ok(_) => return true,
+            }
+        }
+    }
+}
+
+/// Starts the bus: it runs until `cancel` fires. Status changes that are already stored
+/// when it starts are not replayed (streams read history themselves).
+pub async fn start(
+    store: Store,
+    proxies: ConnectedNodes,
+    cancel: CancellationToken,
+) -> anyhow::Result<(ChangeBus, JoinHandle<()>)> {
+    let (status, _) = broadcast::channel(4096);
+    let (actions, _) = broadcast::channel(1024);
+    let bus = ChangeBus { status, actions };
+    let reader = StatusReader::new(store.latest_status_sequence().await?);
+    let runner = Runner {
+        bus: bus.clone(),
+        store,
+        proxies,
+        reader,
+    };
+    let task = tokio::spawn(runner.run(cancel));
+    Ok((bus, task))
+}
+
+struct Runner {
+    bus: ChangeBus,
+    store: Store,
+    proxies: ConnectedNodes,
+    reader: StatusReader,
+}
+
+/// What woke the bus.
+enum Wake {
+    Signal(Signal),
+    /// Signals may have been missed: read everything.
+    CatchUp,
+}
+
+impl Runner {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut local = self.store.signals();
+        // On PostgreSQL, signals from every controller (ours included) arrive here too.
+        let (remote_tx, mut remote) = mpsc::unbounded_channel();
+        let listener = (self.store.kind() == DatabaseKind::Postgres).then(|| {
+            tokio::spawn(listener::run(
+                self.store.url().to_string(),
+                remote_tx,
+                cancel.child_token(),
+            ))
+        });
+        let mut catch_up = tokio::time::interval(CATCH_UP_INTERVAL);
+        catch_up.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = tokio::select! {
+                _ = cancel.cancelled() => break,
+                signal = local.recv() => match signal {
+                    Ok(signal) => Wake::Signal(signal),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Wake::CatchUp,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Some(wake) = remote.recv() => wake,
+                _ = catch_up.tick() => Wake::CatchUp,
+            };
+            // Take everything else already waiting, so a burst costs one read.
+            let mut read_status = false;
+            let mut handle = |wake: Wake| match wake {
+                Wake::Signal(Signal::Status) => read_status = true,
+                Wake::Signal(Signal::Actions { cluster, drone }) => {
+                    let _ = self.bus.actions.send(ActionsWaiting::For(cluster, drone));
+                }
+                Wake::CatchUp => {
+                    read_status = true;
+                    let _ = self.bus.actions.send(ActionsWaiting::Anyone);
+                }
+            };
+            handle(wake);
+            loop {
+                match local.try_recv() {
+                    Ok(signal) => handle(Wake::Signal(signal)),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => handle(Wake::CatchUp),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(wake) = remote.try_recv() {
+                handle(wake);
+            }
+            if read_status {
+                self.publish_new_statuses().await;
+            }
+        }
+        if let Some(listener) = listener {
+            listener.abort();
+        }
+    }
+
+    async fn publish_new_statuses(&mut self) {
+        let bus = self.bus.clone();
+        let proxies = self.proxies.clone();
+        let result = self
+            .reader
+            .read_new(&self.store, |change| {
+                if change.entry.status.is_terminating() {
+                    // The backend takes no more traffic: every proxy of its cluster on this
+                    // controller drops its routes (other controllers do the same for theirs).
+                    proxies.broadcast_to_proxies(
+                        &change.cluster,
+                        MessageToProxy::BackendRemoved {
+                            backend_id: change.backend_id.clone(),
+                        },
+                    );
+                }
+                // No receivers is fine: nobody is watching.
+                let _ = bus.status.send(Arc::new(change));
+            })
+            .await;
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "reading status changes failed; retrying at the next catch-up");
+        }
+    }
+}
