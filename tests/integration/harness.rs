@@ -54,6 +54,19 @@ macro_rules! db_test {
     };
 }
 
+/// Declares a test that only makes sense on PostgreSQL (several controllers on one
+/// database): `postgres_test!(name, |env| async move { ... })`.
+#[macro_export]
+macro_rules! postgres_test {
+    ($name:ident, $body:expr) => {
+        #[tokio::test(flavor = "current_thread")]
+        async fn $name() {
+            $crate::harness::run_test(stringify!($name), $crate::harness::Db::Postgres, $body)
+                .await;
+        }
+    };
+}
+
 /// Starts a `TestEnv`, runs the body under [`TEST_TIMEOUT`], and shuts everything down.
 /// On failure the scratch directory (database, notes) is kept and its path printed.
 pub async fn run_test<F, Fut>(name: &str, db: Db, body: F)
@@ -227,6 +240,35 @@ impl TestEnv {
 
     pub fn controller(&self) -> &ControllerHandle {
         self.controller.as_ref().expect("controller is running")
+    }
+
+    /// Starts another controller on the same database (on its own port).
+    pub async fn start_controller(&self) -> ControllerHandle {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind controller");
+        let mut config = self.controller_config.clone();
+        config.public_url = None;
+        controller::start(config, listener)
+            .await
+            .expect("start another controller")
+    }
+
+    /// Starts a proxy for this cluster connected to the controller at `controller`, and
+    /// waits until it is connected.
+    pub async fn start_proxy(&self, controller: &url::Url) -> ProxyHandle {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let proxy = plane_proxy::start(
+            ProxyConfig::new(controller.clone(), self.cluster.clone()),
+            listener,
+        )
+        .await
+        .expect("start proxy");
+        wait_for("the proxy to connect", Duration::from_secs(20), || async {
+            proxy.is_connected().then_some(()).ok_or("not yet")
+        })
+        .await;
+        proxy
     }
 
     /// Stops the controller and starts a new one on the same address and database, then

@@ -5,6 +5,7 @@ mod harness;
 
 mod browser;
 mod connect;
+mod controllers;
 mod errors;
 mod leases;
 mod lifecycle;
