@@ -149,6 +149,7 @@ pub struct TestEnv {
     pub client: reqwest::Client,
     pub scratch: PathBuf,
     postgres_db: Option<(String, String)>,
+    db: Db,
 }
 
 impl TestEnv {
@@ -206,6 +207,7 @@ impl TestEnv {
             client: reqwest::Client::new(),
             scratch,
             postgres_db,
+            db,
         };
         wait_for(
             "drone and proxy to connect",
@@ -240,6 +242,16 @@ impl TestEnv {
 
     pub fn controller(&self) -> &ControllerHandle {
         self.controller.as_ref().expect("controller is running")
+    }
+
+    /// Which database this test runs on.
+    pub fn db(&self) -> Db {
+        self.db
+    }
+
+    /// The database every controller of this test uses.
+    pub fn db_url(&self) -> &str {
+        &self.controller_config.db
     }
 
     /// Starts another controller on the same database (on its own port).
@@ -486,6 +498,23 @@ impl TestEnv {
             response.text().await.unwrap_or_default(),
         )
     }
+}
+
+/// The `plane` binary next to this test binary (`target/debug/plane`); the test command
+/// builds it first.
+pub fn plane_binary() -> PathBuf {
+    let test_exe = std::env::current_exe().expect("test executable path");
+    let target_dir = test_exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let binary = target_dir.join("plane");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build --bin plane` (scripts/test.sh does)",
+        binary.display()
+    );
+    binary
 }
 
 /// The drone settings every test drone uses: quick heartbeats (each renews the leases), a

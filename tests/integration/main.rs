@@ -6,6 +6,7 @@ mod harness;
 mod browser;
 mod connect;
 mod controllers;
+mod crashes;
 mod errors;
 mod leases;
 mod lifecycle;

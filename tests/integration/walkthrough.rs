@@ -1,29 +1,12 @@
 //! The README walkthrough, with the real `plane` binary: `plane dev`, `plane connect`,
 //! traffic through the proxy, the backend reaped when idle, and a clean Ctrl-C.
 
-use crate::harness::wait_for;
+use crate::harness::{plane_binary, wait_for};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-/// The `plane` binary next to this test binary (`target/debug/plane`); the test command
-/// builds it first.
-fn plane_binary() -> PathBuf {
-    let test_exe = std::env::current_exe().expect("test executable path");
-    let target_dir = test_exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory");
-    let binary = target_dir.join("plane");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it with `cargo build --bin plane` (scripts/test.sh does)",
-        binary.display()
-    );
-    binary
-}
 
 /// Sends SIGTERM (what Ctrl-C or a service manager would send) and waits for the exit.
 async fn stop(child: &mut Child) -> std::process::ExitStatus {

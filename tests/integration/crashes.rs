@@ -1,0 +1,214 @@
+//! Crashes in the middle of things: a controller process killed with SIGKILL during a
+//! spawn, and a drone that dies with status reports the controller has not acknowledged.
+
+use crate::db_test;
+use crate::harness::{containers_of, plane_binary, wait_for, Db, TestEnv, BACKEND_WAIT};
+use crate::relay::Relay;
+use plane_protocol::api::ConnectResponse;
+use plane_protocol::backend::BackendStatus;
+use plane_protocol::names::ClusterName;
+use serde_json::json;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// A `plane controller` process of the test's own, on a fixed port so it can be restarted
+/// where its nodes expect it.
+struct ControllerProcess {
+    child: Child,
+    args: Vec<String>,
+    log: std::path::PathBuf,
+    url: url::Url,
+}
+
+impl ControllerProcess {
+    async fn start(db: &str, cluster: &ClusterName, scratch: &std::path::Path) -> Self {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            probe.local_addr().expect("addr").port()
+        };
+        let args = [
+            "controller",
+            "--db",
+            db,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--default-cluster",
+            cluster.as_str(),
+            "--lease-ms",
+            "4000",
+            "--lost-window-ms",
+            "5000",
+            "--sweep-interval-ms",
+            "200",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = scratch.join("controller-process.log");
+        let url = format!("http://127.0.0.1:{port}").parse().expect("url");
+        let child = Self::spawn(&args, &log).await;
+        let process = ControllerProcess {
+            child,
+            args,
+            log,
+            url,
+        };
+        process.wait_healthy().await;
+        process
+    }
+
+    async fn spawn(args: &[String], log: &std::path::Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("controller log");
+        Command::new(plane_binary())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start plane controller")
+    }
+
+    async fn wait_healthy(&self) {
+        let health = format!("{}pub/health", self.url);
+        let client = reqwest::Client::new();
+        wait_for(
+            &format!(
+                "the controller process to answer (log: {})",
+                self.log.display()
+            ),
+            Duration::from_secs(30),
+            || async {
+                match client.get(&health).send().await {
+                    Ok(response) if response.status().is_success() => Ok(()),
+                    Ok(response) => Err(format!("{}", response.status())),
+                    Err(err) => Err(err.to_string()),
+                }
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL: no shutdown of any kind.
+    async fn kill(&mut self) {
+        self.child.start_kill().expect("kill -9 the controller");
+        self.child.wait().await.expect("reap the controller");
+    }
+
+    async fn restart(&mut self) {
+        self.child = Self::spawn(&self.args, &self.log).await;
+        self.wait_healthy().await;
+    }
+}
+
+db_test!(
+    controller_killed_during_a_spawn_and_restarted_on_the_same_database_still_brings_the_backend_up,
+    |env: TestEnv| async move {
+        // A cluster of its own, so only this test's drone serves it.
+        let cluster: ClusterName = format!("crash-{}.test:1", env.drone.name())
+            .parse()
+            .expect("cluster");
+        let db = match env.db() {
+            Db::Sqlite => env.scratch.join("process.db").display().to_string(),
+            Db::Postgres => env.db_url().to_string(),
+        };
+        let mut controller = ControllerProcess::start(&db, &cluster, &env.scratch).await;
+        let mut config = env.drone_config("crash-drone");
+        config.controller_url = controller.url.clone();
+        config.cluster = cluster.clone();
+        let drone = env.start_drone(config).await;
+
+        let mut spawn = env.spawn_config(&[("DEMO_STARTUP_DELAY_MS", "1500")]);
+        spawn.cluster = Some(cluster.clone());
+        let body = json!({ "key": { "name": "mid-spawn" }, "spawn_config": spawn });
+        let response = env
+            .client
+            .post(format!("{}ctrl/connect", controller.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("controller reachable");
+        assert_eq!(response.status().as_u16(), 200);
+        let response: ConnectResponse = response.json().await.expect("connect response");
+        controller.kill().await;
+        controller.restart().await;
+
+        let status = format!("{}pub/b/{}/status", controller.url, response.backend_id);
+        wait_for(
+            "the backend to become ready after the restart",
+            BACKEND_WAIT,
+            || async {
+                let entry: serde_json::Value = env
+                    .client
+                    .get(&status)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if entry["status"] == "ready" {
+                    Ok(())
+                } else {
+                    Err(entry.to_string())
+                }
+            },
+        )
+        .await;
+        drone.shutdown().await;
+        env
+    }
+);
+
+db_test!(
+    events_a_crashed_drone_never_got_acked_reach_the_controller_after_its_restart,
+    |env: TestEnv| async move {
+        let relay = Relay::start(env.controller().local_addr()).await;
+        let mut config = env.drone_config("a-forgetful");
+        config.controller_url = format!("http://{}", relay.addr()).parse().expect("url");
+        let drone = env.start_drone(config.clone()).await;
+        let response = env
+            .connect_ready("exits-alone", &env.spawn_config(&[]))
+            .await;
+        assert_eq!(response.drone.as_ref(), Some(drone.name()));
+
+        // Cut off, the backend exits on its own: the drone stores the report but cannot
+        // deliver it. Then the drone dies.
+        relay.partition();
+        let url = env.proxy_url(&format!("/{}/exit/3", response.token));
+        let _ = env.client.post(&url).send().await;
+        wait_for(
+            "the drone to remove the exited container",
+            BACKEND_WAIT,
+            || async {
+                let left = containers_of(&response.backend_id).await;
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{left:?}"))
+                }
+            },
+        )
+        .await;
+        drop(drone);
+
+        // Restarted on the same state directory, it delivers the stored report: the
+        // controller learns the real exit code, not just that the drone went away.
+        config.controller_url = env.controller().url();
+        let restarted = env.start_drone(config).await;
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(entry.exit_code, Some(3), "{entry:?}");
+        assert_eq!(entry.termination_reason, None, "{entry:?}");
+        assert_eq!(
+            env.status(&response.backend_id).await.status,
+            BackendStatus::Terminated
+        );
+        restarted.shutdown().await;
+        env
+    }
+);
