@@ -256,11 +256,21 @@ impl TestEnv {
 
     /// Starts another controller on the same database (on its own port).
     pub async fn start_controller(&self) -> ControllerHandle {
+        self.start_controller_with(|_| {}).await
+    }
+
+    /// Starts another controller (on its own port) with this test's settings, changed by
+    /// `customize`.
+    pub async fn start_controller_with(
+        &self,
+        customize: impl FnOnce(&mut ControllerConfig),
+    ) -> ControllerHandle {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind controller");
         let mut config = self.controller_config.clone();
         config.public_url = None;
+        customize(&mut config);
         controller::start(config, listener)
             .await
             .expect("start another controller")
@@ -620,5 +630,145 @@ async fn drop_postgres_database(admin: &str, db_name: &str) {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
             .execute(&mut conn)
             .await;
+    }
+}
+
+/// A PostgreSQL server of one test's own (so the test may restart it), in its scratch
+/// directory on a free loopback port. Stopped when dropped.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    user: String,
+}
+
+impl PrivatePostgres {
+    pub async fn start(scratch: &std::path::Path) -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect(
+                "PostgreSQL is installed under /usr/lib/postgresql (the test command installs it)",
+            )
+            .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .max()
+            .expect("a PostgreSQL version with initdb");
+        let dir = scratch.join("postgres");
+        std::fs::create_dir_all(&dir).expect("postgres dir");
+        let root = Self::is_root().await;
+        let user = if root {
+            "postgres".to_string()
+        } else {
+            std::env::var("USER").unwrap_or_else(|_| "postgres".into())
+        };
+        if root {
+            // PostgreSQL refuses to run as root; the package's postgres account owns it.
+            Self::run("chown", &["-R", "postgres", &dir.display().to_string()]).await;
+        }
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            probe.local_addr().expect("addr").port()
+        };
+        let server = PrivatePostgres {
+            bin,
+            data: dir.join("data"),
+            port,
+            user,
+        };
+        server
+            .pg(
+                "initdb",
+                &[
+                    "-D",
+                    &server.data.display().to_string(),
+                    "-U",
+                    &server.user,
+                    "--auth=trust",
+                ],
+            )
+            .await;
+        server.pg_ctl("start").await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://{}@127.0.0.1:{}/postgres", self.user, self.port)
+    }
+
+    /// `pg_ctl restart -m fast`: every client connection is cut, then the server is back.
+    pub async fn restart(&self) {
+        self.pg_ctl("restart").await;
+    }
+
+    async fn pg_ctl(&self, action: &str) {
+        // No Unix socket: a scratch path is often longer than a socket path may be.
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories='' -c fsync=off",
+            self.port
+        );
+        let log = self.data.parent().expect("dir").join("server.log");
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.display().to_string(),
+                "-l",
+                &log.display().to_string(),
+                "-m",
+                "fast",
+                "-w",
+                "-o",
+                &options,
+                action,
+            ],
+        )
+        .await;
+    }
+
+    async fn pg(&self, program: &str, args: &[&str]) {
+        let program = self.bin.join(program).display().to_string();
+        if Self::is_root().await {
+            let mut all = vec!["-u", "postgres", "--", program.as_str()];
+            all.extend_from_slice(args);
+            Self::run("runuser", &all).await;
+        } else {
+            Self::run(&program, args).await;
+        }
+    }
+
+    async fn is_root() -> bool {
+        let output = tokio::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .await
+            .expect("id -u");
+        String::from_utf8_lossy(&output.stdout).trim() == "0"
+    }
+
+    async fn run(program: &str, args: &[&str]) {
+        let output = tokio::process::Command::new(program)
+            .args(args)
+            .output()
+            .await
+            .unwrap_or_else(|err| panic!("running {program}: {err}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let data = self.data.display().to_string();
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let as_postgres = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", pg_ctl.as_str()])
+            .args(args)
+            .output();
+        if !as_postgres.is_ok_and(|o| o.status.success()) {
+            let _ = std::process::Command::new(&pg_ctl).args(args).output();
+        }
     }
 }

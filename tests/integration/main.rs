@@ -7,6 +7,7 @@ mod browser;
 mod connect;
 mod controllers;
 mod crashes;
+mod database_restart;
 mod errors;
 mod leases;
 mod lifecycle;
