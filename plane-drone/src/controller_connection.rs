@@ -591,6 +591,7 @@ mod tests {
                     key: None,
                     fencing_token: None,
                     static_token: None,
+                    startup_timeout_ms: None,
                 }),
             }),
         )

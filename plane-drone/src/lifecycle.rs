@@ -107,10 +107,15 @@ pub(crate) async fn run_backend<R: Runtime>(
     mut requests: mpsc::UnboundedReceiver<TerminateRequest>,
     lease: LeaseWatch,
 ) {
+    let startup_timeout = spawn
+        .startup_timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(ctx.settings.startup_timeout);
     let mut backend = Backend {
         ctx: &ctx,
         id: &backend_id,
         lease,
+        startup_timeout,
     };
     backend.run(spawn, &mut requests).await;
 }
@@ -121,6 +126,8 @@ struct Backend<'a, R> {
     /// The backend's key lease: its process starts only once the lease is confirmed, and is
     /// stopped on the drone's own clock if the lease cannot be renewed.
     lease: LeaseWatch,
+    /// From container start until it must answer HTTP (the spawn's, else the drone's).
+    startup_timeout: Duration,
 }
 
 /// What the drone does to a backend whose lease it could not renew: stop it (the lease's
@@ -147,6 +154,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     ) {
         let runtime = &self.ctx.runtime;
         let image = &spawn.executable.image;
+        let startup_timeout = self.startup_timeout;
 
         self.report_status(BackendStatus::Loading).await;
         let prepared = tokio::select! {
@@ -174,7 +182,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
             biased;
             request = next_request(requests) => Err(request),
             _ = self.lease.confirmed() => Ok(()),
-            _ = tokio::time::sleep(self.ctx.settings.startup_timeout) => Err(TerminateRequest {
+            _ = tokio::time::sleep(startup_timeout) => Err(TerminateRequest {
                 kind: TerminationKind::Hard,
                 reason: TerminationReason::KeyExpired,
             }),
@@ -224,7 +232,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
             ..BackendStateUpdate::status(BackendStatus::Waiting)
         })
         .await;
-        let deadline = started_at + self.ctx.settings.startup_timeout;
+        let deadline = started_at + startup_timeout;
         let exit = self.wait_exit();
         let startup = tokio::select! {
             biased;
@@ -355,7 +363,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         let message = (reason == TerminationReason::StartupTimeout).then(|| {
             format!(
                 "did not answer HTTP within {} ms of starting",
-                self.ctx.settings.startup_timeout.as_millis()
+                self.startup_timeout.as_millis()
             )
         });
         match tokio::time::timeout(KILL_EXIT_TIMEOUT, &mut exit).await {
@@ -456,6 +464,7 @@ mod tests {
             key: Some("doc-1".into()),
             fencing_token: Some(7),
             static_token: None,
+            startup_timeout_ms: None,
         }
     }
 

@@ -118,6 +118,11 @@ pub struct SpawnConfig {
     /// many seconds (at least 1).
     #[serde(default)]
     pub max_idle_seconds: Option<i64>,
+    /// Seconds from container start until the backend must answer HTTP, overriding the
+    /// drone's `--startup-timeout-ms` (1 to 3600). Past it the backend ends
+    /// `terminated{startuptimeout}`.
+    #[serde(default)]
+    pub startup_timeout_seconds: Option<i64>,
     /// Issue one token at spawn and hand the same one to every connect.
     #[serde(default)]
     pub use_static_token: bool,

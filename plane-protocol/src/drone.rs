@@ -120,4 +120,8 @@ pub struct SpawnAction {
     /// Given as `SESSION_BACKEND_STATIC_TOKEN` when the backend uses a static token.
     #[serde(default)]
     pub static_token: Option<BearerToken>,
+    /// Milliseconds from container start until the backend must answer HTTP; the drone's
+    /// own startup timeout when absent.
+    #[serde(default)]
+    pub startup_timeout_ms: Option<u64>,
 }

@@ -99,6 +99,7 @@ pub async fn run(opts: ConnectOpts) -> anyhow::Result<()> {
             lifetime_limit_seconds: opts.lifetime_limit_seconds,
             max_idle_seconds: opts.max_idle_seconds,
             use_static_token: false,
+            startup_timeout_seconds: None,
             subdomain: None,
         }),
         user: opts.user.clone(),

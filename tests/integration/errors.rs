@@ -89,6 +89,10 @@ db_test!(
                 json!({ "spawn_config": { "executable": { "image": image }, "max_idle_seconds": 10_000_000_000_i64 } }),
                 "max_idle_seconds",
             ),
+            (
+                json!({ "spawn_config": { "executable": { "image": image }, "startup_timeout_seconds": 0 } }),
+                "startup_timeout_seconds",
+            ),
             (json!({}), "key"),
         ];
         for (body, mentions) in cases {

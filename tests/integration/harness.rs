@@ -376,6 +376,7 @@ impl TestEnv {
             lifetime_limit_seconds: None,
             max_idle_seconds: None,
             use_static_token: false,
+            startup_timeout_seconds: None,
             subdomain: None,
         }
     }

@@ -27,6 +27,9 @@ const KEY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30)
 /// overflow millisecond arithmetic in the database.
 const MAX_LIMIT_SECONDS: i64 = 10 * 365 * 24 * 60 * 60;
 
+/// The longest startup timeout a spawn may ask for: an hour.
+const MAX_STARTUP_TIMEOUT_SECONDS: i64 = 3600;
+
 /// How often a connect retries after losing a race for a key to another connect.
 const KEY_RACE_RETRIES: usize = 5;
 
@@ -260,6 +263,9 @@ async fn spawn(
                 key: key.map(|k| k.name.clone()),
                 fencing_token,
                 static_token: static_token.clone(),
+                startup_timeout_ms: spawn_config
+                    .startup_timeout_seconds
+                    .map(|seconds| seconds.unsigned_abs().saturating_mul(1000)),
             })
         })
         .await;
@@ -441,6 +447,13 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ControllerError> {
                     "{field} must be 1 to {MAX_LIMIT_SECONDS} (ten years), got {seconds}"
                 )));
             }
+        }
+    }
+    if let Some(seconds) = config.startup_timeout_seconds {
+        if !(1..=MAX_STARTUP_TIMEOUT_SECONDS).contains(&seconds) {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.startup_timeout_seconds must be 1 to {MAX_STARTUP_TIMEOUT_SECONDS}, got {seconds}"
+            )));
         }
     }
     if let Some(pool) = &config.pool {
