@@ -545,6 +545,174 @@ mod tests {
         }
     }
 
+    /// Reads the drone's messages, answering each heartbeat with what `answer` returns
+    /// (nothing for `None`), until `backend` reports `status`; returns that backend's
+    /// updates, in order.
+    async fn updates_answering(
+        socket: &mut ServerSocket,
+        backend: &BackendName,
+        status: BackendStatus,
+        mut answer: impl FnMut(u64, Vec<BackendName>) -> Option<MessageToDrone>,
+    ) -> Vec<BackendStateUpdate> {
+        let mut seen = Vec::new();
+        // Nothing is acked here, so the drone re-sends its events; count each once.
+        let mut ids = std::collections::HashSet::new();
+        let read = async {
+            loop {
+                let frame = socket.next().await.expect("socket open").expect("frame");
+                let Message::Text(text) = frame else { continue };
+                match serde_json::from_str(&text).expect("valid drone message") {
+                    MessageFromDrone::Heartbeat { backends, seq } => {
+                        if let Some(reply) = answer(seq, backends) {
+                            send_to_drone(socket, &reply).await;
+                        }
+                    }
+                    MessageFromDrone::BackendEvent(event)
+                        if &event.backend_id == backend && ids.insert(event.event_id) =>
+                    {
+                        let done = event.update.status == status;
+                        seen.push(event.update);
+                        if done {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .is_err()
+        {
+            panic!("{backend} never reported {status}; saw {seen:?}");
+        }
+        seen
+    }
+
+    fn renew(seq: u64, lease_ms: u64, renewed: Vec<BackendName>) -> Option<MessageToDrone> {
+        Some(MessageToDrone::LeaseRenewal {
+            seq,
+            lease_ms,
+            renewed,
+            gone: vec![],
+        })
+    }
+
+    /// A drone on the fake runtime connected to a fake controller, with one backend of
+    /// `image` spawned and reported `ready`, its lease renewed for `lease_ms` each time.
+    async fn drone_with_ready_backend(
+        image: &str,
+        lease_ms: u64,
+        state_dir: &TempStateDir,
+    ) -> (crate::DroneHandle, ServerSocket, BackendName) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base: Url = format!("http://{}", listener.local_addr().expect("addr"))
+            .parse()
+            .expect("url");
+        let config = DroneConfig {
+            name: "dr-lease-test".parse().expect("name"),
+            heartbeat_interval_ms: 50,
+            fence_margin_ms: 300,
+            // Longer than any lease here: only the lease can cut it short.
+            stop_grace_period_ms: 30_000,
+            state_dir: state_dir.path().to_path_buf(),
+            ..DroneConfig::new(base, "localhost:9090".parse().expect("cluster"))
+        };
+        let drone =
+            crate::start_with_runtime(config, FakeRuntime::new().await, CancellationToken::new())
+                .await
+                .expect("drone starts");
+        let mut socket = accept(&listener).await;
+        let backend = BackendName::new_random();
+        let spawn = SpawnAction {
+            executable: ExecutorConfig {
+                image: image.into(),
+                pull_policy: None,
+                credentials: None,
+                env: Default::default(),
+                resource_limits: Default::default(),
+                mount: None,
+            },
+            key: Some("k".into()),
+            fencing_token: Some(1),
+            static_token: None,
+            startup_timeout_ms: None,
+        };
+        send_to_drone(
+            &mut socket,
+            &MessageToDrone::Action(BackendAction {
+                action_id: 1,
+                backend_id: backend.clone(),
+                action: ActionKind::Spawn(spawn),
+            }),
+        )
+        .await;
+        updates_answering(
+            &mut socket,
+            &backend,
+            BackendStatus::Ready,
+            |seq, listed| renew(seq, lease_ms, listed),
+        )
+        .await;
+        (drone, socket, backend)
+    }
+
+    #[tokio::test]
+    async fn a_backend_whose_lease_is_no_longer_renewed_is_stopped_and_killed_on_the_drones_own_clock(
+    ) {
+        let state_dir = TempStateDir::new();
+        // `stubborn` ignores SIGTERM; the grace period is 30 s, the lease 1.5 s.
+        let (drone, mut socket, backend) =
+            drone_with_ready_backend("stubborn", 1_500, &state_dir).await;
+        // The controller goes quiet: no more renewals, nothing closed.
+        let updates =
+            updates_answering(&mut socket, &backend, BackendStatus::Terminated, |_, _| {
+                None
+            })
+            .await;
+        // (Earlier events are re-sent too, since this controller acks nothing.)
+        let statuses: Vec<BackendStatus> = updates.iter().map(|u| u.status).collect();
+        assert!(
+            statuses.ends_with(&[
+                BackendStatus::Ready,
+                BackendStatus::Terminating,
+                BackendStatus::HardTerminating,
+                BackendStatus::Terminated
+            ]),
+            "{statuses:?}"
+        );
+        let done = updates.last().expect("terminated");
+        assert_eq!(done.termination_reason, Some(TerminationReason::KeyExpired));
+        assert_eq!(done.exit_code, Some(137));
+        drop(drone);
+    }
+
+    #[tokio::test]
+    async fn a_backend_the_controller_calls_gone_is_killed_at_once() {
+        let state_dir = TempStateDir::new();
+        let (drone, mut socket, backend) =
+            drone_with_ready_backend("app", 60_000, &state_dir).await;
+        let gone = backend.clone();
+        let updates = updates_answering(
+            &mut socket,
+            &backend,
+            BackendStatus::Terminated,
+            |seq, _| {
+                Some(MessageToDrone::LeaseRenewal {
+                    seq,
+                    lease_ms: 60_000,
+                    renewed: vec![],
+                    gone: vec![gone.clone()],
+                })
+            },
+        )
+        .await;
+        let done = updates.last().expect("terminated");
+        assert_eq!(done.termination_kind, Some(TerminationKind::Hard));
+        assert_eq!(done.termination_reason, Some(TerminationReason::Lost));
+        drop(drone);
+    }
+
     #[tokio::test]
     async fn events_unacked_when_the_drone_crashed_are_replayed_by_the_next_start() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
