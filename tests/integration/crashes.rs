@@ -3,21 +3,60 @@
 
 use crate::db_test;
 use crate::harness::{containers_of, plane_binary, wait_for, Db, TestEnv, BACKEND_WAIT};
+use crate::leases::fencing_token;
 use crate::relay::Relay;
 use plane_protocol::api::ConnectResponse;
-use plane_protocol::backend::BackendStatus;
-use plane_protocol::names::ClusterName;
+use plane_protocol::backend::{BackendStatus, TerminationReason};
+use plane_protocol::names::{ClusterName, NodeName};
 use serde_json::json;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
-/// A `plane controller` process of the test's own, on a fixed port so it can be restarted
-/// where its nodes expect it.
-struct ControllerProcess {
+/// A `plane` process of the test's own (a controller or a drone), restartable with the same
+/// arguments, its stderr appended to a log in the scratch directory.
+struct PlaneProcess {
     child: Child,
     args: Vec<String>,
     log: std::path::PathBuf,
+}
+
+impl PlaneProcess {
+    async fn start(args: Vec<String>, log: std::path::PathBuf) -> Self {
+        let child = Self::spawn(&args, &log);
+        PlaneProcess { child, args, log }
+    }
+
+    fn spawn(args: &[String], log: &std::path::Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("process log");
+        Command::new(plane_binary())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start plane")
+    }
+
+    /// SIGKILL: no shutdown of any kind.
+    async fn kill(&mut self) {
+        self.child.start_kill().expect("kill -9");
+        self.child.wait().await.expect("reap the process");
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.args, &self.log);
+    }
+}
+
+/// A `plane controller` process on a fixed port, so it can be restarted where its nodes
+/// expect it.
+struct ControllerProcess {
+    process: PlaneProcess,
     url: url::Url,
 }
 
@@ -46,32 +85,11 @@ impl ControllerProcess {
         ]
         .map(String::from)
         .to_vec();
-        let log = scratch.join("controller-process.log");
+        let process = PlaneProcess::start(args, scratch.join("controller-process.log")).await;
         let url = format!("http://127.0.0.1:{port}").parse().expect("url");
-        let child = Self::spawn(&args, &log).await;
-        let process = ControllerProcess {
-            child,
-            args,
-            log,
-            url,
-        };
-        process.wait_healthy().await;
-        process
-    }
-
-    async fn spawn(args: &[String], log: &std::path::Path) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("controller log");
-        Command::new(plane_binary())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start plane controller")
+        let controller = ControllerProcess { process, url };
+        controller.wait_healthy().await;
+        controller
     }
 
     async fn wait_healthy(&self) {
@@ -80,7 +98,7 @@ impl ControllerProcess {
         wait_for(
             &format!(
                 "the controller process to answer (log: {})",
-                self.log.display()
+                self.process.log.display()
             ),
             Duration::from_secs(30),
             || async {
@@ -94,17 +112,130 @@ impl ControllerProcess {
         .await;
     }
 
-    /// SIGKILL: no shutdown of any kind.
     async fn kill(&mut self) {
-        self.child.start_kill().expect("kill -9 the controller");
-        self.child.wait().await.expect("reap the controller");
+        self.process.kill().await;
     }
 
     async fn restart(&mut self) {
-        self.child = Self::spawn(&self.args, &self.log).await;
+        self.process.restart();
         self.wait_healthy().await;
     }
 }
+
+/// Starts a `plane drone` process for the test's cluster with the harness's timings; its
+/// name sorts before the in-process drone's, so it gets the first backend.
+async fn drone_process(env: &TestEnv, name: &NodeName) -> PlaneProcess {
+    let state_dir = env.scratch.join(format!("state-{name}"));
+    let args = [
+        "drone",
+        "--controller-url",
+        env.controller().url().as_str(),
+        "--cluster",
+        env.cluster.as_str(),
+        "--name",
+        name.as_str(),
+        "--state-dir",
+        &state_dir.display().to_string(),
+        "--heartbeat-interval-ms",
+        "500",
+        "--fence-margin-ms",
+        "1000",
+        "--stop-grace-period-ms",
+        "1500",
+    ]
+    .map(String::from)
+    .to_vec();
+    PlaneProcess::start(args, env.scratch.join(format!("{name}.log"))).await
+}
+
+/// Whether the cluster state lists `drone` with `field` equal to `value`.
+async fn drone_state_is(
+    env: &TestEnv,
+    drone: &NodeName,
+    field: &str,
+    value: bool,
+) -> Result<(), String> {
+    let (_, state) = env
+        .get_json(&format!("/ctrl/c/{}/state", env.cluster))
+        .await;
+    let found = state["drones"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"] == drone.as_str())
+        .cloned();
+    match found {
+        Some(d) if d[field] == value => Ok(()),
+        _ => Err(state.to_string()),
+    }
+}
+
+db_test!(
+    drone_killed_with_sigkill_loses_its_backends_and_the_key_spawns_afresh_on_another_drone,
+    |env: TestEnv| async move {
+        let name: NodeName = format!("a-doomed-{}", env.drone.name())
+            .parse()
+            .expect("name");
+        let mut drone = drone_process(&env, &name).await;
+        wait_for(
+            "the drone process to connect",
+            Duration::from_secs(30),
+            || drone_state_is(&env, &name, "connected", true),
+        )
+        .await;
+        let first = env.connect_ready("crash", &env.spawn_config(&[])).await;
+        assert_eq!(first.drone.as_ref(), Some(&name));
+        let first_token = fencing_token(&env, &first).await;
+
+        drone.kill().await;
+        let killed_at = Instant::now();
+        // Its container keeps running: nothing stopped it.
+        assert_eq!(containers_of(&first.backend_id).await.len(), 1);
+        let entry = env.wait_terminated(&first.backend_id).await;
+        assert_eq!(entry.termination_reason, Some(TerminationReason::Lost));
+        let second = env.connect_ready("crash", &env.spawn_config(&[])).await;
+        let spawnable_after = killed_at.elapsed();
+        tracing::info!(
+            ?spawnable_after,
+            "key spawnable again after kill -9 of its drone"
+        );
+        assert!(second.spawned);
+        assert_eq!(second.drone.as_ref(), Some(env.drone.name()));
+        assert!(fencing_token(&env, &second).await > first_token);
+        wait_for(
+            "the killed drone shown as lost",
+            Duration::from_secs(20),
+            || drone_state_is(&env, &name, "lost", true),
+        )
+        .await;
+
+        // Started again, the drone finds the container its killed run left and removes it.
+        drone.restart();
+        wait_for("the old container removed", BACKEND_WAIT, || async {
+            let left = containers_of(&first.backend_id).await;
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        })
+        .await;
+        wait_for("the drone no longer lost", Duration::from_secs(20), || {
+            drone_state_is(&env, &name, "lost", false)
+        })
+        .await;
+        assert_eq!(
+            env.status(&second.backend_id).await.status,
+            BackendStatus::Ready
+        );
+        assert_eq!(
+            env.status(&first.backend_id).await.termination_reason,
+            Some(TerminationReason::Lost)
+        );
+        drone.kill().await;
+        env
+    }
+);
 
 db_test!(
     controller_killed_during_a_spawn_and_restarted_on_the_same_database_still_brings_the_backend_up,
