@@ -252,3 +252,65 @@ postgres_test!(
         env
     }
 );
+
+crate::db_test!(
+    a_node_session_replaced_elsewhere_is_not_ended_by_the_controller_it_left,
+    |env: TestEnv| async move {
+        use plane::controller::store::{NodeKind, NodeSession, Store};
+        use plane_protocol::names::NodeName;
+        // The store both controllers would use (for SQLite, a file of this test's own).
+        let db = match env.db() {
+            crate::harness::Db::Sqlite => env.scratch.join("sessions.db").display().to_string(),
+            crate::harness::Db::Postgres => env.db_url().to_string(),
+        };
+        let store = Store::open(&db).await.expect("open the store");
+        let name: NodeName = "dr-wanderer".parse().expect("name");
+        let session = |controller: &'static str| NodeSession {
+            cluster: &env.cluster,
+            kind: NodeKind::Drone,
+            name: &name,
+            pool: "",
+            version: "test",
+            controller,
+        };
+        let on_a = store
+            .node_connected(&session("ctl-a"))
+            .await
+            .expect("session on A");
+        let on_b = store
+            .node_connected(&session("ctl-b"))
+            .await
+            .expect("session on B");
+        assert!(on_b > on_a);
+        // A notices its (replaced) session is gone only now.
+        store
+            .node_disconnected(&env.cluster, NodeKind::Drone, &name, on_a)
+            .await
+            .expect("A ends its session");
+        let nodes = store
+            .nodes(&env.cluster, NodeKind::Drone)
+            .await
+            .expect("nodes");
+        let node = nodes.iter().find(|n| n.name == name).expect("the drone");
+        assert_eq!(node.connected_to.as_deref(), Some("ctl-b"));
+        // B's own end of the session does end it.
+        store
+            .node_disconnected(&env.cluster, NodeKind::Drone, &name, on_b)
+            .await
+            .expect("B ends its session");
+        let nodes = store
+            .nodes(&env.cluster, NodeKind::Drone)
+            .await
+            .expect("nodes");
+        assert_eq!(
+            nodes
+                .iter()
+                .find(|n| n.name == name)
+                .expect("drone")
+                .connected_to,
+            None
+        );
+        store.close().await;
+        env
+    }
+);
