@@ -1,5 +1,6 @@
-//! Crashes in the middle of things: a controller process killed with SIGKILL during a
-//! spawn, and a drone that dies with status reports the controller has not acknowledged.
+//! Crashes of real `plane` processes, killed with SIGKILL: a drone running a backend, a
+//! controller in the middle of a spawn, and a drone holding status reports the controller
+//! has not acknowledged.
 
 use crate::db_test;
 use crate::harness::{containers_of, plane_binary, wait_for, Db, TestEnv, BACKEND_WAIT};
@@ -122,14 +123,15 @@ impl ControllerProcess {
     }
 }
 
-/// Starts a `plane drone` process for the test's cluster with the harness's timings; its
-/// name sorts before the in-process drone's, so it gets the first backend.
-async fn drone_process(env: &TestEnv, name: &NodeName) -> PlaneProcess {
+/// Starts a `plane drone` process for the test's cluster with the harness's timings,
+/// reaching the controller at `controller`. Name it to sort before the in-process drone's
+/// and it gets the first backend.
+async fn drone_process(env: &TestEnv, name: &NodeName, controller: &url::Url) -> PlaneProcess {
     let state_dir = env.scratch.join(format!("state-{name}"));
     let args = [
         "drone",
         "--controller-url",
-        env.controller().url().as_str(),
+        controller.as_str(),
         "--cluster",
         env.cluster.as_str(),
         "--name",
@@ -176,7 +178,7 @@ db_test!(
         let name: NodeName = format!("a-doomed-{}", env.drone.name())
             .parse()
             .expect("name");
-        let mut drone = drone_process(&env, &name).await;
+        let mut drone = drone_process(&env, &name, &env.controller().url()).await;
         wait_for(
             "the drone process to connect",
             Duration::from_secs(30),
@@ -300,16 +302,24 @@ db_test!(
     events_a_crashed_drone_never_got_acked_reach_the_controller_after_its_restart,
     |env: TestEnv| async move {
         let relay = Relay::start(env.controller().local_addr()).await;
-        let mut config = env.drone_config("a-forgetful");
-        config.controller_url = format!("http://{}", relay.addr()).parse().expect("url");
-        let drone = env.start_drone(config.clone()).await;
+        let name: NodeName = format!("a-forgetful-{}", env.drone.name())
+            .parse()
+            .expect("name");
+        let via_relay = format!("http://{}", relay.addr()).parse().expect("url");
+        let mut drone = drone_process(&env, &name, &via_relay).await;
+        wait_for(
+            "the drone process to connect",
+            Duration::from_secs(30),
+            || drone_state_is(&env, &name, "connected", true),
+        )
+        .await;
         let response = env
             .connect_ready("exits-alone", &env.spawn_config(&[]))
             .await;
-        assert_eq!(response.drone.as_ref(), Some(drone.name()));
+        assert_eq!(response.drone.as_ref(), Some(&name));
 
         // Cut off, the backend exits on its own: the drone stores the report but cannot
-        // deliver it. Then the drone dies.
+        // deliver it. Then the drone is killed.
         relay.partition();
         let url = env.proxy_url(&format!("/{}/exit/3", response.token));
         let _ = env.client.post(&url).send().await;
@@ -326,12 +336,12 @@ db_test!(
             },
         )
         .await;
-        drop(drone);
+        drone.kill().await;
 
         // Restarted on the same state directory, it delivers the stored report: the
         // controller learns the real exit code, not just that the drone went away.
-        config.controller_url = env.controller().url();
-        let restarted = env.start_drone(config).await;
+        relay.heal();
+        drone.restart();
         let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(entry.exit_code, Some(3), "{entry:?}");
         assert_eq!(entry.termination_reason, None, "{entry:?}");
@@ -339,7 +349,7 @@ db_test!(
             env.status(&response.backend_id).await.status,
             BackendStatus::Terminated
         );
-        restarted.shutdown().await;
+        drone.kill().await;
         env
     }
 );
