@@ -5,6 +5,9 @@
 -- Until when the backend's drone may keep it running without renewing. A backend whose
 -- lease has passed is dead by protocol: its drone stopped it on its own clock first.
 ALTER TABLE backend ADD COLUMN lease_expires_at BIGINT NOT NULL DEFAULT 0;
+-- Backends already running when this version is installed get ten minutes for their drones
+-- (upgraded meanwhile) to start renewing, rather than being declared lost at once.
+UPDATE backend SET lease_expires_at = CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + 600000 WHERE status_number < 80;
 CREATE INDEX backend_by_lease ON backend (status_number, lease_expires_at);
 
 -- Set when a drone has been silent for longer than the lost window; cleared when it reconnects.
@@ -29,6 +32,9 @@ CREATE TABLE backend_connection (
     backend_id TEXT NOT NULL,
     cluster TEXT NOT NULL,
     proxy TEXT NOT NULL,
+    -- The proxy session (node.generation) that reported it; an older session's clean-up
+    -- never removes what a newer one reported.
+    generation BIGINT NOT NULL,
     expires_at BIGINT NOT NULL,
     PRIMARY KEY (backend_id, cluster, proxy)
 );

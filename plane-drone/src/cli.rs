@@ -33,7 +33,7 @@ pub struct DroneOpts {
 
     /// Milliseconds between heartbeats to the controller (each renews the leases of this
     /// drone's backends; the controller's --lease-ms must cover two of them plus
-    /// --fence-margin-ms).
+    /// twice --fence-margin-ms).
     #[arg(long, env = "PLANE_HEARTBEAT_INTERVAL_MS", default_value_t = 2_000)]
     pub heartbeat_interval_ms: u64,
 

@@ -32,7 +32,7 @@ pub struct DroneConfig {
     /// Milliseconds before a backend's key lease ends (as this drone counts it) at which the
     /// drone starts stopping a backend whose lease it could not renew; it kills it no later
     /// than half this before the end. The controller refuses a drone unless its lease is at
-    /// least two heartbeat intervals plus this margin.
+    /// least two heartbeat intervals plus twice this margin.
     #[serde(default = "default_fence_margin_ms")]
     pub fence_margin_ms: u64,
     /// Milliseconds a soft-terminated backend gets between SIGTERM and SIGKILL.

@@ -24,6 +24,11 @@ type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Bound on opening the connection (TCP, TLS and WebSocket handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many of the oldest unacked events are sent again when acks stop coming.
+const RESEND_PAGE: usize = 100;
+/// A session whose controller has not answered a heartbeat for this many heartbeat
+/// intervals is dropped and a new one opened.
+const RENEWAL_LIMIT_HEARTBEATS: u32 = 4;
 /// Bound on writing one message; a controller that stops reading is treated as gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// The connection is considered dead when nothing (not even a pong) arrived for this long,
@@ -142,6 +147,8 @@ impl Connection {
 
         let silence_limit = (self.heartbeat_interval * 3).max(MIN_SILENCE_LIMIT);
         let mut last_heard = Instant::now();
+        let renewal_limit = self.heartbeat_interval * RENEWAL_LIMIT_HEARTBEATS;
+        let session_start = Instant::now();
         // The oldest unacked event at the previous heartbeat. Still unacked a whole
         // interval later means the controller did not store it (it acks only what it
         // stored), so everything unacked is sent again; duplicates are harmless.
@@ -172,13 +179,25 @@ impl Connection {
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > silence_limit {
                         Err(format!("nothing heard from the controller for {silence_limit:?}"))
+                    } else if self
+                        .leases
+                        .last_renewal()
+                        .map_or(session_start, |at| at.max(session_start))
+                        .elapsed()
+                        > renewal_limit
+                    {
+                        // The controller answers pings but not heartbeats (its database is
+                        // out of reach, say): try again, perhaps reaching another controller,
+                        // rather than let every lease run out on this session.
+                        Err(format!("no lease renewal from the controller for {renewal_limit:?}"))
                     } else {
                         let oldest = self.events.unacked_after(None).first().map(|e| e.event_id);
-                        if oldest.is_some() && oldest == oldest_unacked_at_last_beat {
-                            last_sent = None;
-                        }
+                        let stuck = oldest.is_some() && oldest == oldest_unacked_at_last_beat;
                         oldest_unacked_at_last_beat = oldest;
                         match self.heartbeat(&mut sink).await {
+                            // Only the oldest page goes again: a controller that is merely
+                            // slow is not sent its whole backlog once more every beat.
+                            Ok(()) if stuck => self.resend_oldest_events(&mut sink).await,
                             Ok(()) => self.send_new_events(&mut sink, &mut last_sent).await,
                             failed => failed,
                         }
@@ -237,6 +256,23 @@ impl Connection {
             let event_id = event.event_id;
             send(sink, &MessageFromDrone::BackendEvent(event)).await?;
             *last_sent = Some(event_id);
+        }
+        Ok(())
+    }
+
+    /// Sends the oldest unacked events again (at most a page of them).
+    async fn resend_oldest_events<S>(&self, sink: &mut S) -> Result<(), String>
+    where
+        S: SinkExt<Message> + Unpin,
+        S::Error: std::fmt::Display,
+    {
+        for event in self
+            .events
+            .unacked_after(None)
+            .into_iter()
+            .take(RESEND_PAGE)
+        {
+            send(sink, &MessageFromDrone::BackendEvent(event)).await?;
         }
         Ok(())
     }
@@ -547,8 +583,10 @@ mod tests {
 
     /// Reads the drone's messages, answering each heartbeat with what `answer` returns
     /// (nothing for `None`), until `backend` reports `status`; returns that backend's
-    /// updates, in order.
+    /// updates, in order. When the drone drops the connection (it does after heartbeats go
+    /// unanswered), accepts its next one on `listener`.
     async fn updates_answering(
+        listener: &TcpListener,
         socket: &mut ServerSocket,
         backend: &BackendName,
         status: BackendStatus,
@@ -559,12 +597,20 @@ mod tests {
         let mut ids = std::collections::HashSet::new();
         let read = async {
             loop {
-                let frame = socket.next().await.expect("socket open").expect("frame");
+                let frame = match socket.next().await {
+                    Some(Ok(frame)) => frame,
+                    None | Some(Err(_)) => {
+                        *socket = accept(listener).await;
+                        continue;
+                    }
+                };
                 let Message::Text(text) = frame else { continue };
                 match serde_json::from_str(&text).expect("valid drone message") {
                     MessageFromDrone::Heartbeat { backends, seq } => {
                         if let Some(reply) = answer(seq, backends) {
-                            send_to_drone(socket, &reply).await;
+                            let json = serde_json::to_string(&reply).expect("encodes");
+                            // A failed send shows up as a closed socket on the next read.
+                            let _ = socket.send(Message::Text(json.into())).await;
                         }
                     }
                     MessageFromDrone::BackendEvent(event)
@@ -604,7 +650,7 @@ mod tests {
         image: &str,
         lease_ms: u64,
         state_dir: &TempStateDir,
-    ) -> (crate::DroneHandle, ServerSocket, BackendName) {
+    ) -> (crate::DroneHandle, TcpListener, ServerSocket, BackendName) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base: Url = format!("http://{}", listener.local_addr().expect("addr"))
             .parse()
@@ -648,13 +694,14 @@ mod tests {
         )
         .await;
         updates_answering(
+            &listener,
             &mut socket,
             &backend,
             BackendStatus::Ready,
             |seq, listed| renew(seq, lease_ms, listed),
         )
         .await;
-        (drone, socket, backend)
+        (drone, listener, socket, backend)
     }
 
     #[tokio::test]
@@ -662,14 +709,17 @@ mod tests {
     ) {
         let state_dir = TempStateDir::new();
         // `stubborn` ignores SIGTERM; the grace period is 30 s, the lease 1.5 s.
-        let (drone, mut socket, backend) =
+        let (drone, listener, mut socket, backend) =
             drone_with_ready_backend("stubborn", 1_500, &state_dir).await;
         // The controller goes quiet: no more renewals, nothing closed.
-        let updates =
-            updates_answering(&mut socket, &backend, BackendStatus::Terminated, |_, _| {
-                None
-            })
-            .await;
+        let updates = updates_answering(
+            &listener,
+            &mut socket,
+            &backend,
+            BackendStatus::Terminated,
+            |_, _| None,
+        )
+        .await;
         // (Earlier events are re-sent too, since this controller acks nothing.)
         let statuses: Vec<BackendStatus> = updates.iter().map(|u| u.status).collect();
         assert!(
@@ -690,10 +740,11 @@ mod tests {
     #[tokio::test]
     async fn a_backend_the_controller_calls_gone_is_killed_at_once() {
         let state_dir = TempStateDir::new();
-        let (drone, mut socket, backend) =
+        let (drone, listener, mut socket, backend) =
             drone_with_ready_backend("app", 60_000, &state_dir).await;
         let gone = backend.clone();
         let updates = updates_answering(
+            &listener,
             &mut socket,
             &backend,
             BackendStatus::Terminated,

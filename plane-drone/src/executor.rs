@@ -6,7 +6,9 @@
 
 use crate::event_queue::EventQueue;
 use crate::leases::Leases;
-use crate::lifecycle::{run_backend, BackendContext, LifecycleSettings, TerminateRequest};
+use crate::lifecycle::{
+    remove_until_gone, run_backend, BackendContext, LifecycleSettings, TerminateRequest,
+};
 use crate::runtime::Runtime;
 use anyhow::Context;
 use plane_protocol::backend::{
@@ -325,30 +327,28 @@ impl<R: Runtime> Runner<R> {
         let Some(backend_id) = self.task_backends.remove(&id) else {
             return;
         };
-        self.running.remove(&backend_id);
-        self.leases.untrack(&backend_id);
         if let Some(err) = panicked {
             tracing::error!(backend = %backend_id, error = %err, "backend task failed");
-            self.ctx
-                .events
-                .push(
-                    backend_id.clone(),
-                    BackendStateUpdate {
-                        termination_reason: Some(TerminationReason::InternalError),
-                        message: Some("the drone lost track of this backend".into()),
-                        ..BackendStateUpdate::status(BackendStatus::Terminated)
-                    },
-                )
-                .await;
-            // Its container may still run; remove it in the background, owned by the set.
+            // Its container may still run. A clean-up task takes the backend's place: it
+            // removes the container (retrying until the engine confirms) and only then
+            // reports it terminated. Meanwhile the backend stays listed, so its lease and key
+            // stay held.
             let ctx = self.ctx.clone();
             let orphan = backend_id.clone();
-            self.tasks.spawn(async move {
-                if let Err(err) = ctx.runtime.remove(&orphan).await {
-                    tracing::error!(backend = %orphan, error = %err, "could not remove container");
-                }
+            let cleanup = self.tasks.spawn(async move {
+                remove_until_gone(&ctx, &orphan).await;
+                let update = BackendStateUpdate {
+                    termination_reason: Some(TerminationReason::InternalError),
+                    message: Some("the drone lost track of this backend".into()),
+                    ..BackendStateUpdate::status(BackendStatus::Terminated)
+                };
+                ctx.events.push(orphan, update).await;
             });
+            self.task_backends.insert(cleanup.id(), backend_id);
+            return;
         }
+        self.running.remove(&backend_id);
+        self.leases.untrack(&backend_id);
         self.finished.insert(backend_id);
         self.notify_if_drained();
     }

@@ -38,6 +38,8 @@ struct Inner {
     sent: VecDeque<(u64, Instant)>,
     /// The end of each tracked backend's lease (`None` until first confirmed).
     backends: HashMap<BackendName, watch::Sender<Option<Instant>>>,
+    /// When the controller last answered a heartbeat.
+    last_renewal: Option<Instant>,
 }
 
 impl Leases {
@@ -47,6 +49,7 @@ impl Leases {
                 next_seq: 1,
                 sent: VecDeque::new(),
                 backends: HashMap::new(),
+                last_renewal: None,
             })),
             renew_now: Arc::new(Notify::new()),
             fence_margin,
@@ -89,12 +92,16 @@ impl Leases {
     /// Applies the controller's answer to heartbeat `seq`: each renewed backend's lease now
     /// ends `lease` after that heartbeat was sent (never earlier than it already did).
     pub fn renewed(&self, seq: u64, lease: Duration, renewed: &[BackendName]) {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        inner.last_renewal = Some(Instant::now());
         let Some(&(_, sent_at)) = inner.sent.iter().find(|(s, _)| *s == seq) else {
             tracing::debug!(seq, "lease renewal for a forgotten heartbeat ignored");
             return;
         };
-        let end = sent_at + lease;
+        let Some(end) = sent_at.checked_add(lease) else {
+            tracing::warn!(?lease, "lease renewal too long to represent; ignored");
+            return;
+        };
         for backend in renewed {
             if let Some(sender) = inner.backends.get(backend) {
                 sender.send_if_modified(|current| {
@@ -114,6 +121,11 @@ impl Leases {
         self.lock().backends.keys().cloned().collect()
     }
 
+    /// When the controller last answered a heartbeat, if ever.
+    pub fn last_renewal(&self) -> Option<Instant> {
+        self.lock().last_renewal
+    }
+
     /// Resolves when a renewal has been asked for since the last time this resolved.
     pub async fn renewal_requested(&self) {
         self.renew_now.notified().await
@@ -127,10 +139,12 @@ pub struct LeaseWatch {
 }
 
 impl LeaseWatch {
-    /// Resolves once the lease runs for at least the fencing margin more: only then may the
-    /// backend's process start.
+    /// Resolves once the lease runs for at least twice the fencing margin more: only then
+    /// may the backend's process start. One margin is the fence itself; the other is a
+    /// budget for creating and starting the container, so that it is not still starting
+    /// when the lease ends.
     pub async fn confirmed(&mut self) {
-        let margin = self.fence_margin;
+        let margin = self.fence_margin * 2;
         loop {
             let good = self
                 .end
@@ -211,16 +225,18 @@ mod tests {
         let seq = leases.heartbeat_sent();
         // The answer takes 3 s to arrive.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        leases.renewed(seq, Duration::from_secs(10), std::slice::from_ref(&id));
-        watch.confirmed().await;
+        leases.renewed(seq, Duration::from_secs(12), std::slice::from_ref(&id));
+        tokio::time::timeout(Duration::from_secs(1), watch.confirmed())
+            .await
+            .expect("confirmed: 9 s left, more than twice the margin");
 
         let start = Instant::now();
         let lapsing = watch.lapsing();
         tokio::pin!(lapsing);
-        // Sent at t=0, lease 10 s, margin 4 s: stop at t=6, which is 3 s after the answer.
-        assert!(still_pending_after(&mut lapsing, Duration::from_millis(2_999)).await);
+        // Sent at t=0, lease 12 s, margin 4 s: stop at t=8, which is 5 s after the answer.
+        assert!(still_pending_after(&mut lapsing, Duration::from_millis(4_999)).await);
         assert!(!still_pending_after(&mut lapsing, Duration::from_millis(2)).await);
-        assert!(start.elapsed() >= Duration::from_secs(3));
+        assert!(start.elapsed() >= Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
@@ -266,13 +282,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_backend_is_not_confirmed_until_its_lease_outlasts_the_margin() {
-        let leases = Leases::new(Duration::from_secs(5));
+    async fn a_backend_is_not_confirmed_until_its_lease_outlasts_twice_the_margin() {
+        let leases = Leases::new(Duration::from_secs(3));
         let id = backend();
         let mut watch = leases.track(&id);
         let seq = leases.heartbeat_sent();
-        // A lease shorter than the margin is no permission to start.
-        leases.renewed(seq, Duration::from_secs(4), std::slice::from_ref(&id));
+        // A lease shorter than the margin and a start budget is no permission to start.
+        leases.renewed(seq, Duration::from_secs(6), std::slice::from_ref(&id));
         let confirmed = watch.confirmed();
         tokio::pin!(confirmed);
         assert!(still_pending_after(&mut confirmed, Duration::from_secs(1)).await);

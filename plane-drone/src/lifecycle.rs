@@ -27,6 +27,9 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long to wait for the exit after SIGKILL before reporting `terminated` anyway, so a
 /// wedged engine cannot keep a backend (and its key) from being released forever.
 const KILL_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backoff between attempts to remove a container the engine would not remove.
+const REMOVE_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Pause before asking the engine again when waiting for an exit failed.
 const WAIT_RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -302,13 +305,9 @@ impl<'a, R: Runtime> Backend<'a, R> {
         let exit = self.wait_exit();
         tokio::pin!(exit);
 
+        // Signals go out before the status is reported: a report waits for a durable
+        // write, and a stop that fences a lease cannot wait for the disk.
         if kind == TerminationKind::Soft {
-            self.report(BackendStateUpdate {
-                termination_kind: Some(kind),
-                termination_reason: Some(reason),
-                ..BackendStateUpdate::status(BackendStatus::Terminating)
-            })
-            .await;
             match runtime.signal(self.id, Signal::Term).await {
                 Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
                 Err(RuntimeError::NotFound(_)) => {
@@ -318,6 +317,12 @@ impl<'a, R: Runtime> Backend<'a, R> {
                     tracing::warn!(backend = %self.id, error = %err, "SIGTERM failed; killing");
                 }
             }
+            self.report(BackendStateUpdate {
+                termination_kind: Some(kind),
+                termination_reason: Some(reason),
+                ..BackendStateUpdate::status(BackendStatus::Terminating)
+            })
+            .await;
             let grace = tokio::time::sleep(self.ctx.settings.stop_grace_period);
             tokio::pin!(grace);
             let exited = {
@@ -345,12 +350,6 @@ impl<'a, R: Runtime> Backend<'a, R> {
             }
         }
 
-        self.report(BackendStateUpdate {
-            termination_kind: Some(kind),
-            termination_reason: Some(reason),
-            ..BackendStateUpdate::status(BackendStatus::HardTerminating)
-        })
-        .await;
         match runtime.signal(self.id, Signal::Kill).await {
             Ok(()) | Err(RuntimeError::NotRunning(_)) => {}
             Err(RuntimeError::NotFound(_)) => {
@@ -360,6 +359,12 @@ impl<'a, R: Runtime> Backend<'a, R> {
                 tracing::warn!(backend = %self.id, error = %err, "SIGKILL failed");
             }
         }
+        self.report(BackendStateUpdate {
+            termination_kind: Some(kind),
+            termination_reason: Some(reason),
+            ..BackendStateUpdate::status(BackendStatus::HardTerminating)
+        })
+        .await;
         let message = (reason == TerminationReason::StartupTimeout).then(|| {
             format!(
                 "did not answer HTTP within {} ms of starting",
@@ -384,9 +389,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         request: Option<TerminateRequest>,
         message: Option<String>,
     ) {
-        if let Err(err) = self.ctx.runtime.remove(self.id).await {
-            tracing::warn!(backend = %self.id, error = %err, "could not remove container");
-        }
+        remove_until_gone(self.ctx, self.id).await;
         self.report(BackendStateUpdate {
             termination_kind: request.map(|r| r.kind),
             termination_reason: request.map(|r| r.reason),
@@ -413,6 +416,24 @@ impl<'a, R: Runtime> Backend<'a, R> {
                         tokio::time::sleep(WAIT_RETRY_DELAY).await;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Removes a backend's container, retrying with backoff until the engine confirms it is
+/// gone. Only then may the backend be reported `terminated`: that report frees its key at
+/// once, so it must never go out while the process might still run. Until then the backend
+/// stays listed in heartbeats, so its lease (and key) stay held.
+pub(crate) async fn remove_until_gone<R: Runtime>(ctx: &BackendContext<R>, id: &BackendName) {
+    let mut backoff = REMOVE_RETRY_INITIAL;
+    loop {
+        match ctx.runtime.remove(id).await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::error!(backend = %id, error = %err, retry_in = ?backoff, "could not remove container; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(REMOVE_RETRY_MAX);
             }
         }
     }

@@ -21,8 +21,9 @@ pub enum MessageFromProxy {
         report_interval_ms: Option<u64>,
     },
     /// Sent as it happens (a few times a second at most): backends that gained their first
-    /// open connection through this proxy, and backends that lost their last. A backend
-    /// with an open connection is never reaped as idle; idle time counts from its close.
+    /// open connection through this proxy, and backends that lost their last. Every report
+    /// interval, every backend still open is sent again in `opened`. A backend with an open
+    /// connection is never reaped as idle; idle time counts from its close.
     ConnectionsChanged {
         opened: Vec<BackendName>,
         closed: Vec<BackendName>,

@@ -326,6 +326,13 @@ impl Runner {
                     }
                     send_frame(socket, Message::Ping(Default::default())).await?;
                     self.send_report(socket).await?;
+                    // Everything still open, again: the controller lets a report of an open
+                    // connection lapse unless it is repeated, and this also repairs one it
+                    // failed to store.
+                    let opened = tracker.open_backends();
+                    if !opened.is_empty() {
+                        send(socket, &MessageFromProxy::ConnectionsChanged { opened, closed: vec![] }).await?;
+                    }
                 }
             }
         }

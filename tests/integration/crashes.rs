@@ -7,7 +7,7 @@ use crate::harness::{containers_of, plane_binary, wait_for, Db, TestEnv, BACKEND
 use crate::leases::fencing_token;
 use crate::relay::Relay;
 use plane_protocol::api::ConnectResponse;
-use plane_protocol::backend::{BackendStatus, TerminationReason};
+use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationReason};
 use plane_protocol::names::{ClusterName, NodeName};
 use serde_json::json;
 use std::process::Stdio;
@@ -55,7 +55,7 @@ impl PlaneProcess {
 }
 
 /// A `plane controller` process on a fixed port, so it can be restarted where its nodes
-/// expect it.
+/// expect it. Its lease is long, so that a slow restart is not mistaken for a lost drone.
 struct ControllerProcess {
     process: PlaneProcess,
     url: url::Url,
@@ -78,9 +78,9 @@ impl ControllerProcess {
             "--default-cluster",
             cluster.as_str(),
             "--lease-ms",
-            "4000",
+            "20000",
             "--lost-window-ms",
-            "5000",
+            "40000",
             "--sweep-interval-ms",
             "200",
         ]
@@ -127,13 +127,23 @@ impl ControllerProcess {
 /// reaching the controller at `controller`. Name it to sort before the in-process drone's
 /// and it gets the first backend.
 async fn drone_process(env: &TestEnv, name: &NodeName, controller: &url::Url) -> PlaneProcess {
+    drone_process_in(env, &env.cluster, name, controller).await
+}
+
+/// [`drone_process`] for another cluster.
+async fn drone_process_in(
+    env: &TestEnv,
+    cluster: &ClusterName,
+    name: &NodeName,
+    controller: &url::Url,
+) -> PlaneProcess {
     let state_dir = env.scratch.join(format!("state-{name}"));
     let args = [
         "drone",
         "--controller-url",
         controller.as_str(),
         "--cluster",
-        env.cluster.as_str(),
+        cluster.as_str(),
         "--name",
         name.as_str(),
         "--state-dir",
@@ -301,27 +311,84 @@ db_test!(
 db_test!(
     events_a_crashed_drone_never_got_acked_reach_the_controller_after_its_restart,
     |env: TestEnv| async move {
-        let relay = Relay::start(env.controller().local_addr()).await;
+        // A controller of its own with a long lease, so that the drone's late report, not
+        // the lease running out, is what ends the backend, however slow the machine.
+        let cluster: ClusterName = format!("forgetful-{}.test:1", env.drone.name())
+            .parse()
+            .expect("cluster");
+        let db = match env.db() {
+            Db::Sqlite => env.scratch.join("forgetful.db").display().to_string(),
+            Db::Postgres => env.db_url().to_string(),
+        };
+        let controller = env
+            .start_controller_with(|config| {
+                config.db = db;
+                config.default_cluster = Some(cluster.clone());
+                config.lease_ms = 60_000;
+                config.lost_window_ms = 120_000;
+            })
+            .await;
+        let base = controller.url();
+        let relay = Relay::start(controller.local_addr()).await;
         let name: NodeName = format!("a-forgetful-{}", env.drone.name())
             .parse()
             .expect("name");
         let via_relay = format!("http://{}", relay.addr()).parse().expect("url");
-        let mut drone = drone_process(&env, &name, &via_relay).await;
-        wait_for(
-            "the drone process to connect",
+        let mut drone = drone_process_in(&env, &cluster, &name, &via_relay).await;
+        let proxy = env.start_proxy_for(&base, &cluster).await;
+
+        let mut spawn = env.spawn_config(&[]);
+        spawn.cluster = Some(cluster.clone());
+        let body = json!({ "key": { "name": "exits-alone" }, "spawn_config": spawn });
+        let status_url = |backend: &str| format!("{base}pub/b/{backend}/status");
+        let response: ConnectResponse = wait_for(
+            "a connect to reach the drone process",
             Duration::from_secs(30),
-            || drone_state_is(&env, &name, "connected", true),
+            || async {
+                let answer = env
+                    .client
+                    .post(format!("{base}ctrl/connect"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if answer.status().is_success() {
+                    answer.json().await.map_err(|e| e.to_string())
+                } else {
+                    Err(answer.status().to_string())
+                }
+            },
         )
         .await;
-        let response = env
-            .connect_ready("exits-alone", &env.spawn_config(&[]))
-            .await;
         assert_eq!(response.drone.as_ref(), Some(&name));
+        let status_of = |backend: String| {
+            let (client, url) = (env.client.clone(), status_url(&backend));
+            async move {
+                let entry: BackendStatusStreamEntry = client
+                    .get(url)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(entry)
+            }
+        };
+        wait_for("the backend ready", BACKEND_WAIT, || async {
+            let entry = status_of(response.backend_id.to_string()).await?;
+            if entry.status == BackendStatus::Ready {
+                Ok(())
+            } else {
+                Err(format!("{entry:?}"))
+            }
+        })
+        .await;
 
         // Cut off, the backend exits on its own: the drone stores the report but cannot
         // deliver it. Then the drone is killed.
         relay.partition();
-        let url = env.proxy_url(&format!("/{}/exit/3", response.token));
+        let url = format!("http://{}/{}/exit/3", proxy.local_addr(), response.token);
         let _ = env.client.post(&url).send().await;
         wait_for(
             "the drone to remove the exited container",
@@ -339,16 +406,22 @@ db_test!(
         drone.kill().await;
 
         // Restarted on the same state directory, it delivers the stored report: the
-        // controller learns the real exit code, not just that the drone went away.
+        // controller learns the real exit code.
         relay.heal();
         drone.restart();
-        let entry = env.wait_terminated(&response.backend_id).await;
+        let entry = wait_for("the backend terminated", BACKEND_WAIT, || async {
+            let entry = status_of(response.backend_id.to_string()).await?;
+            if entry.status == BackendStatus::Terminated {
+                Ok(entry)
+            } else {
+                Err(format!("{entry:?}"))
+            }
+        })
+        .await;
         assert_eq!(entry.exit_code, Some(3), "{entry:?}");
         assert_eq!(entry.termination_reason, None, "{entry:?}");
-        assert_eq!(
-            env.status(&response.backend_id).await.status,
-            BackendStatus::Terminated
-        );
+        proxy.shutdown().await;
+        controller.shutdown().await;
         drone.kill().await;
         env
     }

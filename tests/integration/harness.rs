@@ -279,9 +279,18 @@ impl TestEnv {
     /// Starts a proxy for this cluster connected to the controller at `controller`, and
     /// waits until it is connected.
     pub async fn start_proxy(&self, controller: &url::Url) -> ProxyHandle {
+        self.start_proxy_for(controller, &self.cluster).await
+    }
+
+    /// [`TestEnv::start_proxy`] for another cluster.
+    pub async fn start_proxy_for(
+        &self,
+        controller: &url::Url,
+        cluster: &ClusterName,
+    ) -> ProxyHandle {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let proxy = plane_proxy::start(
-            ProxyConfig::new(controller.clone(), self.cluster.clone()),
+            ProxyConfig::new(controller.clone(), cluster.clone()),
             listener,
         )
         .await

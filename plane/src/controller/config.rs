@@ -5,6 +5,11 @@ use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use url::Url;
 
+/// The longest lease accepted: a day. Longer ones only delay recovery from a lost drone.
+const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1000;
+/// The longest lost window accepted: a week.
+const MAX_LOST_WINDOW_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ControllerConfig {
     /// Address [`super::run`] listens on (tests and `plane dev` bind their own listener).
@@ -24,7 +29,7 @@ pub struct ControllerConfig {
     pub route_wait_timeout_ms: u64,
     /// How long one renewal keeps a backend's key lease, in milliseconds. Drones renew on
     /// every heartbeat, so this must be at least two of their heartbeat intervals (plus
-    /// their fencing margin); a drone whose heartbeat does not fit is refused at hello.
+    /// twice their fencing margin); a drone whose heartbeat does not fit is refused at hello.
     pub lease_ms: u64,
     /// A drone silent for this many milliseconds is marked lost and its backends
     /// `terminated{lost}`. At least `lease_ms`, so that no drone is declared lost while a
@@ -53,9 +58,14 @@ impl ControllerConfig {
             "--sweep-interval-ms must be at least 1"
         );
         anyhow::ensure!(
-            self.lease_ms >= 100,
-            "--lease-ms must be at least 100 (got {})",
+            (100..=MAX_LEASE_MS).contains(&self.lease_ms),
+            "--lease-ms must be 100 to {MAX_LEASE_MS} (a day), got {}",
             self.lease_ms
+        );
+        anyhow::ensure!(
+            self.lost_window_ms <= MAX_LOST_WINDOW_MS,
+            "--lost-window-ms must be at most {MAX_LOST_WINDOW_MS} (a week), got {}",
+            self.lost_window_ms
         );
         anyhow::ensure!(
             self.lost_window_ms >= self.lease_ms,

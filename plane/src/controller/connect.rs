@@ -69,13 +69,12 @@ pub async fn connect(
 
     for _ in 0..KEY_RACE_RETRIES {
         if let Some(holder) = state.store().key_holder(&key.namespace, &key.name).await? {
-            let now = Millis::now();
-            if holder.lease_expires_at <= now {
+            if holder.lease_expired {
                 // The holder's drone did not renew in time, so by protocol it has stopped
                 // the backend on its own clock: record that, and the key is free.
                 let message = format!(
-                    "its key lease ran out at {} ms without renewal; key {:?} was taken over",
-                    holder.lease_expires_at.0, key.name
+                    "its key lease ran out without renewal; key {:?} was taken over",
+                    key.name
                 );
                 let expired = state
                     .store()
@@ -83,7 +82,7 @@ pub async fn connect(
                         &holder.backend_id,
                         TerminationReason::KeyExpired,
                         message,
-                        now,
+                        Millis::now(),
                     )
                     .await?;
                 if expired.is_some() {
@@ -253,7 +252,7 @@ async fn spawn(
             auth: caller.auth,
         },
         now: Millis::now(),
-        lease_expires_at: Millis::now().plus_millis(state.config().lease_ms),
+        lease_ms: state.config().lease_ms,
     };
     let created = state
         .store()

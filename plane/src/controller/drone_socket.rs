@@ -68,7 +68,12 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         }
     };
     tracing::info!(drone = %name, %cluster, %pool, %version, generation, "drone connected");
-    run_session(&state, &cluster, &name, &mut sink, &mut stream).await;
+    let session = DroneSession {
+        cluster: &cluster,
+        name: &name,
+        generation,
+    };
+    run_session(&state, &session, &mut sink, &mut stream).await;
     // A newer session (on this controller or another) keeps the drone connected.
     if let Err(err) = state
         .store()
@@ -86,11 +91,11 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
 /// it sends, until it goes quiet, leaves, or the controller shuts down.
 async fn run_session(
     state: &ControllerState,
-    cluster: &ClusterName,
-    name: &NodeName,
+    session: &DroneSession<'_>,
     sink: &mut SplitSink<WebSocket, Message>,
     stream: &mut SplitStream<WebSocket>,
 ) {
+    let (cluster, name) = (session.cluster, session.name);
     // Subscribed before the first read, so an action stored meanwhile is not missed.
     let mut waiting = state.bus().subscribe_actions();
     // Actions sent in this session and not yet acked; a new session sends them again.
@@ -138,8 +143,15 @@ async fn run_session(
                         if let MessageFromDrone::ActionAck { action_id } = &message {
                             sent.remove(action_id);
                         }
-                        if let Some(reply) = handle_message(state, cluster, name, message).await {
-                            if socket::send(sink, &reply).await.is_err() {
+                        match handle_message(state, session, message).await {
+                            Reply::Nothing => {}
+                            Reply::Send(reply) => {
+                                if socket::send(sink, &reply).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Reply::Close(reply) => {
+                                let _ = socket::send(sink, &reply).await;
                                 break;
                             }
                         }
@@ -186,53 +198,87 @@ async fn send_pending_actions(
     }
 }
 
-/// Handles one message; returns the reply to send, if any.
+/// Who is on the other end of a drone socket.
+struct DroneSession<'a> {
+    cluster: &'a ClusterName,
+    name: &'a NodeName,
+    /// This session's number among all sessions of the drone; only the newest renews.
+    generation: i64,
+}
+
+/// What to do after handling a message.
+enum Reply {
+    Nothing,
+    Send(MessageToDrone),
+    /// Send this, then end the session.
+    Close(MessageToDrone),
+}
+
+/// Handles one message.
 async fn handle_message(
     state: &ControllerState,
-    cluster: &ClusterName,
-    drone: &NodeName,
+    session: &DroneSession<'_>,
     message: MessageFromDrone,
-) -> Option<MessageToDrone> {
+) -> Reply {
+    let (cluster, drone) = (session.cluster, session.name);
     match message {
         MessageFromDrone::Hello { .. } => {
             tracing::warn!(%drone, "duplicate hello ignored");
-            None
+            Reply::Nothing
         }
         MessageFromDrone::Heartbeat { backends, seq } => {
-            renew_leases(state, cluster, drone, backends, seq).await
+            renew_leases(state, session, backends, seq).await
         }
         MessageFromDrone::ActionAck { action_id } => {
             if let Err(err) = state.store().ack_action(cluster, drone, action_id).await {
                 tracing::warn!(%drone, action_id, error = %err, "could not record action ack");
             }
-            None
+            Reply::Nothing
         }
-        MessageFromDrone::BackendEvent(event) => apply_event(state, cluster, drone, event).await,
+        MessageFromDrone::BackendEvent(event) => {
+            match apply_event(state, cluster, drone, event).await {
+                Some(ack) => Reply::Send(ack),
+                None => Reply::Nothing,
+            }
+        }
     }
 }
 
 /// Renews the leases of the backends a drone runs and tells it which it must stop. No
 /// answer when the database is unreachable: the drone then keeps counting down on its own
-/// clock, which is what keeps a key from running twice.
+/// clock, which is what keeps a key from running twice. A session that a newer one of the
+/// same drone has replaced renews nothing and is closed: two drones claiming one name must
+/// never both hold leases.
 async fn renew_leases(
     state: &ControllerState,
-    cluster: &ClusterName,
-    drone: &NodeName,
+    session: &DroneSession<'_>,
     backends: Vec<BackendName>,
     seq: u64,
-) -> Option<MessageToDrone> {
+) -> Reply {
+    let drone = session.name;
     let lease_ms = state.config().lease_ms;
-    let now = Millis::now();
-    let expires_at = Millis(now.0.saturating_add(lease_ms as i64));
     let renewed = match state
         .store()
-        .renew_leases(cluster, drone, &backends, now, expires_at)
+        .renew_leases(
+            session.cluster,
+            drone,
+            session.generation,
+            &backends,
+            Millis::now(),
+            lease_ms,
+        )
         .await
     {
-        Ok(renewed) => renewed,
+        Ok(Some(renewed)) => renewed,
+        Ok(None) => {
+            tracing::warn!(%drone, generation = session.generation, "a newer session of this drone replaced this one; closing it");
+            return Reply::Close(MessageToDrone::Refused {
+                reason: "a newer session of a drone with this name has replaced this one; is another drone using the same --name?".into(),
+            });
+        }
         Err(err) => {
             tracing::warn!(%drone, error = %err, "could not renew leases");
-            return None;
+            return Reply::Nothing;
         }
     };
     let renewed_set: HashSet<&BackendName> = renewed.iter().collect();
@@ -244,7 +290,7 @@ async fn renew_leases(
     if !gone.is_empty() {
         tracing::warn!(%drone, ?gone, "drone runs backends whose leases are gone; telling it to stop them");
     }
-    Some(MessageToDrone::LeaseRenewal {
+    Reply::Send(MessageToDrone::LeaseRenewal {
         seq,
         lease_ms,
         renewed,
@@ -253,8 +299,9 @@ async fn renew_leases(
 }
 
 /// Whether a drone's heartbeats can keep its leases alive: a lease must outlast two
-/// heartbeat intervals plus the drone's fencing margin, or a single late heartbeat would
-/// make the drone stop healthy backends. The message names the flags to change.
+/// heartbeat intervals plus twice the drone's fencing margin (one margin is the fence, the
+/// other the drone's budget for starting a container under a fresh lease), or a single late
+/// heartbeat would make the drone stop healthy backends. The message names the flags.
 fn check_timings(
     lease_ms: u64,
     heartbeat_interval_ms: Option<u64>,
@@ -263,10 +310,12 @@ fn check_timings(
     let (Some(heartbeat), Some(margin)) = (heartbeat_interval_ms, fence_margin_ms) else {
         return Err("this drone does not take part in key leases (no heartbeat interval or fencing margin in its hello); upgrade it".into());
     };
-    let needed = heartbeat.saturating_mul(2).saturating_add(margin);
+    let needed = heartbeat
+        .saturating_mul(2)
+        .saturating_add(margin.saturating_mul(2));
     if lease_ms < needed {
         return Err(format!(
-            "the controller's --lease-ms ({lease_ms}) is shorter than two of this drone's --heartbeat-interval-ms ({heartbeat}) plus its --fence-margin-ms ({margin}); raise --lease-ms to at least {needed} or lower the drone's"
+            "the controller's --lease-ms ({lease_ms}) is shorter than two of this drone's --heartbeat-interval-ms ({heartbeat}) plus twice its --fence-margin-ms ({margin}); raise --lease-ms to at least {needed} or lower the drone's"
         ));
     }
     Ok(())
@@ -313,12 +362,12 @@ mod tests {
     use super::check_timings;
 
     #[test]
-    fn a_lease_shorter_than_two_heartbeats_and_the_margin_is_refused_naming_the_flags() {
-        let reason = check_timings(5_000, Some(2_000), Some(2_000)).expect_err("refused");
+    fn a_lease_shorter_than_two_heartbeats_and_two_margins_is_refused_naming_the_flags() {
+        let reason = check_timings(7_000, Some(2_000), Some(2_000)).expect_err("refused");
         for flag in ["--lease-ms", "--heartbeat-interval-ms", "--fence-margin-ms"] {
             assert!(reason.contains(flag), "{reason}");
         }
-        assert!(check_timings(6_000, Some(2_000), Some(2_000)).is_ok());
+        assert!(check_timings(8_000, Some(2_000), Some(2_000)).is_ok());
         assert!(check_timings(60_000, None, None).is_err());
     }
 }

@@ -47,14 +47,6 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
         .unwrap_or(DEFAULT_REPORT_INTERVAL_MS)
         .max(1)
         .saturating_mul(3);
-    if let Err(err) = state
-        .store()
-        .proxy_session_started(&cluster, &name, Millis::now())
-        .await
-    {
-        tracing::error!(proxy = %name, error = %err, "could not reset the proxy's connections");
-        return;
-    }
     let session = NodeSession {
         cluster: &cluster,
         kind: NodeKind::Proxy,
@@ -70,6 +62,14 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
             return;
         }
     };
+    if let Err(err) = state
+        .store()
+        .proxy_session_started(&cluster, &name, generation, Millis::now())
+        .await
+    {
+        tracing::error!(proxy = %name, error = %err, "could not reset the proxy's connections");
+        return;
+    }
     let (sender, mut outbox) = mpsc::unbounded_channel();
     let _registration = state
         .nodes()
@@ -125,18 +125,16 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
                     let expires_at = now.plus_millis(connection_ttl_ms);
                     if let Err(err) = state
                         .store()
-                        .connections_changed(&cluster, &name, &opened, &closed, now, expires_at)
+                        .connections_changed(&cluster, &name, generation, &opened, &closed, now, expires_at)
                         .await
                     {
                         tracing::warn!(proxy = %name, error = %err, "could not record connection changes");
                     }
                 }
                 Incoming::Message(MessageFromProxy::KeepAlive { backends }) => {
-                    let now = Millis::now();
-                    let expires_at = now.plus_millis(connection_ttl_ms);
                     if let Err(err) = state
                         .store()
-                        .refresh_connections(&cluster, &name, &backends, now, expires_at)
+                        .mark_active(&cluster, &backends, Millis::now())
                         .await
                     {
                         tracing::warn!(proxy = %name, error = %err, "could not record keep-alive");
@@ -151,7 +149,7 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
     // Its connections no longer keep anything alive; idle time for them starts now.
     if let Err(err) = state
         .store()
-        .proxy_session_ended(&cluster, &name, Millis::now())
+        .proxy_session_ended(&cluster, &name, generation, Millis::now())
         .await
     {
         tracing::warn!(proxy = %name, error = %err, "could not clear the proxy's connections; they lapse on their own");

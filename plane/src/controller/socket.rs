@@ -39,10 +39,18 @@ pub async fn receive<T: DeserializeOwned>(stream: &mut SplitStream<WebSocket>) -
     }
 }
 
+/// How long one message may wait for the node to take it. A node that stops reading would
+/// otherwise hold its session (and the silence check) forever.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends one message; `Err` when the socket failed or the node did not take it in time.
 pub async fn send<T: Serialize>(
     sink: &mut SplitSink<WebSocket, Message>,
     message: &T,
 ) -> Result<(), ()> {
     let text = serde_json::to_string(message).map_err(|_| ())?;
-    sink.send(Message::Text(text.into())).await.map_err(|_| ())
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+        Ok(result) => result.map_err(|_| ()),
+        Err(_) => Err(()),
+    }
 }

@@ -92,7 +92,7 @@ async fn sweep_idle_and_expired(state: &ControllerState) {
 /// frees its key and drops its routes.
 async fn sweep_expired_leases(state: &ControllerState) {
     let now = Millis::now();
-    let expired = match state.store().expired_leases(now, EXPIRED_PER_PASS).await {
+    let expired = match state.store().expired_leases(EXPIRED_PER_PASS).await {
         Ok(expired) => expired,
         Err(err) => {
             tracing::warn!(error = %err, "expired-lease query failed; retrying next interval");

@@ -26,6 +26,11 @@ use tokio_util::sync::CancellationToken;
 /// How often the bus reads what it may have missed, whatever the signals say.
 const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How many status changes before the newest at start-up are read again, so that changes
+/// other controllers were committing meanwhile are not skipped (they reach nobody here
+/// yet: no stream or proxy is connected to a controller that is just starting).
+const STARTUP_LOOKBACK: i64 = 1000;
+
 /// Which drones have actions waiting: one of them, or (after a catch-up) any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ActionsWaiting {
@@ -89,7 +94,8 @@ pub async fn start(
     let (status, _) = broadcast::channel(4096);
     let (actions, _) = broadcast::channel(1024);
     let bus = ChangeBus { status, actions };
-    let reader = StatusReader::new(store.latest_status_sequence().await?);
+    let latest = store.latest_status_sequence().await?;
+    let reader = StatusReader::new(latest.saturating_sub(STARTUP_LOOKBACK).max(0));
     let runner = Runner {
         bus: bus.clone(),
         store,

@@ -1,13 +1,15 @@
 //! Reads status changes in sequence order without skipping any, even though on PostgreSQL
 //! sequence numbers are taken before commit and so can become visible out of order.
 //!
-//! Everything at or below `cursor` has been published. Changes above it are published as
-//! they appear and remembered, and the cursor only moves over a gap once the gap has been
-//! there for [`GAP_PATIENCE`]: by then its transaction has either committed (and was read)
-//! or rolled back (and the number will never appear).
+//! Everything at or below `cursor` has been published; changes above it are published as
+//! they appear and remembered. Numbers are taken in increasing order, so when number `h` is
+//! first seen at time `t`, every smaller number was taken before `t`. Once [`GAP_PATIENCE`]
+//! has passed since `t`, a smaller number still missing belongs to a transaction that rolled
+//! back (or has run for longer than any healthy one), and the cursor moves up to `h`. Every
+//! gap below `h` is waited out at once, not one after another.
 
 use crate::controller::store::{StatusChange, Store, StoreResult};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -20,16 +22,19 @@ pub(super) struct StatusReader {
     cursor: i64,
     /// Published sequence numbers above the cursor.
     published_above: BTreeSet<i64>,
-    /// The gap just above the cursor, and since when it has been seen.
-    gap: Option<(i64, Instant)>,
+    /// The highest number seen by each read that raised it, and when: the cursor may move
+    /// up to one of these once it is older than [`GAP_PATIENCE`].
+    checkpoints: VecDeque<(i64, Instant)>,
 }
 
 impl StatusReader {
-    pub(super) fn new(cursor: i64) -> Self {
+    /// A reader whose first read covers numbers above `after`. Starting a little below the
+    /// newest number at start-up catches changes other controllers were still committing.
+    pub(super) fn new(after: i64) -> Self {
         Self {
-            cursor,
+            cursor: after,
             published_above: BTreeSet::new(),
-            gap: None,
+            checkpoints: VecDeque::new(),
         }
     }
 
@@ -53,34 +58,31 @@ impl StatusReader {
                 break;
             }
         }
+        self.seen_up_to(after, Instant::now());
         self.advance(Instant::now());
         Ok(())
     }
 
+    fn seen_up_to(&mut self, highest: i64, now: Instant) {
+        let newest = self.checkpoints.back().map_or(self.cursor, |(h, _)| *h);
+        if highest > newest {
+            self.checkpoints.push_back((highest, now));
+        }
+    }
+
     fn advance(&mut self, now: Instant) {
-        loop {
-            while self.published_above.remove(&(self.cursor + 1)) {
-                self.cursor += 1;
+        while let Some(&(highest, seen_at)) = self.checkpoints.front() {
+            if now.duration_since(seen_at) < GAP_PATIENCE {
+                break;
             }
-            let Some(&next) = self.published_above.first() else {
-                self.gap = None;
-                return;
-            };
-            // Numbers cursor+1 .. next-1 are missing.
-            let missing = self.cursor + 1;
-            match self.gap {
-                Some((at, since)) if at == missing => {
-                    if now.duration_since(since) < GAP_PATIENCE {
-                        return;
-                    }
-                    self.cursor = next - 1;
-                    self.gap = None;
-                }
-                _ => {
-                    self.gap = Some((missing, now));
-                    return;
-                }
+            self.checkpoints.pop_front();
+            if highest > self.cursor {
+                self.cursor = highest;
+                self.published_above = self.published_above.split_off(&(highest + 1));
             }
+        }
+        while self.published_above.remove(&(self.cursor + 1)) {
+            self.cursor += 1;
         }
     }
 }
@@ -89,29 +91,54 @@ impl StatusReader {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_cursor_waits_at_a_gap_then_moves_past_it_once_patience_runs_out() {
-        let mut reader = StatusReader::new(10);
-        let start = Instant::now();
-        for n in [11, 12, 14, 15] {
-            reader.published_above.insert(n);
+    fn read(reader: &mut StatusReader, numbers: &[i64], at: Instant) {
+        for n in numbers {
+            reader.published_above.insert(*n);
         }
-        reader.advance(start);
+        if let Some(highest) = numbers.iter().max() {
+            reader.seen_up_to(*highest, at);
+        }
+        reader.advance(at);
+    }
+
+    #[test]
+    fn the_cursor_waits_out_every_gap_below_a_number_at_once() {
+        let start = Instant::now();
+        let mut reader = StatusReader::new(10);
+        read(&mut reader, &[11, 12, 14, 16, 17], start);
         assert_eq!(reader.cursor, 12);
-        assert_eq!(reader.gap.map(|g| g.0), Some(13));
 
-        // 13 commits late: it is read, and the cursor moves on.
-        reader.published_above.insert(13);
-        reader.advance(start + Duration::from_secs(1));
-        assert_eq!(reader.cursor, 15);
-        assert!(reader.gap.is_none());
+        // 13 commits late: the cursor moves on to the next gap.
+        read(&mut reader, &[13], start + Duration::from_secs(1));
+        assert_eq!(reader.cursor, 14);
 
-        // 16 never comes (rolled back): the cursor waits, then skips it.
-        reader.published_above.insert(17);
-        reader.advance(start + Duration::from_secs(2));
-        assert_eq!(reader.cursor, 15);
-        reader.advance(start + Duration::from_secs(2) + GAP_PATIENCE);
+        // 15 never comes (rolled back). Both it and any other gap below 17 are given up
+        // together once 17 has been seen for the patience.
+        read(
+            &mut reader,
+            &[],
+            start + GAP_PATIENCE - Duration::from_millis(1),
+        );
+        assert_eq!(reader.cursor, 14);
+        read(&mut reader, &[], start + GAP_PATIENCE);
         assert_eq!(reader.cursor, 17);
         assert!(reader.published_above.is_empty());
+    }
+
+    #[test]
+    fn numbers_seen_later_get_their_own_patience() {
+        let start = Instant::now();
+        let mut reader = StatusReader::new(0);
+        read(&mut reader, &[2], start);
+        read(&mut reader, &[5], start + Duration::from_secs(5));
+        read(&mut reader, &[], start + GAP_PATIENCE);
+        // 1 is given up (2 was seen long enough ago); 3 and 4 are still awaited.
+        assert_eq!(reader.cursor, 2);
+        read(
+            &mut reader,
+            &[3, 4],
+            start + GAP_PATIENCE + Duration::from_secs(1),
+        );
+        assert_eq!(reader.cursor, 5);
     }
 }

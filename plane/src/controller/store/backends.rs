@@ -50,8 +50,9 @@ pub struct NewBackend<'a> {
     /// The first connection token, issued with the backend.
     pub token: tokens::NewToken<'a>,
     pub now: Millis,
-    /// The first lease: the drone must renew it before then.
-    pub lease_expires_at: Millis,
+    /// The first lease, in milliseconds from now (the database's now): the drone must
+    /// renew it before then.
+    pub lease_ms: u64,
 }
 
 /// The result of a successful [`Store::create_backend`].
@@ -175,12 +176,13 @@ impl Store {
             .spawn_config
             .lifetime_limit_seconds
             .map(|seconds| new.now.plus_seconds(seconds).0);
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO backend (id, cluster, pool, drone, status, status_number, status_time, \
              spawn_config, key_namespace, key_name, static_token, max_idle_seconds, created_at, \
              last_active_at, expires_at, lease_expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15)",
-        )
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, {} + $15)",
+            self.now_sql()
+        ))
         .bind(new.id.as_str())
         .bind(new.cluster.as_str())
         .bind(new.pool)
@@ -195,17 +197,11 @@ impl Store {
         .bind(new.spawn_config.max_idle_seconds)
         .bind(new.now.0)
         .bind(expires_at)
-        .bind(new.lease_expires_at.0)
+        .bind(i64::try_from(new.lease_ms).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await?;
-        insert_history(
-            &mut tx,
-            new.id,
-            &BackendStateUpdate::status(BackendStatus::Scheduled),
-            new.now,
-        )
-        .await?;
-
+        // The key first: a connect that loses the race rolls back before taking a number
+        // in `backend_status`, which would otherwise leave a gap the change bus must wait out.
         let fencing_token = match new.key {
             Some(key) => match keys::acquire(&mut tx, key, new.id, new.now).await? {
                 Some(token) => Some(token),
@@ -213,6 +209,13 @@ impl Store {
             },
             None => None,
         };
+        insert_history(
+            &mut tx,
+            new.id,
+            &BackendStateUpdate::status(BackendStatus::Scheduled),
+            new.now,
+        )
+        .await?;
         tokens::insert(&mut tx, new.id, &new.token, new.now).await?;
         let action = make_action(fencing_token);
         let action_id =
@@ -302,10 +305,12 @@ impl Store {
         Ok(Some(entry))
     }
 
-    /// Renews the leases of the backends `drone` says it runs, until `expires_at`. Only a
-    /// backend of that drone that has not terminated and whose lease has not yet run out is
-    /// renewed: once a lease has passed, the backend is dead by protocol (its drone stopped
-    /// it) and its key may already belong to another. Returns the renewed ones. Also
+    /// Renews the leases of the backends `drone` says it runs, for `lease_ms` from now on
+    /// the database's clock (never shortening one). Only a backend of that drone that has
+    /// not terminated and whose lease has not yet run out is renewed: once a lease has
+    /// passed, the backend is dead by protocol (its drone stopped it) and its key may already
+    /// belong to another. Returns the renewed ones, or `None` when `generation` is no longer
+    /// the drone's current session (a newer one replaced it, which renews instead). Also
     /// records that the drone was seen.
     ///
     /// On PostgreSQL this `UPDATE` and [`Store::expire_backend`] lock the same row, and each
@@ -315,34 +320,41 @@ impl Store {
         &self,
         cluster: &ClusterName,
         drone: &NodeName,
+        generation: i64,
         backends: &[BackendName],
         now: Millis,
-        expires_at: Millis,
-    ) -> StoreResult<Vec<BackendName>> {
+        lease_ms: u64,
+    ) -> StoreResult<Option<Vec<BackendName>>> {
+        let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX);
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let current = sqlx::query(
             "UPDATE node SET last_seen = $1, lost_at = NULL \
-             WHERE cluster = $2 AND kind = 'drone' AND name = $3",
+             WHERE cluster = $2 AND kind = 'drone' AND name = $3 AND generation = $4",
         )
         .bind(now.0)
         .bind(cluster.as_str())
         .bind(drone.as_str())
+        .bind(generation)
         .execute(&mut *tx)
         .await?;
+        if current.rows_affected() == 0 {
+            return Ok(None);
+        }
         let mut renewed = Vec::with_capacity(backends.len());
         for chunk in backends.chunks(super::MAX_LIST_PARAMETERS) {
             let sql = format!(
-                "UPDATE backend SET lease_expires_at = $1 \
+                "UPDATE backend SET lease_expires_at = {greatest}(lease_expires_at, {now} + $1) \
                  WHERE cluster = $2 AND drone = $3 AND status_number < $4 \
-                 AND lease_expires_at > $5 AND id IN ({}) RETURNING id",
-                super::placeholders(6, chunk.len())
+                 AND lease_expires_at > {now} AND id IN ({list}) RETURNING id",
+                greatest = self.greatest_sql(),
+                now = self.now_sql(),
+                list = super::placeholders(5, chunk.len())
             );
             let mut query = sqlx::query(&sql)
-                .bind(expires_at.0)
+                .bind(lease_ms)
                 .bind(cluster.as_str())
                 .bind(drone.as_str())
-                .bind(i64::from(BackendStatus::Terminated.number()))
-                .bind(now.0);
+                .bind(i64::from(BackendStatus::Terminated.number()));
             for id in chunk {
                 query = query.bind(id.as_str());
             }
@@ -351,18 +363,18 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(renewed)
+        Ok(Some(renewed))
     }
 
-    /// Backends not yet terminated whose lease ran out before `now` (at most `limit`).
-    pub async fn expired_leases(&self, now: Millis, limit: i64) -> StoreResult<Vec<BackendRow>> {
+    /// Backends not yet terminated whose lease has run out (at most `limit`).
+    pub async fn expired_leases(&self, limit: i64) -> StoreResult<Vec<BackendRow>> {
         let rows = sqlx::query(&format!(
             "SELECT {BACKEND_COLUMNS} FROM backend \
-             WHERE status_number < $1 AND lease_expires_at <= $2 \
-             ORDER BY lease_expires_at LIMIT $3"
+             WHERE status_number < $1 AND lease_expires_at <= {now} \
+             ORDER BY lease_expires_at LIMIT $2",
+            now = self.now_sql()
         ))
         .bind(i64::from(BackendStatus::Terminated.number()))
-        .bind(now.0)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -386,11 +398,12 @@ impl Store {
             ..BackendStateUpdate::status(BackendStatus::Terminated)
         };
         let mut tx = self.pool.begin().await?;
-        let result = sqlx::query(
+        let result = sqlx::query(&format!(
             "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
              termination_reason = $4, message = $5 \
-             WHERE id = $6 AND status_number < $2 AND lease_expires_at <= $3",
-        )
+             WHERE id = $6 AND status_number < $2 AND lease_expires_at <= {now}",
+            now = self.now_sql()
+        ))
         .bind(update.status.as_str())
         .bind(i64::from(update.status.number()))
         .bind(now.0)

@@ -6,51 +6,78 @@ use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::time::Millis;
 
 impl Store {
-    /// A proxy's session began: forget what an earlier session of it reported (it sends
-    /// everything it has open again right after its hello).
+    /// Session `generation` of a proxy began: forget what its earlier sessions reported
+    /// (it sends everything it has open again right after its hello), and count idle time
+    /// for those backends from now.
     pub async fn proxy_session_started(
         &self,
         cluster: &ClusterName,
         proxy: &NodeName,
+        generation: i64,
         now: Millis,
     ) -> StoreResult<()> {
-        self.proxy_session_ended(cluster, proxy, now).await
+        self.forget_connections(cluster, proxy, "<", generation, now)
+            .await
     }
 
-    /// A proxy's session ended: its connections no longer keep anything alive, and idle
-    /// time for those backends counts from now.
+    /// Session `generation` of a proxy ended: what it reported no longer keeps anything
+    /// alive, and idle time for those backends counts from now. What a newer session of the
+    /// same proxy reported stays.
     pub async fn proxy_session_ended(
         &self,
         cluster: &ClusterName,
         proxy: &NodeName,
+        generation: i64,
+        now: Millis,
+    ) -> StoreResult<()> {
+        self.forget_connections(cluster, proxy, "=", generation, now)
+            .await
+    }
+
+    async fn forget_connections(
+        &self,
+        cluster: &ClusterName,
+        proxy: &NodeName,
+        // How the sessions to forget compare with `generation`: "<" or "=".
+        comparison: &str,
+        generation: i64,
         now: Millis,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        sqlx::query(&format!(
             "UPDATE backend SET last_active_at = $1 WHERE id IN \
-             (SELECT backend_id FROM backend_connection WHERE cluster = $2 AND proxy = $3)",
-        )
+             (SELECT backend_id FROM backend_connection \
+              WHERE cluster = $2 AND proxy = $3 AND generation {comparison} $4)"
+        ))
         .bind(now.0)
         .bind(cluster.as_str())
         .bind(proxy.as_str())
+        .bind(generation)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM backend_connection WHERE cluster = $1 AND proxy = $2")
-            .bind(cluster.as_str())
-            .bind(proxy.as_str())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(&format!(
+            "DELETE FROM backend_connection \
+             WHERE cluster = $1 AND proxy = $2 AND generation {comparison} $3"
+        ))
+        .bind(cluster.as_str())
+        .bind(proxy.as_str())
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Applies a proxy's report of backends that gained their first open connection
-    /// (`opened`) or lost their last one (`closed`). Open rows live until `expires_at`
-    /// unless refreshed; a closed backend's idle time starts now.
+    /// Applies a report from session `generation` of a proxy: backends with an open
+    /// connection (`opened`: newly, or again on each periodic report) and backends that lost
+    /// their last one (`closed`). Open rows live until `expires_at` unless reported again; a
+    /// closed backend's idle time starts now.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connections_changed(
         &self,
         cluster: &ClusterName,
         proxy: &NodeName,
+        generation: i64,
         opened: &[BackendName],
         closed: &[BackendName],
         now: Millis,
@@ -59,13 +86,15 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for backend in opened {
             sqlx::query(
-                "INSERT INTO backend_connection (backend_id, cluster, proxy, expires_at) \
-                 VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (backend_id, cluster, proxy) DO UPDATE SET expires_at = excluded.expires_at",
+                "INSERT INTO backend_connection (backend_id, cluster, proxy, generation, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (backend_id, cluster, proxy) DO UPDATE SET \
+                 expires_at = excluded.expires_at, generation = excluded.generation",
             )
             .bind(backend.as_str())
             .bind(cluster.as_str())
             .bind(proxy.as_str())
+            .bind(generation)
             .bind(expires_at.0)
             .execute(&mut *tx)
             .await?;
@@ -98,28 +127,15 @@ impl Store {
         Ok(())
     }
 
-    /// Pushes back the expiry of a proxy's open-connection rows (on each periodic report,
-    /// which lists everything it still has open) and marks those backends active.
-    pub async fn refresh_connections(
+    /// Marks backends a proxy saw traffic for as active now (its periodic keep-alive).
+    pub async fn mark_active(
         &self,
         cluster: &ClusterName,
-        proxy: &NodeName,
         backends: &[BackendName],
         now: Millis,
-        expires_at: Millis,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         for chunk in backends.chunks(MAX_LIST_PARAMETERS) {
-            let refresh = format!(
-                "UPDATE backend_connection SET expires_at = $1 \
-                 WHERE cluster = $2 AND proxy = $3 AND backend_id IN ({})",
-                placeholders(4, chunk.len())
-            );
-            let refresh = sqlx::query(&refresh)
-                .bind(expires_at.0)
-                .bind(cluster.as_str())
-                .bind(proxy.as_str());
-            with_list(refresh, chunk).execute(&mut *tx).await?;
             let touch = format!(
                 "UPDATE backend SET last_active_at = $1 WHERE cluster = $2 AND id IN ({})",
                 placeholders(3, chunk.len())

@@ -14,18 +14,20 @@ pub struct KeyHolder {
     pub backend_id: BackendName,
     pub tag: String,
     pub fencing_token: i64,
-    /// The holder's lease; once passed, the key may be taken over.
-    pub lease_expires_at: Millis,
+    /// The holder's lease has run out (on the database's clock): the key may be taken over.
+    pub lease_expired: bool,
 }
 
 impl Store {
     /// The live backend holding `(namespace, name)`, if any.
     pub async fn key_holder(&self, namespace: &str, name: &str) -> StoreResult<Option<KeyHolder>> {
-        let row = sqlx::query(
-            "SELECT k.backend_id, k.tag, k.fencing_token, b.lease_expires_at FROM backend_key k \
-             JOIN backend b ON b.id = k.backend_id \
+        let row = sqlx::query(&format!(
+            "SELECT k.backend_id, k.tag, k.fencing_token, \
+             CAST(CASE WHEN b.lease_expires_at <= {now} THEN 1 ELSE 0 END AS BIGINT) AS lease_expired \
+             FROM backend_key k JOIN backend b ON b.id = k.backend_id \
              WHERE k.namespace = $1 AND k.name = $2 AND b.status_number < $3",
-        )
+            now = self.now_sql()
+        ))
         .bind(namespace)
         .bind(name)
         .bind(i64::from(BackendStatus::Terminated.number()))
@@ -37,10 +39,10 @@ impl Store {
             backend_id: backend_id.parse().map_err(anyhow::Error::from)?,
             tag: row.try_get("tag").map_err(anyhow::Error::from)?,
             fencing_token: row.try_get("fencing_token").map_err(anyhow::Error::from)?,
-            lease_expires_at: Millis(
-                row.try_get("lease_expires_at")
-                    .map_err(anyhow::Error::from)?,
-            ),
+            lease_expired: row
+                .try_get::<i64, _>("lease_expired")
+                .map_err(anyhow::Error::from)?
+                == 1,
         }))
     }
 }

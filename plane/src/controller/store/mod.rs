@@ -205,6 +205,27 @@ impl Store {
         })
     }
 
+    /// SQL for "now" in milliseconds since the epoch on the *database's* clock. Leases are
+    /// set and compared with it alone, so controllers whose clocks disagree (or jump) never
+    /// cut a lease short: on PostgreSQL every controller reads the one server's clock; on
+    /// SQLite there is one controller, on the database's host.
+    fn now_sql(&self) -> &'static str {
+        match self.kind {
+            DatabaseKind::Postgres => {
+                "CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000) AS BIGINT)"
+            }
+            DatabaseKind::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        }
+    }
+
+    /// SQL for the larger of two values.
+    fn greatest_sql(&self) -> &'static str {
+        match self.kind {
+            DatabaseKind::Postgres => "GREATEST",
+            DatabaseKind::Sqlite => "MAX",
+        }
+    }
+
     /// Signals of writes made through this store, as they commit.
     pub fn signals(&self) -> broadcast::Receiver<Signal> {
         self.signals.subscribe()
