@@ -81,6 +81,8 @@ impl DroneOpts {
             reconnect_max_backoff_ms: self.reconnect_max_backoff_ms,
             pull_timeout_ms: self.pull_timeout_ms,
             state_dir: self.state_dir,
+            // This very binary: `plane drone-fence` guards the leases if the drone dies.
+            fence_executable: std::env::current_exe().ok(),
             ..DroneConfig::new(self.controller_url, self.cluster)
         };
         anyhow::ensure!(

@@ -56,6 +56,11 @@ pub struct DroneConfig {
     /// restarts, e.g. on a volume, or unacked events are lost.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The `plane` executable to run the fence with (`plane drone-fence`): a process that
+    /// outlives the drone and kills its containers if the drone dies and their leases run
+    /// out. `None` runs no fence (drones inside a test process, which cannot start one).
+    #[serde(default)]
+    pub fence_executable: Option<PathBuf>,
 }
 
 fn default_ip() -> IpAddr {
@@ -112,6 +117,7 @@ impl DroneConfig {
             reconnect_max_backoff_ms: default_reconnect_max_backoff_ms(),
             pull_timeout_ms: default_pull_timeout_ms(),
             state_dir: default_state_dir(),
+            fence_executable: None,
         }
     }
 

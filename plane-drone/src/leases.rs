@@ -8,6 +8,7 @@
 //! `fence_margin` before that end and killed by half the margin before it; the other half
 //! covers the kill itself and any difference in clock rates.
 
+use crate::fence::FencePublisher;
 use plane_protocol::names::BackendName;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -30,6 +31,8 @@ pub struct Leases {
     /// confirmed before its process may start).
     renew_now: Arc<Notify>,
     fence_margin: Duration,
+    /// Where the kill-by moments go for the fence process, when there is one.
+    fence: Option<FencePublisher>,
 }
 
 struct Inner {
@@ -53,6 +56,37 @@ impl Leases {
             })),
             renew_now: Arc::new(Notify::new()),
             fence_margin,
+            fence: None,
+        }
+    }
+
+    /// Publishes every lease change to `fence` (see [`crate::fence`]).
+    pub fn with_fence(mut self, fence: Option<FencePublisher>) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Tells the fence the drone stopped cleanly (no backends left to guard).
+    pub fn close_fence(&self) {
+        if let Some(fence) = &self.fence {
+            if let Err(err) = fence.publish([], true) {
+                tracing::warn!(error = %err, "could not tell the fence the drone stopped");
+            }
+        }
+    }
+
+    /// Writes every backend's kill-by moment (half the margin before its lease ends) for the
+    /// fence. Called with the lock held, so publications never interleave; the file is
+    /// small and local, so the short blocking write is acceptable here.
+    fn publish_to_fence(&self, inner: &Inner) {
+        let Some(fence) = &self.fence else { return };
+        let half_margin = self.fence_margin / 2;
+        let kill_by = inner.backends.iter().filter_map(|(backend, end)| {
+            let end = (*end.borrow())?;
+            Some((backend, end.checked_sub(half_margin).unwrap_or(end)))
+        });
+        if let Err(err) = fence.publish(kill_by, false) {
+            tracing::error!(error = %err, "could not publish lease deadlines to the fence");
         }
     }
 
@@ -74,7 +108,9 @@ impl Leases {
     }
 
     pub fn untrack(&self, backend: &BackendName) {
-        self.lock().backends.remove(backend);
+        let mut inner = self.lock();
+        inner.backends.remove(backend);
+        self.publish_to_fence(&inner);
     }
 
     /// Records that a heartbeat is being sent now; returns its number.
@@ -113,6 +149,7 @@ impl Leases {
                 });
             }
         }
+        self.publish_to_fence(&inner);
     }
 
     /// Every backend whose lease is tracked.

@@ -11,6 +11,7 @@ mod controller_connection;
 mod event_queue;
 mod event_store;
 mod executor;
+pub mod fence;
 mod leases;
 mod lifecycle;
 pub mod runtime;
@@ -43,6 +44,7 @@ pub struct DroneHandle {
     connected: watch::Receiver<bool>,
     executor: ExecutorHandle,
     events: EventQueue,
+    leases: Leases,
     /// Stops the connection from taking new actions while the drone winds down.
     stop_actions: CancellationToken,
     /// Stops every task of this drone.
@@ -86,7 +88,15 @@ pub async fn start_with_runtime<R: Runtime>(
         stop_grace_period: config.stop_grace_period(),
         startup_timeout: config.startup_timeout(),
     };
-    let leases = Leases::new(config.fence_margin());
+    let fence = match &config.fence_executable {
+        Some(executable) => {
+            fence::spawn(executable, &config.state_dir)?;
+            Some(fence::FencePublisher::new(&config.state_dir))
+        }
+        None => None,
+    };
+    let leases = Leases::new(config.fence_margin()).with_fence(fence);
+    let leases_handle = leases.clone();
     let (executor, executor_task) = executor::start(
         runtime,
         events.clone(),
@@ -120,6 +130,7 @@ pub async fn start_with_runtime<R: Runtime>(
         connected,
         executor,
         events,
+        leases: leases_handle,
         stop_actions,
         _stop_on_drop: cancel.clone().drop_guard(),
         cancel,
@@ -169,6 +180,8 @@ impl DroneHandle {
             );
         }
 
+        // Every backend has stopped: the fence has nothing left to guard.
+        self.leases.close_fence();
         self.cancel.cancel();
         for (what, task) in [
             ("executor", self.executor_task),

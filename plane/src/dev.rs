@@ -107,6 +107,7 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     // Next to the controller's database, so a restarted `plane dev` replays what the
     // drone had not yet reported.
     drone_config.state_dir = opts.data_dir.join("drone");
+    drone_config.fence_executable = Some(executable.clone());
     let drone = plane_drone::start(drone_config).await?;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -38,6 +38,14 @@ enum Command {
     /// The demo backend that `plane dev` packages as an image (runs inside the container).
     #[command(hide = true)]
     DemoBackend,
+    /// The drone's fence, started by the drone: kills its containers if the drone dies and
+    /// their leases run out.
+    #[command(hide = true)]
+    DroneFence {
+        /// The drone's --state-dir.
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,5 +78,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(opts) => plane::dev::run(opts).await,
         Command::Connect(opts) => plane::connect_cli::run(opts).await,
         Command::DemoBackend => plane::demo_backend::run().await,
+        Command::DroneFence { state_dir } => plane_drone::fence::run(&state_dir).await,
     }
 }

@@ -3,7 +3,9 @@
 //! has not acknowledged.
 
 use crate::db_test;
-use crate::harness::{containers_of, plane_binary, wait_for, Db, TestEnv, BACKEND_WAIT};
+use crate::harness::{
+    containers_of, plane_binary, wait_for, Db, DockerEvents, TestEnv, BACKEND_WAIT,
+};
 use crate::leases::fencing_token;
 use crate::relay::Relay;
 use plane_protocol::api::ConnectResponse;
@@ -195,13 +197,15 @@ db_test!(
             || drone_state_is(&env, &name, "connected", true),
         )
         .await;
+        let docker_events = DockerEvents::record(&env.cluster).await;
         let first = env.connect_ready("crash", &env.spawn_config(&[])).await;
         assert_eq!(first.drone.as_ref(), Some(&name));
         let first_token = fencing_token(&env, &first).await;
 
         drone.kill().await;
         let killed_at = Instant::now();
-        // Its container keeps running: nothing stopped it.
+        // The drone's fence (a process of its own) kills the container when the lease runs
+        // out; the container itself stays until a drone removes it.
         assert_eq!(containers_of(&first.backend_id).await.len(), 1);
         let entry = env.wait_terminated(&first.backend_id).await;
         assert_eq!(entry.termination_reason, Some(TerminationReason::Lost));
@@ -214,6 +218,9 @@ db_test!(
         assert!(second.spawned);
         assert_eq!(second.drone.as_ref(), Some(env.drone.name()));
         assert!(fencing_token(&env, &second).await > first_token);
+        docker_events
+            .assert_died_before_started(&first.backend_id, &second.backend_id)
+            .await;
         wait_for(
             "the killed drone shown as lost",
             Duration::from_secs(20),

@@ -782,3 +782,78 @@ impl Drop for PrivatePostgres {
         }
     }
 }
+
+/// Every container start and death in one cluster, in the order Docker reports them, from
+/// its own event stream. Stops recording when dropped.
+pub struct DockerEvents {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    recorder: tokio::task::JoinHandle<()>,
+}
+
+impl DockerEvents {
+    pub async fn record(cluster: &ClusterName) -> DockerEvents {
+        use futures_util::StreamExt;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
+        let filters = std::collections::HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            (
+                "event".to_string(),
+                vec!["start".to_string(), "die".to_string()],
+            ),
+            (
+                "label".to_string(),
+                vec![format!("dev.plane.cluster={cluster}")],
+            ),
+        ]);
+        let mut events = docker.events(Some(bollard::system::EventsOptions::<String> {
+            filters,
+            ..Default::default()
+        }));
+        let sink = seen.clone();
+        let recorder = tokio::spawn(async move {
+            while let Some(Ok(event)) = events.next().await {
+                let action = event.action.unwrap_or_default();
+                let backend = event
+                    .actor
+                    .and_then(|a| a.attributes)
+                    .and_then(|a| a.get("dev.plane.backend").cloned())
+                    .unwrap_or_default();
+                sink.lock().expect("events").push((action, backend));
+            }
+        });
+        DockerEvents { seen, recorder }
+    }
+
+    /// Waits until Docker has reported `old` dying and `new` starting, and checks that the
+    /// death came first: the two never ran at once.
+    pub async fn assert_died_before_started(&self, old: &BackendName, new: &BackendName) {
+        wait_for(
+            "Docker to report both containers",
+            Duration::from_secs(30),
+            || async {
+                let seen = self.seen.lock().expect("events").clone();
+                let died = seen
+                    .iter()
+                    .position(|(a, b)| a == "die" && b == old.as_str());
+                let started = seen
+                    .iter()
+                    .position(|(a, b)| a == "start" && b == new.as_str());
+                match (died, started) {
+                    (Some(died), Some(started)) => {
+                        assert!(died < started, "{old} died after {new} started: {seen:?}");
+                        Ok(())
+                    }
+                    _ => Err(format!("{seen:?}")),
+                }
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for DockerEvents {
+    fn drop(&mut self) {
+        self.recorder.abort();
+    }
+}

@@ -5,14 +5,12 @@
 //! and a lost window of 5 s.
 
 use crate::db_test;
-use crate::harness::{containers_of, holds_for, wait_for, TestEnv, BACKEND_WAIT};
+use crate::harness::{containers_of, holds_for, wait_for, DockerEvents, TestEnv, BACKEND_WAIT};
 use crate::relay::Relay;
-use futures_util::StreamExt;
 use plane_protocol::api::ConnectResponse;
 use plane_protocol::backend::{BackendStatus, TerminationReason};
 use plane_protocol::names::NodeName;
 use serde_json::Value;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The fencing token the backend was given, read from its own environment.
@@ -51,42 +49,7 @@ async fn drone_state_is(
 db_test!(
     partitioned_drone_stops_its_backend_before_the_key_moves_and_changes_nothing_when_it_heals,
     |env: TestEnv| async move {
-        // Every container start and death in this cluster, in the order Docker saw them.
-        let docker_events = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
-        let recorder = {
-            let docker_events = docker_events.clone();
-            let cluster = env.cluster.to_string();
-            let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
-            let filters = std::collections::HashMap::from([
-                ("type".to_string(), vec!["container".to_string()]),
-                (
-                    "event".to_string(),
-                    vec!["start".to_string(), "die".to_string()],
-                ),
-                (
-                    "label".to_string(),
-                    vec![format!("dev.plane.cluster={cluster}")],
-                ),
-            ]);
-            tokio::spawn(async move {
-                let mut events = docker.events(Some(bollard::system::EventsOptions::<String> {
-                    filters,
-                    ..Default::default()
-                }));
-                while let Some(Ok(event)) = events.next().await {
-                    let action = event.action.unwrap_or_default();
-                    let backend = event
-                        .actor
-                        .and_then(|a| a.attributes)
-                        .and_then(|a| a.get("dev.plane.backend").cloned())
-                        .unwrap_or_default();
-                    docker_events
-                        .lock()
-                        .expect("events")
-                        .push((action, backend));
-                }
-            })
-        };
+        let docker_events = DockerEvents::record(&env.cluster).await;
 
         // The drone that will be cut off reaches the controller through a relay. Its name
         // sorts first, so the first backend goes to it.
@@ -121,30 +84,9 @@ db_test!(
         let second = env.connect_ready("partition", &env.spawn_config(&[])).await;
         assert_eq!(second.drone.as_ref(), Some(env.drone.name()));
         assert!(fencing_token(&env, &second).await > first_token);
-        wait_for(
-            "Docker to report both containers",
-            Duration::from_secs(10),
-            || async {
-                let seen = docker_events.lock().expect("events").clone();
-                let died = seen
-                    .iter()
-                    .position(|(a, b)| a == "die" && b == first.backend_id.as_str());
-                let started = seen
-                    .iter()
-                    .position(|(a, b)| a == "start" && b == second.backend_id.as_str());
-                match (died, started) {
-                    (Some(died), Some(started)) => {
-                        assert!(
-                            died < started,
-                            "the old container died after the new one started: {seen:?}"
-                        );
-                        Ok(())
-                    }
-                    _ => Err(format!("{seen:?}")),
-                }
-            },
-        )
-        .await;
+        docker_events
+            .assert_died_before_started(&first.backend_id, &second.backend_id)
+            .await;
 
         relay.heal();
         wait_for("the cut-off drone back", Duration::from_secs(30), || {
@@ -172,7 +114,6 @@ db_test!(
         .await;
         assert!(containers_of(&first.backend_id).await.is_empty());
         cut_off.shutdown().await;
-        recorder.abort();
         env
     }
 );

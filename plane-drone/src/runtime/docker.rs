@@ -126,7 +126,7 @@ impl DockerRuntime {
         &self.inner.docker
     }
 
-    fn container_name(backend_id: &BackendName) -> String {
+    pub(crate) fn container_name(backend_id: &BackendName) -> String {
         format!("plane-{backend_id}")
     }
 
