@@ -397,19 +397,23 @@ db_test!(
         relay.partition();
         let url = format!("http://{}/{}/exit/3", proxy.local_addr(), response.token);
         let _ = env.client.post(&url).send().await;
+        // The drone is done with a backend once its last report is stored; it then stops
+        // publishing a deadline for it to its fence, which the test can read.
+        let fence_file = env.scratch.join(format!("state-{name}")).join("fence.json");
         wait_for(
-            "the drone to remove the exited container",
+            "the drone to store the exit and let go of the backend",
             BACKEND_WAIT,
             || async {
-                let left = containers_of(&response.backend_id).await;
-                if left.is_empty() {
-                    Ok(())
+                let deadlines = std::fs::read_to_string(&fence_file).map_err(|e| e.to_string())?;
+                if deadlines.contains(response.backend_id.as_str()) {
+                    Err(deadlines)
                 } else {
-                    Err(format!("{left:?}"))
+                    Ok(())
                 }
             },
         )
         .await;
+        assert!(containers_of(&response.backend_id).await.is_empty());
         drone.kill().await;
 
         // Restarted on the same state directory, it delivers the stored report: the

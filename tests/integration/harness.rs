@@ -209,15 +209,8 @@ impl TestEnv {
             postgres_db,
             db,
         };
-        wait_for(
-            "drone and proxy to connect",
-            Duration::from_secs(20),
-            || async {
-                let connected = env.drone.is_connected() && env.proxy.is_connected();
-                connected.then_some(()).ok_or("not yet connected")
-            },
-        )
-        .await;
+        // As the controller sees it (in the database), which is what placement reads.
+        env.wait_for_connected_nodes().await;
         env
     }
 
@@ -330,14 +323,42 @@ impl TestEnv {
         )
     }
 
-    /// Starts a drone and waits until it has a session with the controller.
+    /// Starts a drone and waits until its controller shows it connected (so placement can
+    /// choose it).
     pub async fn start_drone(&self, config: DroneConfig) -> DroneHandle {
+        let state = format!(
+            "{}/ctrl/c/{}/state",
+            config.controller_url.as_str().trim_end_matches('/'),
+            config.cluster
+        );
+        let name = config.name.clone();
         let drone = plane_drone::start(config).await.expect("start drone");
-        let mut connected = drone.connected();
-        tokio::time::timeout(Duration::from_secs(20), connected.wait_for(|c| *c))
-            .await
-            .expect("the drone connects within 20 s")
-            .expect("drone alive");
+        wait_for(
+            &format!("drone {name} connected in {state}"),
+            Duration::from_secs(20),
+            || async {
+                let state: Value = self
+                    .client
+                    .get(&state)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let connected = state["drones"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|d| d["name"] == name.as_str() && d["connected"] == true);
+                if connected {
+                    Ok(())
+                } else {
+                    Err(state.to_string())
+                }
+            },
+        )
+        .await;
         drone
     }
 
