@@ -136,6 +136,12 @@ pub async fn run(state_dir: &Path) -> anyhow::Result<()> {
     loop {
         tokio::time::sleep(POLL_INTERVAL).await;
         let Some(deadlines) = read_deadlines(state_dir) else {
+            // The drone writes the file before starting the fence, so a missing one means
+            // the state directory itself was removed: there is nothing left to guard.
+            if !state_dir.join(FENCE_FILE).exists() {
+                tracing::info!("the drone's state directory is gone; fence stopping");
+                return Ok(());
+            }
             continue;
         };
         if deadlines.closed {

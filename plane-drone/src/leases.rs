@@ -43,6 +43,8 @@ struct Inner {
     backends: HashMap<BackendName, watch::Sender<Option<Instant>>>,
     /// When the controller last answered a heartbeat.
     last_renewal: Option<Instant>,
+    /// The drone has shut down cleanly and told its fence so; nothing is published after.
+    fence_closed: bool,
 }
 
 impl Leases {
@@ -53,6 +55,7 @@ impl Leases {
                 sent: VecDeque::new(),
                 backends: HashMap::new(),
                 last_renewal: None,
+                fence_closed: false,
             })),
             renew_now: Arc::new(Notify::new()),
             fence_margin,
@@ -66,8 +69,12 @@ impl Leases {
         self
     }
 
-    /// Tells the fence the drone stopped cleanly (no backends left to guard).
+    /// Tells the fence the drone stopped cleanly (no backends left to guard). Later lease
+    /// changes (a last renewal on the way out) are no longer published, so they cannot
+    /// undo this.
     pub fn close_fence(&self) {
+        let mut inner = self.lock();
+        inner.fence_closed = true;
         if let Some(fence) = &self.fence {
             if let Err(err) = fence.publish([], true) {
                 tracing::warn!(error = %err, "could not tell the fence the drone stopped");
@@ -75,11 +82,21 @@ impl Leases {
         }
     }
 
+    /// Publishes the current deadlines (none yet) so the fence has a file to watch from
+    /// the start.
+    pub fn open_fence(&self) {
+        let inner = self.lock();
+        self.publish_to_fence(&inner);
+    }
+
     /// Writes every backend's kill-by moment (half the margin before its lease ends) for the
     /// fence. Called with the lock held, so publications never interleave; the file is
     /// small and local, so the short blocking write is acceptable here.
     fn publish_to_fence(&self, inner: &Inner) {
         let Some(fence) = &self.fence else { return };
+        if inner.fence_closed {
+            return;
+        }
         let half_margin = self.fence_margin / 2;
         let kill_by = inner.backends.iter().filter_map(|(backend, end)| {
             let end = (*end.borrow())?;

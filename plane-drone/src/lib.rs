@@ -88,14 +88,16 @@ pub async fn start_with_runtime<R: Runtime>(
         stop_grace_period: config.stop_grace_period(),
         startup_timeout: config.startup_timeout(),
     };
-    let fence = match &config.fence_executable {
-        Some(executable) => {
-            fence::spawn(executable, &config.state_dir)?;
-            Some(fence::FencePublisher::new(&config.state_dir))
-        }
-        None => None,
-    };
+    let fence = config
+        .fence_executable
+        .as_ref()
+        .map(|_| fence::FencePublisher::new(&config.state_dir));
     let leases = Leases::new(config.fence_margin()).with_fence(fence);
+    if let Some(executable) = &config.fence_executable {
+        // The file first: the fence takes a missing one to mean the drone is gone for good.
+        leases.open_fence();
+        fence::spawn(executable, &config.state_dir)?;
+    }
     let leases_handle = leases.clone();
     let (executor, executor_task) = executor::start(
         runtime,

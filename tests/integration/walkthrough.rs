@@ -222,5 +222,35 @@ async fn walkthrough() {
         ours.is_empty(),
         "containers left after plane dev stopped: {ours:?}"
     );
+    // The drone's fence learns of the clean stop and exits too.
+    let data_dir = scratch.join("data").display().to_string();
+    wait_for(
+        "the drone's fence to exit",
+        Duration::from_secs(10),
+        || async {
+            let fences = processes_mentioning("drone-fence")
+                .into_iter()
+                .filter(|cmdline| cmdline.contains(&data_dir))
+                .collect::<Vec<_>>();
+            if fences.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{fences:?}"))
+            }
+        },
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// The command lines (arguments joined by spaces) of running processes that mention `word`.
+fn processes_mentioning(word: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(word))
+        .collect()
 }
