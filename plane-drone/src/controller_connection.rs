@@ -24,6 +24,8 @@ type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Bound on opening the connection (TCP, TLS and WebSocket handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How a session refused by the controller ends (see [`MessageToDrone::Refused`]).
+const REFUSED: &str = "refused by the controller";
 /// How many of the oldest unacked events are sent again when acks stop coming.
 const RESEND_PAGE: usize = 100;
 /// A session whose controller has not answered a heartbeat for this many heartbeat
@@ -105,6 +107,11 @@ impl Connection {
                         SessionEnd::Cancelled => return,
                         SessionEnd::Lost(why) => {
                             tracing::warn!(url = %self.url, reason = %why, "lost controller connection");
+                            if why.starts_with(REFUSED) {
+                                // Retrying at once cannot help (and, for a drone whose name
+                                // another uses, would take the session back and forth).
+                                backoff = self.max_backoff;
+                            }
                         }
                     }
                 }
@@ -318,7 +325,7 @@ impl Connection {
             }
             MessageToDrone::Refused { reason } => {
                 tracing::error!(%reason, "the controller refused this drone");
-                Err(format!("refused by the controller: {reason}"))
+                Err(format!("{REFUSED}: {reason}"))
             }
         }
     }

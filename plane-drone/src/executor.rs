@@ -166,13 +166,9 @@ async fn reconcile_orphans<R: Runtime>(
         .context("listing containers left by an earlier run of this drone")?;
     for backend_id in &orphans {
         tracing::warn!(backend = %backend_id, "removing container left by an earlier run");
-        let message = match runtime.remove(backend_id).await {
-            Ok(()) => "drone restarted; container removed".to_string(),
-            Err(err) => {
-                tracing::error!(backend = %backend_id, error = %err, "could not remove orphaned container");
-                format!("drone restarted; removing the container failed: {err}")
-            }
-        };
+        // Reported only once removed: the report frees the backend's key at once.
+        remove_until_gone(runtime, backend_id).await;
+        let message = "drone restarted; container removed".to_string();
         events
             .push(
                 backend_id.clone(),
@@ -336,7 +332,7 @@ impl<R: Runtime> Runner<R> {
             let ctx = self.ctx.clone();
             let orphan = backend_id.clone();
             let cleanup = self.tasks.spawn(async move {
-                remove_until_gone(&ctx, &orphan).await;
+                remove_until_gone(&ctx.runtime, &orphan).await;
                 let update = BackendStateUpdate {
                     termination_reason: Some(TerminationReason::InternalError),
                     message: Some("the drone lost track of this backend".into()),

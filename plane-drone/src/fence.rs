@@ -6,15 +6,15 @@
 //! dead (half the fencing margin before its lease ends) in `<state-dir>/fence.json`. The
 //! moments are on the machine's boot clock (`/proc/uptime`), which every process on the
 //! machine shares. A live drone keeps moving them ahead and stops its backends itself before
-//! they pass; the fence only acts for a drone whose process is gone. One fence runs per
-//! state directory (an exclusive lock), whichever drone run started it.
+//! they pass, so the fence's kills only ever find work when the drone could not do it. One
+//! fence works per state directory (an exclusive lock); a newer one waits its turn.
 
 use anyhow::Context;
 use bollard::container::KillContainerOptions;
 use bollard::Docker;
 use plane_protocol::names::BackendName;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -24,6 +24,8 @@ const FENCE_LOCK: &str = "fence.lock";
 const FENCE_LOG: &str = "fence.log";
 /// How often the fence looks at the deadlines.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Bound on one call to the engine.
+const KILL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the drone publishes for its fence.
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -117,63 +119,91 @@ pub fn spawn(executable: &Path, state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The fence process: guards `state_dir` until its drone shuts down cleanly, or dies with
-/// every deadline enforced.
+/// The fence process: guards `state_dir` until its drone shuts down cleanly, or is gone
+/// with every deadline it published enforced.
+///
+/// Deadlines are enforced whether or not the drone process lives: a live drone stops its
+/// backends itself before they pass (it keeps moving them ahead while it renews), so for a
+/// healthy drone a kill finds nothing to do, while a drone that is alive but no longer
+/// fencing (stopped, its tasks gone) is covered too. The fence remembers the latest
+/// deadline of every backend it was ever told of, so a later file (say, a restarted drone's,
+/// written before it has cleaned up) never erases one.
 pub async fn run(state_dir: &Path) -> anyhow::Result<()> {
     let lock =
         std::fs::File::create(state_dir.join(FENCE_LOCK)).context("opening the fence lock")?;
-    if lock.try_lock().is_err() {
-        tracing::info!(state_dir = %state_dir.display(), "a fence already guards this state directory");
-        return Ok(());
-    }
-    let docker = Docker::connect_with_defaults().context("connecting to the Docker engine")?;
-    let docker = docker
-        .negotiate_version()
+    // Wait our turn: a fence still guarding an earlier run of the drone holds the lock
+    // until its work is done.
+    let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
         .await
-        .context("reaching the Docker engine")?;
+        .context("waiting for the fence lock")?
+        .context("taking the fence lock")?;
+    let docker = connect_to_docker().await;
     tracing::info!(state_dir = %state_dir.display(), "fence guarding the drone's leases");
-    let mut killed = BTreeSet::new();
+    let mut guarded: BTreeMap<BackendName, u64> = BTreeMap::new();
     loop {
         tokio::time::sleep(POLL_INTERVAL).await;
-        let Some(deadlines) = read_deadlines(state_dir) else {
-            // The drone writes the file before starting the fence, so a missing one means
-            // the state directory itself was removed: there is nothing left to guard.
-            if !state_dir.join(FENCE_FILE).exists() {
-                tracing::info!("the drone's state directory is gone; fence stopping");
+        let drone_alive = match read_deadlines(state_dir) {
+            Some(deadlines) if deadlines.closed => {
+                // A clean stop: the drone stopped every backend (and removed what an earlier
+                // run left) before saying so.
+                tracing::info!("the drone shut down cleanly; fence stopping");
+                drop(lock);
                 return Ok(());
             }
-            continue;
+            Some(deadlines) => {
+                for (backend, kill_by) in deadlines.kill_by_ms {
+                    let entry = guarded.entry(backend).or_insert(kill_by);
+                    *entry = (*entry).max(kill_by);
+                }
+                process_alive(deadlines.drone_pid)
+            }
+            // Gone or unreadable: nothing new to learn, and no drone to defer to.
+            None => false,
         };
-        if deadlines.closed {
-            tracing::info!("the drone shut down cleanly; fence stopping");
-            return Ok(());
-        }
-        if process_alive(deadlines.drone_pid) {
-            killed.clear();
-            continue;
-        }
         let now = boot_clock_ms()?;
-        let mut waiting = false;
-        for (backend, kill_by) in &deadlines.kill_by_ms {
-            if *kill_by > now {
-                waiting = true;
-            } else if !killed.contains(backend) {
-                match kill(&docker, backend).await {
-                    Ok(()) => {
-                        tracing::warn!(%backend, "the drone is gone and the backend's lease ran out; killed it");
-                        killed.insert(backend.clone());
+        let due: Vec<BackendName> = guarded
+            .iter()
+            .filter(|(_, kill_by)| **kill_by <= now)
+            .map(|(backend, _)| backend.clone())
+            .collect();
+        let kills = due.iter().map(|backend| kill(&docker, backend));
+        for (backend, result) in due.iter().zip(futures_util::future::join_all(kills).await) {
+            match result {
+                Ok(killed) => {
+                    if killed {
+                        tracing::warn!(%backend, "the backend's lease ran out while it still ran; killed it");
                     }
-                    Err(err) => {
-                        waiting = true;
-                        tracing::error!(%backend, error = %err, "could not kill the backend; retrying");
-                    }
+                    guarded.remove(backend);
+                }
+                Err(err) => {
+                    tracing::error!(%backend, error = %err, "could not kill the backend; retrying");
                 }
             }
         }
-        if !waiting {
+        if !drone_alive && guarded.is_empty() {
             tracing::info!("the drone is gone and every lease it held is enforced; fence stopping");
+            drop(lock);
             return Ok(());
         }
+    }
+}
+
+/// The Docker engine, retrying until it answers: a fence that gave up would leave the
+/// drone's backends unguarded.
+async fn connect_to_docker() -> Docker {
+    loop {
+        let attempt = async {
+            let docker = Docker::connect_with_defaults()?;
+            docker.negotiate_version().await
+        };
+        match tokio::time::timeout(KILL_TIMEOUT, attempt).await {
+            Ok(Ok(docker)) => return docker,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "fence cannot reach the Docker engine; retrying")
+            }
+            Err(_) => tracing::error!("fence cannot reach the Docker engine (no answer); retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -193,18 +223,20 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// SIGKILL to the backend's container; gone or already stopped counts as done.
-async fn kill(docker: &Docker, backend: &BackendName) -> anyhow::Result<()> {
+/// SIGKILL to the backend's container, bounded in time (kills run side by side, so one
+/// slow call never holds up the rest). `Ok(false)` when it was gone or stopped already.
+async fn kill(docker: &Docker, backend: &BackendName) -> anyhow::Result<bool> {
     let name = crate::runtime::docker::DockerRuntime::container_name(backend);
     let options = KillContainerOptions { signal: "SIGKILL" };
-    match docker.kill_container(&name, Some(options)).await {
-        Ok(()) => Ok(()),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code, .. })
+    match tokio::time::timeout(KILL_TIMEOUT, docker.kill_container(&name, Some(options))).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code, .. }))
             if status_code == 404 || status_code == 409 =>
         {
-            Ok(())
+            Ok(false)
         }
-        Err(err) => Err(err.into()),
+        Ok(Err(err)) => Err(err.into()),
+        Err(_) => anyhow::bail!("the engine did not answer within {KILL_TIMEOUT:?}"),
     }
 }
 

@@ -389,7 +389,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         request: Option<TerminateRequest>,
         message: Option<String>,
     ) {
-        remove_until_gone(self.ctx, self.id).await;
+        remove_until_gone(&self.ctx.runtime, self.id).await;
         self.report(BackendStateUpdate {
             termination_kind: request.map(|r| r.kind),
             termination_reason: request.map(|r| r.reason),
@@ -425,10 +425,10 @@ impl<'a, R: Runtime> Backend<'a, R> {
 /// gone. Only then may the backend be reported `terminated`: that report frees its key at
 /// once, so it must never go out while the process might still run. Until then the backend
 /// stays listed in heartbeats, so its lease (and key) stay held.
-pub(crate) async fn remove_until_gone<R: Runtime>(ctx: &BackendContext<R>, id: &BackendName) {
+pub(crate) async fn remove_until_gone<R: Runtime>(runtime: &R, id: &BackendName) {
     let mut backoff = REMOVE_RETRY_INITIAL;
     loop {
-        match ctx.runtime.remove(id).await {
+        match runtime.remove(id).await {
             Ok(()) => return,
             Err(err) => {
                 tracing::error!(backend = %id, error = %err, retry_in = ?backoff, "could not remove container; retrying");

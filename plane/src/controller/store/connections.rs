@@ -89,7 +89,8 @@ impl Store {
                 "INSERT INTO backend_connection (backend_id, cluster, proxy, generation, expires_at) \
                  VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (backend_id, cluster, proxy) DO UPDATE SET \
-                 expires_at = excluded.expires_at, generation = excluded.generation",
+                 expires_at = excluded.expires_at, generation = excluded.generation \
+                 WHERE backend_connection.generation <= excluded.generation",
             )
             .bind(backend.as_str())
             .bind(cluster.as_str())
@@ -100,21 +101,24 @@ impl Store {
             .await?;
         }
         for chunk in closed.chunks(MAX_LIST_PARAMETERS) {
-            let list = placeholders(3, chunk.len());
+            // A late report from an older session never removes what a newer one reported.
             let delete = format!(
                 "DELETE FROM backend_connection WHERE cluster = $1 AND proxy = $2 \
-                 AND backend_id IN ({list})"
+                 AND generation <= $3 AND backend_id IN ({})",
+                placeholders(4, chunk.len())
             );
             with_list(
                 sqlx::query(&delete)
                     .bind(cluster.as_str())
-                    .bind(proxy.as_str()),
+                    .bind(proxy.as_str())
+                    .bind(generation),
                 chunk,
             )
             .execute(&mut *tx)
             .await?;
             let touch = format!(
-                "UPDATE backend SET last_active_at = $1 WHERE cluster = $2 AND id IN ({list})"
+                "UPDATE backend SET last_active_at = $1 WHERE cluster = $2 AND id IN ({})",
+                placeholders(3, chunk.len())
             );
             with_list(
                 sqlx::query(&touch).bind(now.0).bind(cluster.as_str()),
