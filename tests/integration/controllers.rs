@@ -1,7 +1,7 @@
 //! Several controllers on one PostgreSQL database, with no load balancer: a drone on one, a
 //! proxy on another, the app calling either. They coordinate only through the database.
 
-use crate::harness::{holds_for, wait_for, TestEnv, BACKEND_WAIT};
+use crate::harness::{wait_for, TestEnv, BACKEND_WAIT};
 use crate::postgres_test;
 use futures_util::{SinkExt, StreamExt};
 use plane_protocol::api::ConnectResponse;
@@ -159,17 +159,10 @@ postgres_test!(
         let (mut socket, _) = tokio_tungstenite::connect_async(ws)
             .await
             .expect("websocket");
-        holds_for(
+        env.stays_ready(
             "the backend with a WebSocket through B to stay ready",
+            &busy.backend_id,
             Duration::from_secs(3),
-            || async {
-                let entry = env.status(&busy.backend_id).await;
-                if entry.status == BackendStatus::Ready {
-                    Ok(())
-                } else {
-                    Err(format!("{entry:?}"))
-                }
-            },
         )
         .await;
         socket.send(Message::text("hi")).await.expect("send");

@@ -162,28 +162,6 @@ async fn drone_process_in(
     PlaneProcess::start(args, env.scratch.join(format!("{name}.log"))).await
 }
 
-/// Whether the cluster state lists `drone` with `field` equal to `value`.
-async fn drone_state_is(
-    env: &TestEnv,
-    drone: &NodeName,
-    field: &str,
-    value: bool,
-) -> Result<(), String> {
-    let (_, state) = env
-        .get_json(&format!("/ctrl/c/{}/state", env.cluster))
-        .await;
-    let found = state["drones"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["name"] == drone.as_str())
-        .cloned();
-    match found {
-        Some(d) if d[field] == value => Ok(()),
-        _ => Err(state.to_string()),
-    }
-}
-
 db_test!(
     drone_killed_with_sigkill_loses_its_backends_and_the_key_spawns_afresh_on_another_drone,
     |env: TestEnv| async move {
@@ -194,7 +172,7 @@ db_test!(
         wait_for(
             "the drone process to connect",
             Duration::from_secs(30),
-            || drone_state_is(&env, &name, "connected", true),
+            || env.drone_state_is(&name, "connected", true),
         )
         .await;
         let docker_events = DockerEvents::record(&env.cluster).await;
@@ -224,7 +202,7 @@ db_test!(
         wait_for(
             "the killed drone shown as lost",
             Duration::from_secs(20),
-            || drone_state_is(&env, &name, "lost", true),
+            || env.drone_state_is(&name, "lost", true),
         )
         .await;
 
@@ -240,7 +218,7 @@ db_test!(
         })
         .await;
         wait_for("the drone no longer lost", Duration::from_secs(20), || {
-            drone_state_is(&env, &name, "lost", false)
+            env.drone_state_is(&name, "lost", false)
         })
         .await;
         assert_eq!(

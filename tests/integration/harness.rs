@@ -362,6 +362,42 @@ impl TestEnv {
         drone
     }
 
+    /// Whether the cluster state lists `drone` with `field` (`connected`, `lost`) equal to
+    /// `value`; the state itself otherwise, for the failure message.
+    pub async fn drone_state_is(
+        &self,
+        drone: &NodeName,
+        field: &str,
+        value: bool,
+    ) -> Result<(), String> {
+        let (_, state) = self
+            .get_json(&format!("/ctrl/c/{}/state", self.cluster))
+            .await;
+        let found = state["drones"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["name"] == drone.as_str())
+            .cloned();
+        match found {
+            Some(d) if d[field] == value => Ok(()),
+            _ => Err(state.to_string()),
+        }
+    }
+
+    /// Checks for all of `during` that the backend stays `ready`.
+    pub async fn stays_ready(&self, what: &str, backend: &BackendName, during: Duration) {
+        holds_for(what, during, || async {
+            let entry = self.status(backend).await;
+            if entry.status == BackendStatus::Ready {
+                Ok(())
+            } else {
+                Err(format!("{entry:?}"))
+            }
+        })
+        .await;
+    }
+
     /// Waits until the cluster state shows the drone and proxy connected; returns it.
     pub async fn wait_for_connected_nodes(&self) -> Value {
         let path = format!("/ctrl/c/{}/state", self.cluster);

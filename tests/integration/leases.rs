@@ -9,7 +9,6 @@ use crate::harness::{containers_of, holds_for, wait_for, DockerEvents, TestEnv, 
 use crate::relay::Relay;
 use plane_protocol::api::ConnectResponse;
 use plane_protocol::backend::{BackendStatus, TerminationReason};
-use plane_protocol::names::NodeName;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -22,28 +21,6 @@ pub async fn fencing_token(env: &TestEnv, response: &ConnectResponse) -> i64 {
         .as_str()
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("no fencing token in {echo}"))
-}
-
-/// Whether the cluster state lists `drone` with `field` equal to `value`.
-async fn drone_state_is(
-    env: &TestEnv,
-    drone: &NodeName,
-    field: &str,
-    value: bool,
-) -> Result<(), String> {
-    let (_, state) = env
-        .get_json(&format!("/ctrl/c/{}/state", env.cluster))
-        .await;
-    let found = state["drones"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["name"] == drone.as_str())
-        .cloned();
-    match found {
-        Some(d) if d[field] == value => Ok(()),
-        _ => Err(state.to_string()),
-    }
 }
 
 db_test!(
@@ -78,7 +55,7 @@ db_test!(
         wait_for(
             "the cut-off drone's session closed",
             Duration::from_secs(20),
-            || drone_state_is(&env, cut_off.name(), "connected", false),
+            || env.drone_state_is(cut_off.name(), "connected", false),
         )
         .await;
         let second = env.connect_ready("partition", &env.spawn_config(&[])).await;
@@ -90,7 +67,7 @@ db_test!(
 
         relay.heal();
         wait_for("the cut-off drone back", Duration::from_secs(30), || {
-            drone_state_is(&env, cut_off.name(), "connected", true)
+            env.drone_state_is(cut_off.name(), "connected", true)
         })
         .await;
         // Its late reports of the old backend change nothing.

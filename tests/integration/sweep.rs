@@ -1,9 +1,9 @@
 //! Idle reaping and lifetime limits.
 
 use crate::db_test;
-use crate::harness::{holds_for, TestEnv};
+use crate::harness::TestEnv;
 use futures_util::{SinkExt, StreamExt};
-use plane_protocol::backend::{BackendStatus, TerminationReason};
+use plane_protocol::backend::TerminationReason;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -24,17 +24,10 @@ db_test!(
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
         // ...and by then the busy one has been idle-eligible for as long, yet it is kept
         // while its WebSocket stays open.
-        holds_for(
+        env.stays_ready(
             "the busy backend to stay ready",
+            &busy.backend_id,
             Duration::from_secs(3),
-            || async {
-                let entry = env.status(&busy.backend_id).await;
-                if entry.status == BackendStatus::Ready {
-                    Ok(())
-                } else {
-                    Err(format!("{entry:?}"))
-                }
-            },
         )
         .await;
         socket
@@ -92,17 +85,10 @@ db_test!(
         let (mut socket, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket");
-        holds_for(
+        env.stays_ready(
             "the backend with an idle WebSocket to stay ready",
+            &busy.backend_id,
             Duration::from_secs(7),
-            || async {
-                let entry = env.status(&busy.backend_id).await;
-                if entry.status == BackendStatus::Ready {
-                    Ok(())
-                } else {
-                    Err(format!("{entry:?}"))
-                }
-            },
         )
         .await;
         socket.send(Message::text("ping")).await.expect("send");
