@@ -4,6 +4,7 @@
 
 use crate::connection_tracker::ConnectionTracker;
 use crate::route_cache::RouteCache;
+use crate::upstream_pool::UpstreamPool;
 use futures_util::{SinkExt, StreamExt};
 use plane_protocol::names::{BearerToken, NodeName};
 use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteInfo};
@@ -64,6 +65,8 @@ pub struct ControllerClient {
 struct Shared {
     cache: RouteCache,
     tracker: ConnectionTracker,
+    /// Keep-alive connections to backends; a removed backend's are closed.
+    pool: UpstreamPool,
     /// Tokens asked about and not yet answered, with everyone waiting for each, so
     /// concurrent requests for one token share a single round-trip. A plain lock: it is only
     /// held for map updates, never across an await.
@@ -119,6 +122,7 @@ impl ControllerClient {
     pub fn start(
         config: ControllerConnectionConfig,
         tracker: ConnectionTracker,
+        pool: UpstreamPool,
         cancel: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (requests_tx, requests_rx) = mpsc::unbounded_channel();
@@ -126,6 +130,7 @@ impl ControllerClient {
         let shared = Arc::new(Shared {
             cache: RouteCache::default(),
             tracker,
+            pool,
             pending: Mutex::new(HashMap::new()),
             requests: requests_tx,
             connected: connected_rx,
@@ -378,6 +383,7 @@ impl Runner {
                 debug!(backend = %backend_id, "backend removed");
                 self.shared.cache.remove_backend(&backend_id);
                 self.shared.tracker.backend_removed(&backend_id);
+                self.shared.pool.remove_backend(&backend_id);
             }
             // A newer controller may send messages we don't know yet; skipping them keeps
             // the connection (and every other route) working.

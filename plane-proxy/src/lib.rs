@@ -15,6 +15,7 @@ mod proxy_service;
 mod responses;
 mod route_cache;
 mod server;
+mod upstream_pool;
 
 pub use cli::ProxyOpts;
 pub use config::ProxyConfig;
@@ -33,6 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
+use upstream_pool::UpstreamPool;
 
 /// A running proxy. Dropping it stops everything at once; [`ProxyHandle::shutdown`] stops
 /// gracefully.
@@ -44,6 +46,8 @@ pub struct ProxyHandle {
     tasks: TaskTracker,
     drain: CancellationToken,
     grace: Duration,
+    /// Keep-alive connections to backends, closed at shutdown.
+    pool: UpstreamPool,
     accept_task: JoinHandle<()>,
     controller_task: JoinHandle<()>,
     /// Cancels the root token (and so every task) when the handle goes away.
@@ -77,6 +81,8 @@ impl ProxyHandle {
     /// disconnects from the controller (which in-flight requests may still need until then).
     pub async fn shutdown(self) {
         self.drain.cancel();
+        // Idle keep-alive connections would otherwise wait out the whole grace period.
+        self.pool.close();
         // The accept loop drops the listener as it returns: no new connections after this.
         if let Err(error) = self.accept_task.await {
             warn!(%error, "the accept loop failed");
@@ -114,6 +120,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
     let drain = hard_stop.child_token();
     let tasks = TaskTracker::new();
     let tracker = ConnectionTracker::default();
+    let pool = UpstreamPool::default();
 
     let (controller, controller_task) = ControllerClient::start(
         ControllerConnectionConfig {
@@ -123,6 +130,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
             route_timeout: config.route_timeout(),
         },
         tracker.clone(),
+        pool.clone(),
         hard_stop.child_token(),
     );
     let state = ProxyState::new(
@@ -131,6 +139,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         tasks.clone(),
         hard_stop.clone(),
         config.backend_connect_timeout(),
+        pool.clone(),
     );
     let server = Server {
         state,
@@ -147,6 +156,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         controller,
         tasks,
         drain,
+        pool,
         accept_task,
         controller_task,
         hard_stop: hard_stop.drop_guard(),

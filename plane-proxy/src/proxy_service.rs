@@ -7,8 +7,10 @@ use crate::connection_tracker::{ConnectionGuard, ConnectionTracker};
 use crate::controller_connection::{ControllerClient, RouteError};
 use crate::headers;
 use crate::responses;
+use crate::upstream_pool::UpstreamPool;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use plane_protocol::names::BearerToken;
@@ -43,6 +45,8 @@ struct StateInner {
     /// Fires when the shutdown grace period is over and in-flight work must stop.
     hard_stop: CancellationToken,
     backend_connect_timeout: Duration,
+    /// Keep-alive connections to backends, reused across requests.
+    pool: UpstreamPool,
 }
 
 /// Why the backend exchange failed; every case is answered with 502.
@@ -79,6 +83,7 @@ impl ProxyState {
         tasks: TaskTracker,
         hard_stop: CancellationToken,
         backend_connect_timeout: Duration,
+        pool: UpstreamPool,
     ) -> Self {
         Self {
             inner: Arc::new(StateInner {
@@ -87,6 +92,7 @@ impl ProxyState {
                 tasks,
                 hard_stop,
                 backend_connect_timeout,
+                pool,
             }),
         }
     }
@@ -124,7 +130,11 @@ impl ProxyState {
             }
         };
 
-        let response = match self.exchange(route.address, backend_request).await {
+        let removed = guard.removed();
+        let response = match self
+            .exchange(&route, backend_request, upgrade, removed)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
                 debug!(backend = %route.backend_id, address = %route.address, %error, "backend unreachable");
@@ -146,13 +156,73 @@ impl ProxyState {
         Response::from_parts(parts, ProxyBody::streamed(body, guard))
     }
 
-    /// Sends `request` to the backend over a fresh connection and returns its response head;
-    /// the body streams afterwards on a tracked task.
+    /// Sends `request` to the backend and returns its response head; the body streams
+    /// afterwards. A plain request reuses a pooled keep-alive connection when there is one
+    /// (and its connection goes back to the pool once the response has been read); an
+    /// upgrade always gets a fresh connection, which becomes its tunnel.
     async fn exchange(
         &self,
-        address: SocketAddr,
+        route: &RouteInfo,
         request: Request<Incoming>,
+        upgrade: bool,
+        removed: CancellationToken,
     ) -> Result<Response<Incoming>, BackendError> {
+        let pool = &self.inner.pool;
+        let mut request = request;
+        if !upgrade {
+            // A pooled connection the backend has meanwhile closed gives the request back
+            // unsent; then the next one (or a fresh one) is tried.
+            while let Some(mut sender) = pool.take(&route.backend_id) {
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        self.return_when_done(route, sender, removed);
+                        return Ok(response);
+                    }
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(BackendError::Http(error.into_error())),
+                    },
+                }
+            }
+        }
+        let mut sender = self.connect(route.address).await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(BackendError::Http)?;
+        if !upgrade {
+            self.return_when_done(route, sender, removed);
+        }
+        Ok(response)
+    }
+
+    /// Puts the connection back in the pool once its response has been read to the end,
+    /// unless the backend is going away (or the connection fails first).
+    fn return_when_done(
+        &self,
+        route: &RouteInfo,
+        mut sender: SendRequest<Incoming>,
+        removed: CancellationToken,
+    ) {
+        let pool = self.inner.pool.clone();
+        let backend = route.backend_id.clone();
+        let hard_stop = self.inner.hard_stop.clone();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                ready = sender.ready() => {
+                    if ready.is_ok() && !removed.is_cancelled() {
+                        pool.put(&backend, sender);
+                    }
+                }
+                _ = removed.cancelled() => {}
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Opens a new connection to a backend; its driving task ends when every handle to it
+    /// is gone (or on a hard stop).
+    async fn connect(&self, address: SocketAddr) -> Result<SendRequest<Incoming>, BackendError> {
         let connect = TcpStream::connect(address);
         let stream = tokio::time::timeout(self.inner.backend_connect_timeout, connect)
             .await
@@ -162,13 +232,13 @@ impl ProxyState {
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%error, "could not set TCP_NODELAY on a backend connection");
         }
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(BackendError::Http)?;
         let hard_stop = self.inner.hard_stop.clone();
         self.inner.tasks.spawn(async move {
             tokio::select! {
-                // Ends once the response is complete (the sender is gone by then) or, for an
+                // Ends once every sender is gone and the connection is idle, or, for an
                 // upgrade, once the connection is handed over to the tunnel.
                 result = connection.with_upgrades() => {
                     if let Err(error) = result {
@@ -178,10 +248,7 @@ impl ProxyState {
                 _ = hard_stop.cancelled() => {}
             }
         });
-        sender
-            .send_request(request)
-            .await
-            .map_err(BackendError::Http)
+        Ok(sender)
     }
 
     /// Answers the client's upgrade with the backend's 101 and joins the two connections once

@@ -181,3 +181,41 @@ async fn streaming_response_keeps_its_backend_reported_until_it_ends() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn requests_reuse_keep_alive_connections_to_the_backend() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, _) = env.route_to_upstream();
+        for i in 0..20 {
+            let response = get(env.addr(), &format!("/{token}/n/{i}")).await;
+            assert_eq!(response.status, StatusCode::OK);
+        }
+        // One after another, so one pooled connection serves them all.
+        assert_eq!(
+            env.upstream.accepted(),
+            1,
+            "connections accepted for 20 requests"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_removed_backends_pooled_connections_are_closed() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, route) = env.route_to_upstream();
+        let response = get(env.addr(), &format!("/{token}/")).await;
+        assert_eq!(response.status, StatusCode::OK);
+        let mut open = env.upstream.open_connections();
+        open.wait_for(|n| *n == 1).await.expect("upstream alive");
+
+        env.controller
+            .send(plane_protocol::proxy::MessageToProxy::BackendRemoved {
+                backend_id: route.backend_id.clone(),
+            });
+        open.wait_for(|n| *n == 0).await.expect("upstream alive");
+    })
+    .await;
+}

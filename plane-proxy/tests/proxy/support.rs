@@ -315,6 +315,9 @@ type UpstreamBody = BoxBody<Bytes, Infallible>;
 pub struct Upstream {
     pub addr: SocketAddr,
     release_slow: watch::Sender<bool>,
+    /// TCP connections accepted so far, and those still open.
+    accepted: Arc<AtomicUsize>,
+    open: watch::Receiver<usize>,
     _task: AbortOnDrop,
 }
 
@@ -325,14 +328,29 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream address");
         let (release_slow, release_rx) = watch::channel(false);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (open_tx, open) = watch::channel(0usize);
+        let open_tx = Arc::new(open_tx);
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                counter.fetch_add(1, Ordering::SeqCst);
+                open_tx.send_modify(|n| *n += 1);
+                let open_tx = open_tx.clone();
                 let release = release_rx.clone();
                 connections.spawn(async move {
+                    // Counts the connection closed however this task ends.
+                    struct Closed(Arc<watch::Sender<usize>>);
+                    impl Drop for Closed {
+                        fn drop(&mut self) {
+                            self.0.send_modify(|n| *n -= 1);
+                        }
+                    }
+                    let _closed = Closed(open_tx);
                     let service = hyper::service::service_fn(move |request| {
                         let release = release.clone();
                         async move { Ok::<_, Infallible>(upstream_handle(request, release).await) }
@@ -347,8 +365,20 @@ impl Upstream {
         Self {
             addr,
             release_slow,
+            accepted,
+            open,
             _task: AbortOnDrop(task),
         }
+    }
+
+    /// How many TCP connections the upstream has accepted.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Follows how many of its connections are open.
+    pub fn open_connections(&self) -> watch::Receiver<usize> {
+        self.open.clone()
     }
 
     /// Lets every `/slow` response finish.
