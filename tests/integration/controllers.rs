@@ -4,102 +4,34 @@
 use crate::harness::{wait_for, TestEnv, BACKEND_WAIT};
 use crate::postgres_test;
 use futures_util::{SinkExt, StreamExt};
-use plane_protocol::api::ConnectResponse;
-use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationReason};
-use serde_json::{json, Value};
+use plane_protocol::backend::{BackendStatus, TerminationReason};
+use serde_json::json;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
-
-/// POSTs JSON to the controller at `base`.
-async fn post(env: &TestEnv, base: &url::Url, path: &str, body: &Value) -> (u16, Value) {
-    let url = format!("{}{path}", base.as_str().trim_end_matches('/'));
-    let response = env
-        .client
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("reachable");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn get_json(env: &TestEnv, base: &url::Url, path: &str) -> Value {
-    let url = format!("{}{path}", base.as_str().trim_end_matches('/'));
-    let response = env.client.get(url).send().await.expect("reachable");
-    response.json().await.unwrap_or(Value::Null)
-}
-
-async fn connect_via(env: &TestEnv, base: &url::Url, key: &str, spawn: &Value) -> ConnectResponse {
-    let body = json!({ "key": { "name": key }, "spawn_config": spawn });
-    let (status, body) = post(env, base, "/ctrl/connect", &body).await;
-    assert_eq!(status, 200, "connect via {base}: {body}");
-    serde_json::from_value(body).expect("connect response")
-}
-
-/// The whole status stream of a backend from the controller at `base` (it ends after
-/// `terminated`).
-async fn status_stream_via(
-    env: &TestEnv,
-    base: &url::Url,
-    backend: &str,
-) -> Vec<BackendStatusStreamEntry> {
-    let url = format!(
-        "{}/pub/b/{backend}/status-stream",
-        base.as_str().trim_end_matches('/')
-    );
-    let text = env
-        .client
-        .get(url)
-        .send()
-        .await
-        .expect("reachable")
-        .text()
-        .await
-        .expect("body");
-    text.lines()
-        .filter_map(|line| line.strip_prefix("data:"))
-        .map(|data| serde_json::from_str(data.trim()).expect("stream entry"))
-        .collect()
-}
 
 postgres_test!(
     a_drone_on_one_controller_serves_apps_and_proxies_on_another,
     |env: TestEnv| async move {
-        let a = env.controller().url();
+        let a = env.api();
         let other = env.start_controller().await;
-        let b = other.url();
-        let proxy_b = env.start_proxy(&b).await;
+        let b = env.api_at(&other.url());
+        let proxy_b = env.start_proxy(&other.url()).await;
 
         // Placement on B sees the drone connected to A.
-        let state = get_json(&env, &b, &format!("/ctrl/c/{}/state", env.cluster)).await;
+        let (_, state) = b.get_json(&format!("/ctrl/c/{}/state", env.cluster)).await;
         assert_eq!(state["drones"][0]["connected"], true, "{state}");
 
-        let spawn = serde_json::to_value(env.spawn_config(&[])).expect("spawn config");
-        let response = connect_via(&env, &b, "shared", &spawn).await;
+        let spawn = env.spawn_config(&[]);
+        let response = b.connect("shared", &spawn).await;
         assert_eq!(response.drone.as_ref(), Some(env.drone.name()));
         // A stream on B follows what the drone reports to A, live.
         let stream_b = {
-            let env_client = env.client.clone();
-            let url = format!(
-                "{}/pub/b/{}/status-stream",
-                b.as_str().trim_end_matches('/'),
-                response.backend_id
-            );
-            tokio::spawn(async move {
-                env_client
-                    .get(url)
-                    .send()
-                    .await
-                    .expect("reachable")
-                    .text()
-                    .await
-                    .expect("body")
-            })
+            let (b, backend) = (b.clone(), response.backend_id.clone());
+            tokio::spawn(async move { b.status_stream(&backend).await })
         };
         env.wait_for_status(&response.backend_id, BackendStatus::Ready, BACKEND_WAIT)
             .await;
-        let joined = connect_via(&env, &a, "shared", &spawn).await;
+        let joined = a.connect("shared", &spawn).await;
         assert_eq!(joined.backend_id, response.backend_id);
         assert!(!joined.spawned);
 
@@ -109,20 +41,23 @@ postgres_test!(
         assert_eq!(answer.status().as_u16(), 200);
 
         // Terminated through A: B's stream ends, and B's proxy drops the route at once.
-        let (status, body) = post(
-            &env,
-            &a,
-            &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
-            &json!({}),
-        )
-        .await;
+        let (status, body) = a
+            .post(
+                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
+                &json!({}),
+            )
+            .await;
         assert_eq!(status, 200, "{body}");
         let streamed = tokio::time::timeout(BACKEND_WAIT, stream_b)
             .await
             .expect("stream ends")
             .expect("stream task");
-        assert!(streamed.contains("\"terminated\""), "{streamed}");
-        let on_b = status_stream_via(&env, &b, response.backend_id.as_str()).await;
+        assert_eq!(
+            streamed.last().map(|e| e.status),
+            Some(BackendStatus::Terminated),
+            "{streamed:?}"
+        );
+        let on_b = b.status_stream(&response.backend_id).await;
         assert_eq!(
             on_b.last().map(|e| e.status),
             Some(BackendStatus::Terminated)
@@ -151,8 +86,7 @@ postgres_test!(
         // Idle reaping sees connections reported by a proxy on another controller.
         let mut config = env.spawn_config(&[]);
         config.max_idle_seconds = Some(1);
-        let spawn = serde_json::to_value(&config).expect("spawn config");
-        let busy = connect_via(&env, &a, "busy", &spawn).await;
+        let busy = a.connect("busy", &config).await;
         env.wait_for_status(&busy.backend_id, BackendStatus::Ready, BACKEND_WAIT)
             .await;
         let ws = format!("ws://{}/{}/ws", proxy_b.local_addr(), busy.token);
@@ -180,16 +114,16 @@ postgres_test!(
 postgres_test!(
     concurrent_connects_split_across_two_controllers_start_one_backend,
     |env: TestEnv| async move {
-        let a = env.controller().url();
+        let a = env.api();
         let other = env.start_controller().await;
-        let b = other.url();
-        let spawn = serde_json::to_value(env.spawn_config(&[])).expect("spawn config");
+        let b = env.api_at(&other.url());
+        let spawn = env.spawn_config(&[]);
         for round in 0..10 {
             let key = format!("race-{round}");
             let connects = (0..200).map(|i| {
-                let base = if i % 2 == 0 { a.clone() } else { b.clone() };
-                let (env, key, spawn) = (&env, key.clone(), spawn.clone());
-                async move { connect_via(env, &base, &key, &spawn).await }
+                let api = if i % 2 == 0 { &a } else { &b };
+                let (key, spawn) = (&key, &spawn);
+                async move { api.connect(key, spawn).await }
             });
             let responses = futures_util::future::join_all(connects).await;
             let first = &responses[0].backend_id;

@@ -8,10 +8,8 @@ use crate::harness::{
 };
 use crate::leases::fencing_token;
 use crate::relay::Relay;
-use plane_protocol::api::ConnectResponse;
-use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationReason};
+use plane_protocol::backend::{BackendStatus, TerminationReason};
 use plane_protocol::names::{ClusterName, NodeName};
-use serde_json::json;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -253,41 +251,13 @@ db_test!(
 
         let mut spawn = env.spawn_config(&[("DEMO_STARTUP_DELAY_MS", "1500")]);
         spawn.cluster = Some(cluster.clone());
-        let body = json!({ "key": { "name": "mid-spawn" }, "spawn_config": spawn });
-        let response = env
-            .client
-            .post(format!("{}ctrl/connect", controller.url))
-            .json(&body)
-            .send()
-            .await
-            .expect("controller reachable");
-        assert_eq!(response.status().as_u16(), 200);
-        let response: ConnectResponse = response.json().await.expect("connect response");
+        let api = env.api_at(&controller.url);
+        let response = api.connect("mid-spawn", &spawn).await;
         controller.kill().await;
         controller.restart().await;
 
-        let status = format!("{}pub/b/{}/status", controller.url, response.backend_id);
-        wait_for(
-            "the backend to become ready after the restart",
-            BACKEND_WAIT,
-            || async {
-                let entry: serde_json::Value = env
-                    .client
-                    .get(&status)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .json()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if entry["status"] == "ready" {
-                    Ok(())
-                } else {
-                    Err(entry.to_string())
-                }
-            },
-        )
-        .await;
+        api.wait_for_status(&response.backend_id, BackendStatus::Ready, BACKEND_WAIT)
+            .await;
         drone.shutdown().await;
         env
     }
@@ -324,51 +294,16 @@ db_test!(
 
         let mut spawn = env.spawn_config(&[]);
         spawn.cluster = Some(cluster.clone());
-        let body = json!({ "key": { "name": "exits-alone" }, "spawn_config": spawn });
-        let status_url = |backend: &str| format!("{base}pub/b/{backend}/status");
-        let response: ConnectResponse = wait_for(
+        let api = env.api_at(&base);
+        let response = wait_for(
             "a connect to reach the drone process",
             Duration::from_secs(30),
-            || async {
-                let answer = env
-                    .client
-                    .post(format!("{base}ctrl/connect"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if answer.status().is_success() {
-                    answer.json().await.map_err(|e| e.to_string())
-                } else {
-                    Err(answer.status().to_string())
-                }
-            },
+            || api.try_connect("exits-alone", &spawn),
         )
         .await;
         assert_eq!(response.drone.as_ref(), Some(&name));
-        let status_of = |backend: String| {
-            let (client, url) = (env.client.clone(), status_url(&backend));
-            async move {
-                let entry: BackendStatusStreamEntry = client
-                    .get(url)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .json()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(entry)
-            }
-        };
-        wait_for("the backend ready", BACKEND_WAIT, || async {
-            let entry = status_of(response.backend_id.to_string()).await?;
-            if entry.status == BackendStatus::Ready {
-                Ok(())
-            } else {
-                Err(format!("{entry:?}"))
-            }
-        })
-        .await;
+        api.wait_for_status(&response.backend_id, BackendStatus::Ready, BACKEND_WAIT)
+            .await;
 
         // Cut off, the backend exits on its own: the drone stores the report but cannot
         // deliver it. Then the drone is killed.
@@ -398,15 +333,13 @@ db_test!(
         // controller learns the real exit code.
         relay.heal();
         drone.restart();
-        let entry = wait_for("the backend terminated", BACKEND_WAIT, || async {
-            let entry = status_of(response.backend_id.to_string()).await?;
-            if entry.status == BackendStatus::Terminated {
-                Ok(entry)
-            } else {
-                Err(format!("{entry:?}"))
-            }
-        })
-        .await;
+        let entry = api
+            .wait_for_status(
+                &response.backend_id,
+                BackendStatus::Terminated,
+                BACKEND_WAIT,
+            )
+            .await;
         assert_eq!(entry.exit_code, Some(3), "{entry:?}");
         assert_eq!(entry.termination_reason, None, "{entry:?}");
         proxy.shutdown().await;

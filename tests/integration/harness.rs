@@ -447,38 +447,32 @@ impl TestEnv {
         }
     }
 
+    /// The API of this test's controller.
+    pub fn api(&self) -> Api {
+        self.api_at(&self.controller().url())
+    }
+
+    /// The API of the controller at `url` (another controller of the test).
+    pub fn api_at(&self, url: &url::Url) -> Api {
+        Api {
+            base: url.as_str().trim_end_matches('/').to_string(),
+            client: self.client.clone(),
+        }
+    }
+
     /// POSTs JSON to the controller; returns the status code and the JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(self.controller_url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("controller reachable");
-        let status = response.status().as_u16();
-        let body = response.json().await.unwrap_or(Value::Null);
-        (status, body)
+        self.api().post(path, body).await
     }
 
     /// GETs a controller path; returns the status code and the JSON body (`Null` if none).
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(self.controller_url(path))
-            .send()
-            .await
-            .expect("controller reachable");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.api().get_json(path).await
     }
 
     /// Connects with a key and the given spawn config; panics unless it succeeds.
     pub async fn connect(&self, key: &str, spawn_config: &SpawnConfig) -> ConnectResponse {
-        let body = json!({ "key": { "name": key }, "spawn_config": spawn_config, "user": "alice" });
-        let (status, body) = self.post("/ctrl/connect", &body).await;
-        assert_eq!(status, 200, "connect failed: {body}");
-        serde_json::from_value(body).expect("connect response")
+        self.api().connect(key, spawn_config).await
     }
 
     /// Connects (see [`TestEnv::connect`]) and waits until the backend is ready.
@@ -512,54 +506,22 @@ impl TestEnv {
 
     /// The backend's latest status entry.
     pub async fn status(&self, backend: &BackendName) -> BackendStatusStreamEntry {
-        self.client
-            .get(self.controller_url(&format!("/pub/b/{backend}/status")))
-            .send()
-            .await
-            .expect("status reachable")
-            .json()
-            .await
-            .expect("status JSON")
+        self.api().status(backend).await
     }
 
-    /// Waits until the backend reaches `status` (or, for a status it could skip, a later
-    /// one); returns the entry seen.
+    /// Waits until the backend reaches `status`; returns the entry seen.
     pub async fn wait_for_status(
         &self,
         backend: &BackendName,
         status: BackendStatus,
         within: Duration,
     ) -> BackendStatusStreamEntry {
-        wait_for(
-            &format!("backend {backend} to reach {status}"),
-            within,
-            || async {
-                let entry = self.status(backend).await;
-                if entry.status == status {
-                    Ok(entry)
-                } else {
-                    Err(format!("status is {}: {entry:?}", entry.status))
-                }
-            },
-        )
-        .await
+        self.api().wait_for_status(backend, status, within).await
     }
 
     /// Reads the whole status stream of a backend (it ends after `terminated`).
     pub async fn status_stream(&self, backend: &BackendName) -> Vec<BackendStatusStreamEntry> {
-        let text = self
-            .client
-            .get(self.controller_url(&format!("/pub/b/{backend}/status-stream")))
-            .send()
-            .await
-            .expect("stream reachable")
-            .text()
-            .await
-            .expect("stream body");
-        text.lines()
-            .filter_map(|line| line.strip_prefix("data:"))
-            .map(|data| serde_json::from_str(data.trim()).expect("stream entry"))
-            .collect()
+        self.api().status_stream(backend).await
     }
 
     /// GETs a path through the proxy under `token`; returns the status code and body.
@@ -647,6 +609,126 @@ pub async fn containers_of(backend: &BackendName) -> Vec<String> {
         .into_iter()
         .filter_map(|c| c.id)
         .collect()
+}
+
+/// One controller's HTTP API, as an app would call it.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs JSON; returns the status code and the JSON body (`Null` if none).
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("controller reachable");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GETs a path; returns the status code and the JSON body (`Null` if none).
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("controller reachable");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Connects with a key; the error says what came back instead of a backend (also
+    /// when the controller could not be reached at all).
+    pub async fn try_connect(
+        &self,
+        key: &str,
+        spawn_config: &SpawnConfig,
+    ) -> Result<ConnectResponse, String> {
+        let body = json!({ "key": { "name": key }, "spawn_config": spawn_config, "user": "alice" });
+        let response = self
+            .client
+            .post(self.url("/ctrl/connect"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("{status}: {body}"));
+        }
+        serde_json::from_value(body).map_err(|e| e.to_string())
+    }
+
+    /// Connects with a key; panics unless it succeeds.
+    pub async fn connect(&self, key: &str, spawn_config: &SpawnConfig) -> ConnectResponse {
+        match self.try_connect(key, spawn_config).await {
+            Ok(response) => response,
+            Err(error) => panic!("connect via {} failed: {error}", self.base),
+        }
+    }
+
+    /// The backend's latest status entry.
+    pub async fn status(&self, backend: &BackendName) -> BackendStatusStreamEntry {
+        self.client
+            .get(self.url(&format!("/pub/b/{backend}/status")))
+            .send()
+            .await
+            .expect("status reachable")
+            .json()
+            .await
+            .expect("status JSON")
+    }
+
+    /// Waits until the backend reaches `status`; returns the entry seen.
+    pub async fn wait_for_status(
+        &self,
+        backend: &BackendName,
+        status: BackendStatus,
+        within: Duration,
+    ) -> BackendStatusStreamEntry {
+        wait_for(
+            &format!("backend {backend} to reach {status}"),
+            within,
+            || async {
+                let entry = self.status(backend).await;
+                if entry.status == status {
+                    Ok(entry)
+                } else {
+                    Err(format!("status is {}: {entry:?}", entry.status))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Reads the whole status stream of a backend (it ends after `terminated`).
+    pub async fn status_stream(&self, backend: &BackendName) -> Vec<BackendStatusStreamEntry> {
+        let text = self
+            .client
+            .get(self.url(&format!("/pub/b/{backend}/status-stream")))
+            .send()
+            .await
+            .expect("stream reachable")
+            .text()
+            .await
+            .expect("stream body");
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(|data| serde_json::from_str(data.trim()).expect("stream entry"))
+            .collect()
+    }
 }
 
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `within` with what was

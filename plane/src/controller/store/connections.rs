@@ -116,17 +116,9 @@ impl Store {
             )
             .execute(&mut *tx)
             .await?;
-            let touch = format!(
-                "UPDATE backend SET last_active_at = $1 WHERE cluster = $2 AND id IN ({})",
-                placeholders(3, chunk.len())
-            );
-            with_list(
-                sqlx::query(&touch).bind(now.0).bind(cluster.as_str()),
-                chunk,
-            )
-            .execute(&mut *tx)
-            .await?;
         }
+        // Idle time for the closed ones starts now.
+        mark_active(&mut tx, cluster, closed, now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -139,21 +131,32 @@ impl Store {
         now: Millis,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in backends.chunks(MAX_LIST_PARAMETERS) {
-            let touch = format!(
-                "UPDATE backend SET last_active_at = $1 WHERE cluster = $2 AND id IN ({})",
-                placeholders(3, chunk.len())
-            );
-            with_list(
-                sqlx::query(&touch).bind(now.0).bind(cluster.as_str()),
-                chunk,
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
+        mark_active(&mut tx, cluster, backends, now).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Sets `last_active_at` of the listed backends to `now`.
+async fn mark_active(
+    conn: &mut sqlx::AnyConnection,
+    cluster: &ClusterName,
+    backends: &[BackendName],
+    now: Millis,
+) -> StoreResult<()> {
+    for chunk in backends.chunks(MAX_LIST_PARAMETERS) {
+        let touch = format!(
+            "UPDATE backend SET last_active_at = $1 WHERE cluster = $2 AND id IN ({})",
+            placeholders(3, chunk.len())
+        );
+        with_list(
+            sqlx::query(&touch).bind(now.0).bind(cluster.as_str()),
+            chunk,
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
