@@ -1,5 +1,6 @@
 //! Messages on the proxy socket (`/ctrl/c/:cluster/proxy-socket`), both directions.
 
+use crate::backend::{BackendStatus, TerminationReason};
 use crate::names::{BackendName, BearerToken, NodeName, SecretToken};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -29,7 +30,8 @@ pub enum MessageFromProxy {
         closed: Vec<BackendName>,
     },
     /// Where does this token lead? Answered by [`MessageToProxy::RouteResponse`] once the
-    /// backend is ready (or is known never to become ready).
+    /// backend is ready or is known never to become ready, or with
+    /// [`RouteAnswer::Starting`] when the controller's own wait runs out first.
     RouteRequest { token: BearerToken },
     /// Sent every report interval: the backends that had a connection open, or any
     /// traffic, since the previous report. Keeps them from being reaped as idle.
@@ -40,13 +42,39 @@ pub enum MessageFromProxy {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageToProxy {
-    /// `route` is `None` when the token is unknown, revoked, or its backend has stopped.
+    /// The answer to a [`MessageFromProxy::RouteRequest`].
     RouteResponse {
         token: BearerToken,
-        route: Option<RouteInfo>,
+        answer: RouteAnswer,
     },
     /// The backend is stopping: forget every route to it and refuse new requests.
     BackendRemoved { backend_id: BackendName },
+}
+
+/// What the controller knows about a token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RouteAnswer {
+    /// The backend is ready: send the token's traffic here.
+    Ready(RouteInfo),
+    /// No such token, a revoked one, or one for a backend of another cluster.
+    Unknown,
+    /// The token's backend has stopped (or is stopping) and will never serve it.
+    Terminated {
+        backend_id: BackendName,
+        /// Why Plane stopped it; `None` when the process exited on its own.
+        #[serde(default)]
+        reason: Option<TerminationReason>,
+        /// The process's exit code, when it exited and the code is known.
+        #[serde(default)]
+        exit_code: Option<i32>,
+    },
+    /// Still starting (at `status`) when the controller stopped waiting; ask again to keep
+    /// waiting.
+    Starting {
+        backend_id: BackendName,
+        status: BackendStatus,
+    },
 }
 
 /// Where to send a token's traffic, and what to tell the backend about the caller.

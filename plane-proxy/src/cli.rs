@@ -1,8 +1,9 @@
 //! `plane proxy` command-line options; every flag can also come from a `PLANE_*` variable.
 
 use crate::config::{
-    ProxyConfig, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BIND_IP, DEFAULT_HTTP_PORT,
-    DEFAULT_REPORT_INTERVAL_MS, DEFAULT_ROUTE_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS,
+    ProxyConfig, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BIND_IP, DEFAULT_HOLD_TIMEOUT_MS,
+    DEFAULT_HTTP_PORT, DEFAULT_MAX_HELD_REQUESTS, DEFAULT_REPORT_INTERVAL_MS,
+    DEFAULT_SHUTDOWN_GRACE_MS,
 };
 use anyhow::Context;
 use plane_protocol::names::{ClusterName, NodeName};
@@ -36,9 +37,14 @@ pub struct ProxyOpts {
     #[arg(long, env = "PLANE_REPORT_INTERVAL_MS", default_value_t = DEFAULT_REPORT_INTERVAL_MS)]
     pub report_interval_ms: u64,
 
-    /// How long a request waits for its token to resolve, in milliseconds.
-    #[arg(long, env = "PLANE_ROUTE_TIMEOUT_MS", default_value_t = DEFAULT_ROUTE_TIMEOUT_MS)]
-    pub route_timeout_ms: u64,
+    /// How long a request is held waiting for its backend to become ready (or for the
+    /// controller to come back) before it gets 504, in milliseconds.
+    #[arg(long, env = "PLANE_HOLD_TIMEOUT_MS", default_value_t = DEFAULT_HOLD_TIMEOUT_MS)]
+    pub hold_timeout_ms: u64,
+
+    /// How many requests may be held at once; more get 503 with Retry-After.
+    #[arg(long, env = "PLANE_MAX_HELD_REQUESTS", default_value_t = DEFAULT_MAX_HELD_REQUESTS)]
+    pub max_held_requests: usize,
 
     /// How long in-flight requests may finish after shutdown begins, in milliseconds.
     #[arg(long, env = "PLANE_SHUTDOWN_GRACE_MS", default_value_t = DEFAULT_SHUTDOWN_GRACE_MS)]
@@ -62,7 +68,8 @@ impl ProxyOpts {
         config.http_port = self.http_port;
         config.bind_ip = self.bind_ip;
         config.report_interval_ms = self.report_interval_ms;
-        config.route_timeout_ms = self.route_timeout_ms;
+        config.hold_timeout_ms = self.hold_timeout_ms;
+        config.max_held_requests = self.max_held_requests;
         config.shutdown_grace_ms = self.shutdown_grace_ms;
         config.backend_connect_timeout_ms = self.backend_connect_timeout_ms;
         config.validate().context("invalid proxy options")?;
@@ -108,7 +115,8 @@ mod tests {
         assert_eq!(config.http_port, 9191);
         assert_eq!(config.bind_ip.to_string(), "127.0.0.1");
         assert_eq!(config.report_interval_ms, 250);
-        assert_eq!(config.route_timeout_ms, DEFAULT_ROUTE_TIMEOUT_MS);
+        assert_eq!(config.hold_timeout_ms, DEFAULT_HOLD_TIMEOUT_MS);
+        assert_eq!(config.max_held_requests, DEFAULT_MAX_HELD_REQUESTS);
     }
 
     #[test]

@@ -13,7 +13,8 @@ pub const DEFAULT_HTTP_PORT: u16 = 9090;
 /// must be reachable from outside the machine. `plane dev` and tests pass 127.0.0.1.
 pub const DEFAULT_BIND_IP: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 pub const DEFAULT_REPORT_INTERVAL_MS: u64 = 5_000;
-pub const DEFAULT_ROUTE_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_HOLD_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_MAX_HELD_REQUESTS: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_BACKEND_CONNECT_TIMEOUT_MS: u64 = 10_000;
 
@@ -40,11 +41,15 @@ pub struct ProxyConfig {
     /// connections or traffic (keeps them from being reaped as idle). Default 5000.
     #[serde(default = "default_report_interval_ms")]
     pub report_interval_ms: u64,
-    /// How long, in milliseconds, a request waits for the controller to resolve its token.
-    /// This includes waiting for a starting backend to become ready and for a lost
-    /// controller connection to come back. Default 30000.
-    #[serde(default = "default_route_timeout_ms")]
-    pub route_timeout_ms: u64,
+    /// How long, in milliseconds, a request (or WebSocket) is held waiting for its token's
+    /// backend to become ready, and for a lost controller connection to come back, before
+    /// it is answered 504. Default 30000.
+    #[serde(default = "default_hold_timeout_ms")]
+    pub hold_timeout_ms: u64,
+    /// How many requests may be held at once, waiting for their routes; more are answered
+    /// 503 with `Retry-After`. Each holds its client connection (a few KiB). Default 10000.
+    #[serde(default = "default_max_held_requests")]
+    pub max_held_requests: usize,
     /// On shutdown, how long, in milliseconds, in-flight requests and open WebSockets may
     /// continue after the listener closes before they are cut. Default 10000.
     #[serde(default = "default_shutdown_grace_ms")]
@@ -67,8 +72,11 @@ fn default_bind_ip() -> IpAddr {
 fn default_report_interval_ms() -> u64 {
     DEFAULT_REPORT_INTERVAL_MS
 }
-fn default_route_timeout_ms() -> u64 {
-    DEFAULT_ROUTE_TIMEOUT_MS
+fn default_hold_timeout_ms() -> u64 {
+    DEFAULT_HOLD_TIMEOUT_MS
+}
+fn default_max_held_requests() -> usize {
+    DEFAULT_MAX_HELD_REQUESTS
 }
 fn default_shutdown_grace_ms() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_MS
@@ -86,6 +94,8 @@ pub enum ConfigError {
     ControllerUrlNotABase(Url),
     #[error("{0} must be greater than zero")]
     ZeroDuration(&'static str),
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
 }
 
 impl ProxyConfig {
@@ -98,7 +108,8 @@ impl ProxyConfig {
             http_port: DEFAULT_HTTP_PORT,
             bind_ip: DEFAULT_BIND_IP,
             report_interval_ms: DEFAULT_REPORT_INTERVAL_MS,
-            route_timeout_ms: DEFAULT_ROUTE_TIMEOUT_MS,
+            hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+            max_held_requests: DEFAULT_MAX_HELD_REQUESTS,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             backend_connect_timeout_ms: DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
         }
@@ -109,7 +120,7 @@ impl ProxyConfig {
         self.controller_socket_url().map(|_| ())?;
         for (name, value) in [
             ("report_interval_ms", self.report_interval_ms),
-            ("route_timeout_ms", self.route_timeout_ms),
+            ("hold_timeout_ms", self.hold_timeout_ms),
             (
                 "backend_connect_timeout_ms",
                 self.backend_connect_timeout_ms,
@@ -118,6 +129,9 @@ impl ProxyConfig {
             if value == 0 {
                 return Err(ConfigError::ZeroDuration(name));
             }
+        }
+        if self.max_held_requests == 0 {
+            return Err(ConfigError::Zero("max_held_requests"));
         }
         Ok(())
     }
@@ -154,8 +168,8 @@ impl ProxyConfig {
         Duration::from_millis(self.report_interval_ms)
     }
 
-    pub fn route_timeout(&self) -> Duration {
-        Duration::from_millis(self.route_timeout_ms)
+    pub fn hold_timeout(&self) -> Duration {
+        Duration::from_millis(self.hold_timeout_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

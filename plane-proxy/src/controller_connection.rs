@@ -1,14 +1,18 @@
-//! The proxy's WebSocket to the controller: resolves tokens to routes, applies backend
-//! removals to the route cache, and sends keep-alive reports. Reconnects forever with
-//! backoff; requests that need the controller while it is away wait for it to come back.
+//! The proxy's WebSocket to the controller: resolves tokens to routes (holding requests
+//! while their backend starts), applies backend removals to the route cache, and sends
+//! keep-alive reports. Reconnects forever with backoff; requests that need the controller
+//! while it is away wait for it to come back.
 
 use crate::connection_tracker::ConnectionTracker;
+use crate::route::Route;
 use crate::route_cache::RouteCache;
 use crate::upstream_pool::UpstreamPool;
 use futures_util::{SinkExt, StreamExt};
+use plane_protocol::backend::TerminationReason;
 use plane_protocol::names::{BearerToken, NodeName};
-use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteInfo};
+use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteAnswer};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -35,15 +39,27 @@ const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(10);
 const MIN_CHANGES_INTERVAL: Duration = Duration::from_millis(50);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Waiter = oneshot::Sender<Option<RouteInfo>>;
+type Resolution = Result<Arc<Route>, RouteError>;
+type Waiter = oneshot::Sender<Resolution>;
 
-/// Why a token could not be resolved.
+/// Why a request cannot be routed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("the controller did not answer within the route timeout")]
-    Timeout,
+    #[error("unknown or revoked token")]
+    Unknown,
+    #[error("the backend has stopped")]
+    Terminated {
+        reason: Option<TerminationReason>,
+        exit_code: Option<i32>,
+    },
+    #[error("the backend did not become ready within the hold timeout")]
+    HoldTimeout,
     #[error("the proxy has no connection to the controller")]
     ControllerUnavailable,
+    #[error("too many requests are already held waiting for their backends")]
+    TooManyHeld,
+    #[error("the route cannot be expressed as request headers")]
+    Unusable,
 }
 
 /// What the connection needs to know.
@@ -53,7 +69,10 @@ pub struct ControllerConnectionConfig {
     pub socket_url: Url,
     pub name: NodeName,
     pub report_interval: Duration,
-    pub route_timeout: Duration,
+    /// How long a request may wait for its route (a starting backend, a lost controller).
+    pub hold_timeout: Duration,
+    /// How many requests may wait for routes at once; more are refused at once.
+    pub max_held_requests: usize,
 }
 
 /// Handle for resolving tokens through the controller. Cheap to clone.
@@ -74,7 +93,10 @@ struct Shared {
     /// Wakes the connection task to send a route request for a newly pending token.
     requests: mpsc::UnboundedSender<BearerToken>,
     connected: watch::Receiver<bool>,
-    route_timeout: Duration,
+    hold_timeout: Duration,
+    max_held_requests: usize,
+    /// Requests waiting for a route now.
+    held: AtomicUsize,
 }
 
 impl Shared {
@@ -98,22 +120,57 @@ impl Shared {
         pending.keys().cloned().collect()
     }
 
-    fn resolve(&self, token: BearerToken, route: Option<RouteInfo>) {
-        // Cache first, then take the waiters: `route()` checks the cache while holding the
-        // pending lock, so a request either finds the route cached or is among the waiters.
-        let route = match route {
-            Some(route) if self.cache.insert(token.clone(), route.clone()) => Some(route),
-            Some(route) => {
-                debug!(backend = %route.backend_id, "route to a removed backend refused");
-                None
+    /// Applies the controller's answer for `token`. Returns whether to ask again: a backend
+    /// still starting when the controller stopped waiting is waited for anew (each waiter
+    /// still has its own hold deadline).
+    fn resolve(&self, token: BearerToken, answer: RouteAnswer) -> bool {
+        let resolution = match answer {
+            RouteAnswer::Ready(info) => match Route::new(info) {
+                // Cache first, then take the waiters: `route()` checks the cache while
+                // holding the pending lock, so a request either finds the route cached or
+                // is among the waiters.
+                Ok(route) => {
+                    let route = Arc::new(route);
+                    if self.cache.insert(token.clone(), Arc::clone(&route)) {
+                        Ok(route)
+                    } else {
+                        debug!(backend = %route.backend_id, "route to a removed backend refused");
+                        Err(RouteError::Terminated {
+                            reason: None,
+                            exit_code: None,
+                        })
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, "the controller sent a route no request header can carry");
+                    Err(RouteError::Unusable)
+                }
+            },
+            RouteAnswer::Unknown => Err(RouteError::Unknown),
+            RouteAnswer::Terminated {
+                reason, exit_code, ..
+            } => Err(RouteError::Terminated { reason, exit_code }),
+            RouteAnswer::Starting { .. } => {
+                let mut pending = self.pending();
+                Self::prune_pending(&mut pending);
+                return pending.contains_key(&token);
             }
-            None => None,
         };
         let waiters = self.pending().remove(&token).unwrap_or_default();
         for waiter in waiters {
             // A waiter that timed out has gone; nothing to tell it.
-            let _ = waiter.send(route.clone());
+            let _ = waiter.send(resolution.clone());
         }
+        false
+    }
+}
+
+/// Counts one request as held (waiting for its route) until dropped.
+struct HeldRequest<'a>(&'a AtomicUsize);
+
+impl Drop for HeldRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -134,7 +191,9 @@ impl ControllerClient {
             pending: Mutex::new(HashMap::new()),
             requests: requests_tx,
             connected: connected_rx,
-            route_timeout: config.route_timeout,
+            hold_timeout: config.hold_timeout,
+            max_held_requests: config.max_held_requests,
+            held: AtomicUsize::new(0),
         });
         let runner = Runner {
             shared: shared.clone(),
@@ -147,18 +206,25 @@ impl ControllerClient {
         (Self { shared }, task)
     }
 
-    /// Where `token` leads: `Ok(None)` when the controller says it is unknown, revoked or
-    /// its backend has stopped. Waits at most the route timeout, including for a lost
-    /// controller connection to come back.
-    pub async fn route(&self, token: &BearerToken) -> Result<Option<RouteInfo>, RouteError> {
+    /// Where `token` leads. A token not in the cache is asked about, and the request is
+    /// held until its backend is ready, has stopped, or the hold timeout passes (which
+    /// includes waiting for a lost controller connection to come back). At most
+    /// `max_held_requests` are held at once.
+    pub async fn route(&self, token: &BearerToken) -> Result<Arc<Route>, RouteError> {
         if let Some(route) = self.shared.cache.get(token) {
-            return Ok(Some(route));
+            return Ok(route);
         }
+        let held = &self.shared.held;
+        if held.fetch_add(1, Ordering::AcqRel) >= self.shared.max_held_requests {
+            held.fetch_sub(1, Ordering::AcqRel);
+            return Err(RouteError::TooManyHeld);
+        }
+        let _held = HeldRequest(held);
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.shared.pending();
             if let Some(route) = self.shared.cache.get(token) {
-                return Ok(Some(route));
+                return Ok(route);
             }
             match pending.get_mut(token) {
                 Some(waiters) => waiters.push(tx),
@@ -171,19 +237,29 @@ impl ControllerClient {
             }
         }
         // `let` so the timed-out receiver is dropped before pruning closed waiters.
-        let answer = tokio::time::timeout(self.shared.route_timeout, rx).await;
+        let answer = tokio::time::timeout(self.shared.hold_timeout, rx).await;
         match answer {
-            Ok(Ok(route)) => Ok(route),
+            Ok(Ok(resolution)) => resolution,
             Ok(Err(_)) => Err(RouteError::ControllerUnavailable),
             Err(_) => {
                 Shared::prune_pending(&mut self.shared.pending());
                 if self.is_connected() {
-                    Err(RouteError::Timeout)
+                    Err(RouteError::HoldTimeout)
                 } else {
                     Err(RouteError::ControllerUnavailable)
                 }
             }
         }
+    }
+
+    /// How long a request may be held waiting for its route.
+    pub fn hold_timeout(&self) -> Duration {
+        self.shared.hold_timeout
+    }
+
+    /// How many requests are held waiting for their routes now.
+    pub fn held_requests(&self) -> usize {
+        self.shared.held.load(Ordering::Acquire)
     }
 
     pub fn is_connected(&self) -> bool {
@@ -317,7 +393,11 @@ impl Runner {
                 frame = socket.next() => {
                     last_heard = Instant::now();
                     match frame {
-                        Some(Ok(Message::Text(text))) => self.handle_message(text.as_str()),
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(token) = self.handle_message(text.as_str()) {
+                                send(socket, &MessageFromProxy::RouteRequest { token }).await?;
+                            }
+                        }
                         Some(Ok(Message::Close(_))) | None => return Err(SessionError::Closed),
                         // Pongs only matter as signs of life; pings are answered by tungstenite.
                         Some(Ok(_)) => {}
@@ -376,9 +456,14 @@ impl Runner {
         result
     }
 
-    fn handle_message(&self, text: &str) {
+    /// Applies one message; returns a token to ask about again, if any.
+    fn handle_message(&self, text: &str) -> Option<BearerToken> {
         match serde_json::from_str::<MessageToProxy>(text) {
-            Ok(MessageToProxy::RouteResponse { token, route }) => self.shared.resolve(token, route),
+            Ok(MessageToProxy::RouteResponse { token, answer }) => {
+                if self.shared.resolve(token.clone(), answer) {
+                    return Some(token);
+                }
+            }
             Ok(MessageToProxy::BackendRemoved { backend_id }) => {
                 debug!(backend = %backend_id, "backend removed");
                 self.shared.cache.remove_backend(&backend_id);
@@ -389,6 +474,7 @@ impl Runner {
             // the connection (and every other route) working.
             Err(error) => warn!(%error, "ignoring a message from the controller"),
         }
+        None
     }
 }
 

@@ -1,8 +1,8 @@
 //! Which headers cross the proxy and which it adds: hop-by-hop headers stop here, callers'
 //! `x-verified-*` headers are dropped, and the proxy adds the verified ones it vouches for.
 
+use crate::route::Route;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
-use plane_protocol::proxy::RouteInfo;
 use std::net::IpAddr;
 
 /// Prefix of the headers only the proxy may set; backends trust them.
@@ -87,28 +87,15 @@ pub fn strip_verified(headers: &mut HeaderMap) {
 /// `path_and_query` is the path the backend sees (the token removed).
 pub fn add_verified(
     headers: &mut HeaderMap,
-    route: &RouteInfo,
+    route: &Route,
     path_and_query: &str,
 ) -> Result<(), InvalidHeaderValue> {
-    if let Some(user) = &route.user {
-        // from_bytes: a non-ASCII user name passes as its UTF-8 bytes.
-        headers.insert(
-            X_VERIFIED_USERNAME,
-            HeaderValue::from_bytes(user.as_bytes())?,
-        );
+    if let Some(username) = &route.username {
+        headers.insert(X_VERIFIED_USERNAME, username.clone());
     }
-    headers.insert(
-        X_VERIFIED_USER_DATA,
-        HeaderValue::from_str(&ascii_json(&route.user_data))?,
-    );
-    headers.insert(
-        X_VERIFIED_SECRET,
-        HeaderValue::from_str(route.secret_token.as_str())?,
-    );
-    headers.insert(
-        X_VERIFIED_BACKEND,
-        HeaderValue::from_str(route.backend_id.as_str())?,
-    );
+    headers.insert(X_VERIFIED_USER_DATA, route.user_data.clone());
+    headers.insert(X_VERIFIED_SECRET, route.secret.clone());
+    headers.insert(X_VERIFIED_BACKEND, route.backend.clone());
     headers.insert(X_VERIFIED_PATH, HeaderValue::from_str(path_and_query)?);
     Ok(())
 }

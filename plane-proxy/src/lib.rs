@@ -13,6 +13,7 @@ mod controller_connection;
 mod headers;
 mod proxy_service;
 mod responses;
+mod route;
 mod route_cache;
 mod server;
 mod upstream_pool;
@@ -68,6 +69,12 @@ impl ProxyHandle {
     /// Whether the proxy has a live connection to the controller right now.
     pub fn is_connected(&self) -> bool {
         self.controller.is_connected()
+    }
+
+    /// How many requests are held right now, waiting for their backends to become ready
+    /// (or for their tokens to resolve).
+    pub fn held_requests(&self) -> usize {
+        self.controller.held_requests()
     }
 
     /// Follows the controller connection (`true` while connected), e.g. to wait until the
@@ -127,7 +134,8 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
             socket_url,
             name: config.name.clone(),
             report_interval: config.report_interval(),
-            route_timeout: config.route_timeout(),
+            hold_timeout: config.hold_timeout(),
+            max_held_requests: config.max_held_requests,
         },
         tracker.clone(),
         pool.clone(),

@@ -7,14 +7,14 @@ use crate::connection_tracker::{ConnectionGuard, ConnectionTracker};
 use crate::controller_connection::{ControllerClient, RouteError};
 use crate::headers;
 use crate::responses;
+use crate::route::Route;
 use crate::upstream_pool::UpstreamPool;
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use plane_protocol::names::BearerToken;
-use plane_protocol::proxy::RouteInfo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,11 +110,11 @@ impl ProxyState {
         let Ok(token) = token.parse::<BearerToken>() else {
             return responses::unknown_token();
         };
+        // Held here while the backend starts. Nothing counts as activity on the backend
+        // until the route is known, so held requests cannot keep a failing backend alive.
         let route = match self.inner.controller.route(&token).await {
-            Ok(Some(route)) => route,
-            Ok(None) => return responses::unknown_token(),
-            Err(RouteError::Timeout) => return responses::route_timeout(),
-            Err(RouteError::ControllerUnavailable) => return responses::controller_unavailable(),
+            Ok(route) => route,
+            Err(error) => return self.route_error(error),
         };
         // From here until the response body ends (or the tunnel closes) the backend has an
         // open connection.
@@ -156,13 +156,28 @@ impl ProxyState {
         Response::from_parts(parts, ProxyBody::streamed(body, guard))
     }
 
+    fn route_error(&self, error: RouteError) -> Response<ProxyBody> {
+        match error {
+            RouteError::Unknown => responses::unknown_token(),
+            RouteError::Terminated { reason, exit_code } => {
+                responses::backend_terminated(reason, exit_code)
+            }
+            RouteError::HoldTimeout => {
+                responses::hold_timeout(self.inner.controller.hold_timeout())
+            }
+            RouteError::ControllerUnavailable => responses::controller_unavailable(),
+            RouteError::TooManyHeld => responses::too_many_held_requests(),
+            RouteError::Unusable => responses::internal_error(),
+        }
+    }
+
     /// Sends `request` to the backend and returns its response head; the body streams
     /// afterwards. A plain request reuses a pooled keep-alive connection when there is one
     /// (and its connection goes back to the pool once the response has been read); an
     /// upgrade always gets a fresh connection, which becomes its tunnel.
     async fn exchange(
         &self,
-        route: &RouteInfo,
+        route: &Route,
         request: Request<Incoming>,
         upgrade: bool,
         removed: CancellationToken,
@@ -200,7 +215,7 @@ impl ProxyState {
     /// unless the backend is going away (or the connection fails first).
     fn return_when_done(
         &self,
-        route: &RouteInfo,
+        route: &Route,
         mut sender: SendRequest<Incoming>,
         removed: CancellationToken,
     ) {
@@ -294,7 +309,7 @@ impl ProxyState {
 /// as-is, hop-by-hop and spoofed headers removed, verified and forwarding headers added.
 fn backend_request(
     request: Request<Incoming>,
-    route: &RouteInfo,
+    route: &Route,
     backend_path: &str,
     client: ClientConnection,
 ) -> Result<Request<Incoming>, anyhow::Error> {
@@ -314,10 +329,7 @@ fn backend_request(
     headers::set_forwarded(headers, client.remote_addr.ip(), client.scheme);
     if !headers.contains_key(header::HOST) {
         // HTTP/1.0 clients may omit Host; HTTP/1.1 backends require one.
-        headers.insert(
-            header::HOST,
-            HeaderValue::from_str(&route.address.to_string())?,
-        );
+        headers.insert(header::HOST, route.host.clone());
     }
     Ok(Request::from_parts(parts, body))
 }

@@ -3,15 +3,23 @@
 
 use crate::body::ProxyBody;
 use http::{header, HeaderValue, Response, StatusCode};
+use plane_protocol::backend::TerminationReason;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// What a client refused for lack of room is told to wait before trying again, in seconds.
+const RETRY_AFTER_SECONDS: u64 = 1;
 
 /// The `error` field of the proxy's error bodies, one per way a request can fail here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
     MissingToken,
     UnknownToken,
+    BackendTerminated,
     BadGateway,
     ControllerUnavailable,
-    RouteTimeout,
+    HoldTimeout,
+    TooManyHeldRequests,
     Internal,
 }
 
@@ -20,9 +28,11 @@ impl ErrorKind {
         match self {
             Self::MissingToken => "missing_token",
             Self::UnknownToken => "unknown_token",
+            Self::BackendTerminated => "backend_terminated",
             Self::BadGateway => "bad_gateway",
             Self::ControllerUnavailable => "controller_unavailable",
-            Self::RouteTimeout => "route_timeout",
+            Self::HoldTimeout => "hold_timeout",
+            Self::TooManyHeldRequests => "too_many_held_requests",
             Self::Internal => "internal_error",
         }
     }
@@ -33,16 +43,26 @@ impl ErrorKind {
             // well-formed request for something that does not exist.
             Self::MissingToken => StatusCode::NOT_FOUND,
             Self::UnknownToken => StatusCode::NOT_FOUND,
+            // The token was valid, but its backend is gone for good: retrying cannot help.
+            Self::BackendTerminated => StatusCode::GONE,
             Self::BadGateway => StatusCode::BAD_GATEWAY,
             Self::ControllerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RouteTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::HoldTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::TooManyHeldRequests => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
 fn error(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": kind.as_str(), "message": message });
+    error_with(kind, message, json!({}))
+}
+
+/// An error whose body carries `details` (an object) beside `error` and `message`.
+fn error_with(kind: ErrorKind, message: &str, details: Value) -> Response<ProxyBody> {
+    let mut body = details;
+    body["error"] = kind.as_str().into();
+    body["message"] = message.into();
     let mut response = Response::new(ProxyBody::full(body.to_string()));
     *response.status_mut() = kind.status();
     let headers = response.headers_mut();
@@ -72,6 +92,23 @@ pub fn unknown_token() -> Response<ProxyBody> {
     )
 }
 
+/// The token's backend has stopped (or failed to start) and will never serve it.
+pub fn backend_terminated(
+    reason: Option<TerminationReason>,
+    exit_code: Option<i32>,
+) -> Response<ProxyBody> {
+    let cause = match (reason, exit_code) {
+        (Some(reason), _) => format!(" (reason: {})", reason.as_str()),
+        (None, Some(code)) => format!(" (it exited with code {code})"),
+        (None, None) => String::new(),
+    };
+    error_with(
+        ErrorKind::BackendTerminated,
+        &format!("the backend for this URL has stopped{cause}; ask the app for a new URL"),
+        json!({ "reason": reason.map(TerminationReason::as_str), "exit_code": exit_code }),
+    )
+}
+
 /// The backend could not be reached or broke off the exchange.
 pub fn bad_gateway() -> Response<ProxyBody> {
     error(
@@ -88,12 +125,27 @@ pub fn controller_unavailable() -> Response<ProxyBody> {
     )
 }
 
-/// The controller did not resolve the token in time (e.g. the backend is slow to start).
-pub fn route_timeout() -> Response<ProxyBody> {
+/// The backend did not become ready within the hold timeout.
+pub fn hold_timeout(waited: Duration) -> Response<ProxyBody> {
     error(
-        ErrorKind::RouteTimeout,
-        "the backend for this URL did not become ready in time; try again",
+        ErrorKind::HoldTimeout,
+        &format!(
+            "the backend for this URL did not become ready within {} ms; try again",
+            waited.as_millis()
+        ),
     )
+}
+
+/// Too many requests are already held waiting for their backends.
+pub fn too_many_held_requests() -> Response<ProxyBody> {
+    let mut response = error(
+        ErrorKind::TooManyHeldRequests,
+        "too many requests are waiting for backends to start; try again shortly",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+    response
 }
 
 /// The route's data cannot be expressed as request headers (a fault upstream of us).

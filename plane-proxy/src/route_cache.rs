@@ -1,11 +1,11 @@
 //! Routes the controller has resolved, by token, so only a token's first request pays a
 //! round-trip; evicted per backend the moment the controller says the backend is going away.
 
+use crate::route::Route;
 use dashmap::DashMap;
 use plane_protocol::names::{BackendName, BearerToken};
-use plane_protocol::proxy::RouteInfo;
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a removed backend is remembered. Long enough to outlast any route response that
@@ -19,7 +19,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// here can keep a token failing.
 #[derive(Debug)]
 pub struct RouteCache {
-    routes: DashMap<BearerToken, RouteInfo>,
+    routes: DashMap<BearerToken, Arc<Route>>,
     /// The tokens cached for each backend, so a removal finds them all without a scan.
     by_backend: DashMap<BackendName, HashSet<BearerToken>>,
     /// Backends removed recently, and when. A route to one of them is never cached again.
@@ -40,13 +40,13 @@ impl Default for RouteCache {
 }
 
 impl RouteCache {
-    pub fn get(&self, token: &BearerToken) -> Option<RouteInfo> {
-        self.routes.get(token).map(|route| route.clone())
+    pub fn get(&self, token: &BearerToken) -> Option<Arc<Route>> {
+        self.routes.get(token).map(|route| Arc::clone(&route))
     }
 
     /// Caches `route` for `token` unless its backend was removed; returns whether it did.
     /// A `false` means the route is stale and must not be used either.
-    pub fn insert(&self, token: BearerToken, route: RouteInfo) -> bool {
+    pub fn insert(&self, token: BearerToken, route: Arc<Route>) -> bool {
         // The backend's index entry stays locked while we check for removal and insert, and
         // `remove_backend` marks the backend removed *before* taking that same lock, so
         // either we see the mark or the removal sees (and evicts) our token.
@@ -58,7 +58,7 @@ impl RouteCache {
             return false;
         }
         tokens.insert(token.clone());
-        if let Some(previous) = self.routes.insert(token.clone(), route.clone()) {
+        if let Some(previous) = self.routes.insert(token.clone(), Arc::clone(&route)) {
             // A token maps to one backend for life, but stay tidy if the controller says
             // otherwise: the old backend's index must not keep pointing at this token.
             if previous.backend_id != route.backend_id {
@@ -127,15 +127,17 @@ impl RouteCache {
 mod tests {
     use super::*;
     use plane_protocol::names::SecretToken;
+    use plane_protocol::proxy::RouteInfo;
 
-    fn route(backend: &BackendName) -> RouteInfo {
-        RouteInfo {
+    fn route(backend: &BackendName) -> Arc<Route> {
+        let info = RouteInfo {
             backend_id: backend.clone(),
             address: "127.0.0.1:1".parse().expect("test address"),
             secret_token: SecretToken::new_random(),
             user: None,
             user_data: serde_json::Value::Null,
-        }
+        };
+        Arc::new(Route::new(info).expect("valid test route"))
     }
 
     #[test]
@@ -155,7 +157,7 @@ mod tests {
 
         assert_eq!(cache.get(&t1), None);
         assert_eq!(cache.get(&t2), None);
-        assert_eq!(cache.get(&t3).map(|r| r.backend_id), Some(b));
+        assert_eq!(cache.get(&t3).map(|r| r.backend_id.clone()), Some(b));
         assert_eq!(cache.len(), 1);
     }
 

@@ -4,7 +4,7 @@
 use crate::db_test;
 use crate::harness::TestEnv;
 use futures_util::{SinkExt, StreamExt};
-use plane_protocol::backend::TerminationKind;
+use plane_protocol::backend::{BackendStatus, TerminationKind, TerminationReason};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -99,7 +99,61 @@ db_test!(
             .await;
         env.wait_terminated(&response.backend_id).await;
         let (code, body) = env.get_via_proxy(response.token.as_str(), "/").await;
-        assert_eq!(code, 404, "{body}");
+        assert_eq!(code, 410, "{body}");
+        let error: Value = serde_json::from_str(&body).expect("JSON error body");
+        assert_eq!(error["error"], "backend_terminated", "{error}");
+        assert_eq!(error["reason"], "external", "{error}");
+        env
+    }
+);
+
+db_test!(
+    a_get_and_a_websocket_opened_right_after_connect_are_held_until_ready,
+    |env: TestEnv| async move {
+        // Slow enough to start that both arrive long before it listens.
+        let config = env.spawn_config(&[("DEMO_STARTUP_DELAY_MS", "1500")]);
+        let response = env.connect("held-doc", &config).await;
+        assert_ne!(
+            env.status(&response.backend_id).await.status,
+            BackendStatus::Ready
+        );
+
+        let get = env.get_via_proxy(response.token.as_str(), "/held?x=1");
+        let url = format!("ws://{}/{}/ws", env.proxy.local_addr(), response.token);
+        let socket = tokio_tungstenite::connect_async(url);
+        let ((code, body), socket) = tokio::join!(get, socket);
+
+        assert_eq!(code, 200, "{body}");
+        let echo: Value = serde_json::from_str(&body).expect("echo JSON");
+        assert_eq!(echo["path"], "/held");
+        let (mut socket, _) = socket.expect("a WebSocket held until the backend was ready");
+        socket.send(Message::text("waited")).await.expect("send");
+        let echoed = socket.next().await.expect("a reply").expect("a frame");
+        assert_eq!(echoed.into_text().expect("text").as_str(), "waited");
+        assert_eq!(env.proxy.held_requests(), 0);
+        env
+    }
+);
+
+db_test!(
+    a_request_held_for_a_backend_that_never_starts_gets_its_termination_reason,
+    |env: TestEnv| async move {
+        // Never listens, so the drone gives up after the spawn's one-second startup timeout.
+        let mut config = env.spawn_config(&[("DEMO_STARTUP_DELAY_MS", "600000")]);
+        config.startup_timeout_seconds = Some(1);
+        let response = env.connect("never-ready-doc", &config).await;
+
+        let (code, body) = env.get_via_proxy(response.token.as_str(), "/").await;
+
+        assert_eq!(code, 410, "{body}");
+        let error: Value = serde_json::from_str(&body).expect("JSON error body");
+        assert_eq!(error["error"], "backend_terminated", "{error}");
+        assert_eq!(error["reason"], "startuptimeout", "{error}");
+        let entry = env.wait_terminated(&response.backend_id).await;
+        assert_eq!(
+            entry.termination_reason,
+            Some(TerminationReason::StartupTimeout)
+        );
         env
     }
 );

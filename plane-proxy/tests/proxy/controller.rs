@@ -62,8 +62,8 @@ async fn a_route_to_a_removed_backend_is_refused() {
         // route request sent after this point is answered after the removal is applied.
         let response = get(env.addr(), &format!("/{token}/")).await;
 
-        assert_eq!(response.status, StatusCode::NOT_FOUND);
-        assert_eq!(response.json()["error"], "unknown_token");
+        assert_eq!(response.status, StatusCode::GONE);
+        assert_eq!(response.json()["error"], "backend_terminated");
     })
     .await;
 }

@@ -97,16 +97,25 @@ async fn unreachable_backend_gets_502() {
 }
 
 #[tokio::test]
-async fn controller_that_never_answers_gets_504() {
+async fn a_request_held_past_the_hold_timeout_gets_504() {
     with_timeout(async {
-        let env = TestEnv::start_with(|config| config.route_timeout_ms = 300).await;
+        let env = TestEnv::start_with(|config| config.hold_timeout_ms = 300).await;
         env.controller.hold_answers(true);
         let (token, _) = env.route_to_upstream();
 
         let response = get(env.addr(), &format!("/{token}/")).await;
 
         assert_eq!(response.status, StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(response.json()["error"], "route_timeout");
+        assert_eq!(response.headers["content-type"], "application/json");
+        let body = response.json();
+        assert_eq!(body["error"], "hold_timeout");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("300 ms")),
+            "{body}"
+        );
+        assert_eq!(env.proxy.held_requests(), 0);
     })
     .await;
 }
@@ -114,7 +123,7 @@ async fn controller_that_never_answers_gets_504() {
 #[tokio::test]
 async fn controller_away_for_the_whole_wait_gets_503() {
     with_timeout(async {
-        let env = TestEnv::start_with(|config| config.route_timeout_ms = 300).await;
+        let env = TestEnv::start_with(|config| config.hold_timeout_ms = 300).await;
         env.controller.refuse_connections(true);
         env.controller.disconnect_all();
         let mut status = env.proxy.connection_status();

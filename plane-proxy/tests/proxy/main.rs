@@ -4,6 +4,7 @@
 mod controller;
 mod errors;
 mod forwarding;
+mod holding;
 mod shutdown;
 mod support;
 mod websockets;

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use plane_protocol::names::{BackendName, BearerToken, SecretToken};
-use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteInfo};
+use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteAnswer, RouteInfo};
 use plane_proxy::{ProxyConfig, ProxyHandle};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -74,7 +74,9 @@ enum Outgoing {
 
 #[derive(Default)]
 struct ControllerState {
-    routes: Mutex<HashMap<BearerToken, RouteInfo>>,
+    /// What each token is answered; a token not here is unknown. A list answers one entry
+    /// per request, the last one for good.
+    answers: Mutex<HashMap<BearerToken, Vec<RouteAnswer>>>,
     hold_answers: AtomicBool,
     held: Mutex<Vec<(BearerToken, mpsc::UnboundedSender<Outgoing>)>>,
     refuse_connections: AtomicBool,
@@ -118,11 +120,16 @@ impl FakeController {
     }
 
     pub fn add_route(&self, token: &BearerToken, route: &RouteInfo) {
-        lock(&self.state.routes).insert(token.clone(), route.clone());
+        self.answer_with(token, vec![RouteAnswer::Ready(route.clone())]);
+    }
+
+    /// Answers the next requests for `token` with `answers` in turn, repeating the last.
+    pub fn answer_with(&self, token: &BearerToken, answers: Vec<RouteAnswer>) {
+        lock(&self.state.answers).insert(token.clone(), answers);
     }
 
     pub fn remove_route(&self, token: &BearerToken) {
-        lock(&self.state.routes).remove(token);
+        lock(&self.state.answers).remove(token);
     }
 
     /// While held, route requests are recorded but not answered until [`Self::release`].
@@ -214,8 +221,13 @@ impl FakeController {
 }
 
 fn answer(state: &ControllerState, token: BearerToken) -> MessageToProxy {
-    let route = lock(&state.routes).get(&token).cloned();
-    MessageToProxy::RouteResponse { token, route }
+    let mut answers = lock(&state.answers);
+    let answer = match answers.get_mut(&token) {
+        Some(list) if list.len() > 1 => list.remove(0),
+        Some(list) => list.first().cloned().unwrap_or(RouteAnswer::Unknown),
+        None => RouteAnswer::Unknown,
+    };
+    MessageToProxy::RouteResponse { token, answer }
 }
 
 async fn accept_proxies(
@@ -551,7 +563,7 @@ impl TestEnv {
         let mut config = ProxyConfig::new(controller.url(), cluster);
         config.bind_ip = [127, 0, 0, 1].into();
         config.report_interval_ms = 100;
-        config.route_timeout_ms = 5_000;
+        config.hold_timeout_ms = 5_000;
         config.shutdown_grace_ms = 5_000;
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0")

@@ -25,7 +25,7 @@ pub struct ControllerConfig {
     /// How often the sweeper looks for idle, expired or lost backends, in milliseconds.
     pub sweep_interval_ms: u64,
     /// How long a proxy's route request may wait for a starting backend to become ready,
-    /// in milliseconds.
+    /// in milliseconds; then it is answered "still starting" and the proxy may ask again.
     pub route_wait_timeout_ms: u64,
     /// How long one renewal keeps a backend's key lease, in milliseconds. Drones renew on
     /// every heartbeat, so this must be at least two of their heartbeat intervals (plus

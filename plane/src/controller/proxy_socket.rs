@@ -13,7 +13,7 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use plane_protocol::backend::BackendStatus;
 use plane_protocol::names::{BearerToken, ClusterName};
-use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteInfo};
+use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteAnswer, RouteInfo};
 use plane_protocol::time::Millis;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -110,14 +110,14 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
                     let cluster = cluster.clone();
                     let sender = sender.clone();
                     lookups.spawn(async move {
-                        let route = match resolve_route(&state, &cluster, &token).await {
-                            Ok(route) => route,
+                        let answer = match resolve_route(&state, &cluster, &token).await {
+                            Ok(answer) => answer,
                             Err(err) => {
                                 tracing::error!(error = %err, "route lookup failed");
-                                None
+                                RouteAnswer::Unknown
                             }
                         };
-                        let _ = sender.send(MessageToProxy::RouteResponse { token, route });
+                        let _ = sender.send(MessageToProxy::RouteResponse { token, answer });
                     });
                 }
                 Incoming::Message(MessageFromProxy::ConnectionsChanged { opened, closed }) => {
@@ -164,31 +164,38 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
     tracing::info!(proxy = %name, %cluster, "proxy disconnected");
 }
 
-/// Where a token leads: `None` for an unknown token, a backend in another cluster, or one
-/// that has stopped. A backend still starting is waited for, up to the configured limit.
+/// Where a token leads. A backend still starting is waited for, up to the configured limit,
+/// and then answered [`RouteAnswer::Starting`] so the proxy can decide whether to ask again.
 async fn resolve_route(
     state: &ControllerState,
     cluster: &ClusterName,
     token: &BearerToken,
-) -> anyhow::Result<Option<RouteInfo>> {
+) -> anyhow::Result<RouteAnswer> {
     let Some(token_row) = state.store().token(token).await? else {
-        return Ok(None);
+        return Ok(RouteAnswer::Unknown);
     };
     let mut changes = state.bus().subscribe_status();
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(state.config().route_wait_timeout_ms);
     loop {
         let Some(backend) = state.store().backend(&token_row.backend_id).await? else {
-            return Ok(None);
+            return Ok(RouteAnswer::Unknown);
         };
-        if &backend.cluster != cluster || backend.status.is_terminating() {
-            return Ok(None);
+        if &backend.cluster != cluster {
+            return Ok(RouteAnswer::Unknown);
+        }
+        if backend.status.is_terminating() {
+            return Ok(RouteAnswer::Terminated {
+                backend_id: backend.id,
+                reason: backend.termination_reason,
+                exit_code: backend.exit_code,
+            });
         }
         if backend.status == BackendStatus::Ready {
             let Some(address) = backend.address else {
                 anyhow::bail!("ready backend {} has no address", backend.id);
             };
-            return Ok(Some(RouteInfo {
+            return Ok(RouteAnswer::Ready(RouteInfo {
                 backend_id: backend.id,
                 address,
                 secret_token: token_row.secret,
@@ -198,7 +205,10 @@ async fn resolve_route(
         }
         // Wait for this backend's next change, then look again.
         if !ChangeBus::wait_for_change_of(&mut changes, &token_row.backend_id, deadline).await {
-            return Ok(None);
+            return Ok(RouteAnswer::Starting {
+                backend_id: backend.id,
+                status: backend.status,
+            });
         }
     }
 }

@@ -1,0 +1,79 @@
+//! A resolved route: where a token's traffic goes, with the `x-verified-*` header values
+//! rendered once when the controller answers rather than on every request.
+
+use crate::headers;
+use http::header::{HeaderValue, InvalidHeaderValue};
+use plane_protocol::names::BackendName;
+use plane_protocol::proxy::RouteInfo;
+use std::net::SocketAddr;
+
+/// Shared (`Arc`) between the route cache and every request in flight on it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    pub backend_id: BackendName,
+    /// The backend's published address on its drone.
+    pub address: SocketAddr,
+    /// `x-verified-username`, when the connect named a user.
+    pub username: Option<HeaderValue>,
+    /// `x-verified-user-data`: the connect's `auth` as ASCII JSON.
+    pub user_data: HeaderValue,
+    /// `x-verified-secret`.
+    pub secret: HeaderValue,
+    /// `x-verified-backend`.
+    pub backend: HeaderValue,
+    /// `host` for HTTP/1.0 clients that sent none.
+    pub host: HeaderValue,
+}
+
+impl Route {
+    /// Renders the header values; fails only if the controller sent something no header
+    /// can carry (a user name with a newline, say).
+    pub fn new(info: RouteInfo) -> Result<Self, InvalidHeaderValue> {
+        Ok(Self {
+            username: info
+                .user
+                .as_deref()
+                // from_bytes: a non-ASCII user name passes as its UTF-8 bytes.
+                .map(|user| HeaderValue::from_bytes(user.as_bytes()))
+                .transpose()?,
+            user_data: HeaderValue::from_str(&headers::ascii_json(&info.user_data))?,
+            secret: HeaderValue::from_str(info.secret_token.as_str())?,
+            backend: HeaderValue::from_str(info.backend_id.as_str())?,
+            host: HeaderValue::from_str(&info.address.to_string())?,
+            backend_id: info.backend_id,
+            address: info.address,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plane_protocol::names::SecretToken;
+
+    fn info(user: Option<&str>) -> RouteInfo {
+        RouteInfo {
+            backend_id: BackendName::new_random(),
+            address: "127.0.0.1:8080".parse().expect("test address"),
+            secret_token: SecretToken::new_random(),
+            user: user.map(str::to_string),
+            user_data: serde_json::json!({"team": "Zoë"}),
+        }
+    }
+
+    #[test]
+    fn header_values_are_rendered_from_the_route() {
+        let info = info(Some("alice"));
+        let route = Route::new(info.clone()).expect("valid route");
+        assert_eq!(route.username, Some(HeaderValue::from_static("alice")));
+        assert_eq!(route.user_data, r#"{"team":"Zo\u00eb"}"#);
+        assert_eq!(route.secret, info.secret_token.as_str());
+        assert_eq!(route.backend, info.backend_id.as_str());
+        assert_eq!(route.host, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_user_name_no_header_can_carry_is_refused() {
+        assert!(Route::new(info(Some("line\nbreak"))).is_err());
+    }
+}
