@@ -1,0 +1,257 @@
+"""What the benchmark scripts share: building Plane, starting a real stack (plane dev for the
+controller and drone, a separate `plane proxy` process to measure alone), a demo backend
+container, an nginx reverse proxy to the same container, and reading RSS and load."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+PLANE = os.path.join(RELEASE, "plane")
+BENCH_CLIENT = os.path.join(RELEASE, "plane-bench")
+
+
+def log(message):
+    print(f"# {message}", file=sys.stderr, flush=True)
+
+
+def require(*commands):
+    missing = [c for c in commands if shutil.which(c) is None]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} not found; install them (apt-get install {' '.join(missing)})")
+
+
+def build():
+    """Release builds of `plane` and the benchmark client (the figures mean nothing in debug)."""
+    log("cargo build --release (plane, plane-bench)")
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "--bin", "plane", "--bin", "plane-bench"],
+        cwd=ROOT,
+        check=True,
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def rss_kib(pids):
+    """Resident set size of the given processes together, in KiB."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def raise_fd_limit(wanted):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def http_json(method, url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_until(what, check, within=60.0):
+    deadline = time.monotonic() + within
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except Exception as error:  # noqa: BLE001 - reported below if it never succeeds
+            last = error
+        time.sleep(0.1)
+    sys.exit(f"error: timed out waiting for {what} (last seen: {last!r})")
+
+
+class Stack:
+    """A running plane dev (controller + drone), a separate plane proxy, and one backend."""
+
+    def __init__(self, scratch, proxy_args=()):
+        self.scratch = scratch
+        self.processes = []
+        self.controller_port = free_port()
+        self.dev_proxy_port = free_port()
+        self.proxy_port = free_port()
+        self.cluster = f"localhost:{self.dev_proxy_port}"
+        self.controller = f"http://127.0.0.1:{self.controller_port}"
+        logs = open(os.path.join(scratch, "plane-dev.log"), "w")
+        self.dev = self._spawn(
+            [PLANE, "dev", "--data-dir", os.path.join(scratch, "dev"),
+             "--controller-port", str(self.controller_port), "--proxy-port", str(self.dev_proxy_port)],
+            logs,
+        )
+        wait_until("plane dev", lambda: http_json("GET", f"{self.controller}/ctrl/c/{self.cluster}/state")
+                   .get("drones"), within=180)
+        proxy_logs = open(os.path.join(scratch, "plane-proxy.log"), "w")
+        self.proxy = self._spawn(
+            [PLANE, "proxy", "--controller-url", self.controller, "--cluster", self.cluster,
+             "--bind-ip", "127.0.0.1", "--http-port", str(self.proxy_port), *proxy_args],
+            proxy_logs,
+        )
+        wait_until("the proxy to connect", self._proxy_connected)
+
+    def _spawn(self, argv, logs):
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        process = subprocess.Popen(argv, stdout=logs, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL)
+        self.processes.append(process)
+        return process
+
+    def _proxy_connected(self):
+        state = http_json("GET", f"{self.controller}/ctrl/c/{self.cluster}/state")
+        return sum(1 for p in state.get("proxies", []) if p.get("connected")) >= 2
+
+    def backend(self, key):
+        """Connects `key` to the demo image; returns (token, published host:port) once ready."""
+        response = http_json("POST", f"{self.controller}/ctrl/connect", {
+            "key": {"name": key},
+            "spawn_config": {"executable": {"image": "plane/demo:latest"}, "max_idle_seconds": 3600},
+        })
+        backend = response["backend_id"]
+        wait_until(f"backend {backend} to be ready",
+                   lambda: http_json("GET", f"{self.controller}/pub/b/{backend}/status")["status"] == "ready")
+        container = subprocess.run(
+            ["docker", "ps", "-q", "--filter", f"label=dev.plane.backend={backend}"],
+            check=True, capture_output=True, text=True).stdout.split()[0]
+        port = subprocess.run(["docker", "port", container], check=True, capture_output=True,
+                              text=True).stdout.split("\n")[0].split(" -> ")[1].strip()
+        return response["token"], port
+
+    def proxy_url(self, token, path):
+        return f"http://127.0.0.1:{self.proxy_port}/{token}{path}"
+
+    def stop(self):
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+class Nginx:
+    """Debian's nginx as a reverse proxy to `upstream`, with upstream keep-alive, configured
+    the way a user would put it in front of a container (no access log, 2 workers)."""
+
+    def __init__(self, scratch, upstream):
+        self.port = free_port()
+        prefix = os.path.join(scratch, "nginx")
+        os.makedirs(prefix, exist_ok=True)
+        conf = os.path.join(prefix, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+worker_processes 2;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+worker_rlimit_nofile 100000;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+    upstream backend {{
+        server {upstream};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+""")
+        self.process = subprocess.Popen(["nginx", "-c", conf, "-p", prefix],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_until("nginx", lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() or True)
+
+    def pids(self):
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return [self.process.pid] + [int(p) for p in out.split()]
+
+    def stop(self):
+        self.process.send_signal(signal.SIGQUIT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@contextmanager
+def scratch_dir(name):
+    path = tempfile.mkdtemp(prefix=f"plane-bench-{name}-")
+    ok = False
+    try:
+        yield path
+        ok = True
+    finally:
+        if ok and not os.environ.get("PLANE_BENCH_KEEP"):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            log(f"logs kept in {path}")
+
+
+def remove_backends(stack):
+    """Hard-terminates the stack's backends so no container outlives the benchmark."""
+    try:
+        out = subprocess.run(["docker", "ps", "-q", "--filter", f"label=dev.plane.cluster={stack.cluster}"],
+                             capture_output=True, text=True).stdout.split()
+        if out:
+            subprocess.run(["docker", "rm", "-f", *out], capture_output=True)
+    except OSError:
+        pass
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
