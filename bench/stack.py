@@ -149,7 +149,7 @@ class Stack:
             check=True, capture_output=True, text=True).stdout.split()[0]
         port = subprocess.run(["docker", "port", container], check=True, capture_output=True,
                               text=True).stdout.split("\n")[0].split(" -> ")[1].strip()
-        return response["token"], port
+        return response["token"], port, backend, response["secret_token"]
 
     def proxy_url(self, token, path):
         return f"http://127.0.0.1:{self.proxy_port}/{token}{path}"
@@ -167,9 +167,11 @@ class Stack:
 
 class Nginx:
     """Debian's nginx as a reverse proxy to `upstream`, with upstream keep-alive, configured
-    the way a user would put it in front of a container (no access log, 2 workers)."""
+    the way a user would put it in front of a container (no access log, 2 workers). It adds
+    headers of the same names and sizes as Plane's verified and forwarding headers, so the
+    backend receives (and its echo returns) the same bytes on both paths."""
 
-    def __init__(self, scratch, upstream):
+    def __init__(self, scratch, upstream, backend_id="ba-00000000000000000", secret="s" * 32):
         self.port = free_port()
         prefix = os.path.join(scratch, "nginx")
         os.makedirs(prefix, exist_ok=True)
@@ -203,6 +205,11 @@ http {{
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Verified-User-Data "{{}}";
+            proxy_set_header X-Verified-Secret "{secret}";
+            proxy_set_header X-Verified-Backend "{backend_id}";
+            proxy_set_header X-Verified-Path $request_uri;
             proxy_read_timeout 3600s;
         }}
     }}

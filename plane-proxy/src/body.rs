@@ -1,45 +1,72 @@
 //! The body type of every response the proxy sends: a backend's streamed body or one of the
-//! proxy's own, optionally holding a connection guard until the body has been sent.
+//! proxy's own. A streamed body holds the backend's connection guard until it ends, and hands
+//! the backend connection back to the pool the moment its last byte has been read.
 
 use crate::connection_tracker::ConnectionGuard;
+use crate::upstream_pool::PooledReturn;
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// A response body. While it holds a guard, the backend counts as having an open connection,
 /// so a long streaming response (server-sent events, a download) keeps it from being reaped.
-pub struct ProxyBody {
-    inner: UnsyncBoxBody<Bytes, hyper::Error>,
+///
+/// An enum rather than a boxed body: no allocation or dynamic dispatch per response.
+pub enum ProxyBody {
+    /// A complete body the proxy wrote itself (`None` once sent).
+    Full(Option<Bytes>),
+    /// A backend's body, streamed through.
+    Streamed(Box<Streamed>),
+}
+
+/// Boxed inside [`ProxyBody`] so the common small cases stay small.
+pub struct Streamed {
+    body: Incoming,
     guard: Option<ConnectionGuard>,
+    /// The backend connection the body arrives on, to pool again once the body has ended.
+    pooled: Option<PooledReturn>,
 }
 
 impl ProxyBody {
     /// A complete body the proxy wrote itself.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
-        Self {
-            inner: Full::new(bytes.into())
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-            guard: None,
-        }
+        Self::Full(Some(bytes.into()))
     }
 
     pub fn empty() -> Self {
-        Self {
-            inner: Empty::new().map_err(|never| match never {}).boxed_unsync(),
-            guard: None,
-        }
+        Self::Full(None)
     }
 
-    /// A backend's body, streamed through; `guard` is released when it ends or is dropped.
-    pub fn streamed(body: Incoming, guard: ConnectionGuard) -> Self {
-        Self {
-            inner: body.boxed_unsync(),
+    /// A backend's body, streamed through; `guard` is released when it ends or is dropped,
+    /// and `pooled` goes back to its pool if (and only if) the body was read to the end.
+    pub fn streamed(body: Incoming, guard: ConnectionGuard, pooled: Option<PooledReturn>) -> Self {
+        Self::Streamed(Box::new(Streamed {
+            body,
             guard: Some(guard),
+            pooled,
+        }))
+    }
+}
+
+impl Streamed {
+    /// The body is over: the connection is closed in the tracker's eyes even if hyper keeps
+    /// the body a little longer, and a fully read backend connection can serve again.
+    fn finish(&mut self, complete: bool) {
+        self.guard = None;
+        if let Some(pooled) = self.pooled.take() {
+            if complete {
+                pooled.give_back();
+            }
         }
+    }
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        // A body hyper never had to poll (empty, or ended with its last frame) still ended.
+        let complete = self.body.is_end_stream();
+        self.finish(complete);
     }
 }
 
@@ -51,21 +78,37 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            // Finished (or failed): the connection is over even if hyper keeps the body a
-            // little longer.
-            this.guard = None;
+        match self.get_mut() {
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
+            Self::Streamed(streamed) => {
+                let polled = Pin::new(&mut streamed.body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => streamed.finish(true),
+                    Poll::Ready(Some(Err(_))) => streamed.finish(false),
+                    // hyper stops polling once `is_end_stream` says so (a body of known
+                    // length), so the end is noticed with the last frame too.
+                    Poll::Ready(Some(Ok(_))) if streamed.body.is_end_stream() => {
+                        streamed.finish(true)
+                    }
+                    _ => {}
+                }
+                polled
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            Self::Full(bytes) => bytes.is_none(),
+            Self::Streamed(streamed) => streamed.body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            Self::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Streamed(streamed) => streamed.body.size_hint(),
+        }
     }
 }

@@ -22,7 +22,8 @@ pub struct ConnectionTracker {
 #[derive(Debug, Default)]
 struct TrackerState {
     open: HashMap<BackendName, BackendConnections>,
-    /// Backends that had a connection open at any point since the last report.
+    /// Backends whose last connection closed since the last report (those still open are
+    /// named in every report anyway).
     touched: BTreeSet<BackendName>,
     /// Backends whose "has an open connection" state flipped since the changes were last
     /// taken.
@@ -46,26 +47,31 @@ impl ConnectionTracker {
     /// Counts one connection to `backend` as open until the guard is dropped.
     pub fn open(&self, backend: &BackendName) -> ConnectionGuard {
         let mut state = self.lock();
-        state.touched.insert(backend.clone());
-        let state = &mut *state;
-        let entry = state
-            .open
-            .entry(backend.clone())
-            .or_insert_with(|| BackendConnections {
-                count: 0,
-                removed: CancellationToken::new(),
-            });
-        entry.count += 1;
-        let guard = ConnectionGuard {
+        // The hot path (a backend that already has connections open) clones no name: an
+        // open backend is in every report anyway, so it need not be marked touched.
+        if let Some(entry) = state.open.get_mut(backend) {
+            entry.count += 1;
+            return ConnectionGuard {
+                tracker: self.clone(),
+                backend: backend.clone(),
+                removed: entry.removed.clone(),
+            };
+        }
+        let removed = CancellationToken::new();
+        state.open.insert(
+            backend.clone(),
+            BackendConnections {
+                count: 1,
+                removed: removed.clone(),
+            },
+        );
+        state.flipped.insert(backend.clone());
+        self.changed.notify_one();
+        ConnectionGuard {
             tracker: self.clone(),
             backend: backend.clone(),
-            removed: entry.removed.clone(),
-        };
-        if entry.count == 1 {
-            state.flipped.insert(backend.clone());
-            self.changed.notify_one();
+            removed,
         }
-        guard
     }
 
     /// Resolves when some backend gained its first open connection or lost its last since
@@ -126,16 +132,18 @@ impl ConnectionTracker {
 
     fn close(&self, backend: &BackendName) {
         let mut state = self.lock();
-        if let Some(entry) = state.open.get_mut(backend) {
-            entry.count = entry.count.saturating_sub(1);
-            if entry.count == 0 {
-                state.open.remove(backend);
-                state.flipped.insert(backend.clone());
-                self.changed.notify_one();
-            }
+        let Some(entry) = state.open.get_mut(backend) else {
+            return;
+        };
+        entry.count = entry.count.saturating_sub(1);
+        if entry.count == 0 {
+            state.open.remove(backend);
+            state.flipped.insert(backend.clone());
+            // A connection that opened and closed within one period still counts as
+            // traffic in the next report.
+            state.touched.insert(backend.clone());
+            self.changed.notify_one();
         }
-        // A connection that opened and closed within one period still counts as traffic.
-        state.touched.insert(backend.clone());
     }
 }
 

@@ -8,7 +8,7 @@ use crate::controller_connection::{ControllerClient, RouteError};
 use crate::headers;
 use crate::responses;
 use crate::route::Route;
-use crate::upstream_pool::UpstreamPool;
+use crate::upstream_pool::{PooledReturn, UpstreamPool};
 use http::{header, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -130,12 +130,8 @@ impl ProxyState {
             }
         };
 
-        let removed = guard.removed();
-        let response = match self
-            .exchange(&route, backend_request, upgrade, removed)
-            .await
-        {
-            Ok(response) => response,
+        let (response, sender) = match self.exchange(&route, backend_request, upgrade).await {
+            Ok(exchanged) => exchanged,
             Err(error) => {
                 debug!(backend = %route.backend_id, address = %route.address, %error, "backend unreachable");
                 return responses::bad_gateway();
@@ -151,9 +147,17 @@ impl ProxyState {
                 }
             };
         }
+        let pooled = sender.map(|sender| PooledReturn {
+            pool: self.inner.pool.clone(),
+            backend: route.backend_id.clone(),
+            sender,
+            removed: guard.removed(),
+            tasks: self.inner.tasks.clone(),
+            hard_stop: self.inner.hard_stop.clone(),
+        });
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        Response::from_parts(parts, ProxyBody::streamed(body, guard))
+        Response::from_parts(parts, ProxyBody::streamed(body, guard, pooled))
     }
 
     fn route_error(&self, error: RouteError) -> Response<ProxyBody> {
@@ -171,17 +175,16 @@ impl ProxyState {
         }
     }
 
-    /// Sends `request` to the backend and returns its response head; the body streams
-    /// afterwards. A plain request reuses a pooled keep-alive connection when there is one
-    /// (and its connection goes back to the pool once the response has been read); an
-    /// upgrade always gets a fresh connection, which becomes its tunnel.
+    /// Sends `request` to the backend and returns its response head (the body streams
+    /// afterwards) with, for a plain request, the connection to pool again once that body
+    /// has been read. A plain request reuses a pooled keep-alive connection when there is
+    /// one; an upgrade always gets a fresh connection, which becomes its tunnel.
     async fn exchange(
         &self,
         route: &Route,
         request: Request<Incoming>,
         upgrade: bool,
-        removed: CancellationToken,
-    ) -> Result<Response<Incoming>, BackendError> {
+    ) -> Result<(Response<Incoming>, Option<SendRequest<Incoming>>), BackendError> {
         let pool = &self.inner.pool;
         let mut request = request;
         if !upgrade {
@@ -189,10 +192,7 @@ impl ProxyState {
             // unsent; then the next one (or a fresh one) is tried.
             while let Some(mut sender) = pool.take(&route.backend_id) {
                 match sender.try_send_request(request).await {
-                    Ok(response) => {
-                        self.return_when_done(route, sender, removed);
-                        return Ok(response);
-                    }
+                    Ok(response) => return Ok((response, Some(sender))),
                     Err(mut error) => match error.take_message() {
                         Some(unsent) => request = unsent,
                         None => return Err(BackendError::Http(error.into_error())),
@@ -205,34 +205,7 @@ impl ProxyState {
             .send_request(request)
             .await
             .map_err(BackendError::Http)?;
-        if !upgrade {
-            self.return_when_done(route, sender, removed);
-        }
-        Ok(response)
-    }
-
-    /// Puts the connection back in the pool once its response has been read to the end,
-    /// unless the backend is going away (or the connection fails first).
-    fn return_when_done(
-        &self,
-        route: &Route,
-        mut sender: SendRequest<Incoming>,
-        removed: CancellationToken,
-    ) {
-        let pool = self.inner.pool.clone();
-        let backend = route.backend_id.clone();
-        let hard_stop = self.inner.hard_stop.clone();
-        self.inner.tasks.spawn(async move {
-            tokio::select! {
-                ready = sender.ready() => {
-                    if ready.is_ok() && !removed.is_cancelled() {
-                        pool.put(&backend, sender);
-                    }
-                }
-                _ = removed.cancelled() => {}
-                _ = hard_stop.cancelled() => {}
-            }
-        });
+        Ok((response, (!upgrade).then_some(sender)))
     }
 
     /// Opens a new connection to a backend; its driving task ends when every handle to it

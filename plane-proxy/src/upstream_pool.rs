@@ -1,8 +1,8 @@
 //! Keep-alive connections to backends, reused across requests and clients, so a request
 //! pays for neither a TCP connect nor a new flow through Docker's port forwarder.
 //!
-//! A connection goes back to the pool once its response has been read to the end (hyper's
-//! `ready()` says so), at most [`MAX_IDLE_PER_BACKEND`] per backend. The pool of a backend is
+//! A connection goes back to the pool once its response has been read to the end (see
+//! [`PooledReturn`]), at most [`MAX_IDLE_PER_BACKEND`] per backend. The pool of a backend is
 //! dropped, closing its connections, when the controller says the backend is removed; an
 //! idle connection older than [`IDLE_TIMEOUT`] is closed instead of reused. Upgrades
 //! (WebSockets) always get a connection of their own, which becomes their tunnel.
@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Idle connections kept per backend; more are closed when their response ends.
 pub const MAX_IDLE_PER_BACKEND: usize = 32;
@@ -72,5 +74,51 @@ impl UpstreamPool {
     /// Closes every idle connection to a backend that is going away.
     pub fn remove_backend(&self, backend: &BackendName) {
         self.idle.remove(backend);
+    }
+}
+
+/// A backend connection lent to one response, to be given back when the response body has
+/// been read to the end.
+pub struct PooledReturn {
+    pub pool: UpstreamPool,
+    pub backend: BackendName,
+    pub sender: SendRequest<Incoming>,
+    /// Fires when the backend is going away: its connections are not pooled again.
+    pub removed: CancellationToken,
+    /// Owns the task that waits for a connection not yet idle (so shutdown sees it).
+    pub tasks: TaskTracker,
+    pub hard_stop: CancellationToken,
+}
+
+impl PooledReturn {
+    /// Pools the connection now if hyper already counts it idle (the common case: the body
+    /// was read to its end), and otherwise on a small task once it is.
+    pub fn give_back(self) {
+        if self.removed.is_cancelled() {
+            return;
+        }
+        if self.sender.is_ready() {
+            self.pool.put(&self.backend, self.sender);
+            return;
+        }
+        let Self {
+            pool,
+            backend,
+            mut sender,
+            removed,
+            tasks,
+            hard_stop,
+        } = self;
+        tasks.spawn(async move {
+            tokio::select! {
+                ready = sender.ready() => {
+                    if ready.is_ok() && !removed.is_cancelled() {
+                        pool.put(&backend, sender);
+                    }
+                }
+                _ = removed.cancelled() => {}
+                _ = hard_stop.cancelled() => {}
+            }
+        });
     }
 }
