@@ -63,15 +63,20 @@ def rss_kib(pids):
 
 
 def raise_fd_limit(wanted):
+    """Raises this process's open-file limit (inherited by what it starts) towards `wanted`,
+    the hard limit too where allowed; returns the soft limit now in force."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, wanted), wanted))
+            hard = wanted
+        except (ValueError, OSError):
+            pass  # not allowed here (no CAP_SYS_RESOURCE): make do with the hard limit
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
-        except (ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
@@ -171,7 +176,8 @@ class Nginx:
     headers of the same names and sizes as Plane's verified and forwarding headers, so the
     backend receives (and its echo returns) the same bytes on both paths."""
 
-    def __init__(self, scratch, upstream, backend_id="ba-00000000000000000", secret="s" * 32):
+    def __init__(self, scratch, upstream, backend_id="ba-00000000000000000", secret="s" * 32,
+                 fd_limit=20000):
         self.port = free_port()
         prefix = os.path.join(scratch, "nginx")
         os.makedirs(prefix, exist_ok=True)
@@ -182,7 +188,7 @@ worker_processes 2;
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-worker_rlimit_nofile 100000;
+worker_rlimit_nofile {fd_limit};
 events {{ worker_connections 30000; }}
 http {{
     access_log off;
@@ -197,7 +203,7 @@ http {{
         keepalive 32;
     }}
     server {{
-        listen 127.0.0.1:{self.port};
+        listen 127.0.0.1:{self.port} reuseport;
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;

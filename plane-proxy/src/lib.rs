@@ -16,6 +16,7 @@ mod responses;
 mod route;
 mod route_cache;
 mod server;
+mod tunnel;
 mod upstream_pool;
 
 pub use cli::ProxyOpts;

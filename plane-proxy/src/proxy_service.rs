@@ -8,6 +8,7 @@ use crate::controller_connection::{ControllerClient, RouteError};
 use crate::headers;
 use crate::responses;
 use crate::route::Route;
+use crate::tunnel;
 use crate::upstream_pool::{PooledReturn, UpstreamPool};
 use http::{header, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -260,8 +261,7 @@ impl ProxyState {
                         return;
                     }
                 };
-                let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+                if let Err(error) = tunnel::join(client, backend).await {
                     debug!(%error, "tunnel ended with an error");
                 }
             };

@@ -93,3 +93,38 @@ async fn removing_the_backend_closes_its_websockets() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn large_messages_cross_the_tunnel_intact_both_ways() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, _) = env.route_to_upstream();
+        let url = format!("ws://{}/{token}/socket", env.addr());
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket handshake through the proxy");
+        let (mut sink, mut stream) = socket.split();
+        // Several MiB in flight at once, more than socket buffers hold, so both directions
+        // of the tunnel have to wait for the other side to take bytes.
+        let messages: Vec<Vec<u8>> = (0..6u8)
+            .map(|n| (0..1_000_000u32).map(|i| (i as u8) ^ n).collect())
+            .collect();
+        let sent = messages.clone();
+        let writer = tokio::spawn(async move {
+            for message in sent {
+                sink.send(Message::binary(message)).await.expect("send");
+            }
+            sink
+        });
+        for expected in &messages {
+            let echoed = stream.next().await.expect("an echo").expect("a message");
+            assert!(
+                echoed.into_data().as_ref() == expected.as_slice(),
+                "an echo differs"
+            );
+        }
+        let mut sink = writer.await.expect("writer task");
+        sink.close().await.expect("close");
+    })
+    .await;
+}
