@@ -31,14 +31,15 @@ pub async fn join(client: Upgraded, backend: Upgraded) -> io::Result<()> {
     let (client, client_early) = (client.io.into_inner(), client.read_buf);
     match backend.downcast::<TokioIo<TcpStream>>() {
         // Bytes hyper read past the handshake (a first frame sent eagerly) go first.
+        // Copied out, so hyper's whole read buffer (which these share) is freed now rather
+        // than kept for the life of the tunnel.
         Ok(backend) => {
-            tcp(
-                client,
-                &client_early,
-                backend.io.into_inner(),
-                &backend.read_buf,
-            )
-            .await
+            let upstream = Half::starting_with(&client_early);
+            let downstream = Half::starting_with(&backend.read_buf);
+            drop(client_early);
+            let backend_io = backend.io.into_inner();
+            drop(backend.read_buf);
+            tcp(client, upstream, backend_io, downstream).await
         }
         Err(backend) => {
             let mut backend = TokioIo::new(backend);
@@ -152,14 +153,13 @@ async fn ready(half: &Half, from: &TcpStream, to: &TcpStream) -> io::Result<()> 
     }
 }
 
+/// `upstream` carries client bytes to the backend, `downstream` backend bytes to the client.
 async fn tcp(
     mut client: TcpStream,
-    client_early: &[u8],
+    mut upstream: Half,
     mut backend: TcpStream,
-    backend_early: &[u8],
+    mut downstream: Half,
 ) -> io::Result<()> {
-    let mut upstream = Half::starting_with(client_early);
-    let mut downstream = Half::starting_with(backend_early);
     loop {
         let more = tokio::select! {
             ready = ready(&upstream, &client, &backend), if !upstream.eof || upstream.has_pending() => {
