@@ -9,12 +9,12 @@ use plane_drone::cli::DroneOpts;
 use plane_proxy::cli::ProxyOpts;
 use std::process::ExitCode;
 
-/// mimalloc rather than the system allocator: after a burst of connections closes (10,000
-/// WebSockets through a proxy, say) it hands the freed pages back to the kernel within
-/// moments, where glibc's per-thread arenas kept more than twice the proxy's starting RSS
-/// (see docs/performance.md).
+/// jemalloc rather than the system allocator, configured (in `.cargo/config.toml`) to purge
+/// freed pages from a background thread after a second: after a burst of connections closes
+/// (thousands of WebSockets through a proxy, say) the memory goes back to the kernel, where
+/// glibc's and mimalloc's defaults kept it resident (see docs/performance.md).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
