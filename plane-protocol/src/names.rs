@@ -200,6 +200,14 @@ fn validate_cluster_name(s: &str) -> Result<(), InvalidName> {
 pub struct BearerToken(String);
 validated_string!(BearerToken, validate_token);
 
+/// Lets maps keyed by token be searched with the raw path segment, before it is validated
+/// (hashing and equality are those of the string, as `Borrow` requires).
+impl std::borrow::Borrow<str> for BearerToken {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl BearerToken {
     pub fn new_random() -> Self {
         Self(random_mixed(32))

@@ -5,9 +5,34 @@
 
 use plane_protocol::names::BackendName;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// Says that a backend is going away. Every request to the backend checks it, so checking
+/// is an atomic load (a `CancellationToken` takes a lock); tunnels await [`Removal::wait`].
+#[derive(Debug, Default)]
+pub struct Removal {
+    removed: AtomicBool,
+    wake: CancellationToken,
+}
+
+impl Removal {
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the backend is removed.
+    pub async fn wait(&self) {
+        self.wake.cancelled().await
+    }
+
+    fn fire(&self) {
+        self.removed.store(true, Ordering::Release);
+        self.wake.cancel();
+    }
+}
 
 /// Cheap to clone; every clone sees the same counts.
 #[derive(Clone, Debug, Default)]
@@ -33,8 +58,8 @@ struct TrackerState {
 #[derive(Debug)]
 struct BackendConnections {
     count: usize,
-    /// Cancelled when the backend is removed, so tunnels to it end at once.
-    removed: CancellationToken,
+    /// Fired when the backend is removed, so tunnels to it end at once.
+    removed: Arc<Removal>,
 }
 
 impl ConnectionTracker {
@@ -54,15 +79,15 @@ impl ConnectionTracker {
             return ConnectionGuard {
                 tracker: self.clone(),
                 backend: backend.clone(),
-                removed: entry.removed.clone(),
+                removed: Arc::clone(&entry.removed),
             };
         }
-        let removed = CancellationToken::new();
+        let removed = Arc::new(Removal::default());
         state.open.insert(
             backend.clone(),
             BackendConnections {
                 count: 1,
-                removed: removed.clone(),
+                removed: Arc::clone(&removed),
             },
         );
         state.flipped.insert(backend.clone());
@@ -123,10 +148,10 @@ impl ConnectionTracker {
     /// Ends every tunnel to `backend` (its guards' [`ConnectionGuard::removed`] fire).
     pub fn backend_removed(&self, backend: &BackendName) {
         if let Some(entry) = self.lock().open.get_mut(backend) {
-            entry.removed.cancel();
+            entry.removed.fire();
             // Later connections (a racing request) get a fresh token; they are refused
             // upstream anyway, but must not start out cancelled by accident.
-            entry.removed = CancellationToken::new();
+            entry.removed = Arc::new(Removal::default());
         }
     }
 
@@ -152,7 +177,7 @@ impl ConnectionTracker {
 pub struct ConnectionGuard {
     tracker: ConnectionTracker,
     backend: BackendName,
-    removed: CancellationToken,
+    removed: Arc<Removal>,
 }
 
 impl ConnectionGuard {
@@ -161,8 +186,8 @@ impl ConnectionGuard {
     }
 
     /// Fires when the controller says this connection's backend is going away.
-    pub fn removed(&self) -> CancellationToken {
-        self.removed.clone()
+    pub fn removed(&self) -> Arc<Removal> {
+        Arc::clone(&self.removed)
     }
 }
 
@@ -232,8 +257,8 @@ mod tests {
         let before = tracker.open(&backend);
         tracker.backend_removed(&backend);
         let after = tracker.open(&backend);
-        assert!(before.removed().is_cancelled());
-        assert!(!after.removed().is_cancelled());
+        assert!(before.removed().is_removed());
+        assert!(!after.removed().is_removed());
         drop(before);
         assert_eq!(tracker.open_count(&backend), 1);
     }

@@ -206,6 +206,12 @@ impl ControllerClient {
         (Self { shared }, task)
     }
 
+    /// The route of `token` if it is cached: the hot path, which neither allocates nor
+    /// validates the token (a cached one was valid).
+    pub fn cached_route(&self, token: &str) -> Option<Arc<Route>> {
+        self.shared.cache.get(token)
+    }
+
     /// Where `token` leads. A token not in the cache is asked about, and the request is
     /// held until its backend is ready, has stopped, or the hold timeout passes (which
     /// includes waiting for a lost controller connection to come back). At most

@@ -2,7 +2,7 @@
 //! `x-verified-*` headers are dropped, and the proxy adds the verified ones it vouches for.
 
 use crate::route::Route;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
 /// Prefix of the headers only the proxy may set; backends trust them.
@@ -105,29 +105,27 @@ pub fn strip_verified(headers: &mut HeaderMap) {
 
 /// Adds the headers that tell the backend who is calling and which route was taken.
 /// `path_and_query` is the path the backend sees (the token removed).
-pub fn add_verified(
-    headers: &mut HeaderMap,
-    route: &Route,
-    path_and_query: &str,
-) -> Result<(), InvalidHeaderValue> {
+pub fn add_verified(headers: &mut HeaderMap, route: &Route, path_and_query: HeaderValue) {
     if let Some(username) = &route.username {
         headers.insert(X_VERIFIED_USERNAME, username.clone());
     }
     headers.insert(X_VERIFIED_USER_DATA, route.user_data.clone());
     headers.insert(X_VERIFIED_SECRET, route.secret.clone());
     headers.insert(X_VERIFIED_BACKEND, route.backend.clone());
-    headers.insert(X_VERIFIED_PATH, HeaderValue::from_str(path_and_query)?);
-    Ok(())
+    headers.insert(X_VERIFIED_PATH, path_and_query);
+}
+
+/// The `x-forwarded-for` value for a client at `client_ip` (IPv4-mapped addresses as IPv4).
+pub fn forwarded_for(client_ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client_ip.to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Sets `x-forwarded-for` and `x-forwarded-proto`. Any values the caller sent are replaced,
 /// not appended to: the proxy is the edge, so the client's claims about earlier hops are
 /// unverifiable.
-pub fn set_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, proto: &'static str) {
-    let client_ip = client_ip.to_canonical();
-    if let Ok(value) = HeaderValue::from_str(&client_ip.to_string()) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
+pub fn set_forwarded(headers: &mut HeaderMap, forwarded_for: &HeaderValue, proto: &'static str) {
+    headers.insert(X_FORWARDED_FOR, forwarded_for.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 

@@ -10,7 +10,8 @@ use crate::responses;
 use crate::route::Route;
 use crate::tunnel;
 use crate::upstream_pool::{PooledReturn, UpstreamPool};
-use http::{header, Request, Response, StatusCode, Uri, Version};
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::upgrade::OnUpgrade;
@@ -25,11 +26,23 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// What the proxy knows about the client connection a request arrived on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ClientConnection {
     pub remote_addr: SocketAddr,
     /// `http` now; `https` once a TLS listener exists. Sent as `x-forwarded-proto`.
     pub scheme: &'static str,
+    /// `x-forwarded-for`, rendered once per connection rather than per request.
+    pub forwarded_for: HeaderValue,
+}
+
+impl ClientConnection {
+    pub fn new(remote_addr: SocketAddr, scheme: &'static str) -> Self {
+        Self {
+            remote_addr,
+            scheme,
+            forwarded_for: headers::forwarded_for(remote_addr.ip()),
+        }
+    }
 }
 
 /// Everything request handling needs. Cheap to clone.
@@ -63,18 +76,22 @@ enum BackendError {
 
 /// Splits `/<token>/rest?query` into the token and the path the backend sees
 /// (`/rest?query`; `/` when the URL is just the token). `None` when there is no token.
-fn split_token(uri: &Uri) -> Option<(&str, String)> {
+/// The path is `Bytes` so the request URI and `x-verified-path` share one copy of it.
+fn split_token(uri: &Uri) -> Option<(&str, Bytes)> {
     let rest = uri.path().strip_prefix('/')?;
     let (token, tail) = rest.split_once('/').unwrap_or((rest, ""));
     if token.is_empty() {
         return None;
     }
-    let mut backend_path = format!("/{tail}");
-    if let Some(query) = uri.query() {
-        backend_path.push('?');
-        backend_path.push_str(query);
+    let query = uri.query();
+    let mut backend_path = Vec::with_capacity(2 + tail.len() + query.map_or(0, str::len));
+    backend_path.push(b'/');
+    backend_path.extend_from_slice(tail.as_bytes());
+    if let Some(query) = query {
+        backend_path.push(b'?');
+        backend_path.extend_from_slice(query.as_bytes());
     }
-    Some((token, backend_path))
+    Some((token, Bytes::from(backend_path)))
 }
 
 impl ProxyState {
@@ -107,15 +124,21 @@ impl ProxyState {
         let Some((token, backend_path)) = split_token(request.uri()) else {
             return responses::missing_token();
         };
-        // A malformed token can never be valid, so it is unknown without asking.
-        let Ok(token) = token.parse::<BearerToken>() else {
-            return responses::unknown_token();
-        };
-        // Held here while the backend starts. Nothing counts as activity on the backend
-        // until the route is known, so held requests cannot keep a failing backend alive.
-        let route = match self.inner.controller.route(&token).await {
-            Ok(route) => route,
-            Err(error) => return self.route_error(error),
+        let route = match self.inner.controller.cached_route(token) {
+            Some(route) => route,
+            None => {
+                // A malformed token can never be valid, so it is unknown without asking.
+                let Ok(token) = token.parse::<BearerToken>() else {
+                    return responses::unknown_token();
+                };
+                // Held here while the backend starts. Nothing counts as activity on the
+                // backend until the route is known, so held requests cannot keep a failing
+                // backend alive.
+                match self.inner.controller.route(&token).await {
+                    Ok(route) => route,
+                    Err(error) => return self.route_error(error),
+                }
+            }
         };
         // From here until the response body ends (or the tunnel closes) the backend has an
         // open connection.
@@ -123,7 +146,7 @@ impl ProxyState {
 
         let upgrade = headers::is_upgrade(request.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let backend_request = match backend_request(request, &route, &backend_path, client) {
+        let backend_request = match backend_request(request, &route, backend_path, &client) {
             Ok(backend_request) => backend_request,
             Err(error) => {
                 warn!(backend = %route.backend_id, %error, "could not build the backend request");
@@ -267,7 +290,7 @@ impl ProxyState {
             };
             tokio::select! {
                 _ = tunnel => {}
-                _ = removed.cancelled() => debug!(%backend, "tunnel closed: backend removed"),
+                _ = removed.wait() => debug!(%backend, "tunnel closed: backend removed"),
                 _ = hard_stop.cancelled() => debug!(%backend, "tunnel cut by shutdown"),
             }
             drop(guard);
@@ -283,12 +306,12 @@ impl ProxyState {
 fn backend_request(
     request: Request<Incoming>,
     route: &Route,
-    backend_path: &str,
-    client: ClientConnection,
+    backend_path: Bytes,
+    client: &ClientConnection,
 ) -> Result<Request<Incoming>, anyhow::Error> {
     let upgrade = headers::is_upgrade(request.headers());
     let (mut parts, body) = request.into_parts();
-    parts.uri = backend_path.parse()?;
+    parts.uri = Uri::from_maybe_shared(backend_path.clone())?;
     // HTTP/1.1 to the backend whatever the client spoke, so bodies of unknown length can be
     // streamed chunked.
     parts.version = Version::HTTP_11;
@@ -298,8 +321,12 @@ fn backend_request(
     let headers = &mut parts.headers;
     headers::strip_hop_by_hop(headers, upgrade);
     headers::strip_verified(headers);
-    headers::add_verified(headers, route, backend_path)?;
-    headers::set_forwarded(headers, client.remote_addr.ip(), client.scheme);
+    headers::add_verified(
+        headers,
+        route,
+        HeaderValue::from_maybe_shared(backend_path)?,
+    );
+    headers::set_forwarded(headers, &client.forwarded_for, client.scheme);
     if !headers.contains_key(header::HOST) {
         // HTTP/1.0 clients may omit Host; HTTP/1.1 backends require one.
         headers.insert(header::HOST, route.host.clone());
@@ -313,7 +340,10 @@ mod tests {
 
     fn split(uri: &str) -> Option<(String, String)> {
         let uri: Uri = uri.parse().expect("test URI");
-        split_token(&uri).map(|(token, path)| (token.to_string(), path))
+        split_token(&uri).map(|(token, path)| {
+            let path = String::from_utf8(path.to_vec()).expect("paths are ASCII");
+            (token.to_string(), path)
+        })
     }
 
     #[test]

@@ -40,7 +40,12 @@ impl Default for RouteCache {
 }
 
 impl RouteCache {
-    pub fn get(&self, token: &BearerToken) -> Option<Arc<Route>> {
+    /// The cached route of `token` (a `&BearerToken`, or the raw `&str` of one).
+    pub fn get<Q>(&self, token: &Q) -> Option<Arc<Route>>
+    where
+        BearerToken: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         self.routes.get(token).map(|route| Arc::clone(&route))
     }
 

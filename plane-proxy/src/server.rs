@@ -42,10 +42,7 @@ impl Server {
                     if let Err(error) = stream.set_nodelay(true) {
                         debug!(%error, "could not set TCP_NODELAY on a client connection");
                     }
-                    let client = ClientConnection {
-                        remote_addr,
-                        scheme: "http",
-                    };
+                    let client = ClientConnection::new(remote_addr, "http");
                     self.serve_connection(stream, client);
                 }
                 Err(error) => {
@@ -68,8 +65,10 @@ impl Server {
         let drain = self.drain.clone();
         let hard_stop = self.hard_stop.clone();
         self.tasks.spawn(async move {
+            let remote_addr = client.remote_addr;
             let service = service_fn(move |request| {
                 let state = state.clone();
+                let client = client.clone();
                 async move { Ok::<_, Infallible>(state.handle(request, client).await) }
             });
             let mut builder = http1::Builder::new();
@@ -93,7 +92,7 @@ impl Server {
             };
             if let Err(error) = result {
                 // Clients vanish mid-request all the time; not worth more than debug.
-                debug!(remote = %client.remote_addr, %error, "client connection ended with an error");
+                debug!(remote = %remote_addr, %error, "client connection ended with an error");
             }
         });
     }

@@ -7,6 +7,7 @@
 //! idle connection older than [`IDLE_TIMEOUT`] is closed instead of reused. Upgrades
 //! (WebSockets) always get a connection of their own, which becomes their tunnel.
 
+use crate::connection_tracker::Removal;
 use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -84,7 +85,7 @@ pub struct PooledReturn {
     pub backend: BackendName,
     pub sender: SendRequest<Incoming>,
     /// Fires when the backend is going away: its connections are not pooled again.
-    pub removed: CancellationToken,
+    pub removed: Arc<Removal>,
     /// Owns the task that waits for a connection not yet idle (so shutdown sees it).
     pub tasks: TaskTracker,
     pub hard_stop: CancellationToken,
@@ -94,7 +95,7 @@ impl PooledReturn {
     /// Pools the connection now if hyper already counts it idle (the common case: the body
     /// was read to its end), and otherwise on a small task once it is.
     pub fn give_back(self) {
-        if self.removed.is_cancelled() {
+        if self.removed.is_removed() {
             return;
         }
         if self.sender.is_ready() {
@@ -112,11 +113,11 @@ impl PooledReturn {
         tasks.spawn(async move {
             tokio::select! {
                 ready = sender.ready() => {
-                    if ready.is_ok() && !removed.is_cancelled() {
+                    if ready.is_ok() && !removed.is_removed() {
                         pool.put(&backend, sender);
                     }
                 }
-                _ = removed.cancelled() => {}
+                _ = removed.wait() => {}
                 _ = hard_stop.cancelled() => {}
             }
         });
