@@ -87,6 +87,10 @@ def http_json(method, url, body=None):
         return json.loads(response.read())
 
 
+class StartFailed(Exception):
+    """Something the benchmark needs did not come up in time."""
+
+
 def wait_until(what, check, within=60.0):
     deadline = time.monotonic() + within
     last = None
@@ -99,7 +103,7 @@ def wait_until(what, check, within=60.0):
         except Exception as error:  # noqa: BLE001 - reported below if it never succeeds
             last = error
         time.sleep(0.1)
-    sys.exit(f"error: timed out waiting for {what} (last seen: {last!r})")
+    raise StartFailed(f"timed out waiting for {what} (last seen: {last!r})")
 
 
 def bridge_address():
@@ -122,6 +126,14 @@ class Stack:
     def __init__(self, scratch, proxy_args=()):
         self.scratch = scratch
         self.processes = []
+        try:
+            self._start(scratch, proxy_args)
+        except BaseException:
+            remove_backends(self)
+            self.stop()
+            raise
+
+    def _start(self, scratch, proxy_args):
         self.controller_port = free_port()
         self.dev_proxy_port = free_port()
         self.proxy_port = free_port()

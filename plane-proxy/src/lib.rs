@@ -128,7 +128,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
     let drain = hard_stop.child_token();
     let tasks = TaskTracker::new();
     let tracker = ConnectionTracker::default();
-    let pool = UpstreamPool::default();
+    let pool = UpstreamPool::new(tasks.clone(), hard_stop.clone());
 
     let (controller, controller_task) = ControllerClient::start(
         ControllerConnectionConfig {

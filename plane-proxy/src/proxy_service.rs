@@ -173,11 +173,9 @@ impl ProxyState {
         }
         let pooled = sender.map(|sender| PooledReturn {
             pool: self.inner.pool.clone(),
-            backend: route.backend_id.clone(),
+            route: Arc::clone(&route),
             sender,
             removed: guard.removed(),
-            tasks: self.inner.tasks.clone(),
-            hard_stop: self.inner.hard_stop.clone(),
         });
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);

@@ -8,6 +8,7 @@
 //! (WebSockets) always get a connection of their own, which becomes their tunnel.
 
 use crate::connection_tracker::Removal;
+use crate::route::Route;
 use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -26,12 +27,19 @@ pub const MAX_IDLE_PER_BACKEND: usize = 32;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Cheap to clone; every clone sees the same connections.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct UpstreamPool {
-    idle: Arc<DashMap<BackendName, Vec<IdleConnection>>>,
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    idle: DashMap<BackendName, Vec<IdleConnection>>,
     /// Set when the proxy shuts down: nothing is pooled any more, so idle connections do
     /// not hold up the drain.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
+    /// Owns the tasks that wait for a connection to become idle (so shutdown sees them).
+    tasks: TaskTracker,
+    hard_stop: CancellationToken,
 }
 
 struct IdleConnection {
@@ -40,9 +48,20 @@ struct IdleConnection {
 }
 
 impl UpstreamPool {
+    pub fn new(tasks: TaskTracker, hard_stop: CancellationToken) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                idle: DashMap::new(),
+                closed: AtomicBool::new(false),
+                tasks,
+                hard_stop,
+            }),
+        }
+    }
+
     /// An idle connection to `backend` that can take a request now, if there is one.
     pub fn take(&self, backend: &BackendName) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.get_mut(backend)?;
+        let mut idle = self.inner.idle.get_mut(backend)?;
         // Newest first: the likeliest to be alive. Stale or closed ones are dropped.
         while let Some(connection) = idle.pop() {
             if connection.since.elapsed() < IDLE_TIMEOUT && connection.sender.is_ready() {
@@ -54,27 +73,36 @@ impl UpstreamPool {
 
     /// Keeps a connection whose response has ended for the next request to `backend`.
     pub fn put(&self, backend: &BackendName, sender: SendRequest<Incoming>) {
-        if !sender.is_ready() || self.closed.load(Ordering::Acquire) {
+        if !sender.is_ready() || self.inner.closed.load(Ordering::Acquire) {
             return;
         }
-        let mut idle = self.idle.entry(backend.clone()).or_default();
-        if idle.len() < MAX_IDLE_PER_BACKEND {
-            idle.push(IdleConnection {
-                sender,
-                since: Instant::now(),
-            });
+        let connection = IdleConnection {
+            sender,
+            since: Instant::now(),
+        };
+        // The backend's list usually exists already: no name is cloned for it.
+        if let Some(mut idle) = self.inner.idle.get_mut(backend) {
+            if idle.len() < MAX_IDLE_PER_BACKEND {
+                idle.push(connection);
+            }
+            return;
         }
+        self.inner
+            .idle
+            .entry(backend.clone())
+            .or_default()
+            .push(connection);
     }
 
     /// Closes every idle connection and pools no more (the proxy is shutting down).
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.idle.clear();
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.idle.clear();
     }
 
     /// Closes every idle connection to a backend that is going away.
     pub fn remove_backend(&self, backend: &BackendName) {
-        self.idle.remove(backend);
+        self.inner.idle.remove(backend);
     }
 }
 
@@ -82,13 +110,11 @@ impl UpstreamPool {
 /// been read to the end.
 pub struct PooledReturn {
     pub pool: UpstreamPool,
-    pub backend: BackendName,
+    /// The backend the connection leads to.
+    pub route: Arc<Route>,
     pub sender: SendRequest<Incoming>,
-    /// Fires when the backend is going away: its connections are not pooled again.
+    /// Fired when the backend is going away: its connections are not pooled again.
     pub removed: Arc<Removal>,
-    /// Owns the task that waits for a connection not yet idle (so shutdown sees it).
-    pub tasks: TaskTracker,
-    pub hard_stop: CancellationToken,
 }
 
 impl PooledReturn {
@@ -99,22 +125,21 @@ impl PooledReturn {
             return;
         }
         if self.sender.is_ready() {
-            self.pool.put(&self.backend, self.sender);
+            self.pool.put(&self.route.backend_id, self.sender);
             return;
         }
         let Self {
             pool,
-            backend,
+            route,
             mut sender,
             removed,
-            tasks,
-            hard_stop,
         } = self;
-        tasks.spawn(async move {
+        let hard_stop = pool.inner.hard_stop.clone();
+        pool.inner.tasks.clone().spawn(async move {
             tokio::select! {
                 ready = sender.ready() => {
                     if ready.is_ok() && !removed.is_removed() {
-                        pool.put(&backend, sender);
+                        pool.put(&route.backend_id, sender);
                     }
                 }
                 _ = removed.wait() => {}
