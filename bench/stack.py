@@ -15,9 +15,8 @@ import urllib.request
 from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE = os.path.join(ROOT, "target", "release")
-PLANE = os.path.join(RELEASE, "plane")
-BENCH_CLIENT = os.path.join(RELEASE, "plane-bench")
+PLANE = os.path.join(ROOT, "target", "release", "plane")
+BENCH_CLIENT = os.path.join(ROOT, "target", "release", "plane-bench")
 
 
 def log(message):
@@ -30,14 +29,37 @@ def require(*commands):
         sys.exit(f"error: {', '.join(missing)} not found; install them (apt-get install {' '.join(missing)})")
 
 
-def build():
-    """Release builds of `plane` and the benchmark client (the figures mean nothing in debug)."""
-    log("cargo build --release (plane, plane-bench)")
-    subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "--bin", "plane", "--bin", "plane-bench"],
-        cwd=ROOT,
-        check=True,
-    )
+def build(debug=False):
+    """Builds `plane` and the benchmark client: release for real figures; debug (which the
+    test suite has built already) only to check that a script still works."""
+    global PLANE, BENCH_CLIENT
+    profile = "debug" if debug else "release"
+    PLANE = os.path.join(ROOT, "target", profile, "plane")
+    BENCH_CLIENT = os.path.join(ROOT, "target", profile, "plane-bench")
+    argv = ["cargo", "build", "--quiet", "--bin", "plane", "--bin", "plane-bench"]
+    if not debug:
+        argv.insert(2, "--release")
+    log(" ".join(argv))
+    subprocess.run(argv, cwd=ROOT, check=True)
+
+
+def add_build_options(parser):
+    parser.add_argument("--no-build", action="store_true", help="use the binaries as they are")
+    parser.add_argument("--debug", action="store_true",
+                        help="use the debug build: checks the script works; the figures mean nothing")
+
+
+def prepare(args):
+    """Builds (unless told not to) and points at the binaries the options ask for."""
+    if args.no_build:
+        global PLANE, BENCH_CLIENT
+        profile = "debug" if args.debug else "release"
+        PLANE = os.path.join(ROOT, "target", profile, "plane")
+        BENCH_CLIENT = os.path.join(ROOT, "target", profile, "plane-bench")
+    else:
+        build(debug=args.debug)
+    if args.debug:
+        print("(debug build: these figures only show that the benchmark runs)")
 
 
 def free_port():
@@ -60,6 +82,16 @@ def rss_kib(pids):
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
     return total
+
+
+def cpu_seconds(pids):
+    """User plus system CPU time the given processes (all their threads) have used."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit(wanted):

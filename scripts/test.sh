@@ -23,6 +23,9 @@ command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+# The benchmarks' short modes (run last) compare against nginx under load from wrk.
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -101,3 +104,11 @@ cargo test --workspace --all-targets -- --test-threads "${PLANE_TEST_THREADS:-6}
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "\nsummary: %d passed, %d failed\n", p, f }' "$test_log"
+
+# The benchmarks in their short modes, on the debug build the tests used, so the scripts
+# cannot rot (their figures mean nothing here; docs/performance.md has real ones).
+export PATH="$PATH:/usr/sbin"
+log "bench/proxy --short"
+bench/proxy --short --debug --no-build
+log "bench/idle-ws --short"
+bench/idle-ws --short --debug --no-build
