@@ -219,3 +219,57 @@ async fn a_removed_backends_pooled_connections_are_closed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_while_idle_is_not_used() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        // A backend that answers one request per connection as if keep-alive, then closes
+        // the connection once it is idle (as backends with short idle timeouts do).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let backend = listener.local_addr().expect("backend address");
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut request = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    let _ = stream.shutdown().await;
+                    drop(stream);
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        let (token, _) = env.route_to(backend);
+
+        for round in 0..3 {
+            let response = get(env.addr(), &format!("/{token}/")).await;
+            assert_eq!(response.status, StatusCode::OK, "request {round}");
+            assert_eq!(response.body, "ok");
+            // The backend has closed the connection the proxy pooled before the next
+            // request is sent.
+            closed
+                .recv()
+                .await
+                .expect("the backend closed its connection");
+        }
+        server.abort();
+    })
+    .await;
+}
