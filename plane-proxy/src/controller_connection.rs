@@ -113,6 +113,16 @@ impl Shared {
         });
     }
 
+    /// Forgets the waiters of `token` that gave up, and the token if none is left.
+    fn prune_token(pending: &mut HashMap<BearerToken, Vec<Waiter>>, token: &BearerToken) {
+        if let Some(waiters) = pending.get_mut(token) {
+            waiters.retain(|waiter| !waiter.is_closed());
+            if waiters.is_empty() {
+                pending.remove(token);
+            }
+        }
+    }
+
     /// Tokens someone is still waiting for.
     fn live_pending_tokens(&self) -> Vec<BearerToken> {
         let mut pending = self.pending();
@@ -152,7 +162,7 @@ impl Shared {
             } => Err(RouteError::Terminated { reason, exit_code }),
             RouteAnswer::Starting { .. } => {
                 let mut pending = self.pending();
-                Self::prune_pending(&mut pending);
+                Self::prune_token(&mut pending, &token);
                 return pending.contains_key(&token);
             }
         };
@@ -223,7 +233,8 @@ impl ControllerClient {
         let held = &self.shared.held;
         if held.fetch_add(1, Ordering::AcqRel) >= self.shared.max_held_requests {
             held.fetch_sub(1, Ordering::AcqRel);
-            return Err(RouteError::TooManyHeld);
+            // The route may have arrived since the first look; then nothing needs holding.
+            return self.shared.cache.get(token).ok_or(RouteError::TooManyHeld);
         }
         let _held = HeldRequest(held);
         let (tx, rx) = oneshot::channel();
@@ -248,7 +259,9 @@ impl ControllerClient {
             Ok(Ok(resolution)) => resolution,
             Ok(Err(_)) => Err(RouteError::ControllerUnavailable),
             Err(_) => {
-                Shared::prune_pending(&mut self.shared.pending());
+                // Only this token's waiters: a mass timeout must not scan the whole map
+                // once per request under the lock.
+                Shared::prune_token(&mut self.shared.pending(), token);
                 if self.is_connected() {
                     Err(RouteError::HoldTimeout)
                 } else {
@@ -365,8 +378,10 @@ impl Runner {
             },
         )
         .await?;
-        // Removals sent while we were away were missed, so nothing cached can be trusted.
+        // Removals sent while we were away were missed, so nothing cached can be trusted:
+        // neither routes nor idle connections (to backends that may be gone).
         self.shared.cache.clear();
+        self.shared.pool.clear_idle();
         // Every pending token is re-sent below, which covers those queued meanwhile.
         while self.requests.try_recv().is_ok() {}
         for token in self.shared.live_pending_tokens() {

@@ -33,7 +33,9 @@ pub struct UpstreamPool {
 }
 
 struct PoolInner {
-    idle: DashMap<BackendName, Vec<IdleConnection>>,
+    idle: DashMap<BackendName, Slot>,
+    /// When tombstones were last pruned. A plain lock: held only to compare and set it.
+    last_prune: std::sync::Mutex<Instant>,
     /// Set when the proxy shuts down: nothing is pooled any more, so idle connections do
     /// not hold up the drain.
     closed: AtomicBool,
@@ -41,6 +43,20 @@ struct PoolInner {
     tasks: TaskTracker,
     hard_stop: CancellationToken,
 }
+
+/// A backend's entry in the pool.
+enum Slot {
+    Open(Vec<IdleConnection>),
+    /// The backend was removed (at that time): connections to it are never pooled again,
+    /// even by a response that was still streaming when the removal arrived.
+    Removed(Instant),
+}
+
+/// How long a removed backend's tombstone is kept: longer than any response streaming when
+/// the removal came (backend IDs are never reused).
+const TOMBSTONE_LIFETIME: Duration = Duration::from_secs(600);
+/// How often tombstones are pruned (pruning walks the whole map).
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 struct IdleConnection {
     sender: SendRequest<Incoming>,
@@ -52,6 +68,7 @@ impl UpstreamPool {
         Self {
             inner: Arc::new(PoolInner {
                 idle: DashMap::new(),
+                last_prune: std::sync::Mutex::new(Instant::now()),
                 closed: AtomicBool::new(false),
                 tasks,
                 hard_stop,
@@ -61,7 +78,10 @@ impl UpstreamPool {
 
     /// An idle connection to `backend` that can take a request now, if there is one.
     pub fn take(&self, backend: &BackendName) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.inner.idle.get_mut(backend)?;
+        let mut slot = self.inner.idle.get_mut(backend)?;
+        let Slot::Open(idle) = &mut *slot else {
+            return None;
+        };
         // Newest first: the likeliest to be alive. Stale or closed ones are dropped.
         while let Some(connection) = idle.pop() {
             if connection.since.elapsed() < IDLE_TIMEOUT && connection.sender.is_ready() {
@@ -71,7 +91,8 @@ impl UpstreamPool {
         None
     }
 
-    /// Keeps a connection whose response has ended for the next request to `backend`.
+    /// Keeps a connection whose response has ended for the next request to `backend`,
+    /// unless the backend was removed meanwhile.
     pub fn put(&self, backend: &BackendName, sender: SendRequest<Incoming>) {
         if !sender.is_ready() || self.inner.closed.load(Ordering::Acquire) {
             return;
@@ -80,18 +101,27 @@ impl UpstreamPool {
             sender,
             since: Instant::now(),
         };
-        // The backend's list usually exists already: no name is cloned for it.
-        if let Some(mut idle) = self.inner.idle.get_mut(backend) {
-            if idle.len() < MAX_IDLE_PER_BACKEND {
-                idle.push(connection);
+        // The backend's list usually exists already: no name is cloned for it. The check
+        // for removal and the push happen under the entry's lock, which `remove_backend`
+        // takes too, so a connection is never pooled after its backend's removal.
+        if let Some(mut slot) = self.inner.idle.get_mut(backend) {
+            if let Slot::Open(idle) = &mut *slot {
+                // Connections that aged out while nobody asked go now, not at the next take.
+                idle.retain(|old| old.since.elapsed() < IDLE_TIMEOUT);
+                if idle.len() < MAX_IDLE_PER_BACKEND {
+                    idle.push(connection);
+                }
             }
             return;
         }
-        self.inner
+        let mut slot = self
+            .inner
             .idle
             .entry(backend.clone())
-            .or_default()
-            .push(connection);
+            .or_insert_with(|| Slot::Open(Vec::new()));
+        if let Slot::Open(idle) = &mut *slot {
+            idle.push(connection);
+        }
     }
 
     /// Closes every idle connection and pools no more (the proxy is shutting down).
@@ -100,9 +130,43 @@ impl UpstreamPool {
         self.inner.idle.clear();
     }
 
-    /// Closes every idle connection to a backend that is going away.
+    /// Closes every idle connection, keeping what is known about removed backends. Used
+    /// after the controller connection was down: removals sent meanwhile were missed.
+    pub fn clear_idle(&self) {
+        self.inner
+            .idle
+            .retain(|_, slot| matches!(slot, Slot::Removed(_)));
+    }
+
+    /// Closes every idle connection to a backend that is going away, and pools none to it
+    /// again.
     pub fn remove_backend(&self, backend: &BackendName) {
-        self.inner.idle.remove(backend);
+        let now = Instant::now();
+        self.inner.idle.insert(backend.clone(), Slot::Removed(now));
+        {
+            let mut last = self
+                .inner
+                .last_prune
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now.duration_since(*last) < PRUNE_EVERY {
+                return;
+            }
+            *last = now;
+        }
+        self.inner.idle.retain(|_, slot| match slot {
+            Slot::Removed(at) => now.duration_since(*at) < TOMBSTONE_LIFETIME,
+            Slot::Open(_) => true,
+        });
+    }
+
+    /// How many idle connections are pooled for `backend`.
+    #[cfg(test)]
+    fn idle_count(&self, backend: &BackendName) -> usize {
+        match self.inner.idle.get(backend).as_deref() {
+            Some(Slot::Open(idle)) => idle.len(),
+            _ => 0,
+        }
     }
 }
 
@@ -146,5 +210,59 @@ impl PooledReturn {
                 _ = hard_stop.cancelled() => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Response;
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A real keep-alive connection to a tiny local server, ready for a request.
+    async fn connection(listener: &TcpListener) -> SendRequest<Incoming> {
+        let address = listener.local_addr().expect("listener address");
+        let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (server, _) = accepted.expect("accept");
+        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+            TokioIo::new(server),
+            hyper::service::service_fn(|_| async {
+                Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+            }),
+        ));
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(client.expect("connect")))
+                .await
+                .expect("handshake");
+        tokio::spawn(connection);
+        sender.ready().await.expect("connection ready");
+        sender
+    }
+
+    #[tokio::test]
+    async fn a_removed_backend_gets_nothing_pooled_again_even_after_a_reconnect() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::new(TaskTracker::new(), CancellationToken::new());
+        let (backend, other) = (BackendName::new_random(), BackendName::new_random());
+        pool.put(&backend, connection(&listener).await);
+        pool.put(&other, connection(&listener).await);
+        assert_eq!(pool.idle_count(&backend), 1);
+
+        pool.remove_backend(&backend);
+        assert_eq!(pool.idle_count(&backend), 0);
+        // A response that was still streaming when the removal came ends now.
+        pool.put(&backend, connection(&listener).await);
+        assert_eq!(pool.idle_count(&backend), 0);
+        assert!(pool.take(&backend).is_none());
+
+        // After a reconnect idle connections go, and the tombstone stays.
+        pool.clear_idle();
+        assert_eq!(pool.idle_count(&other), 0);
+        pool.put(&backend, connection(&listener).await);
+        assert_eq!(pool.idle_count(&backend), 0);
+        pool.put(&other, connection(&listener).await);
+        assert!(pool.take(&other).is_some());
     }
 }

@@ -194,3 +194,27 @@ async fn a_held_request_is_not_reported_as_a_connection() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_held_request_whose_client_leaves_is_no_longer_held() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, _) = env.route_to_upstream();
+        env.controller.hold_answers(true);
+        let mut client = tokio::net::TcpStream::connect(env.addr())
+            .await
+            .expect("connect to the proxy");
+        use tokio::io::AsyncWriteExt;
+        client
+            .write_all(format!("GET /{token}/ HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+            .await
+            .expect("send a request");
+        wait_until_held(&env, 1).await;
+
+        drop(client);
+
+        // hyper notices the closed connection and drops the request, and with it the hold.
+        wait_until_held(&env, 0).await;
+    })
+    .await;
+}

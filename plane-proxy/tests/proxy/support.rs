@@ -323,7 +323,8 @@ type UpstreamBody = BoxBody<Bytes, Infallible>;
 
 /// A real HTTP server standing in for a backend. Plain requests get a JSON echo of what
 /// arrived; `/slow` streams one chunk, then the rest once released; WebSocket upgrades echo
-/// every message back.
+/// every message back; an upgrade to `raw-echo` echoes bytes until the client half-closes,
+/// then sends `bye` and closes.
 pub struct Upstream {
     pub addr: SocketAddr,
     release_slow: watch::Sender<bool>,
@@ -403,6 +404,41 @@ async fn upstream_handle(
     mut request: Request<Incoming>,
     release: watch::Receiver<bool>,
 ) -> Response<UpstreamBody> {
+    if request
+        .headers()
+        .get("upgrade")
+        .is_some_and(|u| u == "raw-echo")
+    {
+        // A raw byte protocol: echo everything until the client half-closes, then say
+        // goodbye and close.
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(upgraded) = upgrade.await else {
+                return;
+            };
+            let mut io = TokioIo::new(upgraded);
+            let mut chunk = [0u8; 4096];
+            loop {
+                match io.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if io.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = io.write_all(b"bye").await;
+            let _ = io.shutdown().await;
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "raw-echo")
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("101 response");
+    }
     if let Some(key) = request.headers().get("sec-websocket-key") {
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let upgrade = hyper::upgrade::on(&mut request);

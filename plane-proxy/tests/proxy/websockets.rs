@@ -128,3 +128,51 @@ async fn large_messages_cross_the_tunnel_intact_both_ways() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tunnel_passes_early_bytes_and_half_closes_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, _) = env.route_to_upstream();
+        let mut client = tokio::net::TcpStream::connect(env.addr())
+            .await
+            .expect("connect to the proxy");
+        // The first bytes of the new protocol travel in the same write as the handshake.
+        let handshake = format!(
+            "GET /{token}/raw HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: raw-echo\r\n\r\nearly;"
+        );
+        client
+            .write_all(handshake.as_bytes())
+            .await
+            .expect("send the handshake");
+
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let head_end = loop {
+            let n = client.read(&mut chunk).await.expect("read the answer");
+            assert!(n > 0, "the proxy closed before answering");
+            received.extend_from_slice(&chunk[..n]);
+            if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&received[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let mut echoed = received[head_end..].to_vec();
+        while echoed.len() < b"early;".len() {
+            let n = client.read(&mut chunk).await.expect("read the echo");
+            assert!(n > 0, "the tunnel closed before echoing the early bytes");
+            echoed.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(echoed, b"early;");
+
+        client.write_all(b"later").await.expect("send more");
+        // Half-close: the backend sees the end, and may still answer.
+        client.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("read to the end");
+        assert_eq!(rest, b"laterbye");
+    })
+    .await;
+}

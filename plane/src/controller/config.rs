@@ -9,6 +9,8 @@ use url::Url;
 const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1000;
 /// The longest lost window accepted: a week.
 const MAX_LOST_WINDOW_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+/// The shortest `route_wait_timeout_ms` accepted: proxies ask again after each one.
+pub const MIN_ROUTE_WAIT_MS: u64 = 1_000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ControllerConfig {
@@ -52,10 +54,19 @@ impl ControllerConfig {
     }
 
     /// Refuses timings that cannot work together, naming the flags involved.
+    ///
+    /// `--route-wait-timeout-ms` is at least [`MIN_ROUTE_WAIT_MS`].
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.sweep_interval_ms > 0,
             "--sweep-interval-ms must be at least 1"
+        );
+        // Each "still starting" answer makes the proxy ask again at once, so a tiny wait
+        // would have proxy and controller spin on a starting backend.
+        anyhow::ensure!(
+            self.route_wait_timeout_ms >= MIN_ROUTE_WAIT_MS,
+            "--route-wait-timeout-ms must be at least {MIN_ROUTE_WAIT_MS}, got {}",
+            self.route_wait_timeout_ms
         );
         anyhow::ensure!(
             (100..=MAX_LEASE_MS).contains(&self.lease_ms),
