@@ -40,6 +40,20 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         concurrency: usize,
     },
+    /// Opens HTTP/1.1 keep-alive connections, sends one GET on each and reads the whole
+    /// response, prints `{"open": N}`, holds them idle until a line (or EOF) arrives on
+    /// stdin, then closes them and prints `{"closed": N}`.
+    IdleHttp {
+        /// http:// URL to GET.
+        #[arg(long)]
+        url: String,
+        /// How many connections to hold.
+        #[arg(long)]
+        count: usize,
+        /// How many connections may be opening at once.
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+    },
 }
 
 #[tokio::main]
@@ -51,6 +65,11 @@ async fn main() -> anyhow::Result<()> {
             count,
             concurrency,
         } => idle_ws(&url, count, concurrency).await,
+        Command::IdleHttp {
+            url,
+            count,
+            concurrency,
+        } => idle_http(&url, count, concurrency).await,
     }
 }
 
@@ -128,6 +147,81 @@ async fn idle_ws(url: &str, count: usize, concurrency: usize) -> anyhow::Result<
             while let Some(Ok(_)) = socket.next().await {}
         })
         .await;
+    println!(r#"{{"closed": {closed}}}"#);
+    Ok(())
+}
+
+/// `host:port` and `/path?query` of an `http://` URL.
+fn split_http_url(url: &str) -> anyhow::Result<(&str, &str)> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--url {url}: only http:// URLs are supported"))?;
+    Ok(match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    })
+}
+
+/// Sends one GET on `stream` and reads its response to the end (by `content-length`).
+async fn get_once(
+    stream: &mut tokio::net::TcpStream,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the server closed the connection before answering");
+        }
+        response.extend_from_slice(&chunk[..n]);
+        let Some(head_end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&response[..head_end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            bail!("unexpected answer: {}", head.lines().next().unwrap_or(""));
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .context("the response has no content-length")?;
+        if response.len() >= head_end + 4 + length {
+            return Ok(());
+        }
+    }
+}
+
+async fn idle_http(url: &str, count: usize, concurrency: usize) -> anyhow::Result<()> {
+    let (host, path) = split_http_url(url)?;
+    let opened = futures_util::stream::iter(0..count)
+        .map(|_| async move {
+            let mut stream = tokio::net::TcpStream::connect(host)
+                .await
+                .with_context(|| format!("--url {url}: cannot connect"))?;
+            get_once(&mut stream, host, path).await?;
+            anyhow::Ok(stream)
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    let mut streams = Vec::with_capacity(count);
+    for stream in opened {
+        streams.push(stream?);
+    }
+    println!(r#"{{"open": {}}}"#, streams.len());
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await?;
+    let closed = streams.len();
+    drop(streams);
     println!(r#"{{"closed": {closed}}}"#);
     Ok(())
 }
