@@ -7,6 +7,7 @@
 
 mod body;
 pub mod cli;
+mod client_stream;
 pub mod config;
 mod connection_tracker;
 mod controller_connection;
@@ -29,6 +30,8 @@ use plane_protocol::names::NodeName;
 use proxy_service::ProxyState;
 use server::Server;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -50,6 +53,8 @@ pub struct ProxyHandle {
     grace: Duration,
     /// Keep-alive connections to backends, closed at shutdown.
     pool: UpstreamPool,
+    /// Idle client connections parked (hyper's buffers freed) right now.
+    parked: Arc<AtomicUsize>,
     accept_task: JoinHandle<()>,
     controller_task: JoinHandle<()>,
     /// Cancels the root token (and so every task) when the handle goes away.
@@ -76,6 +81,12 @@ impl ProxyHandle {
     /// (or for their tokens to resolve).
     pub fn held_requests(&self) -> usize {
         self.controller.held_requests()
+    }
+
+    /// How many idle keep-alive client connections are parked right now: open, but with
+    /// nothing allocated for them beyond the socket until the client sends again.
+    pub fn parked_connections(&self) -> usize {
+        self.parked.load(Ordering::Acquire)
     }
 
     /// Follows the controller connection (`true` while connected), e.g. to wait until the
@@ -150,11 +161,13 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         config.backend_connect_timeout(),
         pool.clone(),
     );
+    let parked = Arc::new(AtomicUsize::new(0));
     let server = Server {
         state,
         tasks: tasks.clone(),
         drain: drain.clone(),
         hard_stop: hard_stop.clone(),
+        parked: parked.clone(),
     };
     let accept_task = tokio::spawn(server.accept_loop(listener));
 
@@ -166,6 +179,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         tasks,
         drain,
         pool,
+        parked,
         accept_task,
         controller_task,
         hard_stop: hard_stop.drop_guard(),

@@ -7,6 +7,7 @@
 //! writes straight on; only bytes the other side cannot take yet are copied to the heap, and
 //! that copy is freed as soon as it has been written.
 
+use crate::client_stream::ClientStream;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::io::{self, ErrorKind};
@@ -24,19 +25,21 @@ const FALLBACK_BUFFER: usize = 4 * 1024;
 
 /// Runs the tunnel until both directions have ended or either fails.
 pub async fn join(client: Upgraded, backend: Upgraded) -> io::Result<()> {
-    let client = match client.downcast::<TokioIo<TcpStream>>() {
+    let client = match client.downcast::<TokioIo<ClientStream>>() {
         Ok(parts) => parts,
         Err(client) => return buffered(TokioIo::new(client), TokioIo::new(backend)).await,
     };
-    let (client, client_early) = (client.io.into_inner(), client.read_buf);
+    let read_buf = client.read_buf;
+    let (client, unread_prefix) = client.io.into_inner().into_parts();
+    // Bytes read past the handshake (a first frame sent eagerly) go first: hyper's buffered
+    // ones, then what it never read of the stream's prefix. Copied out, so hyper's whole
+    // read buffer (which these share) is freed now rather than kept for the tunnel's life.
+    let client_early: Vec<u8> = [&read_buf[..], &unread_prefix[..]].concat();
+    drop((read_buf, unread_prefix));
     match backend.downcast::<TokioIo<TcpStream>>() {
-        // Bytes hyper read past the handshake (a first frame sent eagerly) go first.
-        // Copied out, so hyper's whole read buffer (which these share) is freed now rather
-        // than kept for the life of the tunnel.
         Ok(backend) => {
-            let upstream = Half::starting_with(&client_early);
-            let downstream = Half::starting_with(&backend.read_buf);
-            drop(client_early);
+            let upstream = Half::with_pending(client_early);
+            let downstream = Half::with_pending(backend.read_buf.to_vec());
             let backend_io = backend.io.into_inner();
             drop(backend.read_buf);
             tcp(client, upstream, backend_io, downstream).await
@@ -78,9 +81,9 @@ struct Half {
 }
 
 impl Half {
-    fn starting_with(early: &[u8]) -> Self {
+    fn with_pending(pending: Vec<u8>) -> Self {
         Self {
-            pending: early.to_vec(),
+            pending,
             ..Self::default()
         }
     }

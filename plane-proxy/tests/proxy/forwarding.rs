@@ -273,3 +273,62 @@ async fn a_pooled_connection_the_backend_closed_while_idle_is_not_used() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_parked_and_serves_again() {
+    with_timeout(async {
+        let env = TestEnv::start().await;
+        let (token, _) = env.route_to_upstream();
+        let stream = tokio::net::TcpStream::connect(env.addr())
+            .await
+            .expect("connect to the proxy");
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("HTTP handshake with the proxy");
+        let connection = tokio::spawn(connection);
+        let request = |path: &str| {
+            Request::get(format!("/{token}{path}"))
+                .header("host", "localhost:9090")
+                .body(Full::new(Bytes::new()))
+                .expect("request")
+        };
+
+        let first = sender.send_request(request("/one")).await.expect("first");
+        assert_eq!(first.status(), StatusCode::OK);
+        first.into_body().collect().await.expect("first body");
+
+        // Idle for a while: the proxy frees hyper's buffers for the connection but keeps it.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while env.proxy.parked_connections() != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the connection was never parked"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            !connection.is_finished(),
+            "the proxy closed the parked connection"
+        );
+
+        sender
+            .ready()
+            .await
+            .expect("the connection is still usable");
+        let second = sender.send_request(request("/two")).await.expect("second");
+        assert_eq!(second.status(), StatusCode::OK);
+        let body = second
+            .into_body()
+            .collect()
+            .await
+            .expect("second body")
+            .to_bytes();
+        let echo: serde_json::Value = serde_json::from_slice(&body).expect("echo JSON");
+        assert_eq!(echo["path"], "/two");
+        assert_eq!(env.proxy.parked_connections(), 0);
+        // Both requests went over the one client connection.
+        assert_eq!(env.upstream.accepted(), 1);
+    })
+    .await;
+}
