@@ -183,12 +183,12 @@ class Stack:
         drone_logs = open(os.path.join(scratch, "plane-drone.log"), "w")
         self._spawn(
             [PLANE, "drone", "--controller-url", self.controller, "--cluster", self.cluster,
-             "--name", "bench-drone", "--pool", "bench", "--ip", self.backend_ip,
+             "--name", "dr-bench", "--pool", "bench", "--ip", self.backend_ip,
              "--state-dir", os.path.join(scratch, "bench-drone")],
             drone_logs,
         )
         wait_until("the bench drone", lambda: any(
-            d.get("connected") and d["name"] == "bench-drone"
+            d["node"].get("connected") and d["node"]["name"] == {"Drone": "dr-bench"}
             for d in http_json("GET", f"{self.controller}/ctrl/c/{self.cluster}/state")["drones"]))
         proxy_logs = open(os.path.join(scratch, "plane-proxy.log"), "w")
         self.proxy = self._spawn(

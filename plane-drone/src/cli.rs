@@ -19,7 +19,8 @@ pub struct DroneOpts {
     #[arg(long, env = "PLANE_CLUSTER")]
     pub cluster: ClusterName,
 
-    /// This drone's name, unique in the cluster [default: the hostname, else random].
+    /// This drone's name, unique in the cluster [default: a random `dr-…` name, kept in the
+    /// state directory so the drone keeps it across restarts].
     #[arg(long, env = "PLANE_NAME")]
     pub name: Option<NodeName>,
 
@@ -68,7 +69,7 @@ impl DroneOpts {
     pub fn into_config(self) -> anyhow::Result<DroneConfig> {
         let name = match self.name {
             Some(name) => name,
-            None => hostname_node_name().unwrap_or_else(|| NodeName::new_random("dr")),
+            None => crate::config::stable_drone_name(&self.state_dir)?,
         };
         let config = DroneConfig {
             name,
@@ -95,14 +96,6 @@ impl DroneOpts {
         );
         Ok(config)
     }
-}
-
-/// The machine's hostname as a node name, when it is a valid one. Using the hostname by
-/// default means a restarted drone finds (and cleans up) the containers of its previous run.
-fn hostname_node_name() -> Option<NodeName> {
-    let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
-    let raw = from_kernel.or_else(|| std::env::var("HOSTNAME").ok())?;
-    raw.trim().parse().ok()
 }
 
 #[cfg(test)]

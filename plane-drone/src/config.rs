@@ -1,10 +1,11 @@
 //! The drone's configuration: a plain serde struct, built from the command line by
 //! [`crate::cli::DroneOpts`] or directly by `plane dev` and tests.
 
+use anyhow::Context;
 use plane_protocol::names::{ClusterName, NodeName};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use url::Url;
 
@@ -147,6 +148,44 @@ impl DroneConfig {
     }
 }
 
+/// The name kept in `state_dir`, or a new random `dr-…` one stored there. Stable per state
+/// directory, so a restarted drone finds (and cleans up or re-adopts) its own containers, and
+/// unique per directory, so two drones on one host never take each other's name (as they did
+/// when the default was the hostname).
+pub fn stable_drone_name(state_dir: &Path) -> anyhow::Result<NodeName> {
+    let file = state_dir.join(NAME_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(stored) => {
+            return stored.trim().parse().with_context(|| {
+                format!(
+                    "{} holds no valid drone name; fix or delete it",
+                    file.display()
+                )
+            })
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(err).with_context(|| format!("reading {} (--state-dir)", file.display()))
+        }
+    }
+    std::fs::create_dir_all(state_dir).with_context(|| {
+        format!(
+            "creating the state directory {} (--state-dir)",
+            state_dir.display()
+        )
+    })?;
+    let name = NodeName::new_random("dr");
+    // Written whole under a temporary name, then renamed: a crash never leaves half a name.
+    let partial = state_dir.join(format!("{NAME_FILE}.partial"));
+    std::fs::write(&partial, format!("{name}\n"))
+        .and_then(|()| std::fs::rename(&partial, &file))
+        .with_context(|| format!("storing the drone's name in {}", file.display()))?;
+    Ok(name)
+}
+
+/// The file in the state directory that holds the drone's generated name.
+const NAME_FILE: &str = "drone-name";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +203,20 @@ mod tests {
             ..DroneConfig::new(url, cluster)
         };
         assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn a_drone_without_a_name_keeps_one_per_state_directory() {
+        let root = std::env::temp_dir().join(format!("plane-drone-name-{}", std::process::id()));
+        let (a, b) = (root.join("a"), root.join("b"));
+        let first = stable_drone_name(&a).expect("a name");
+        assert!(first.as_str().starts_with("dr-"), "{first}");
+        assert_eq!(stable_drone_name(&a).expect("the same name"), first);
+        assert_ne!(stable_drone_name(&b).expect("another name"), first);
+
+        std::fs::write(a.join(NAME_FILE), "not a name!\n").expect("write");
+        let err = stable_drone_name(&a).expect_err("a bad stored name is refused");
+        assert!(format!("{err:#}").contains("drone-name"), "{err:#}");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -63,6 +63,8 @@ pub fn socket_url(controller_url: &Url, cluster: &ClusterName) -> anyhow::Result
 pub(crate) struct Connection {
     pub url: Url,
     pub name: NodeName,
+    /// This process's instance ID, the same in every session it opens.
+    pub instance: String,
     pub pool: String,
     pub heartbeat_interval: Duration,
     pub fence_margin: Duration,
@@ -138,6 +140,8 @@ impl Connection {
             name: self.name.clone(),
             pool: self.pool.clone(),
             version: PLANE_VERSION.to_string(),
+            hash: plane_protocol::PLANE_HASH.to_string(),
+            instance: self.instance.clone(),
             heartbeat_interval_ms: Some(self.heartbeat_interval.as_millis() as u64),
             fence_margin_ms: Some(self.fence_margin.as_millis() as u64),
         };
@@ -485,6 +489,7 @@ mod tests {
         let connection = Connection {
             url: socket_url(&base, &cluster).expect("socket url"),
             name: "dr-conn-test".parse().expect("name"),
+            instance: "test-instance".to_string(),
             pool: String::new(),
             heartbeat_interval: Duration::from_millis(50),
             fence_margin: Duration::from_millis(100),
@@ -685,6 +690,7 @@ mod tests {
                 env: Default::default(),
                 resource_limits: Default::default(),
                 mount: None,
+                network_name: None,
             },
             key: Some("k".into()),
             fencing_token: Some(1),
@@ -813,6 +819,7 @@ mod tests {
                         env: Default::default(),
                         resource_limits: Default::default(),
                         mount: None,
+                        network_name: None,
                     },
                     key: None,
                     fencing_token: None,

@@ -471,6 +471,7 @@ mod tests {
                 env: Default::default(),
                 resource_limits: Default::default(),
                 mount: None,
+                network_name: None,
             },
             key: None,
             fencing_token: None,
@@ -615,7 +616,7 @@ mod tests {
         let done = last(&updates);
         assert_eq!(
             done.termination_reason,
-            Some(TerminationReason::StartFailed)
+            Some(TerminationReason::InternalError)
         );
         let message = done.message.as_deref().unwrap_or_default();
         assert!(message.contains("\"missing\""), "message: {message}");

@@ -114,6 +114,7 @@ pub async fn start_with_runtime<R: Runtime>(
     let connection = Connection {
         url,
         name: config.name.clone(),
+        instance: plane_protocol::names::new_instance_id(),
         pool: config.pool.clone(),
         heartbeat_interval: config.heartbeat_interval(),
         fence_margin: config.fence_margin(),

@@ -285,7 +285,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     async fn report_start_failed(&self, message: String) {
         tracing::warn!(backend = %self.id, %message, "backend failed to start");
         self.report(BackendStateUpdate {
-            termination_reason: Some(TerminationReason::StartFailed),
+            termination_reason: Some(TerminationReason::InternalError),
             message: Some(message),
             ..BackendStateUpdate::status(BackendStatus::Terminated)
         })
@@ -481,6 +481,7 @@ mod tests {
                     .collect::<BTreeMap<_, _>>(),
                 resource_limits: Default::default(),
                 mount: None,
+                network_name: None,
             },
             key: Some("doc-1".into()),
             fencing_token: Some(7),

@@ -95,6 +95,7 @@ fn executable(image: &str, pull_policy: PullPolicy) -> ExecutorConfig {
         env: Default::default(),
         resource_limits: Default::default(),
         mount: None,
+        network_name: None,
     }
 }
 

@@ -95,6 +95,10 @@ pub struct ExecutorConfig {
     /// Host mounts are not supported; must be absent, null or false.
     #[serde(default)]
     pub mount: Option<Value>,
+    /// A Docker network to attach the backend to. Not supported yet; must be absent or
+    /// null (Plane 0.5's client always sends it, as null).
+    #[serde(default)]
+    pub network_name: Option<String>,
 }
 
 /// How to start a backend when one is needed.
@@ -183,40 +187,86 @@ pub struct ConnectResponse {
     pub drone: Option<NodeName>,
 }
 
-/// `POST /ctrl/b/:backend/soft-terminate` and `hard-terminate`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TerminateResponse {
-    pub backend_id: BackendName,
-    /// The status after the request; terminating an already terminated backend is a no-op.
-    pub status: BackendStatus,
+/// A node's name as Plane 0.5 writes it in cluster state: tagged with its kind,
+/// `{"Drone": "dr-..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaggedNodeName {
+    Drone(NodeName),
+    Proxy(NodeName),
+    AcmeDnsServer(NodeName),
 }
 
-/// One node connected to the controller, as `GET /ctrl/c/:cluster/state` shows it.
+impl TaggedNodeName {
+    pub fn name(&self) -> &NodeName {
+        match self {
+            Self::Drone(name) | Self::Proxy(name) | Self::AcmeDnsServer(name) => name,
+        }
+    }
+}
+
+/// One node (drone, proxy or DNS server) of a cluster, as `GET /ctrl/c/:cluster/state`
+/// shows it. The first five fields are Plane 0.5's; the rest are ours.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeState {
-    pub name: NodeName,
-    /// Whether the node has a live socket to this controller.
+    pub name: TaggedNodeName,
+    pub plane_version: String,
+    pub plane_hash: String,
+    /// The controller holding the node's socket (empty when none does).
+    pub controller: String,
+    /// Seconds since the controller holding the node's socket last recorded hearing from
+    /// it.
+    pub controller_heartbeat_age: i64,
+    /// Whether the node has a live socket to a controller.
+    #[serde(default)]
     pub connected: bool,
     /// When the node last sent anything (heartbeat or message).
     pub last_seen: Millis,
-    /// Drones: silent for longer than the controller's lost window; their backends have
-    /// been recorded `terminated{lost}`. Cleared when the drone is heard from again.
+}
+
+/// One drone of a cluster. The first five fields are Plane 0.5's; the rest are ours.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DroneState {
+    /// Connected, not lost and not draining: it may be given new backends.
+    pub ready: bool,
+    /// Drained: it gets no new backends while its own keep serving.
+    pub draining: bool,
+    /// Seconds since the drone was last heard from.
+    pub last_heartbeat_age: i64,
+    /// Backends on it that have not terminated.
+    pub backend_count: u32,
+    pub node: NodeState,
+    /// Its pool (empty: the default pool).
+    #[serde(default)]
+    pub pool: String,
+    /// Silent for longer than the controller's lost window; its backends have been
+    /// recorded `terminated{lost}`. Cleared when the drone is heard from again.
     #[serde(default)]
     pub lost: bool,
-    /// Drones: their pool.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool: Option<String>,
-    /// Drones: backends not yet terminated.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backends: Option<u32>,
 }
 
 /// `GET /ctrl/c/:cluster/state`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
-    pub cluster: ClusterName,
-    pub drones: Vec<NodeState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterName>,
+    pub drones: Vec<DroneState>,
     pub proxies: Vec<NodeState>,
+}
+
+/// `POST /ctrl/c/:cluster/d/:drone/drain` and `/undrain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainResult {
+    /// False when the drone was already in the state asked for.
+    pub updated: bool,
+}
+
+/// `POST /ctrl/b/revoke` (also `/ctrl/revoke`): stop every token issued for `backend_id`
+/// to `user`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub backend_id: BackendName,
+    pub user: String,
 }
 
 /// `GET /ctrl/status` and `GET /pub/health`.
@@ -224,34 +274,42 @@ pub struct ClusterState {
 pub struct ControllerStatus {
     pub status: String,
     pub version: String,
+    /// The commit the controller was built from (`unknown` outside a git checkout).
+    pub hash: String,
     /// The database backend in use: `sqlite` or `postgres`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
 }
 
-/// What kind of failure an [`ApiError`] reports. Serialized by name (`"KeyHeld"`).
+/// What kind of failure an [`ApiError`] reports, serialized by name (`"KeyHeld"`). These
+/// are exactly Plane 0.5's kinds, so its clients can read every error we send; failures it
+/// has no kind for are `Other`, told apart by the HTTP status and the message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApiErrorKind {
-    /// The request was malformed or a field was invalid.
-    BadRequest,
-    /// The key is held by a running backend that was started with a different tag.
-    KeyHeld,
-    /// Nothing holds the key and the request had no `spawn_config` to start one.
+    /// Plane 0.5 only: the key's lock could not be taken.
+    FailedToAcquireKey,
+    /// Nothing holds the key and the request had no `spawn_config` to start one (409).
     KeyUnheldNoSpawnConfig,
-    /// No connected drone in the cluster (and pool) can take the backend.
+    /// The key is held by a backend that is still terminating; retry shortly (409).
+    KeyHeldUnhealthy,
+    /// The key is held by a running backend that was started with a different tag (409).
+    KeyHeld,
+    /// No connected, undrained drone in the cluster (and pool) can take the backend (503).
     NoDroneAvailable,
-    /// No cluster in the request and no default cluster configured.
+    /// Plane 0.5 only: the key's lock could not be released.
+    FailedToRemoveKey,
+    /// The database failed (500).
+    DatabaseError,
+    /// No cluster in the request and no default cluster configured (400).
     NoClusterProvided,
-    /// The requested backend ID is already taken.
-    BackendIdTaken,
-    /// The named thing does not exist.
+    /// The named backend, drone or endpoint does not exist (404).
     NotFound,
-    /// Missing or wrong credentials.
-    Unauthorized,
-    /// The endpoint exists but not with this HTTP method.
-    MethodNotAllowed,
-    /// A fault on our side; details are in the controller's log under the error's `id`.
-    Internal,
+    /// A cluster name is malformed (400).
+    InvalidClusterName,
+    /// Anything else: a malformed request (400), missing credentials (401), a taken backend
+    /// ID (409), a wrong method (405), an internal fault (500, details in the log under the
+    /// error's `id`).
+    Other,
 }
 
 /// The body of every error response: `{id, kind, message}`. `id` correlates the response

@@ -123,20 +123,19 @@ pub enum TerminationReason {
     Lost,
     /// It never answered HTTP within the drone's startup timeout.
     StartupTimeout,
-    /// It could not be started at all (image missing or unpullable, container rejected).
-    StartFailed,
-    /// A fault inside Plane.
+    /// It could not be started (image missing or unpullable, container rejected; the
+    /// status entry's `message` says which), or a fault inside Plane stopped it. Plane 0.5
+    /// reports a failed start this way too, and its clients know no other reason for it.
     InternalError,
 }
 
 impl TerminationReason {
-    const ALL: [TerminationReason; 7] = [
+    const ALL: [TerminationReason; 6] = [
         Self::Swept,
         Self::External,
         Self::KeyExpired,
         Self::Lost,
         Self::StartupTimeout,
-        Self::StartFailed,
         Self::InternalError,
     ];
 
@@ -147,7 +146,6 @@ impl TerminationReason {
             Self::KeyExpired => "keyexpired",
             Self::Lost => "lost",
             Self::StartupTimeout => "startuptimeout",
-            Self::StartFailed => "startfailed",
             Self::InternalError => "internalerror",
         }
     }

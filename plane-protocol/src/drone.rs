@@ -21,6 +21,12 @@ pub enum MessageFromDrone {
         #[serde(default)]
         pool: String,
         version: String,
+        /// The commit the drone was built from.
+        #[serde(default)]
+        hash: String,
+        /// This drone process (see [`crate::names::new_instance_id`]).
+        #[serde(default)]
+        instance: String,
         /// Milliseconds between this drone's heartbeats. The controller refuses a drone
         /// whose heartbeats could not keep its leases alive.
         #[serde(default)]

@@ -24,3 +24,6 @@ pub const BACKEND_CONTAINER_PORT: u16 = 8080;
 
 /// The version every component reports in its hello message and status.
 pub const PLANE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit every component was built from (`unknown` when built outside a git checkout).
+pub const PLANE_HASH: &str = env!("PLANE_GIT_HASH");

@@ -72,7 +72,7 @@ macro_rules! validated_string {
     };
 }
 
-/// The ID of one backend, e.g. `ba-k3x9...`. Lowercase letters, digits and `-`, at most 64
+/// The ID of one backend, e.g. `ba-k3x9...`. Lowercase letters, digits and `-`, at most 45
 /// characters, so it is valid as a Docker container name and as a DNS label prefix.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -91,8 +91,9 @@ fn validate_backend_name(s: &str) -> Result<(), InvalidName> {
         value: s.to_string(),
         reason,
     };
-    if s.is_empty() || s.len() > 64 {
-        return Err(invalid("must be 1 to 64 characters long"));
+    // 45 is Plane 0.5's limit, so every ID we accept is one its tools can address.
+    if s.is_empty() || s.len() > 45 {
+        return Err(invalid("must be 1 to 45 characters long"));
     }
     if !s
         .chars()
@@ -104,6 +105,13 @@ fn validate_backend_name(s: &str) -> Result<(), InvalidName> {
         return Err(invalid("may not start with '-'"));
     }
     Ok(())
+}
+
+/// A random ID a node process takes at start and sends in every hello. A hello with the
+/// name of a connected node but another instance comes from a second process using that
+/// name, and is refused; the same instance is the node reconnecting.
+pub fn new_instance_id() -> String {
+    random_lowercase(16)
 }
 
 /// The name of a drone or proxy, unique within a cluster. Letters, digits, `.`, `_`, `-`.
@@ -211,6 +219,16 @@ impl std::borrow::Borrow<str> for BearerToken {
 impl BearerToken {
     pub fn new_random() -> Self {
         Self(random_mixed(32))
+    }
+
+    /// A backend's one static token. The `s.` prefix marks it static, as in Plane 0.5
+    /// (whose client tells them apart by it).
+    pub fn new_random_static() -> Self {
+        Self(format!("s.{}", random_mixed(32)))
+    }
+
+    pub fn is_static(&self) -> bool {
+        self.0.starts_with("s.")
     }
 }
 

@@ -2,6 +2,7 @@
 
 use crate::backend::{BackendStatus, TerminationReason};
 use crate::names::{BackendName, BearerToken, NodeName, SecretToken};
+use crate::time::Millis;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -16,6 +17,12 @@ pub enum MessageFromProxy {
     Hello {
         name: NodeName,
         version: String,
+        /// The commit the proxy was built from.
+        #[serde(default)]
+        hash: String,
+        /// This proxy process (see [`crate::names::new_instance_id`]).
+        #[serde(default)]
+        instance: String,
         /// Milliseconds between this proxy's keep-alive reports; the controller lets an
         /// open connection it was told of lapse after three of them without a refresh.
         #[serde(default)]
@@ -49,6 +56,17 @@ pub enum MessageToProxy {
     },
     /// The backend is stopping: forget every route to it and refuse new requests.
     BackendRemoved { backend_id: BackendName },
+    /// The controller will not accept this proxy (another one with its name is connected);
+    /// the socket closes after this.
+    Refused { reason: String },
+    /// Every token of `backend_id` issued to `user` was revoked: forget their routes and
+    /// refuse their requests from now on.
+    TokensRevoked {
+        backend_id: BackendName,
+        user: String,
+        /// Tokens issued up to this time are revoked; later ones are not.
+        revoked_at: Millis,
+    },
 }
 
 /// What the controller knows about a token.
@@ -91,4 +109,7 @@ pub struct RouteInfo {
     /// Sent as `x-verified-user-data` (JSON).
     #[serde(default)]
     pub user_data: Value,
+    /// When the token was issued: a revocation covers the tokens issued before it.
+    #[serde(default)]
+    pub issued_at: Millis,
 }

@@ -208,6 +208,7 @@ impl ControllerClient {
         let runner = Runner {
             shared: shared.clone(),
             config,
+            instance: plane_protocol::names::new_instance_id(),
             requests: requests_rx,
             connected: connected_tx,
             cancel,
@@ -309,6 +310,8 @@ enum SessionError {
 struct Runner {
     shared: Arc<Shared>,
     config: ControllerConnectionConfig,
+    /// This process's instance ID, the same in every session it opens.
+    instance: String,
     requests: mpsc::UnboundedReceiver<BearerToken>,
     connected: watch::Sender<bool>,
     cancel: CancellationToken,
@@ -362,6 +365,8 @@ impl Runner {
         let hello = MessageFromProxy::Hello {
             name: self.config.name.clone(),
             version: plane_protocol::PLANE_VERSION.to_string(),
+            hash: plane_protocol::PLANE_HASH.to_string(),
+            instance: self.instance.clone(),
             report_interval_ms: Some(self.config.report_interval.as_millis() as u64),
         };
         send(socket, &hello).await?;
@@ -490,6 +495,19 @@ impl Runner {
                 self.shared.cache.remove_backend(&backend_id);
                 self.shared.tracker.backend_removed(&backend_id);
                 self.shared.pool.remove_backend(&backend_id);
+            }
+            Ok(MessageToProxy::Refused { reason }) => {
+                tracing::error!(%reason, "the controller refused this proxy");
+            }
+            Ok(MessageToProxy::TokensRevoked {
+                backend_id,
+                user,
+                revoked_at,
+            }) => {
+                debug!(backend = %backend_id, %user, "tokens revoked");
+                self.shared
+                    .cache
+                    .revoke_user(&backend_id, &user, revoked_at);
             }
             // A newer controller may send messages we don't know yet; skipping them keeps
             // the connection (and every other route) working.

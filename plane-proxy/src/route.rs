@@ -5,6 +5,7 @@ use crate::headers;
 use http::header::{HeaderValue, InvalidHeaderValue};
 use plane_protocol::names::BackendName;
 use plane_protocol::proxy::RouteInfo;
+use plane_protocol::time::Millis;
 use std::net::SocketAddr;
 
 /// Shared (`Arc`) between the route cache and every request in flight on it.
@@ -23,6 +24,8 @@ pub struct Route {
     pub backend: HeaderValue,
     /// `host` for HTTP/1.0 clients that sent none.
     pub host: HeaderValue,
+    /// When the token was issued (a revocation covers tokens issued before it).
+    pub issued_at: Millis,
 }
 
 impl Route {
@@ -42,6 +45,7 @@ impl Route {
             host: HeaderValue::from_str(&info.address.to_string())?,
             backend_id: info.backend_id,
             address: info.address,
+            issued_at: info.issued_at,
         })
     }
 }
@@ -58,6 +62,7 @@ mod tests {
             secret_token: SecretToken::new_random(),
             user: user.map(str::to_string),
             user_data: serde_json::json!({"team": "Zoë"}),
+            issued_at: Millis(1),
         }
     }
 

@@ -1,9 +1,11 @@
 //! Routes the controller has resolved, by token, so only a token's first request pays a
-//! round-trip; evicted per backend the moment the controller says the backend is going away.
+//! round-trip; evicted per backend the moment the controller says the backend is going away,
+//! and per backend and user the moment that user's tokens are revoked.
 
 use crate::route::Route;
 use dashmap::DashMap;
 use plane_protocol::names::{BackendName, BearerToken};
+use plane_protocol::time::Millis;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +26,10 @@ pub struct RouteCache {
     by_backend: DashMap<BackendName, HashSet<BearerToken>>,
     /// Backends removed recently, and when. A route to one of them is never cached again.
     removed: DashMap<BackendName, Instant>,
+    /// Users whose tokens for a backend were revoked recently: the revocation's time (tokens
+    /// issued up to then are revoked) and when we heard of it (for pruning). Their routes to
+    /// that backend issued before the revocation are never cached again.
+    revoked: DashMap<(BackendName, String), (Millis, Instant)>,
     /// Plain lock: held only to compare and set one timestamp, never across an await.
     last_prune: Mutex<Instant>,
 }
@@ -34,6 +40,7 @@ impl Default for RouteCache {
             routes: DashMap::new(),
             by_backend: DashMap::new(),
             removed: DashMap::new(),
+            revoked: DashMap::new(),
             last_prune: Mutex::new(Instant::now()),
         }
     }
@@ -55,8 +62,9 @@ impl RouteCache {
         // The backend's index entry stays locked while we check for removal and insert, and
         // `remove_backend` marks the backend removed *before* taking that same lock, so
         // either we see the mark or the removal sees (and evicts) our token.
+        // `revoke_user` marks in the same order, so the same holds for revocations.
         let mut tokens = self.by_backend.entry(route.backend_id.clone()).or_default();
-        if self.removed.contains_key(&route.backend_id) {
+        if self.removed.contains_key(&route.backend_id) || self.is_revoked(&route) {
             drop(tokens);
             self.by_backend
                 .remove_if(&route.backend_id, |_, tokens| tokens.is_empty());
@@ -86,6 +94,42 @@ impl RouteCache {
             }
         }
         self.prune_removed();
+    }
+
+    /// Forgets every route to `backend` whose token was issued to `user` up to `revoked_at`,
+    /// and refuses to cache one again. Tokens issued to `user` later are not affected.
+    pub fn revoke_user(&self, backend: &BackendName, user: &str, revoked_at: Millis) {
+        self.revoked
+            .entry((backend.clone(), user.to_string()))
+            .and_modify(|(at, heard)| {
+                *at = (*at).max(revoked_at);
+                *heard = Instant::now();
+            })
+            .or_insert((revoked_at, Instant::now()));
+        if let Some(mut tokens) = self.by_backend.get_mut(backend) {
+            tokens.retain(|token| {
+                let evicted = self.routes.remove_if(token, |_, route| {
+                    &route.backend_id == backend
+                        && is_for_user(route, user)
+                        && route.issued_at <= revoked_at
+                });
+                evicted.is_none()
+            });
+        }
+        self.prune_removed();
+    }
+
+    fn is_revoked(&self, route: &Route) -> bool {
+        let Some(user) = route.username.as_ref() else {
+            return false;
+        };
+        if self.revoked.is_empty() {
+            return false;
+        }
+        let user = String::from_utf8_lossy(user.as_bytes()).into_owned();
+        self.revoked
+            .get(&(route.backend_id.clone(), user))
+            .is_some_and(|entry| route.issued_at <= entry.0)
     }
 
     /// Whether `backend` was removed recently.
@@ -125,7 +169,16 @@ impl RouteCache {
         }
         self.removed
             .retain(|_, at| now.duration_since(*at) < REMOVED_BACKEND_MEMORY);
+        self.revoked
+            .retain(|_, (_, heard)| now.duration_since(*heard) < REMOVED_BACKEND_MEMORY);
     }
+}
+
+fn is_for_user(route: &Route, user: &str) -> bool {
+    route
+        .username
+        .as_ref()
+        .is_some_and(|name| name.as_bytes() == user.as_bytes())
 }
 
 #[cfg(test)]
@@ -135,12 +188,21 @@ mod tests {
     use plane_protocol::proxy::RouteInfo;
 
     fn route(backend: &BackendName) -> Arc<Route> {
+        route_for(backend, None)
+    }
+
+    fn route_for(backend: &BackendName, user: Option<&str>) -> Arc<Route> {
+        issued_route(backend, user, Millis(1))
+    }
+
+    fn issued_route(backend: &BackendName, user: Option<&str>, issued_at: Millis) -> Arc<Route> {
         let info = RouteInfo {
             backend_id: backend.clone(),
             address: "127.0.0.1:1".parse().expect("test address"),
             secret_token: SecretToken::new_random(),
-            user: None,
+            user: user.map(str::to_string),
             user_data: serde_json::Value::Null,
+            issued_at,
         };
         Arc::new(Route::new(info).expect("valid test route"))
     }
@@ -176,6 +238,32 @@ mod tests {
         assert!(!cache.insert(token.clone(), route(&backend)));
         assert_eq!(cache.get(&token), None);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn revoking_a_user_evicts_only_that_users_routes_to_that_backend() {
+        let cache = RouteCache::default();
+        let (a, b) = (BackendName::new_random(), BackendName::new_random());
+        let alice_a = BearerToken::new_random();
+        let bob_a = BearerToken::new_random();
+        let alice_b = BearerToken::new_random();
+        assert!(cache.insert(alice_a.clone(), route_for(&a, Some("alice"))));
+        assert!(cache.insert(bob_a.clone(), route_for(&a, Some("bob"))));
+        assert!(cache.insert(alice_b.clone(), route_for(&b, Some("alice"))));
+
+        cache.revoke_user(&a, "alice", Millis(5));
+
+        assert_eq!(cache.get(&alice_a), None);
+        assert!(cache.get(&bob_a).is_some());
+        assert!(cache.get(&alice_b).is_some());
+        // A route answer for an older token that raced with the revocation is refused; a
+        // token issued to alice after it, or one of another user, is cached.
+        assert!(!cache.insert(BearerToken::new_random(), route_for(&a, Some("alice"))));
+        assert!(cache.insert(
+            BearerToken::new_random(),
+            issued_route(&a, Some("alice"), Millis(6))
+        ));
+        assert!(cache.insert(BearerToken::new_random(), route_for(&a, Some("carol"))));
     }
 
     #[test]

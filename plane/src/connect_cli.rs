@@ -95,6 +95,7 @@ pub async fn run(opts: ConnectOpts) -> anyhow::Result<()> {
                 env: opts.env.iter().cloned().collect::<BTreeMap<_, _>>(),
                 resource_limits: Default::default(),
                 mount: None,
+                network_name: None,
             },
             lifetime_limit_seconds: opts.lifetime_limit_seconds,
             max_idle_seconds: opts.max_idle_seconds,

@@ -32,22 +32,6 @@ pub struct DevOpts {
     pub stop_grace_period_seconds: u64,
 }
 
-/// The drone's name is stable for a data directory, so a restarted `plane dev` finds and
-/// cleans up the containers its previous run left, and never touches those of another.
-fn dev_drone_name(data_dir: &std::path::Path) -> anyhow::Result<NodeName> {
-    use std::hash::{Hash, Hasher};
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("--data-dir {}: cannot create it", data_dir.display()))?;
-    let canonical = data_dir
-        .canonicalize()
-        .with_context(|| format!("--data-dir {}: cannot resolve it", data_dir.display()))?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    canonical.hash(&mut hasher);
-    format!("dev-drone-{:08x}", hasher.finish() as u32)
-        .parse()
-        .context("naming the drone")
-}
-
 pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let loopback = Ipv4Addr::LOCALHOST;
     let controller_listener = TcpListener::bind((loopback, opts.controller_port))
@@ -98,15 +82,16 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let controller_url = controller.url();
 
     let mut proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());
-    proxy_config.name = NodeName::new_random("dev-proxy");
+    proxy_config.name = NodeName::new_random("px");
     let proxy = plane_proxy::start(proxy_config, proxy_listener).await?;
 
     let mut drone_config = DroneConfig::new(controller_url.clone(), cluster.clone());
-    drone_config.name = dev_drone_name(&opts.data_dir)?;
-    drone_config.stop_grace_period_ms = opts.stop_grace_period_seconds * 1000;
     // Next to the controller's database, so a restarted `plane dev` replays what the
-    // drone had not yet reported.
+    // drone had not yet reported. Its name is kept there too: a restarted `plane dev`
+    // finds the containers its previous run left, and never touches another's.
     drone_config.state_dir = opts.data_dir.join("drone");
+    drone_config.name = plane_drone::config::stable_drone_name(&drone_config.state_dir)?;
+    drone_config.stop_grace_period_ms = opts.stop_grace_period_seconds * 1000;
     drone_config.fence_executable = Some(executable.clone());
     let drone = plane_drone::start(drone_config).await?;
 

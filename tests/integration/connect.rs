@@ -2,6 +2,7 @@
 
 use crate::db_test;
 use crate::harness::TestEnv;
+use futures_util::StreamExt;
 use plane_protocol::backend::{BackendStatus, TerminationKind};
 use serde_json::json;
 use std::time::Duration;
@@ -116,7 +117,7 @@ db_test!(
                 &json!({ "key": { "name": "nobody-home" } }),
             )
             .await;
-        assert_eq!(code, 404, "{error}");
+        assert_eq!(code, 409, "{error}");
         assert_eq!(error["kind"], "KeyUnheldNoSpawnConfig");
         env
     }
@@ -166,7 +167,8 @@ db_test!(
     cluster_state_lists_connected_drone_and_proxy,
     |env: TestEnv| async move {
         let state = env.wait_for_connected_nodes().await;
-        assert_eq!(state["drones"][0]["name"], env.drone.name().as_str());
+        assert_eq!(state.drones[0].node.name.name(), env.drone.name());
+        assert_eq!(state.proxies[0].name.name(), env.proxy.name());
         env
     }
 );
@@ -199,8 +201,9 @@ db_test!(
             .collect();
         assert_eq!(statuses, vec!["\"hard-terminating\"", "\"terminated\""]);
 
-        // A client that already saw `terminated` (as EventSource does on reconnect) gets
-        // an empty stream that ends, not one that hangs.
+        // A client that already saw `terminated` (as EventSource and Plane 0.5's client do
+        // on reconnect) gets a stream that stays open with nothing in it: one that ended at
+        // once would have such clients reconnect in a loop.
         let resumed = env
             .client
             .get(env.controller_url(&format!("/pub/b/{}/status-stream", response.backend_id)))
@@ -211,11 +214,13 @@ db_test!(
             .send()
             .await
             .expect("stream");
-        let text = tokio::time::timeout(Duration::from_secs(10), resumed.text())
-            .await
-            .expect("the stream ends")
-            .expect("body");
-        assert!(!text.contains("data:"), "{text}");
+        assert_eq!(resumed.status(), 200);
+        let mut body = resumed.bytes_stream();
+        let first = tokio::time::timeout(Duration::from_secs(2), body.next()).await;
+        assert!(
+            first.is_err(),
+            "the resumed stream stays open and silent: {first:?}"
+        );
         env
     }
 );
@@ -279,6 +284,49 @@ db_test!(
             responses.len(),
             "every connect gets its own token"
         );
+        env
+    }
+);
+
+db_test!(
+    public_status_answers_cors_requests_from_any_origin,
+    |env: TestEnv| async move {
+        let response = env.connect_ready("cors", &env.spawn_config(&[])).await;
+        let status_path = format!("/pub/b/{}/status", response.backend_id);
+        // A browser's preflight, then the request itself.
+        let preflight = env
+            .client
+            .request(reqwest::Method::OPTIONS, env.controller_url(&status_path))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "GET")
+            .send()
+            .await
+            .expect("controller reachable");
+        assert!(preflight.status().is_success(), "{}", preflight.status());
+        assert_eq!(
+            preflight.headers()["access-control-allow-origin"],
+            "*",
+            "{:?}",
+            preflight.headers()
+        );
+        let get = env
+            .client
+            .get(env.controller_url(&status_path))
+            .header("origin", "https://app.example")
+            .send()
+            .await
+            .expect("controller reachable");
+        assert_eq!(get.status(), 200);
+        assert_eq!(get.headers()["access-control-allow-origin"], "*");
+        // The control API is not for browsers: no CORS there.
+        let ctrl = env
+            .client
+            .get(env.controller_url("/ctrl/status"))
+            .header("origin", "https://app.example")
+            .send()
+            .await
+            .expect("controller reachable");
+        assert!(ctrl.headers().get("access-control-allow-origin").is_none());
         env
     }
 );

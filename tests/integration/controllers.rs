@@ -19,7 +19,7 @@ postgres_test!(
 
         // Placement on B sees the drone connected to A.
         let (_, state) = b.get_json(&format!("/ctrl/c/{}/state", env.cluster)).await;
-        assert_eq!(state["drones"][0]["connected"], true, "{state}");
+        assert_eq!(state["drones"][0]["node"]["connected"], true, "{state}");
 
         let spawn = env.spawn_config(&[]);
         let response = b.connect("shared", &spawn).await;
@@ -192,23 +192,35 @@ crate::db_test!(
         };
         let store = Store::open(&db).await.expect("open the store");
         let name: NodeName = "dr-wanderer".parse().expect("name");
-        let session = |controller: &'static str| NodeSession {
+        let session = |controller: &'static str, instance: &'static str| NodeSession {
             cluster: &env.cluster,
             kind: NodeKind::Drone,
             name: &name,
             pool: "",
             version: "test",
+            hash: "test",
+            instance,
             controller,
         };
+        let live_since = plane_protocol::time::Millis::now().minus_millis(30_000);
         let on_a = store
-            .node_connected(&session("ctl-a"))
+            .node_connected(&session("co-a", "one"), live_since)
             .await
-            .expect("session on A");
+            .expect("session on A")
+            .expect("a free name");
+        // The same process reconnecting elsewhere takes its session over.
         let on_b = store
-            .node_connected(&session("ctl-b"))
+            .node_connected(&session("co-b", "one"), live_since)
             .await
-            .expect("session on B");
+            .expect("session on B")
+            .expect("its own name");
         assert!(on_b > on_a);
+        // Another process under that name is refused while the first is live.
+        let second = store
+            .node_connected(&session("co-a", "two"), live_since)
+            .await
+            .expect("store");
+        assert_eq!(second, None);
         // A notices its (replaced) session is gone only now.
         store
             .node_disconnected(&env.cluster, NodeKind::Drone, &name, on_a)
@@ -219,7 +231,7 @@ crate::db_test!(
             .await
             .expect("nodes");
         let node = nodes.iter().find(|n| n.name == name).expect("the drone");
-        assert_eq!(node.connected_to.as_deref(), Some("ctl-b"));
+        assert_eq!(node.connected_to.as_deref(), Some("co-b"));
         // B's own end of the session does end it.
         store
             .node_disconnected(&env.cluster, NodeKind::Drone, &name, on_b)
@@ -237,7 +249,62 @@ crate::db_test!(
                 .connected_to,
             None
         );
+        // Once it has disconnected, another process may take the name.
+        let taken = store
+            .node_connected(&session("co-a", "two"), live_since)
+            .await
+            .expect("store");
+        assert!(taken.is_some_and(|generation| generation > on_b));
         store.close().await;
+        env
+    }
+);
+
+crate::db_test!(
+    a_second_drone_under_a_connected_drones_name_is_refused,
+    |env: TestEnv| async move {
+        use futures_util::{SinkExt, StreamExt};
+        use plane_protocol::drone::{MessageFromDrone, MessageToDrone};
+        use tokio_tungstenite::tungstenite::Message;
+        let url = format!(
+            "ws://{}/ctrl/c/{}/drone-socket",
+            env.controller().local_addr(),
+            env.cluster
+        );
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("the drone socket opens");
+        let hello = MessageFromDrone::Hello {
+            name: env.drone.name().clone(),
+            pool: String::new(),
+            version: plane_protocol::PLANE_VERSION.to_string(),
+            hash: plane_protocol::PLANE_HASH.to_string(),
+            instance: "an-impostor".to_string(),
+            heartbeat_interval_ms: Some(500),
+            fence_margin_ms: Some(1000),
+        };
+        let text = serde_json::to_string(&hello).expect("serializes");
+        socket.send(Message::text(text)).await.expect("hello sent");
+        let answer = tokio::time::timeout(crate::harness::BACKEND_WAIT, socket.next())
+            .await
+            .expect("an answer")
+            .expect("a frame")
+            .expect("a message");
+        let refused: MessageToDrone =
+            serde_json::from_str(answer.to_text().expect("text")).expect("a drone message");
+        let MessageToDrone::Refused { reason } = refused else {
+            panic!("expected a refusal, got {refused:?}");
+        };
+        assert!(reason.contains("another drone named"), "{reason}");
+        // The real drone keeps its session and keeps serving.
+        env.drone_state_is(env.drone.name(), "connected", true)
+            .await
+            .expect("the first drone stays connected");
+        let response = env
+            .connect_ready("after-impostor", &env.spawn_config(&[]))
+            .await;
+        let (code, _) = env.get_via_proxy(response.token.as_str(), "/").await;
+        assert_eq!(code, 200);
         env
     }
 );

@@ -5,7 +5,7 @@ use plane::controller::{self, config::ControllerConfig, ControllerHandle};
 use plane::demo_image::{self, ImageSpec};
 use plane_drone::config::DroneConfig;
 use plane_drone::DroneHandle;
-use plane_protocol::api::{ConnectResponse, ExecutorConfig, SpawnConfig};
+use plane_protocol::api::{ClusterState, ConnectResponse, ExecutorConfig, SpawnConfig};
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_proxy::config::ProxyConfig;
@@ -195,7 +195,7 @@ impl TestEnv {
             .await
             .expect("start proxy");
 
-        let drone_config = test_drone_config(&controller.url(), &cluster, &scratch, "test-drone");
+        let drone_config = test_drone_config(&controller.url(), &cluster, &scratch, "dr-test");
         let drone = plane_drone::start(drone_config).await.expect("start drone");
 
         let env = TestEnv {
@@ -337,7 +337,7 @@ impl TestEnv {
             &format!("drone {name} connected in {state}"),
             Duration::from_secs(20),
             || async {
-                let state: Value = self
+                let state: ClusterState = self
                     .client
                     .get(&state)
                     .send()
@@ -346,20 +346,28 @@ impl TestEnv {
                     .json()
                     .await
                     .map_err(|e| e.to_string())?;
-                let connected = state["drones"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|d| d["name"] == name.as_str() && d["connected"] == true);
+                let connected = state
+                    .drones
+                    .iter()
+                    .any(|d| d.node.name.name() == &name && d.node.connected);
                 if connected {
                     Ok(())
                 } else {
-                    Err(state.to_string())
+                    Err(format!("{state:?}"))
                 }
             },
         )
         .await;
         drone
+    }
+
+    /// The cluster state, typed.
+    pub async fn cluster_state(&self) -> ClusterState {
+        let (status, state) = self
+            .get_json(&format!("/ctrl/c/{}/state", self.cluster))
+            .await;
+        assert_eq!(status, 200, "{state}");
+        serde_json::from_value(state).expect("a cluster state")
     }
 
     /// Whether the cluster state lists `drone` with `field` (`connected`, `lost`) equal to
@@ -370,18 +378,12 @@ impl TestEnv {
         field: &str,
         value: bool,
     ) -> Result<(), String> {
-        let (_, state) = self
-            .get_json(&format!("/ctrl/c/{}/state", self.cluster))
-            .await;
-        let found = state["drones"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["name"] == drone.as_str())
-            .cloned();
+        let state = self.cluster_state().await;
+        let found = state.drones.iter().find(|d| d.node.name.name() == drone);
         match found {
-            Some(d) if d[field] == value => Ok(()),
-            _ => Err(state.to_string()),
+            Some(d) if field == "connected" && d.node.connected == value => Ok(()),
+            Some(d) if field == "lost" && d.lost == value => Ok(()),
+            _ => Err(format!("{state:?}")),
         }
     }
 
@@ -399,19 +401,18 @@ impl TestEnv {
     }
 
     /// Waits until the cluster state shows the drone and proxy connected; returns it.
-    pub async fn wait_for_connected_nodes(&self) -> Value {
-        let path = format!("/ctrl/c/{}/state", self.cluster);
+    pub async fn wait_for_connected_nodes(&self) -> ClusterState {
         wait_for(
             "drone and proxy connected in the cluster state",
             Duration::from_secs(20),
             || async {
-                let (_, state) = self.get_json(&path).await;
-                let connected = state["drones"][0]["connected"] == true
-                    && state["proxies"][0]["connected"] == true;
+                let state = self.cluster_state().await;
+                let connected = state.drones.first().is_some_and(|d| d.node.connected)
+                    && state.proxies.first().is_some_and(|p| p.connected);
                 if connected {
                     Ok(state)
                 } else {
-                    Err(state.to_string())
+                    Err(format!("{state:?}"))
                 }
             },
         )
@@ -438,6 +439,7 @@ impl TestEnv {
                     .collect(),
                 resource_limits: Default::default(),
                 mount: None,
+                network_name: None,
             },
             lifetime_limit_seconds: None,
             max_idle_seconds: None,

@@ -11,6 +11,7 @@ mod database_restart;
 mod errors;
 mod leases;
 mod lifecycle;
+mod plane_compat;
 mod proxy;
 mod pull;
 mod relay;

@@ -125,7 +125,7 @@ db_test!(
         let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(
             entry.termination_reason,
-            Some(TerminationReason::StartFailed)
+            Some(TerminationReason::InternalError)
         );
         remove_local(&image).await;
         env
@@ -142,7 +142,7 @@ db_test!(
         let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(
             entry.termination_reason,
-            Some(TerminationReason::StartFailed)
+            Some(TerminationReason::InternalError)
         );
         assert!(entry.message.unwrap_or_default().contains(&image));
         env
@@ -162,7 +162,7 @@ db_test!(
         let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(
             entry.termination_reason,
-            Some(TerminationReason::StartFailed)
+            Some(TerminationReason::InternalError)
         );
         env
     }

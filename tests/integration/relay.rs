@@ -1,9 +1,12 @@
 //! A TCP relay on loopback that a test can partition: while partitioned it reads and drops
 //! everything in both directions and closes nothing, like a network that loses packets. When
 //! the partition heals, a side that closed meanwhile is closed on the other side too (its
-//! FIN, lost in the partition, would have been retransmitted).
+//! FIN, lost in the partition, would have been retransmitted). It also counts the HTTP
+//! requests it carries, so a test can tell a client that waits from one that spins.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -12,6 +15,7 @@ use tokio::task::JoinSet;
 pub struct Relay {
     addr: SocketAddr,
     partitioned: watch::Sender<bool>,
+    requests: Arc<AtomicUsize>,
     /// Owns the accept loop and every pipe; dropping the relay stops them all.
     _tasks: JoinSet<()>,
 }
@@ -24,6 +28,8 @@ impl Relay {
         let (partitioned, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let partition = partitioned.clone();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&requests);
         tasks.spawn(async move {
             let mut pipes = JoinSet::new();
             while let Ok((inbound, _)) = listener.accept().await {
@@ -34,19 +40,31 @@ impl Relay {
                 let _ = outbound.set_nodelay(true);
                 let (in_read, in_write) = inbound.into_split();
                 let (out_read, out_write) = outbound.into_split();
-                pipes.spawn(pipe(in_read, out_write, partition.subscribe()));
-                pipes.spawn(pipe(out_read, in_write, partition.subscribe()));
+                let count_requests = Some(Arc::clone(&counter));
+                pipes.spawn(pipe(
+                    in_read,
+                    out_write,
+                    partition.subscribe(),
+                    count_requests,
+                ));
+                pipes.spawn(pipe(out_read, in_write, partition.subscribe(), None));
             }
         });
         Relay {
             addr,
             partitioned,
+            requests,
             _tasks: tasks,
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// HTTP requests (lines starting `GET `, `POST `, ...) carried so far, towards upstream.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 
     /// Starts dropping all traffic, without closing anything.
@@ -66,8 +84,10 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut partitioned: watch::Receiver<bool>,
+    requests: Option<Arc<AtomicUsize>>,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
+    let mut lines = RequestLines::default();
     loop {
         let read = tokio::select! {
             read = from.read(&mut buffer) => read,
@@ -81,6 +101,9 @@ async fn pipe(
         if *partitioned.borrow() {
             continue; // lost in the partition
         }
+        if let Some(requests) = &requests {
+            requests.fetch_add(lines.count(&buffer[..n]), Ordering::SeqCst);
+        }
         if to.write_all(&buffer[..n]).await.is_err() {
             return;
         }
@@ -88,4 +111,47 @@ async fn pipe(
     // The sending side closed. Behind a partition the close is not seen until it heals.
     let _ = partitioned.wait_for(|p| !*p).await;
     let _ = to.shutdown().await;
+}
+
+/// Counts request lines in a client's byte stream, across reads: a line that begins with an
+/// HTTP method and a space. Bodies could hold such a line too; the tests' bodies do not.
+#[derive(Default)]
+struct RequestLines {
+    /// The start of the current line, up to the longest method.
+    line_start: Vec<u8>,
+    at_line_start: bool,
+    started: bool,
+}
+
+impl RequestLines {
+    const METHODS: [&'static [u8]; 4] = [b"GET ", b"POST ", b"PUT ", b"DELETE "];
+
+    fn count(&mut self, bytes: &[u8]) -> usize {
+        if !self.started {
+            self.started = true;
+            self.at_line_start = true;
+        }
+        let mut found = 0;
+        for &byte in bytes {
+            if byte == b'\n' {
+                self.at_line_start = true;
+                self.line_start.clear();
+                continue;
+            }
+            if !self.at_line_start {
+                continue;
+            }
+            self.line_start.push(byte);
+            if Self::METHODS.iter().any(|m| self.line_start == *m) {
+                found += 1;
+                self.at_line_start = false;
+            } else if !Self::METHODS
+                .iter()
+                .any(|m| m.starts_with(&self.line_start))
+            {
+                self.at_line_start = false;
+            }
+        }
+        found
+    }
 }

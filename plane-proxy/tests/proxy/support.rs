@@ -638,6 +638,7 @@ impl TestEnv {
             secret_token: SecretToken::new_random(),
             user: Some("alice".to_string()),
             user_data: json!({"role": "editor", "name": "Zoë"}),
+            issued_at: plane_protocol::time::Millis::now(),
         };
         self.controller.add_route(&token, &route);
         (token, route)

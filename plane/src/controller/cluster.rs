@@ -2,19 +2,20 @@
 
 use super::error::ApiErrorResponse;
 use super::paths::ClusterPath;
-use super::store::NodeKind;
+use super::store::{NodeKind, NodeRow};
 use super::ControllerState;
 use axum::extract::State;
 use axum::Json;
-use plane_protocol::api::{ClusterState, ControllerStatus, NodeState};
+use plane_protocol::api::{ClusterState, ControllerStatus, DroneState, NodeState, TaggedNodeName};
 use plane_protocol::time::Millis;
-use plane_protocol::PLANE_VERSION;
+use plane_protocol::{PLANE_HASH, PLANE_VERSION};
 
 /// Public liveness: no details beyond the version.
 pub async fn handle_health() -> Json<ControllerStatus> {
     Json(ControllerStatus {
         status: "ok".to_string(),
         version: PLANE_VERSION.to_string(),
+        hash: PLANE_HASH.to_string(),
         database: None,
     })
 }
@@ -26,30 +27,43 @@ pub async fn handle_controller_status(
     Json(ControllerStatus {
         status: "ok".to_string(),
         version: PLANE_VERSION.to_string(),
+        hash: PLANE_HASH.to_string(),
         database: Some(state.store().kind().as_str().to_string()),
     })
 }
 
+/// Every drone and proxy that has connected, in Plane 0.5's shape with our fields added.
 pub async fn handle_cluster_state(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,
 ) -> Result<Json<ClusterState>, ApiErrorResponse> {
     let live = state.store().live_backend_counts(&cluster).await?;
-    let fresh_since = Millis::now().minus_millis(state.config().lease_ms);
+    let now = Millis::now();
+    let fresh_since = now.minus_millis(state.config().lease_ms);
     let drones = state
         .store()
         .nodes(&cluster, NodeKind::Drone)
         .await?
         .into_iter()
-        .map(|node| NodeState {
+        .map(|row| {
             // A session recorded by a controller that then died does not count once the
             // drone has been silent for a lease.
-            connected: node.connected_to.is_some() && node.last_seen >= fresh_since,
-            backends: Some(live.get(&node.name).copied().unwrap_or(0)),
-            pool: Some(node.pool),
-            lost: node.lost_at.is_some(),
-            last_seen: node.last_seen,
-            name: node.name,
+            let connected = row.connected_to.is_some() && row.last_seen >= fresh_since;
+            let lost = row.lost_at.is_some();
+            DroneState {
+                ready: connected && !lost && !row.draining,
+                draining: row.draining,
+                last_heartbeat_age: seconds_since(row.last_seen, now),
+                backend_count: live.get(&row.name).copied().unwrap_or(0),
+                pool: row.pool.clone(),
+                lost,
+                node: node_state(
+                    TaggedNodeName::Drone(row.name.clone()),
+                    &row,
+                    connected,
+                    now,
+                ),
+            }
         })
         .collect();
     let proxies = state
@@ -57,18 +71,37 @@ pub async fn handle_cluster_state(
         .nodes(&cluster, NodeKind::Proxy)
         .await?
         .into_iter()
-        .map(|node| NodeState {
-            connected: node.connected_to.is_some(),
-            backends: None,
-            pool: None,
-            lost: false,
-            last_seen: node.last_seen,
-            name: node.name,
+        .map(|row| {
+            let connected = row.connected_to.is_some();
+            node_state(
+                TaggedNodeName::Proxy(row.name.clone()),
+                &row,
+                connected,
+                now,
+            )
         })
         .collect();
     Ok(Json(ClusterState {
-        cluster,
+        cluster: Some(cluster),
         drones,
         proxies,
     }))
+}
+
+fn node_state(name: TaggedNodeName, row: &NodeRow, connected: bool, now: Millis) -> NodeState {
+    NodeState {
+        name,
+        plane_version: row.version.clone(),
+        plane_hash: row.hash.clone(),
+        controller: row.connected_to.clone().unwrap_or_default(),
+        // The holding controller records every message from the node, so this is also how
+        // long ago that controller was last known to be alive.
+        controller_heartbeat_age: seconds_since(row.last_seen, now),
+        connected,
+        last_seen: row.last_seen,
+    }
+}
+
+fn seconds_since(then: Millis, now: Millis) -> i64 {
+    (now.0 - then.0).max(0) / 1000
 }

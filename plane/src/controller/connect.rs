@@ -234,7 +234,11 @@ async fn spawn(
         .id
         .clone()
         .unwrap_or_else(BackendName::new_random);
-    let token = BearerToken::new_random();
+    let token = if spawn_config.use_static_token {
+        BearerToken::new_random_static()
+    } else {
+        BearerToken::new_random()
+    };
     let secret = SecretToken::new_random();
     let static_token = spawn_config.use_static_token.then(|| token.clone());
     let new = NewBackend {
@@ -432,6 +436,11 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ControllerError> {
                 "spawn_config.executable.mount is not supported",
             ))
         }
+    }
+    if executable.network_name.is_some() {
+        return Err(ControllerError::invalid(
+            "spawn_config.executable.network_name is not supported yet; leave it out or null",
+        ));
     }
     for (field, value) in [
         ("spawn_config.max_idle_seconds", config.max_idle_seconds),

@@ -36,6 +36,8 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         name,
         pool,
         version,
+        hash,
+        instance,
         heartbeat_interval_ms,
         fence_margin_ms,
     })) = hello
@@ -58,10 +60,22 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         name: &name,
         pool: &pool,
         version: &version,
+        hash: &hash,
+        instance: &instance,
         controller: state.controller_id(),
     };
-    let generation = match state.store().node_connected(&session).await {
-        Ok(generation) => generation,
+    let generation = match state
+        .store()
+        .node_connected(&session, socket::live_since())
+        .await
+    {
+        Ok(Some(generation)) => generation,
+        Ok(None) => {
+            let reason = socket::duplicate_name_reason("drone", &name);
+            tracing::error!(drone = %name, %cluster, %reason, "refusing drone");
+            let _ = socket::send(&mut sink, &MessageToDrone::Refused { reason }).await;
+            return;
+        }
         Err(err) => {
             tracing::error!(drone = %name, error = %err, "could not record drone");
             return;

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use plane_protocol::api::{ApiError, ApiErrorKind};
-use plane_protocol::names::{BackendName, ClusterName};
+use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use rand::distributions::{Alphanumeric, DistString};
 
 /// Why a domain operation failed. Callers that are not HTTP handlers (the sweeper, socket
@@ -41,6 +41,11 @@ pub enum ControllerError {
     BackendIdTaken(BackendName),
     #[error("no backend {0}")]
     BackendNotFound(BackendName),
+    #[error("no drone {drone} in cluster {cluster}")]
+    DroneNotFound {
+        cluster: ClusterName,
+        drone: NodeName,
+    },
     #[error("database: {0}")]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -56,50 +61,38 @@ impl ControllerError {
 /// An error on its way to becoming an HTTP response. Handlers return it with `?`.
 #[derive(Debug)]
 pub struct ApiErrorResponse {
+    pub status: StatusCode,
     pub kind: ApiErrorKind,
     pub message: String,
 }
 
 impl ApiErrorResponse {
-    pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, kind: ApiErrorKind, message: impl Into<String>) -> Self {
         Self {
+            status,
             kind,
             message: message.into(),
         }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(ApiErrorKind::BadRequest, message)
+        Self::new(StatusCode::BAD_REQUEST, ApiErrorKind::Other, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(ApiErrorKind::NotFound, message)
+        Self::new(StatusCode::NOT_FOUND, ApiErrorKind::NotFound, message)
     }
 
-    fn internal(err: anyhow::Error) -> Self {
+    fn internal(kind: ApiErrorKind, err: anyhow::Error) -> Self {
         // The detail goes to the log (under the response's id), not to the client.
-        Self::new(ApiErrorKind::Internal, format!("{err:#}"))
-    }
-
-    fn status(&self) -> StatusCode {
-        match self.kind {
-            ApiErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-            ApiErrorKind::KeyHeld | ApiErrorKind::BackendIdTaken => StatusCode::CONFLICT,
-            ApiErrorKind::KeyUnheldNoSpawnConfig | ApiErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ApiErrorKind::NoClusterProvided => StatusCode::BAD_REQUEST,
-            ApiErrorKind::NoDroneAvailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, kind, format!("{err:#}"))
     }
 }
 
 impl IntoResponse for ApiErrorResponse {
     fn into_response(self) -> Response {
         let id = Alphanumeric.sample_string(&mut rand::thread_rng(), 12);
-        let status = self.status();
-        let message = if self.kind == ApiErrorKind::Internal {
+        let message = if self.status.is_server_error() {
             tracing::error!(error_id = %id, error = %self.message, "internal error");
             "internal error; see the controller log for this error id".to_string()
         } else {
@@ -111,44 +104,59 @@ impl IntoResponse for ApiErrorResponse {
             kind: self.kind,
             message,
         };
-        (status, Json(body)).into_response()
+        (self.status, Json(body)).into_response()
     }
 }
 
 impl From<ControllerError> for ApiErrorResponse {
     fn from(err: ControllerError) -> Self {
-        let kind = match &err {
-            ControllerError::InvalidRequest(_) => ApiErrorKind::BadRequest,
-            ControllerError::KeyHeld { .. } | ControllerError::KeyStillTerminating { .. } => {
-                ApiErrorKind::KeyHeld
+        // Plane 0.5's kinds, with our status codes where they differ (README, "Differences").
+        let (status, kind) = match &err {
+            ControllerError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, ApiErrorKind::Other),
+            ControllerError::KeyHeld { .. } => (StatusCode::CONFLICT, ApiErrorKind::KeyHeld),
+            ControllerError::KeyStillTerminating { .. } => {
+                (StatusCode::CONFLICT, ApiErrorKind::KeyHeldUnhealthy)
             }
-            ControllerError::KeyUnheldNoSpawnConfig { .. } => ApiErrorKind::KeyUnheldNoSpawnConfig,
-            ControllerError::NoClusterProvided => ApiErrorKind::NoClusterProvided,
-            ControllerError::NoDroneAvailable { .. } => ApiErrorKind::NoDroneAvailable,
-            ControllerError::BackendIdTaken(_) => ApiErrorKind::BackendIdTaken,
-            ControllerError::BackendNotFound(_) => ApiErrorKind::NotFound,
-            ControllerError::Store(_) | ControllerError::Internal(_) => {
-                return Self::internal(anyhow::Error::new(err));
+            ControllerError::KeyUnheldNoSpawnConfig { .. } => {
+                (StatusCode::CONFLICT, ApiErrorKind::KeyUnheldNoSpawnConfig)
+            }
+            ControllerError::NoClusterProvided => {
+                (StatusCode::BAD_REQUEST, ApiErrorKind::NoClusterProvided)
+            }
+            ControllerError::NoDroneAvailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ApiErrorKind::NoDroneAvailable,
+            ),
+            ControllerError::BackendIdTaken(_) => (StatusCode::CONFLICT, ApiErrorKind::Other),
+            ControllerError::BackendNotFound(_) | ControllerError::DroneNotFound { .. } => {
+                (StatusCode::NOT_FOUND, ApiErrorKind::NotFound)
+            }
+            ControllerError::Store(_) => {
+                return Self::internal(ApiErrorKind::DatabaseError, anyhow::Error::new(err));
+            }
+            ControllerError::Internal(_) => {
+                return Self::internal(ApiErrorKind::Other, anyhow::Error::new(err));
             }
         };
-        Self::new(kind, err.to_string())
+        Self::new(status, kind, err.to_string())
     }
 }
 
 impl From<StoreError> for ApiErrorResponse {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::AlreadyExists(what) => {
-                Self::internal(anyhow::anyhow!("already exists: {what}"))
-            }
-            StoreError::Other(err) => Self::internal(err),
+            StoreError::AlreadyExists(what) => Self::internal(
+                ApiErrorKind::DatabaseError,
+                anyhow::anyhow!("already exists: {what}"),
+            ),
+            StoreError::Other(err) => Self::internal(ApiErrorKind::DatabaseError, err),
         }
     }
 }
 
 impl From<anyhow::Error> for ApiErrorResponse {
     fn from(err: anyhow::Error) -> Self {
-        Self::internal(err)
+        Self::internal(ApiErrorKind::Other, err)
     }
 }
 

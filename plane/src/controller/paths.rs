@@ -6,7 +6,9 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
-use plane_protocol::names::{BackendName, ClusterName};
+use axum::http::StatusCode;
+use plane_protocol::api::ApiErrorKind;
+use plane_protocol::names::{BackendName, ClusterName, InvalidName, NodeName};
 use std::collections::HashMap;
 
 /// The `{backend}` segment of `/b/{backend}/...` routes, and `{cluster}` for the
@@ -48,7 +50,7 @@ impl<S: Send + Sync> FromRequestParts<S> for BackendPath {
             .get("cluster")
             .map(|raw| raw.parse())
             .transpose()
-            .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
+            .map_err(invalid_cluster)?;
         Ok(BackendPath { backend, cluster })
     }
 }
@@ -61,9 +63,40 @@ impl<S: Send + Sync> FromRequestParts<S> for ClusterPath {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
-        raw.parse()
-            .map(ClusterPath)
-            .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))
+        raw.parse().map(ClusterPath).map_err(invalid_cluster)
+    }
+}
+
+fn invalid_cluster(err: InvalidName) -> ApiErrorResponse {
+    ApiErrorResponse::new(
+        StatusCode::BAD_REQUEST,
+        ApiErrorKind::InvalidClusterName,
+        err.to_string(),
+    )
+}
+
+/// The `{cluster}` and `{drone}` segments of `/c/{cluster}/d/{drone}/...` routes.
+pub struct DronePath {
+    pub cluster: ClusterName,
+    pub drone: NodeName,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for DronePath {
+    type Rejection = ApiErrorResponse;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(params) =
+            Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
+        let segment = |name: &str| {
+            params
+                .get(name)
+                .ok_or_else(|| ApiErrorResponse::bad_request(format!("missing {name} in path")))
+        };
+        let cluster = segment("cluster")?.parse().map_err(invalid_cluster)?;
+        let drone = segment("drone")?
+            .parse()
+            .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
+        Ok(DronePath { cluster, drone })
     }
 }
 

@@ -35,6 +35,8 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
     let Ok(Incoming::Message(MessageFromProxy::Hello {
         name,
         version,
+        hash,
+        instance,
         report_interval_ms,
     })) = hello
     else {
@@ -53,10 +55,22 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
         name: &name,
         pool: "",
         version: &version,
+        hash: &hash,
+        instance: &instance,
         controller: state.controller_id(),
     };
-    let generation = match state.store().node_connected(&session).await {
-        Ok(generation) => generation,
+    let generation = match state
+        .store()
+        .node_connected(&session, socket::live_since())
+        .await
+    {
+        Ok(Some(generation)) => generation,
+        Ok(None) => {
+            let reason = socket::duplicate_name_reason("proxy", &name);
+            tracing::error!(proxy = %name, %cluster, %reason, "refusing proxy");
+            let _ = socket::send(&mut sink, &MessageToProxy::Refused { reason }).await;
+            return;
+        }
         Err(err) => {
             tracing::error!(proxy = %name, error = %err, "could not record proxy");
             return;
@@ -201,6 +215,7 @@ async fn resolve_route(
                 secret_token: token_row.secret,
                 user: token_row.user,
                 user_data: token_row.auth,
+                issued_at: token_row.created_at,
             }));
         }
         // Wait for this backend's next change, then look again.

@@ -3,10 +3,12 @@
 
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
-use super::{cluster, connect, drone_socket, proxy_socket, status, terminate};
+use super::{cluster, connect, drain, drone_socket, proxy_socket, revoke, status, terminate};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use plane_protocol::api::ApiErrorKind;
+use tower_http::cors::{Any, CorsLayer};
 
 pub fn router(state: ControllerState) -> Router {
     let terminate_routes = Router::new()
@@ -16,15 +18,43 @@ pub fn router(state: ControllerState) -> Router {
         .route("/status", get(status::handle_status))
         .route("/status-stream", get(status::handle_status_stream));
 
+    // Browsers read `/pub/*` (status, status streams) from app pages on other origins. A
+    // service of its own, not merged routes, so the CORS layer sees every request under
+    // `/pub` (preflights included) before any route or fallback answers it.
+    let public_routes = Router::new()
+        .nest("/b/{backend}", status_routes.clone())
+        .nest("/c/{cluster}/b/{backend}", status_routes)
+        .route("/health", get(cluster::handle_health))
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods(Any)
+                .allow_headers(Any),
+        )
+        .with_state(state.clone());
+
     Router::new()
+        .nest_service("/pub", public_routes)
         .route("/ctrl/connect", post(connect::handle_connect))
         .route("/ctrl/spawn", post(connect::handle_spawn))
+        .route("/ctrl/b/revoke", post(revoke::handle_revoke))
+        .route("/ctrl/revoke", post(revoke::handle_revoke))
         .nest("/ctrl/b/{backend}", terminate_routes.clone())
         .nest("/ctrl/c/{cluster}/b/{backend}", terminate_routes)
         .route("/ctrl/status", get(cluster::handle_controller_status))
         .route(
             "/ctrl/c/{cluster}/state",
             get(cluster::handle_cluster_state),
+        )
+        .route(
+            "/ctrl/c/{cluster}/d/{drone}/drain",
+            post(drain::handle_drain),
+        )
+        .route(
+            "/ctrl/c/{cluster}/d/{drone}/undrain",
+            post(drain::handle_undrain),
         )
         .route(
             "/ctrl/c/{cluster}/drone-socket",
@@ -34,15 +64,19 @@ pub fn router(state: ControllerState) -> Router {
             "/ctrl/c/{cluster}/proxy-socket",
             get(proxy_socket::handle_proxy_socket),
         )
-        .nest("/pub/b/{backend}", status_routes.clone())
-        .nest("/pub/c/{cluster}/b/{backend}", status_routes)
-        .route("/pub/health", get(cluster::handle_health))
-        .fallback(|| async { ApiErrorResponse::not_found("no such endpoint") })
-        .method_not_allowed_fallback(|| async {
-            ApiErrorResponse::new(
-                ApiErrorKind::MethodNotAllowed,
-                "this endpoint does not accept that HTTP method",
-            )
-        })
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+async fn no_such_endpoint() -> ApiErrorResponse {
+    ApiErrorResponse::not_found("no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiErrorResponse {
+    ApiErrorResponse::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ApiErrorKind::Other,
+        "this endpoint does not accept that HTTP method",
+    )
 }

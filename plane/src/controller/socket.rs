@@ -1,4 +1,5 @@
-//! JSON framing shared by the drone and proxy sockets: one message per text frame.
+//! What the drone and proxy sockets share: JSON framing (one message per text frame), the
+//! timeouts, and who may take a node's name.
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -14,6 +15,21 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// gone and its session closed, so a half-open connection does not keep it "connected".
 /// Drones and proxies send something every few seconds.
 pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A node heard from since this time is live: a second process using its name is refused.
+pub fn live_since() -> plane_protocol::time::Millis {
+    plane_protocol::time::Millis::now().minus_millis(SILENCE_TIMEOUT.as_millis() as u64)
+}
+
+/// Why a hello under the name of a live node is refused.
+pub fn duplicate_name_reason(kind: &str, name: &plane_protocol::names::NodeName) -> String {
+    format!(
+        "another {kind} named {name} is connected to this cluster; give each {kind} its own \
+         --name (or, for drones, its own --state-dir), or stop the other one (its name is \
+         freed once it disconnects, or {} s after it was last heard from)",
+        SILENCE_TIMEOUT.as_secs()
+    )
+}
 
 /// What arrived on a node socket.
 pub enum Incoming<T> {

@@ -48,7 +48,8 @@ impl ControllerState {
                 store: parts.store,
                 config: parts.config,
                 public_url: parts.public_url,
-                controller_id: format!("ctl-{suffix}"),
+                // Plane 0.5's prefix for controller names.
+                controller_id: format!("co-{suffix}"),
                 nodes: parts.nodes,
                 bus: parts.bus,
                 shutdown: parts.shutdown,

@@ -30,7 +30,8 @@ pub async fn handle_status(
 }
 
 /// Replays the history (after `Last-Event-ID`, if given), then streams each new status.
-/// The stream ends after `terminated`. Event IDs are status numbers, so a client that
+/// The stream ends after `terminated`; a client resuming after that gets a stream that stays
+/// open and silent (keep-alive comments only) rather than one that ends at once. Event IDs are status numbers, so a client that
 /// reconnects with `Last-Event-ID` gets exactly what it missed.
 pub async fn handle_status_stream(
     State(state): State<ControllerState>,
@@ -100,8 +101,18 @@ async fn stream_statuses(
     let already_over = history
         .last()
         .is_some_and(|entry| entry.status == BackendStatus::Terminated);
+    if already_over && last_sent >= BackendStatus::Terminated.number() {
+        // The client resumed after the end. Closing now would have it reconnect at once,
+        // forever (Plane 0.5's client does exactly that), so leave it an open stream with
+        // nothing more to say, as Plane's own streams are, until it hangs up.
+        tokio::select! {
+            _ = state.shutdown_token().cancelled() => {}
+            _ = sender.closed() => {}
+        }
+        return;
+    }
     if !send_newer(history, &mut last_sent, &sender).await || already_over {
-        // Over: terminated was just sent, or the client had already seen it.
+        // Over: terminated was just sent.
         return;
     }
     loop {

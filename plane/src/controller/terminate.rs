@@ -6,36 +6,33 @@ use super::paths::BackendPath;
 use super::ControllerState;
 use axum::extract::State;
 use axum::Json;
-use plane_protocol::api::TerminateResponse;
 use plane_protocol::backend::{BackendStatus, TerminationKind, TerminationReason};
 use plane_protocol::names::BackendName;
 
 pub async fn handle_soft_terminate(
     State(state): State<ControllerState>,
     path: BackendPath,
-) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
+) -> Result<Json<()>, ApiErrorResponse> {
     terminate_on_request(&state, path, TerminationKind::Soft).await
 }
 
 pub async fn handle_hard_terminate(
     State(state): State<ControllerState>,
     path: BackendPath,
-) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
+) -> Result<Json<()>, ApiErrorResponse> {
     terminate_on_request(&state, path, TerminationKind::Hard).await
 }
 
-/// A terminate asked for on the API (reason `external`).
+/// A terminate asked for on the API (reason `external`). Answers `null`.
 async fn terminate_on_request(
     state: &ControllerState,
     path: BackendPath,
     kind: TerminationKind,
-) -> Result<Json<TerminateResponse>, ApiErrorResponse> {
+) -> Result<Json<()>, ApiErrorResponse> {
     path.check_cluster(state).await?;
-    let status = terminate(state, &path.backend, kind, TerminationReason::External).await?;
-    Ok(Json(TerminateResponse {
-        backend_id: path.backend,
-        status,
-    }))
+    terminate(state, &path.backend, kind, TerminationReason::External).await?;
+    // Plane 0.5's client reads the body as `()`: JSON `null`, nothing else.
+    Ok(Json(()))
 }
 
 /// Asks the backend's drone to stop it. Idempotent: asking again (or asking a terminated

@@ -2,7 +2,7 @@
 //! signals every controller's writes send, reconnecting with backoff when it drops.
 
 use super::Wake;
-use crate::controller::store::{Signal, ACTIONS_CHANNEL, STATUS_CHANNEL};
+use crate::controller::store::{Signal, ACTIONS_CHANNEL, REVOCATIONS_CHANNEL, STATUS_CHANNEL};
 use sqlx::postgres::PgListener;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -44,7 +44,10 @@ async fn listen(url: &str, wakes: &mpsc::UnboundedSender<Wake>) -> anyhow::Error
         Ok(listener) => listener,
         Err(err) => return err.into(),
     };
-    if let Err(err) = listener.listen_all([STATUS_CHANNEL, ACTIONS_CHANNEL]).await {
+    if let Err(err) = listener
+        .listen_all([STATUS_CHANNEL, ACTIONS_CHANNEL, REVOCATIONS_CHANNEL])
+        .await
+    {
         return err.into();
     }
     tracing::debug!("listening for changes from every controller");

@@ -1,22 +1,23 @@
 //! The change bus: the one seam through which what one part of the system writes reaches
 //! the parts that must react (status streams, route waits, proxies' route eviction, drone
-//! sessions with actions to send), on this controller and on every other one.
+//! sessions with actions to send, token revocations), on this controller and on every other
+//! one.
 //!
 //! Writes go to the database; the store then signals them in-process and, on PostgreSQL,
 //! by `NOTIFY` inside the writing transaction (see [`super::store::Signal`]). The bus turns
 //! signals into reads: status changes are read from the `backend_status` table in sequence
-//! order, actions from `backend_action`. A signal is only a hint: a catch-up pass every
+//! order, revocations from `token_revocation` likewise, actions from `backend_action`. A signal is only a hint: a catch-up pass every
 //! [`CATCH_UP_INTERVAL`] (and whenever the PostgreSQL listener reconnects) reads whatever
 //! was missed, so a lost notification delays delivery but never loses it.
 
 mod listener;
-mod status_reader;
+mod sequence_reader;
 
 use super::nodes::ConnectedNodes;
 use super::store::{DatabaseKind, Signal, StatusChange, Store};
 use plane_protocol::names::{ClusterName, NodeName};
 use plane_protocol::proxy::MessageToProxy;
-use status_reader::StatusReader;
+use sequence_reader::SequenceReader;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
@@ -94,13 +95,15 @@ pub async fn start(
     let (status, _) = broadcast::channel(4096);
     let (actions, _) = broadcast::channel(1024);
     let bus = ChangeBus { status, actions };
-    let latest = store.latest_status_sequence().await?;
-    let reader = StatusReader::new(latest.saturating_sub(STARTUP_LOOKBACK).max(0));
+    let latest_status = store.latest_status_sequence().await?;
+    let latest_revocation = store.latest_revocation_sequence().await?;
+    let lookback = |latest: i64| latest.saturating_sub(STARTUP_LOOKBACK).max(0);
     let runner = Runner {
         bus: bus.clone(),
         store,
         proxies,
-        reader,
+        statuses: SequenceReader::new(lookback(latest_status)),
+        revocations: SequenceReader::new(lookback(latest_revocation)),
     };
     let task = tokio::spawn(runner.run(cancel));
     Ok((bus, task))
@@ -110,7 +113,8 @@ struct Runner {
     bus: ChangeBus,
     store: Store,
     proxies: ConnectedNodes,
-    reader: StatusReader,
+    statuses: SequenceReader,
+    revocations: SequenceReader,
 }
 
 /// What woke the bus.
@@ -147,13 +151,16 @@ impl Runner {
             };
             // Take everything else already waiting, so a burst costs one read.
             let mut read_status = false;
+            let mut read_revocations = false;
             let mut handle = |wake: Wake| match wake {
                 Wake::Signal(Signal::Status) => read_status = true,
+                Wake::Signal(Signal::Revocations) => read_revocations = true,
                 Wake::Signal(Signal::Actions { cluster, drone }) => {
                     let _ = self.bus.actions.send(ActionsWaiting::For(cluster, drone));
                 }
                 Wake::CatchUp => {
                     read_status = true;
+                    read_revocations = true;
                     let _ = self.bus.actions.send(ActionsWaiting::Anyone);
                 }
             };
@@ -171,6 +178,9 @@ impl Runner {
             if read_status {
                 self.publish_new_statuses().await;
             }
+            if read_revocations {
+                self.publish_new_revocations().await;
+            }
         }
         if let Some(listener) = listener {
             listener.abort();
@@ -180,25 +190,57 @@ impl Runner {
     async fn publish_new_statuses(&mut self) {
         let bus = self.bus.clone();
         let proxies = self.proxies.clone();
+        let store = &self.store;
         let result = self
-            .reader
-            .read_new(&self.store, |change| {
-                if change.entry.status.is_terminating() {
-                    // The backend takes no more traffic: every proxy of its cluster on this
-                    // controller drops its routes (other controllers do the same for theirs).
-                    proxies.broadcast_to_proxies(
-                        &change.cluster,
-                        MessageToProxy::BackendRemoved {
-                            backend_id: change.backend_id.clone(),
-                        },
-                    );
-                }
-                // No receivers is fine: nobody is watching.
-                let _ = bus.status.send(Arc::new(change));
-            })
+            .statuses
+            .read_new(
+                |after, limit| store.status_changes_after(after, limit),
+                |change| change.sequence,
+                |change| {
+                    if change.entry.status.is_terminating() {
+                        // The backend takes no more traffic: every proxy of its cluster on this
+                        // controller drops its routes (other controllers do the same for theirs).
+                        proxies.broadcast_to_proxies(
+                            &change.cluster,
+                            MessageToProxy::BackendRemoved {
+                                backend_id: change.backend_id.clone(),
+                            },
+                        );
+                    }
+                    // No receivers is fine: nobody is watching.
+                    let _ = bus.status.send(Arc::new(change));
+                },
+            )
             .await;
         if let Err(err) = result {
             tracing::warn!(error = %err, "reading status changes failed; retrying at the next catch-up");
+        }
+    }
+
+    /// Every proxy of the revoked backend's cluster on this controller drops the user's
+    /// tokens (other controllers do the same for theirs).
+    async fn publish_new_revocations(&mut self) {
+        let store = &self.store;
+        let proxies = &self.proxies;
+        let result = self
+            .revocations
+            .read_new(
+                |after, limit| store.revocations_after(after, limit),
+                |revocation| revocation.sequence,
+                |revocation| {
+                    proxies.broadcast_to_proxies(
+                        &revocation.cluster,
+                        MessageToProxy::TokensRevoked {
+                            backend_id: revocation.backend_id,
+                            user: revocation.user,
+                            revoked_at: revocation.time,
+                        },
+                    );
+                },
+            )
+            .await;
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "reading revocations failed; retrying at the next catch-up");
         }
     }
 }

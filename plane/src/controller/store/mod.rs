@@ -15,7 +15,7 @@ mod tokens;
 pub use backends::{BackendRow, CreatedBackend, NewBackend, StatusChange};
 pub use keys::KeyHolder;
 pub use nodes::{NodeKind, NodeRow, NodeSession};
-pub use tokens::{NewToken, TokenRow};
+pub use tokens::{NewToken, Revocation, TokenRow};
 
 use anyhow::Context;
 use plane_protocol::names::{ClusterName, NodeName};
@@ -88,6 +88,8 @@ pub enum Signal {
         cluster: ClusterName,
         drone: NodeName,
     },
+    /// New rows in `token_revocation`.
+    Revocations,
 }
 
 impl Signal {
@@ -96,6 +98,7 @@ impl Signal {
         match self {
             Signal::Status => (STATUS_CHANNEL, String::new()),
             Signal::Actions { cluster, drone } => (ACTIONS_CHANNEL, format!("{cluster} {drone}")),
+            Signal::Revocations => (REVOCATIONS_CHANNEL, String::new()),
         }
     }
 
@@ -103,6 +106,7 @@ impl Signal {
     pub fn from_notification(channel: &str, payload: &str) -> Option<Signal> {
         match channel {
             STATUS_CHANNEL => Some(Signal::Status),
+            REVOCATIONS_CHANNEL => Some(Signal::Revocations),
             ACTIONS_CHANNEL => {
                 let (cluster, drone) = payload.split_once(' ')?;
                 Some(Signal::Actions {
@@ -118,6 +122,7 @@ impl Signal {
 /// The PostgreSQL channels a controller listens on.
 pub const STATUS_CHANNEL: &str = "plane_status";
 pub const ACTIONS_CHANNEL: &str = "plane_actions";
+pub const REVOCATIONS_CHANNEL: &str = "plane_revocations";
 
 /// Cheap to clone: the pool and the signal channel are reference-counted.
 #[derive(Clone)]

@@ -27,12 +27,16 @@ impl NodeKind {
 pub struct NodeRow {
     pub name: NodeName,
     pub pool: String,
+    pub version: String,
+    pub hash: String,
     pub last_seen: Millis,
     /// The controller holding the node's session, if any.
     pub connected_to: Option<String>,
     /// Drones: when it was declared lost (silent past the lost window), if it has not
     /// been heard from since.
     pub lost_at: Option<Millis>,
+    /// Drones: drained, so given no new backends.
+    pub draining: bool,
 }
 
 /// One node's session with one controller.
@@ -43,6 +47,9 @@ pub struct NodeSession<'a> {
     pub name: &'a NodeName,
     pub pool: &'a str,
     pub version: &'a str,
+    pub hash: &'a str,
+    /// The node process (its hello's instance ID).
+    pub instance: &'a str,
     /// The controller holding the session.
     pub controller: &'a str,
 }
@@ -59,13 +66,24 @@ impl Store {
     /// Records that a node began a session with `session.controller`; returns the session's
     /// generation, which only grows. A reconnect (to any controller) replaces the previous
     /// session, so the controller that held it can no longer mark the node disconnected.
-    pub async fn node_connected(&self, session: &NodeSession<'_>) -> StoreResult<i64> {
+    ///
+    /// Returns `None`, and changes nothing, when another instance holds the name: one in a
+    /// session heard from since `live_since`. A node's own reconnect (same instance), or a
+    /// new process after the old one went quiet, takes the name.
+    pub async fn node_connected(
+        &self,
+        session: &NodeSession<'_>,
+        live_since: Millis,
+    ) -> StoreResult<Option<i64>> {
         let row = sqlx::query(
-            "INSERT INTO node (cluster, kind, name, pool, version, last_seen, connected_to, generation) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 1) \
+            "INSERT INTO node (cluster, kind, name, pool, version, hash, instance, last_seen, connected_to, generation) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1) \
              ON CONFLICT (cluster, kind, name) DO UPDATE SET pool = excluded.pool, \
-             version = excluded.version, last_seen = excluded.last_seen, lost_at = NULL, \
+             version = excluded.version, hash = excluded.hash, instance = excluded.instance, \
+             last_seen = excluded.last_seen, lost_at = NULL, \
              connected_to = excluded.connected_to, generation = node.generation + 1 \
+             WHERE node.connected_to IS NULL OR node.instance = excluded.instance \
+             OR node.instance = '' OR node.last_seen < $10 \
              RETURNING generation",
         )
         .bind(session.cluster.as_str())
@@ -73,11 +91,16 @@ impl Store {
         .bind(session.name.as_str())
         .bind(session.pool)
         .bind(session.version)
+        .bind(session.hash)
+        .bind(session.instance)
         .bind(Millis::now().0)
         .bind(session.controller)
-        .fetch_one(&self.pool)
+        .bind(live_since.0)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(row.try_get("generation").map_err(anyhow::Error::from)?)
+        row.map(|row| row.try_get("generation"))
+            .transpose()
+            .map_err(|err| anyhow::Error::from(err).into())
     }
 
     /// Records that the session `generation` of a node ended, unless a newer session has
@@ -142,7 +165,7 @@ impl Store {
     }
 
     /// The drones of a cluster's pool that can take a backend: in a session with some
-    /// controller, and heard from since `seen_since`.
+    /// controller, not drained, and heard from since `seen_since`.
     pub async fn placeable_drones(
         &self,
         cluster: &ClusterName,
@@ -151,7 +174,7 @@ impl Store {
     ) -> StoreResult<Vec<NodeName>> {
         let rows = sqlx::query(
             "SELECT name FROM node WHERE cluster = $1 AND kind = 'drone' AND pool = $2 \
-             AND connected_to IS NOT NULL AND lost_at IS NULL AND last_seen >= $3",
+             AND connected_to IS NOT NULL AND lost_at IS NULL AND draining = 0 AND last_seen >= $3",
         )
         .bind(cluster.as_str())
         .bind(pool)
@@ -163,7 +186,7 @@ impl Store {
 
     pub async fn nodes(&self, cluster: &ClusterName, kind: NodeKind) -> StoreResult<Vec<NodeRow>> {
         let rows = sqlx::query(
-            "SELECT name, pool, last_seen, lost_at, connected_to FROM node \
+            "SELECT name, pool, version, hash, last_seen, lost_at, connected_to, draining FROM node \
              WHERE cluster = $1 AND kind = $2 ORDER BY name",
         )
         .bind(cluster.as_str())
@@ -175,6 +198,12 @@ impl Store {
                 Ok(NodeRow {
                     name: parse_name(row, "name")?,
                     pool: row.try_get("pool").map_err(anyhow::Error::from)?,
+                    version: row.try_get("version").map_err(anyhow::Error::from)?,
+                    hash: row.try_get("hash").map_err(anyhow::Error::from)?,
+                    draining: row
+                        .try_get::<i64, _>("draining")
+                        .map_err(anyhow::Error::from)?
+                        != 0,
                     last_seen: Millis(row.try_get("last_seen").map_err(anyhow::Error::from)?),
                     connected_to: row.try_get("connected_to").map_err(anyhow::Error::from)?,
                     lost_at: row
@@ -184,6 +213,40 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Drains (or, with `draining` false, undrains) a drone. Returns `None` when the cluster
+    /// has no such drone, else whether anything changed.
+    pub async fn set_draining(
+        &self,
+        cluster: &ClusterName,
+        drone: &NodeName,
+        draining: bool,
+    ) -> StoreResult<Option<bool>> {
+        // One conditional update, so of two concurrent drains exactly one reports a change.
+        let changed = sqlx::query(
+            "UPDATE node SET draining = $1 \
+             WHERE cluster = $2 AND kind = 'drone' AND name = $3 AND draining <> $1",
+        )
+        .bind(i64::from(draining))
+        .bind(cluster.as_str())
+        .bind(drone.as_str())
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0;
+        if changed {
+            return Ok(Some(true));
+        }
+        let exists = sqlx::query(
+            "SELECT 1 AS one FROM node WHERE cluster = $1 AND kind = 'drone' AND name = $2",
+        )
+        .bind(cluster.as_str())
+        .bind(drone.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .is_some();
+        Ok(exists.then_some(false))
     }
 
     /// Takes or keeps the lease named `name` (e.g. the sweeper's) for `holder` until

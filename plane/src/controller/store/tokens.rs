@@ -1,8 +1,9 @@
-//! The `token` table: connection tokens and what the proxy tells the backend about them.
+//! The `token` table: connection tokens and what the proxy tells the backend about them; and
+//! `token_revocation`, the log of revocations the change bus passes on to proxies.
 
-use super::{Store, StoreResult};
+use super::{Signal, Store, StoreResult};
 use anyhow::Context;
-use plane_protocol::names::{BackendName, BearerToken, SecretToken};
+use plane_protocol::names::{BackendName, BearerToken, ClusterName, SecretToken};
 use plane_protocol::time::Millis;
 use serde_json::{Map, Value};
 use sqlx::Row;
@@ -22,18 +23,106 @@ pub struct TokenRow {
     pub user: Option<String>,
     pub auth: Value,
     pub secret: SecretToken,
+    pub created_at: Millis,
+}
+
+/// One revocation, as the change bus reads it.
+#[derive(Clone, Debug)]
+pub struct Revocation {
+    pub sequence: i64,
+    pub backend_id: BackendName,
+    pub cluster: ClusterName,
+    pub user: String,
+    pub time: Millis,
 }
 
 impl Store {
+    /// Revokes every token of `backend` issued to `user` and logs the revocation for the
+    /// change bus, in one transaction. `None` when there is no such backend; otherwise how
+    /// many tokens stopped working.
+    pub async fn revoke_tokens(
+        &self,
+        backend: &BackendName,
+        user: &str,
+        now: Millis,
+    ) -> StoreResult<Option<u64>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT cluster FROM backend WHERE id = $1")
+            .bind(backend.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let cluster: String = row.try_get("cluster").map_err(anyhow::Error::from)?;
+        let revoked = sqlx::query(
+            "UPDATE token SET revoked_at = $1 \
+             WHERE backend_id = $2 AND username = $3 AND revoked_at IS NULL",
+        )
+        .bind(now.0)
+        .bind(backend.as_str())
+        .bind(user)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // Logged even when nothing was revoked here: a proxy may still hold a route that a
+        // revocation raced with, and telling it again costs nothing.
+        sqlx::query(
+            "INSERT INTO token_revocation (backend_id, cluster, username, time) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(backend.as_str())
+        .bind(&cluster)
+        .bind(user)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        self.commit_and_signal(tx, &[Signal::Revocations]).await?;
+        Ok(Some(revoked))
+    }
+
+    /// Revocations with a sequence number above `after`, oldest first, at most `limit`.
+    pub async fn revocations_after(&self, after: i64, limit: i64) -> StoreResult<Vec<Revocation>> {
+        let rows = sqlx::query(
+            "SELECT id, backend_id, cluster, username, time FROM token_revocation \
+             WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let backend_id: String = row.try_get("backend_id").map_err(anyhow::Error::from)?;
+                let cluster: String = row.try_get("cluster").map_err(anyhow::Error::from)?;
+                Ok(Revocation {
+                    sequence: row.try_get("id").map_err(anyhow::Error::from)?,
+                    backend_id: backend_id.parse().map_err(anyhow::Error::from)?,
+                    cluster: cluster.parse().map_err(anyhow::Error::from)?,
+                    user: row.try_get("username").map_err(anyhow::Error::from)?,
+                    time: Millis(row.try_get("time").map_err(anyhow::Error::from)?),
+                })
+            })
+            .collect()
+    }
+
+    /// The sequence number of the newest revocation (0 when there is none).
+    pub async fn latest_revocation_sequence(&self) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS latest FROM token_revocation")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("latest").map_err(anyhow::Error::from)?)
+    }
+
     /// Records another token for an existing backend.
     pub async fn add_token(&self, backend: &BackendName, token: &NewToken<'_>) -> StoreResult<()> {
         let mut conn = self.pool.acquire().await?;
         insert(&mut conn, backend, token, Millis::now()).await
     }
 
+    /// A token that has not been revoked.
     pub async fn token(&self, token: &BearerToken) -> StoreResult<Option<TokenRow>> {
         let row = sqlx::query(
-            "SELECT backend_id, username, auth, secret_token FROM token WHERE token = $1",
+            "SELECT backend_id, username, auth, secret_token, created_at FROM token \
+             WHERE token = $1 AND revoked_at IS NULL",
         )
         .bind(token.as_str())
         .fetch_optional(&self.pool)
@@ -47,6 +136,7 @@ impl Store {
             user: row.try_get("username").map_err(anyhow::Error::from)?,
             auth: serde_json::from_str(&auth).context("reading stored auth JSON")?,
             secret: secret.parse().map_err(anyhow::Error::from)?,
+            created_at: Millis(row.try_get("created_at").map_err(anyhow::Error::from)?),
         }))
     }
 }

@@ -1,5 +1,6 @@
-//! Reads status changes in sequence order without skipping any, even though on PostgreSQL
-//! sequence numbers are taken before commit and so can become visible out of order.
+//! Reads a change log (status changes, token revocations) in sequence order without skipping
+//! any, even though on PostgreSQL sequence numbers are taken before commit and so can become
+//! visible out of order.
 //!
 //! Everything at or below `cursor` has been published; changes above it are published as
 //! they appear and remembered. Numbers are taken in increasing order, so when number `h` is
@@ -8,8 +9,9 @@
 //! back (or has run for longer than any healthy one), and the cursor moves up to `h`. Every
 //! gap below `h` is waited out at once, not one after another.
 
-use crate::controller::store::{StatusChange, Store, StoreResult};
+use crate::controller::store::StoreResult;
 use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -18,7 +20,7 @@ const GAP_PATIENCE: Duration = Duration::from_secs(10);
 /// Rows read per query.
 const PAGE: i64 = 500;
 
-pub(super) struct StatusReader {
+pub(super) struct SequenceReader {
     cursor: i64,
     /// Published sequence numbers above the cursor.
     published_above: BTreeSet<i64>,
@@ -27,7 +29,7 @@ pub(super) struct StatusReader {
     checkpoints: VecDeque<(i64, Instant)>,
 }
 
-impl StatusReader {
+impl SequenceReader {
     /// A reader whose first read covers numbers above `after`. Starting a little below the
     /// newest number at start-up catches changes other controllers were still committing.
     pub(super) fn new(after: i64) -> Self {
@@ -38,19 +40,24 @@ impl StatusReader {
         }
     }
 
-    /// Publishes every change not yet published, in sequence order.
-    pub(super) async fn read_new(
+    /// Publishes every change not yet published, in sequence order. `fetch(after, limit)`
+    /// reads up to `limit` changes numbered above `after`, oldest first.
+    pub(super) async fn read_new<T, Fetched>(
         &mut self,
-        store: &Store,
-        mut publish: impl FnMut(StatusChange),
-    ) -> StoreResult<()> {
+        mut fetch: impl FnMut(i64, i64) -> Fetched,
+        sequence: impl Fn(&T) -> i64,
+        mut publish: impl FnMut(T),
+    ) -> StoreResult<()>
+    where
+        Fetched: Future<Output = StoreResult<Vec<T>>>,
+    {
         let mut after = self.cursor;
         loop {
-            let page = store.status_changes_after(after, PAGE).await?;
+            let page = fetch(after, PAGE).await?;
             let full = page.len() as i64 == PAGE;
             for change in page {
-                after = change.sequence;
-                if self.published_above.insert(change.sequence) {
+                after = sequence(&change);
+                if self.published_above.insert(after) {
                     publish(change);
                 }
             }
@@ -91,7 +98,7 @@ impl StatusReader {
 mod tests {
     use super::*;
 
-    fn read(reader: &mut StatusReader, numbers: &[i64], at: Instant) {
+    fn read(reader: &mut SequenceReader, numbers: &[i64], at: Instant) {
         for n in numbers {
             reader.published_above.insert(*n);
         }
@@ -104,7 +111,7 @@ mod tests {
     #[test]
     fn the_cursor_waits_out_every_gap_below_a_number_at_once() {
         let start = Instant::now();
-        let mut reader = StatusReader::new(10);
+        let mut reader = SequenceReader::new(10);
         read(&mut reader, &[11, 12, 14, 16, 17], start);
         assert_eq!(reader.cursor, 12);
 
@@ -128,7 +135,7 @@ mod tests {
     #[test]
     fn numbers_seen_later_get_their_own_patience() {
         let start = Instant::now();
-        let mut reader = StatusReader::new(0);
+        let mut reader = SequenceReader::new(0);
         read(&mut reader, &[2], start);
         read(&mut reader, &[5], start + Duration::from_secs(5));
         read(&mut reader, &[], start + GAP_PATIENCE);

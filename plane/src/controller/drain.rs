@@ -1,0 +1,47 @@
+//! `POST /ctrl/c/:cluster/d/:drone/drain` and `/undrain`: a drained drone is given no new
+//! backends while the ones it runs keep serving.
+
+use super::error::{ApiErrorResponse, ControllerError};
+use super::paths::DronePath;
+use super::ControllerState;
+use axum::extract::State;
+use axum::Json;
+use plane_protocol::api::DrainResult;
+use plane_protocol::names::{ClusterName, NodeName};
+
+pub async fn handle_drain(
+    State(state): State<ControllerState>,
+    path: DronePath,
+) -> Result<Json<DrainResult>, ApiErrorResponse> {
+    let updated = drain(&state, &path.cluster, &path.drone, true).await?;
+    Ok(Json(DrainResult { updated }))
+}
+
+pub async fn handle_undrain(
+    State(state): State<ControllerState>,
+    path: DronePath,
+) -> Result<Json<DrainResult>, ApiErrorResponse> {
+    let updated = drain(&state, &path.cluster, &path.drone, false).await?;
+    Ok(Json(DrainResult { updated }))
+}
+
+/// Drains or undrains a drone; true when that changed anything. Idempotent.
+pub async fn drain(
+    state: &ControllerState,
+    cluster: &ClusterName,
+    drone: &NodeName,
+    draining: bool,
+) -> Result<bool, ControllerError> {
+    let updated = state
+        .store()
+        .set_draining(cluster, drone, draining)
+        .await?
+        .ok_or_else(|| ControllerError::DroneNotFound {
+            cluster: cluster.clone(),
+            drone: drone.clone(),
+        })?;
+    if updated {
+        tracing::info!(%cluster, %drone, draining, "drone drain state changed");
+    }
+    Ok(updated)
+}
