@@ -59,6 +59,11 @@ pub struct DroneOpts {
     #[arg(long, env = "PLANE_PULL_TIMEOUT_MS", default_value_t = 300_000)]
     pub pull_timeout_ms: u64,
 
+    /// The controller's cluster secret (its --cluster-secret), when it requires one. The
+    /// controller's bearer token, if any, goes in the URL: `http://TOKEN@host:port`.
+    #[arg(long, env = "PLANE_CLUSTER_SECRET")]
+    pub cluster_secret: Option<String>,
+
     /// Directory for the drone's state (unacked events in drone.db); keep it across
     /// restarts. One drone per directory.
     #[arg(long, env = "PLANE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
@@ -81,6 +86,7 @@ impl DroneOpts {
             startup_timeout_ms: self.startup_timeout_ms,
             reconnect_max_backoff_ms: self.reconnect_max_backoff_ms,
             pull_timeout_ms: self.pull_timeout_ms,
+            cluster_secret: self.cluster_secret,
             state_dir: self.state_dir,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),

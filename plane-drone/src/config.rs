@@ -51,6 +51,9 @@ pub struct DroneConfig {
     /// `loading` status when a registry hangs rather than refusing.
     #[serde(default = "default_pull_timeout_ms")]
     pub pull_timeout_ms: u64,
+    /// The cluster secret the controller requires of nodes (its `--cluster-secret`).
+    #[serde(default)]
+    pub cluster_secret: Option<String>,
     /// Directory for the drone's local state, created if missing: `drone.db`, a SQLite
     /// file holding status events until the controller acknowledges them, so they survive
     /// a restart. One drone per directory (a second one fails to start); keep it across
@@ -117,6 +120,7 @@ impl DroneConfig {
             startup_timeout_ms: default_startup_timeout_ms(),
             reconnect_max_backoff_ms: default_reconnect_max_backoff_ms(),
             pull_timeout_ms: default_pull_timeout_ms(),
+            cluster_secret: None,
             state_dir: default_state_dir(),
             fence_executable: None,
         }

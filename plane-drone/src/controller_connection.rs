@@ -6,6 +6,7 @@ use crate::event_queue::EventQueue;
 use crate::executor::ExecutorHandle;
 use crate::leases::Leases;
 use futures_util::{SinkExt, StreamExt};
+use plane_protocol::auth::NodeCredentials;
 use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::drone::{ActionKind, BackendAction, MessageFromDrone, MessageToDrone};
 use plane_protocol::names::{ClusterName, NodeName};
@@ -40,7 +41,8 @@ const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(15);
 /// The controller's drone-socket URL for a cluster: the controller's base URL with a
 /// WebSocket scheme and `/ctrl/c/<cluster>/drone-socket` appended to its path.
 pub fn socket_url(controller_url: &Url, cluster: &ClusterName) -> anyhow::Result<Url> {
-    let mut url = controller_url.clone();
+    // Credentials go in headers (see `Connection::credentials`), never in the URL.
+    let (mut url, _) = plane_protocol::auth::split_bearer(controller_url);
     let scheme = match controller_url.scheme() {
         "http" | "ws" => "ws",
         "https" | "wss" => "wss",
@@ -65,6 +67,8 @@ pub(crate) struct Connection {
     pub name: NodeName,
     /// This process's instance ID, the same in every session it opens.
     pub instance: String,
+    /// Sent as headers when the socket opens.
+    pub credentials: NodeCredentials,
     pub pool: String,
     pub heartbeat_interval: Duration,
     pub fence_margin: Duration,
@@ -87,6 +91,28 @@ enum SessionEnd {
 }
 
 impl Connection {
+    /// The socket's opening request, with the credentials.
+    fn socket_request(&self) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        // The URL was built by `socket_url`, so it is a valid ws/wss request.
+        let mut request = self
+            .url
+            .as_str()
+            .into_client_request()
+            .expect("a valid socket URL");
+        for (name, value) in self.credentials.headers() {
+            match value.parse() {
+                Ok(value) => {
+                    request.headers_mut().insert(name, value);
+                }
+                Err(_) => {
+                    tracing::error!(header = name, "credential not valid in a header; not sent")
+                }
+            }
+        }
+        request
+    }
+
     /// Runs until `cancel` fires, reconnecting as needed. On cancel, closes the socket.
     pub(crate) async fn run(self, cancel: CancellationToken) {
         let mut backoff = INITIAL_BACKOFF;
@@ -96,7 +122,7 @@ impl Connection {
                 attempt = tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     // Small frames must not wait for Nagle's algorithm.
-                    tokio_tungstenite::connect_async_with_config(self.url.as_str(), None, true),
+                    tokio_tungstenite::connect_async_with_config(self.socket_request(), None, true),
                 ) => attempt,
             };
             match attempt {
@@ -490,6 +516,7 @@ mod tests {
             url: socket_url(&base, &cluster).expect("socket url"),
             name: "dr-conn-test".parse().expect("name"),
             instance: "test-instance".to_string(),
+            credentials: NodeCredentials::default(),
             pool: String::new(),
             heartbeat_interval: Duration::from_millis(50),
             fence_margin: Duration::from_millis(100),

@@ -115,6 +115,10 @@ pub async fn start_with_runtime<R: Runtime>(
         url,
         name: config.name.clone(),
         instance: plane_protocol::names::new_instance_id(),
+        credentials: plane_protocol::auth::NodeCredentials {
+            bearer: plane_protocol::auth::split_bearer(&config.controller_url).1,
+            cluster_secret: config.cluster_secret.clone(),
+        },
         pool: config.pool.clone(),
         heartbeat_interval: config.heartbeat_interval(),
         fence_margin: config.fence_margin(),

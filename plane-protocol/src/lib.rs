@@ -4,6 +4,7 @@
 //! component (and any client) can depend on it cheaply.
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod drone;
 pub mod names;

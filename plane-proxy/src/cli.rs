@@ -57,6 +57,11 @@ pub struct ProxyOpts {
         default_value_t = DEFAULT_BACKEND_CONNECT_TIMEOUT_MS
     )]
     pub backend_connect_timeout_ms: u64,
+
+    /// The controller's cluster secret (its --cluster-secret), when it requires one. The
+    /// controller's bearer token, if any, goes in the URL: `http://TOKEN@host:port`.
+    #[arg(long, env = "PLANE_CLUSTER_SECRET")]
+    pub cluster_secret: Option<String>,
 }
 
 impl ProxyOpts {
@@ -72,6 +77,7 @@ impl ProxyOpts {
         config.max_held_requests = self.max_held_requests;
         config.shutdown_grace_ms = self.shutdown_grace_ms;
         config.backend_connect_timeout_ms = self.backend_connect_timeout_ms;
+        config.cluster_secret = self.cluster_secret;
         config.validate().context("invalid proxy options")?;
         Ok(config)
     }

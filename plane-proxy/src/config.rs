@@ -50,6 +50,9 @@ pub struct ProxyConfig {
     /// 503 with `Retry-After`. Each holds its client connection (a few KiB). Default 10000.
     #[serde(default = "default_max_held_requests")]
     pub max_held_requests: usize,
+    /// The cluster secret the controller requires of nodes (its `--cluster-secret`).
+    #[serde(default)]
+    pub cluster_secret: Option<String>,
     /// On shutdown, how long, in milliseconds, in-flight requests and open WebSockets may
     /// continue after the listener closes before they are cut. Default 10000.
     #[serde(default = "default_shutdown_grace_ms")]
@@ -110,6 +113,7 @@ impl ProxyConfig {
             report_interval_ms: DEFAULT_REPORT_INTERVAL_MS,
             hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
             max_held_requests: DEFAULT_MAX_HELD_REQUESTS,
+            cluster_secret: None,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             backend_connect_timeout_ms: DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
         }
@@ -139,7 +143,8 @@ impl ProxyConfig {
     /// `ws://…/ctrl/c/<cluster>/proxy-socket`, derived from the controller's base URL so a
     /// path prefix on it (a controller behind a reverse proxy) is kept.
     pub fn controller_socket_url(&self) -> Result<Url, ConfigError> {
-        let mut url = self.controller_url.clone();
+        // Credentials go in headers (see `ControllerConnectionConfig::credentials`).
+        let (mut url, _) = plane_protocol::auth::split_bearer(&self.controller_url);
         if url.scheme() != "http" {
             return Err(ConfigError::UnsupportedControllerScheme(url));
         }

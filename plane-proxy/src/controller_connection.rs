@@ -73,6 +73,8 @@ pub struct ControllerConnectionConfig {
     pub hold_timeout: Duration,
     /// How many requests may wait for routes at once; more are refused at once.
     pub max_held_requests: usize,
+    /// Sent as headers when the socket opens.
+    pub credentials: plane_protocol::auth::NodeCredentials,
 }
 
 /// Handle for resolving tokens through the controller. Cheap to clone.
@@ -318,6 +320,29 @@ struct Runner {
 }
 
 impl Runner {
+    /// The socket's opening request, with the credentials.
+    fn socket_request(&self) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        // The URL was built by `ProxyConfig::controller_socket_url`: a valid ws request.
+        let mut request = self
+            .config
+            .socket_url
+            .as_str()
+            .into_client_request()
+            .expect("a valid socket URL");
+        for (name, value) in self.config.credentials.headers() {
+            match value.parse() {
+                Ok(value) => {
+                    request.headers_mut().insert(name, value);
+                }
+                Err(_) => {
+                    tracing::error!(header = name, "credential not valid in a header; not sent")
+                }
+            }
+        }
+        request
+    }
+
     async fn run(mut self) {
         let url = self.config.socket_url.clone();
         let mut backoff = INITIAL_BACKOFF;
@@ -326,7 +351,7 @@ impl Runner {
                 _ = self.cancel.cancelled() => return,
                 attempt = tokio::time::timeout(
                     CONNECT_TIMEOUT,
-                    tokio_tungstenite::connect_async(url.as_str()),
+                    tokio_tungstenite::connect_async(self.socket_request()),
                 ) => attempt,
             };
             match attempt {

@@ -148,6 +148,10 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
             report_interval: config.report_interval(),
             hold_timeout: config.hold_timeout(),
             max_held_requests: config.max_held_requests,
+            credentials: plane_protocol::auth::NodeCredentials {
+                bearer: plane_protocol::auth::split_bearer(&config.controller_url).1,
+                cluster_secret: config.cluster_secret.clone(),
+            },
         },
         tracker.clone(),
         pool.clone(),

@@ -14,7 +14,7 @@ use url::Url;
 
 #[derive(Args, Debug, Clone)]
 pub struct ConnectOpts {
-    /// Base URL of the controller.
+    /// Base URL of the controller; `http://TOKEN@host:port` sends TOKEN as its bearer token.
     #[arg(
         long,
         env = "PLANE_CONTROLLER_URL",
@@ -108,16 +108,20 @@ pub async fn run(opts: ConnectOpts) -> anyhow::Result<()> {
     };
 
     let client = reqwest::Client::new();
-    let endpoint = opts
-        .controller
+    // `http://TOKEN@host:port` carries the controller's bearer token, as in Plane's tools.
+    let (controller, bearer) = plane_protocol::auth::split_bearer(&opts.controller);
+    let endpoint = controller
         .join("ctrl/connect")
         .context("--controller is not a base URL")?;
-    let response = client
-        .post(endpoint.clone())
+    let mut post = client.post(endpoint.clone());
+    if let Some(token) = &bearer {
+        post = post.bearer_auth(token);
+    }
+    let response = post
         .json(&request)
         .send()
         .await
-        .with_context(|| format!("--controller {}: cannot reach {endpoint}", opts.controller))?;
+        .with_context(|| format!("--controller {controller}: cannot reach {endpoint}"))?;
     if !response.status().is_success() {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();

@@ -25,7 +25,7 @@ pub const BACKEND_WAIT: Duration = Duration::from_secs(30);
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Which database a test runs against.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Db {
     Sqlite,
     Postgres,

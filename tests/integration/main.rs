@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod auth;
 mod browser;
 mod connect;
 mod controllers;

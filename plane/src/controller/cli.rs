@@ -35,6 +35,17 @@ pub struct ControllerOpts {
     /// Milliseconds of silence after which a drone is marked lost (at least --lease-ms).
     #[arg(long, env = "PLANE_LOST_WINDOW_MS", default_value_t = 30_000)]
     pub lost_window_ms: u64,
+    /// A bearer token `/ctrl/*` accepts; repeat for several. Without any (and without
+    /// --ctrl-token-file), `/ctrl/*` is open to anyone who can reach it.
+    #[arg(long = "ctrl-token", env = "PLANE_CTRL_TOKEN", value_delimiter = ',')]
+    pub ctrl_tokens: Vec<String>,
+    /// A file of bearer tokens, one per line, re-read on SIGHUP.
+    #[arg(long, env = "PLANE_CTRL_TOKEN_FILE")]
+    pub ctrl_token_file: Option<std::path::PathBuf>,
+    /// A secret every drone, proxy and DNS server must present to join (their
+    /// --cluster-secret).
+    #[arg(long, env = "PLANE_CLUSTER_SECRET")]
+    pub cluster_secret: Option<String>,
 }
 
 impl ControllerOpts {
@@ -47,6 +58,9 @@ impl ControllerOpts {
             route_wait_timeout_ms: self.route_wait_timeout_ms,
             lease_ms: self.lease_ms,
             lost_window_ms: self.lost_window_ms,
+            ctrl_tokens: self.ctrl_tokens,
+            ctrl_token_file: self.ctrl_token_file,
+            cluster_secret: self.cluster_secret,
             ..ControllerConfig::new(self.db)
         };
         config.validate()?;

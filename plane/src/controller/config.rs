@@ -3,6 +3,7 @@
 use plane_protocol::names::ClusterName;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use url::Url;
 
 /// The longest lease accepted: a day. Longer ones only delay recovery from a lost drone.
@@ -37,6 +38,17 @@ pub struct ControllerConfig {
     /// `terminated{lost}`. At least `lease_ms`, so that no drone is declared lost while a
     /// lease it holds could still be valid.
     pub lost_window_ms: u64,
+    /// Bearer tokens `/ctrl/*` accepts (`Authorization: Bearer TOKEN`). With none here and
+    /// no token file, `/ctrl/*` is open.
+    #[serde(default)]
+    pub ctrl_tokens: Vec<String>,
+    /// More tokens, one per line (blank lines and `#` comments skipped), re-read on SIGHUP.
+    /// Set, it turns auth on even while it holds no token.
+    #[serde(default)]
+    pub ctrl_token_file: Option<PathBuf>,
+    /// Every drone, proxy and DNS server must present this to open its socket.
+    #[serde(default)]
+    pub cluster_secret: Option<String>,
 }
 
 impl ControllerConfig {
@@ -50,6 +62,9 @@ impl ControllerConfig {
             route_wait_timeout_ms: 60_000,
             lease_ms: 15_000,
             lost_window_ms: 30_000,
+            ctrl_tokens: Vec::new(),
+            ctrl_token_file: None,
+            cluster_secret: None,
         }
     }
 
@@ -84,6 +99,18 @@ impl ControllerConfig {
             self.lost_window_ms,
             self.lease_ms
         );
+        for token in &self.ctrl_tokens {
+            anyhow::ensure!(
+                !token.is_empty() && !token.chars().any(char::is_whitespace),
+                "--ctrl-token must be non-empty and without spaces"
+            );
+        }
+        if let Some(secret) = &self.cluster_secret {
+            anyhow::ensure!(
+                !secret.is_empty() && secret.chars().all(|c| c.is_ascii_graphic()),
+                "--cluster-secret must be non-empty printable ASCII without spaces"
+            );
+        }
         Ok(())
     }
 }

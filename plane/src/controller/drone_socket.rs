@@ -8,6 +8,7 @@ use super::store::{NodeKind, NodeSession};
 use super::ControllerState;
 use axum::extract::ws::{Message, WebSocket};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::StreamExt;
@@ -24,8 +25,10 @@ const REPLAY_PAGE: i64 = 100;
 pub async fn handle_drone_socket(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,
+    headers: HeaderMap,
     SocketUpgrade(upgrade): SocketUpgrade,
 ) -> Result<Response, ApiErrorResponse> {
+    super::auth::check_cluster_secret(&state, &headers, "drone")?;
     Ok(upgrade.on_upgrade(move |socket| drone_session(state, cluster, socket)))
 }
 

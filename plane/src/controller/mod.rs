@@ -6,6 +6,7 @@
 //! (`connect`, `terminate`, the sweeper) return [`error::ControllerError`], which becomes
 //! HTTP in one place.
 
+mod auth;
 mod bus;
 pub mod cli;
 mod cluster;
@@ -66,6 +67,12 @@ impl ControllerHandle {
         &self.state
     }
 
+    /// Reads `--ctrl-token-file` again (what SIGHUP does); returns how many tokens are
+    /// accepted now. On failure the tokens in force stay.
+    pub fn reload_ctrl_tokens(&self) -> anyhow::Result<usize> {
+        self.state.ctrl_tokens().reload()
+    }
+
     /// Stops accepting, lets in-flight requests finish for up to [`SHUTDOWN_GRACE`], then
     /// aborts the rest and closes the database.
     pub async fn shutdown(self) {
@@ -90,6 +97,7 @@ pub async fn start(
     listener: TcpListener,
 ) -> anyhow::Result<ControllerHandle> {
     config.validate()?;
+    let ctrl_tokens = auth::CtrlTokens::load(&config)?;
     let store = Store::open(&config.db).await?;
     let local_addr = listener
         .local_addr()
@@ -110,6 +118,7 @@ pub async fn start(
         nodes,
         bus,
         shutdown,
+        ctrl_tokens,
     });
 
     let app = router::router(state.clone());
@@ -140,7 +149,17 @@ pub async fn run(config: ControllerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the controller to {listen} (--host, --port)"))?;
     let handle = start(config, listener).await?;
+    let reload = crate::signals::on_hangup({
+        let state = handle.state.clone();
+        move || match state.ctrl_tokens().reload() {
+            Ok(count) => tracing::info!(tokens = count, "SIGHUP: reloaded --ctrl-token-file"),
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "SIGHUP: keeping the tokens in force")
+            }
+        }
+    });
     crate::signals::wait_for_shutdown_signal().await;
+    reload.abort();
     handle.shutdown().await;
     Ok(())
 }

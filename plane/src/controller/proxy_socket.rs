@@ -9,6 +9,7 @@ use super::store::{NodeKind, NodeSession};
 use super::ControllerState;
 use axum::extract::ws::WebSocket;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::StreamExt;
 use plane_protocol::backend::BackendStatus;
@@ -24,8 +25,10 @@ const DEFAULT_REPORT_INTERVAL_MS: u64 = 5_000;
 pub async fn handle_proxy_socket(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,
+    headers: HeaderMap,
     SocketUpgrade(upgrade): SocketUpgrade,
 ) -> Result<Response, ApiErrorResponse> {
+    super::auth::check_cluster_secret(&state, &headers, "proxy")?;
     Ok(upgrade.on_upgrade(move |socket| proxy_session(state, cluster, socket)))
 }
 

@@ -3,8 +3,9 @@
 
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
-use super::{cluster, connect, drain, drone_socket, proxy_socket, revoke, status, terminate};
+use super::{auth, cluster, connect, drain, drone_socket, proxy_socket, revoke, status, terminate};
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use plane_protocol::api::ApiErrorKind;
@@ -35,8 +36,8 @@ pub fn router(state: ControllerState) -> Router {
         )
         .with_state(state.clone());
 
-    Router::new()
-        .nest_service("/pub", public_routes)
+    // Everything under `/ctrl` needs a bearer token when the controller has any.
+    let control_routes = Router::new()
         .route("/ctrl/connect", post(connect::handle_connect))
         .route("/ctrl/spawn", post(connect::handle_spawn))
         .route("/ctrl/b/revoke", post(revoke::handle_revoke))
@@ -64,6 +65,14 @@ pub fn router(state: ControllerState) -> Router {
             "/ctrl/c/{cluster}/proxy-socket",
             get(proxy_socket::handle_proxy_socket),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_ctrl_token,
+        ));
+
+    Router::new()
+        .nest_service("/pub", public_routes)
+        .merge(control_routes)
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -1,6 +1,7 @@
 //! `ControllerState`: the one cheap-to-clone value every handler, socket session and
 //! background task of the controller shares.
 
+use super::auth::CtrlTokens;
 use super::bus::ChangeBus;
 use super::config::ControllerConfig;
 use super::nodes::ConnectedNodes;
@@ -26,6 +27,7 @@ struct Inner {
     nodes: ConnectedNodes,
     bus: ChangeBus,
     shutdown: CancellationToken,
+    ctrl_tokens: CtrlTokens,
 }
 
 /// What [`ControllerState::new`] puts together.
@@ -36,6 +38,7 @@ pub(super) struct StateParts {
     pub nodes: ConnectedNodes,
     pub bus: ChangeBus,
     pub shutdown: CancellationToken,
+    pub ctrl_tokens: CtrlTokens,
 }
 
 impl ControllerState {
@@ -53,6 +56,7 @@ impl ControllerState {
                 nodes: parts.nodes,
                 bus: parts.bus,
                 shutdown: parts.shutdown,
+                ctrl_tokens: parts.ctrl_tokens,
             }),
         }
     }
@@ -68,6 +72,11 @@ impl ControllerState {
 
     pub fn config(&self) -> &ControllerConfig {
         &self.inner.config
+    }
+
+    /// The bearer tokens `/ctrl/*` accepts.
+    pub fn ctrl_tokens(&self) -> &CtrlTokens {
+        &self.inner.ctrl_tokens
     }
 
     pub fn controller_id(&self) -> &str {
