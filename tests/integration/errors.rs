@@ -94,6 +94,21 @@ db_test!(
                 "startup_timeout_seconds",
             ),
             (json!({}), "key"),
+            (json!([]), "JSON object"),
+            (json!("connect"), "JSON object"),
+            (
+                json!({ "key": { "name": "doc\u{202E}fdp.exe" } }),
+                "bidirectional",
+            ),
+            (json!({ "key": { "name": "a\u{200B}b" } }), "key.name"),
+            (
+                json!({ "key": { "name": "k" }, "user": "eve\u{2066}" }),
+                "user",
+            ),
+            (
+                json!({ "key": { "name": "k" }, "spawn_config": { "executable": { "image": image } }, "auth": { "blob": "x".repeat(9000) } }),
+                "auth",
+            ),
         ];
         for (body, mentions) in cases {
             let (status, error) = env.post("/ctrl/connect", &body).await;
@@ -155,6 +170,51 @@ db_test!(
             .as_str()
             .unwrap_or_default()
             .contains("already in use"));
+        env
+    }
+);
+
+db_test!(
+    a_body_over_the_limit_gets_413_json_not_a_reset,
+    |env: TestEnv| async move {
+        // 2 MiB of a valid-looking object: refused for its size, with a body that says so.
+        let padding = "x".repeat(2 * 1024 * 1024);
+        let body = format!(r#"{{"key": {{"name": "big"}}, "user": "{padding}"}}"#);
+        let (status, error) = connect_raw(&env, &body).await;
+        assert_eq!(status, 413, "{error}");
+        assert_eq!(error["kind"], "Other");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("limit"),
+            "{error}"
+        );
+
+        // Without a declared length (chunked), counted while reading.
+        let chunks: Vec<Result<String, std::io::Error>> = vec![
+            Ok(body[..body.len() / 2].to_string()),
+            Ok(body[body.len() / 2..].to_string()),
+        ];
+        let response = env
+            .client
+            .post(env.controller_url("/ctrl/connect"))
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await
+            .expect("an answer, not a reset");
+        assert_eq!(response.status(), 413);
+        let error: Value = response.json().await.expect("a JSON error body");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("limit"),
+            "{error}"
+        );
         env
     }
 );

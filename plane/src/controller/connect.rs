@@ -1,11 +1,12 @@
 //! `POST /ctrl/connect` and `POST /ctrl/spawn`: get-or-create a backend by key, place it
 //! on a drone, and hand back a tokenized URL.
 
+use super::body::ApiJson;
 use super::bus::ChangeBus;
 use super::error::{ApiErrorResponse, ControllerError};
 use super::store::{NewBackend, NewToken};
 use super::ControllerState;
-use axum::extract::{FromRequest, State};
+use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
 use plane_protocol::backend::{BackendStatus, TerminationReason};
@@ -14,11 +15,6 @@ use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, Sec
 use plane_protocol::time::Millis;
 use plane_protocol::RESERVED_ENV_VARS;
 use serde_json::{Map, Value};
-
-/// A JSON body whose rejections become `400` [`ApiErrorResponse`]s naming the bad field.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiErrorResponse))]
-pub struct ApiJson<T>(pub T);
 
 /// How long a connect waits for a terminating backend to release the key it wants.
 const KEY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -128,7 +124,7 @@ pub async fn handle_spawn(
     ApiJson(request): ApiJson<SpawnRequest>,
 ) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
     validate_spawn_config(&request.spawn_config)?;
-    validate_user(request.user.as_deref())?;
+    validate_caller(request.user.as_deref(), &request.auth)?;
     let pool = request.spawn_config.pool.clone().unwrap_or_default();
     let caller = Caller {
         user: request.user.as_deref(),
@@ -353,14 +349,24 @@ fn validate_connect(request: &ConnectRequest) -> Result<(), ControllerError> {
     if let Some(pool) = &request.pool {
         validate_pool("pool", pool)?;
     }
-    validate_user(request.user.as_deref())
+    validate_caller(request.user.as_deref(), &request.auth)
 }
 
-fn validate_user(user: Option<&str>) -> Result<(), ControllerError> {
-    match user {
-        Some(user) => validate_text("user", user, 1, 256),
-        None => Ok(()),
+/// The largest `auth` accepted, as JSON. Proxies pass it to the backend as a header
+/// (`x-verified-user-data`), and a request whose headers are too large fails at the proxy.
+const MAX_AUTH_BYTES: usize = 8 * 1024;
+
+fn validate_caller(user: Option<&str>, auth: &Map<String, Value>) -> Result<(), ControllerError> {
+    if let Some(user) = user {
+        validate_text("user", user, 1, 256)?;
     }
+    let auth_bytes = serde_json::to_string(auth).map_or(usize::MAX, |json| json.len());
+    if auth_bytes > MAX_AUTH_BYTES {
+        return Err(ControllerError::invalid(format!(
+            "auth must be at most {MAX_AUTH_BYTES} bytes of JSON, got {auth_bytes}"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ControllerError> {
@@ -500,5 +506,24 @@ fn validate_text(field: &str, value: &str, min: usize, max: usize) -> Result<(),
             "{field} may not contain control characters"
         )));
     }
+    if value.chars().any(is_invisible_format) {
+        return Err(ControllerError::invalid(format!(
+            "{field} may not contain bidirectional overrides or other invisible formatting characters"
+        )));
+    }
     Ok(())
+}
+
+/// Characters that change how text around them is displayed without being seen themselves:
+/// bidirectional embeddings, overrides, isolates and marks, zero-width characters, and the
+/// byte-order mark. In a key or user name they let two different names look the same.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }

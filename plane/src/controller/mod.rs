@@ -7,6 +7,7 @@
 //! HTTP in one place.
 
 mod auth;
+mod body;
 mod bus;
 pub mod cli;
 mod cluster;

@@ -1,7 +1,7 @@
 //! `POST /ctrl/b/revoke` (and `/ctrl/revoke`, which Plane 0.5's client calls): a user's
 //! tokens for one backend stop working at every proxy, on every controller.
 
-use super::connect::ApiJson;
+use super::body::ApiJson;
 use super::error::{ApiErrorResponse, ControllerError};
 use super::ControllerState;
 use axum::extract::State;
