@@ -3,7 +3,7 @@
 
 use crate::config::{DroneConfig, DEFAULT_STATE_DIR};
 use clap::Args;
-use plane_protocol::names::{ClusterName, NodeName};
+use plane_protocol::names::{ClusterName, NodeName, PoolName};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use url::Url;
@@ -26,7 +26,7 @@ pub struct DroneOpts {
 
     /// The drone pool this drone serves (empty: the default pool).
     #[arg(long, env = "PLANE_POOL", default_value = "")]
-    pub pool: String,
+    pub pool: PoolName,
 
     /// The host IP backend ports are published on; proxies must reach it.
     #[arg(long, env = "PLANE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(config.stop_grace_period_ms, 250);
         assert_eq!(config.heartbeat_interval_ms, 2_000);
         assert_eq!(config.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
-        assert_eq!(config.pool, "");
+        assert!(config.pool.is_default());
         assert_eq!(config.state_dir, PathBuf::from("./.plane-drone"));
     }
 }

@@ -2,7 +2,7 @@
 //! [`crate::cli::DroneOpts`] or directly by `plane dev` and tests.
 
 use anyhow::Context;
-use plane_protocol::names::{ClusterName, NodeName};
+use plane_protocol::names::{ClusterName, NodeName, PoolName};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ pub struct DroneConfig {
     pub name: NodeName,
     /// The drone pool this drone serves; empty for the cluster's default pool.
     #[serde(default)]
-    pub pool: String,
+    pub pool: PoolName,
     /// The host IP address backend ports are published on; proxies connect to backends at
     /// this address, so it must be reachable from them.
     #[serde(default = "default_ip")]
@@ -112,7 +112,7 @@ impl DroneConfig {
             controller_url,
             cluster,
             name: NodeName::new_random("dr"),
-            pool: String::new(),
+            pool: PoolName::default(),
             ip: default_ip(),
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
             fence_margin_ms: default_fence_margin_ms(),

@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use plane_protocol::auth::NodeCredentials;
 use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::drone::{ActionKind, BackendAction, MessageFromDrone, MessageToDrone};
-use plane_protocol::names::{ClusterName, NodeName};
+use plane_protocol::names::{ClusterName, NodeName, PoolName};
 use plane_protocol::PLANE_VERSION;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -69,7 +69,7 @@ pub(crate) struct Connection {
     pub instance: String,
     /// Sent as headers when the socket opens.
     pub credentials: NodeCredentials,
-    pub pool: String,
+    pub pool: PoolName,
     pub heartbeat_interval: Duration,
     pub fence_margin: Duration,
     /// Heartbeats renew these; answers update them.
@@ -517,7 +517,7 @@ mod tests {
             name: "dr-conn-test".parse().expect("name"),
             instance: "test-instance".to_string(),
             credentials: NodeCredentials::default(),
-            pool: String::new(),
+            pool: PoolName::default(),
             heartbeat_interval: Duration::from_millis(50),
             fence_margin: Duration::from_millis(100),
             leases,

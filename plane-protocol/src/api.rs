@@ -2,7 +2,7 @@
 //! existing clients work unchanged, and the one error body every endpoint returns.
 
 use crate::backend::BackendStatus;
-use crate::names::{BackendName, BearerToken, ClusterName, NodeName, SecretToken};
+use crate::names::{BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken};
 use crate::time::Millis;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -113,7 +113,7 @@ pub struct SpawnConfig {
     pub cluster: Option<ClusterName>,
     /// Drone pool within the cluster; the default pool (empty name) when absent.
     #[serde(default)]
-    pub pool: Option<String>,
+    pub pool: Option<PoolName>,
     pub executable: ExecutorConfig,
     /// Terminate the backend this many seconds after it was scheduled (at least 1).
     #[serde(default)]
@@ -151,9 +151,14 @@ pub struct ConnectRequest {
     /// Arbitrary JSON object passed to the backend as `x-verified-user-data`.
     #[serde(default)]
     pub auth: Map<String, Value>,
+    /// The token stops working this many seconds after it is issued (410 `token_expired` at
+    /// the proxy). Without it, a token works as long as its backend runs. Not for static
+    /// tokens, which are issued once for every connect.
+    #[serde(default)]
+    pub token_ttl_seconds: Option<i64>,
     /// Drone pool (Plane 0.5 accepted it here as well as in `spawn_config`).
     #[serde(default)]
-    pub pool: Option<String>,
+    pub pool: Option<PoolName>,
 }
 
 /// `POST /ctrl/spawn`: always starts a new backend, with no key.
@@ -165,6 +170,9 @@ pub struct SpawnRequest {
     pub user: Option<String>,
     #[serde(default)]
     pub auth: Map<String, Value>,
+    /// As in [`ConnectRequest::token_ttl_seconds`].
+    #[serde(default)]
+    pub token_ttl_seconds: Option<i64>,
 }
 
 /// The answer to connect and spawn.

@@ -7,7 +7,7 @@
 
 use crate::api::ExecutorConfig;
 use crate::backend::{BackendStateUpdate, TerminationKind, TerminationReason};
-use crate::names::{BackendName, BearerToken, NodeName};
+use crate::names::{BackendName, BearerToken, NodeName, PoolName};
 use serde::{Deserialize, Serialize};
 
 /// Drone → controller.
@@ -19,7 +19,7 @@ pub enum MessageFromDrone {
         name: NodeName,
         /// The drone pool this drone serves; empty for the default pool.
         #[serde(default)]
-        pool: String,
+        pool: PoolName,
         version: String,
         /// The commit the drone was built from.
         #[serde(default)]

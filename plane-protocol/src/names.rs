@@ -147,6 +147,34 @@ fn validate_node_name(s: &str) -> Result<(), InvalidName> {
     Ok(())
 }
 
+/// A drone pool within a cluster: at most 64 letters, digits, `.`, `_` and `-`. Empty is the
+/// cluster's default pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PoolName(String);
+validated_string!(PoolName, validate_pool_name);
+
+impl PoolName {
+    pub fn is_default(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn validate_pool_name(s: &str) -> Result<(), InvalidName> {
+    if s.len() > 64
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(InvalidName {
+            kind: "pool",
+            value: s.to_string(),
+            reason: "must be at most 64 letters, digits, '.', '_' or '-'",
+        });
+    }
+    Ok(())
+}
+
 /// A cluster is named by the host (and optional port) its proxies answer on, e.g.
 /// `plane.example.com` or `localhost:9090`. Without a port, or with port 443, URLs are https.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -268,6 +296,15 @@ mod tests {
         assert!("".parse::<BackendName>().is_err());
         assert!(serde_json::from_str::<BackendName>("\"ok-1\"").is_ok());
         assert!(serde_json::from_str::<BackendName>("\"no/slash\"").is_err());
+    }
+
+    #[test]
+    fn pool_names_are_short_and_plain() {
+        assert!("".parse::<PoolName>().is_ok_and(|p| p.is_default()));
+        assert!("gpu-a100_x.2".parse::<PoolName>().is_ok());
+        assert!("has space".parse::<PoolName>().is_err());
+        assert!("x".repeat(65).parse::<PoolName>().is_err());
+        assert!(serde_json::from_str::<PoolName>("\"a/b\"").is_err());
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub enum RouteAnswer {
     Ready(RouteInfo),
     /// No such token, a revoked one, or one for a backend of another cluster.
     Unknown,
+    /// The token's lifetime (`token_ttl_seconds`) has ended.
+    Expired,
     /// The token's backend has stopped (or is stopping) and will never serve it.
     Terminated {
         backend_id: BackendName,
@@ -112,4 +114,7 @@ pub struct RouteInfo {
     /// When the token was issued: a revocation covers the tokens issued before it.
     #[serde(default)]
     pub issued_at: Millis,
+    /// When the token stops working, if it was given a lifetime.
+    #[serde(default)]
+    pub expires_at: Option<Millis>,
 }

@@ -47,6 +47,8 @@ type Waiter = oneshot::Sender<Resolution>;
 pub enum RouteError {
     #[error("unknown or revoked token")]
     Unknown,
+    #[error("the token's lifetime has ended")]
+    Expired,
     #[error("the backend has stopped")]
     Terminated {
         reason: Option<TerminationReason>,
@@ -159,6 +161,7 @@ impl Shared {
                 }
             },
             RouteAnswer::Unknown => Err(RouteError::Unknown),
+            RouteAnswer::Expired => Err(RouteError::Expired),
             RouteAnswer::Terminated {
                 reason, exit_code, ..
             } => Err(RouteError::Terminated { reason, exit_code }),

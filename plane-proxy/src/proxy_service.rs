@@ -140,6 +140,10 @@ impl ProxyState {
                 }
             }
         };
+        // A cached route outlives its token's lifetime; the token does not.
+        if route.has_expired() {
+            return responses::token_expired();
+        }
         // From here until the response body ends (or the tunnel closes) the backend has an
         // open connection.
         let guard = self.inner.tracker.open(&route.backend_id);
@@ -185,6 +189,7 @@ impl ProxyState {
     fn route_error(&self, error: RouteError) -> Response<ProxyBody> {
         match error {
             RouteError::Unknown => responses::unknown_token(),
+            RouteError::Expired => responses::token_expired(),
             RouteError::Terminated { reason, exit_code } => {
                 responses::backend_terminated(reason, exit_code)
             }

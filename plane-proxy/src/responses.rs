@@ -15,6 +15,7 @@ const RETRY_AFTER_SECONDS: u64 = 1;
 pub enum ErrorKind {
     MissingToken,
     UnknownToken,
+    TokenExpired,
     BackendTerminated,
     BadGateway,
     ControllerUnavailable,
@@ -28,6 +29,7 @@ impl ErrorKind {
         match self {
             Self::MissingToken => "missing_token",
             Self::UnknownToken => "unknown_token",
+            Self::TokenExpired => "token_expired",
             Self::BackendTerminated => "backend_terminated",
             Self::BadGateway => "bad_gateway",
             Self::ControllerUnavailable => "controller_unavailable",
@@ -43,6 +45,8 @@ impl ErrorKind {
             // well-formed request for something that does not exist.
             Self::MissingToken => StatusCode::NOT_FOUND,
             Self::UnknownToken => StatusCode::NOT_FOUND,
+            // It worked, and never will again; a new connect issues a new one.
+            Self::TokenExpired => StatusCode::GONE,
             // The token was valid, but its backend is gone for good: retrying cannot help.
             Self::BackendTerminated => StatusCode::GONE,
             Self::BadGateway => StatusCode::BAD_GATEWAY,
@@ -85,6 +89,13 @@ pub fn missing_token() -> Response<ProxyBody> {
 }
 
 /// The controller does not know the token (or it is malformed).
+pub fn token_expired() -> Response<ProxyBody> {
+    error(
+        ErrorKind::TokenExpired,
+        "this URL's token has expired (token_ttl_seconds); connect again for a new one",
+    )
+}
+
 pub fn unknown_token() -> Response<ProxyBody> {
     error(
         ErrorKind::UnknownToken,

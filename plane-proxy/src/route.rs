@@ -26,6 +26,15 @@ pub struct Route {
     pub host: HeaderValue,
     /// When the token was issued (a revocation covers tokens issued before it).
     pub issued_at: Millis,
+    /// When the token stops working, if it has a lifetime.
+    pub expires_at: Option<Millis>,
+}
+
+impl Route {
+    /// Whether the token's lifetime has ended.
+    pub fn has_expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= Millis::now())
+    }
 }
 
 impl Route {
@@ -46,6 +55,7 @@ impl Route {
             backend_id: info.backend_id,
             address: info.address,
             issued_at: info.issued_at,
+            expires_at: info.expires_at,
         })
     }
 }
@@ -63,6 +73,7 @@ mod tests {
             user: user.map(str::to_string),
             user_data: serde_json::json!({"team": "Zoë"}),
             issued_at: Millis(1),
+            expires_at: None,
         }
     }
 

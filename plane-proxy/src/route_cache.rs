@@ -203,6 +203,7 @@ mod tests {
             user: user.map(str::to_string),
             user_data: serde_json::Value::Null,
             issued_at,
+            expires_at: None,
         };
         Arc::new(Route::new(info).expect("valid test route"))
     }

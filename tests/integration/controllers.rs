@@ -276,7 +276,7 @@ crate::db_test!(
             .expect("the drone socket opens");
         let hello = MessageFromDrone::Hello {
             name: env.drone.name().clone(),
-            pool: String::new(),
+            pool: Default::default(),
             version: plane_protocol::PLANE_VERSION.to_string(),
             hash: plane_protocol::PLANE_HASH.to_string(),
             instance: "an-impostor".to_string(),

@@ -174,7 +174,10 @@ db_test!(
         )
         .await;
         let docker_events = DockerEvents::record(&env.cluster).await;
+        // The first backend goes to the doomed drone: the other is drained meanwhile.
+        env.set_draining(env.drone.name(), true).await;
         let first = env.connect_ready("crash", &env.spawn_config(&[])).await;
+        env.set_draining(env.drone.name(), false).await;
         assert_eq!(first.drone.as_ref(), Some(&name));
         let first_token = fencing_token(&env, &first).await;
 

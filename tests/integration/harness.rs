@@ -361,6 +361,18 @@ impl TestEnv {
         drone
     }
 
+    /// Drains (or undrains) one of this cluster's drones, so that placement avoids it.
+    pub async fn set_draining(&self, drone: &NodeName, draining: bool) {
+        let verb = if draining { "drain" } else { "undrain" };
+        let (code, body) = self
+            .post(
+                &format!("/ctrl/c/{}/d/{drone}/{verb}", self.cluster),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(code, 200, "{verb} {drone}: {body}");
+    }
+
     /// The cluster state, typed.
     pub async fn cluster_state(&self) -> ClusterState {
         let (status, state) = self

@@ -28,13 +28,15 @@ db_test!(
     |env: TestEnv| async move {
         let docker_events = DockerEvents::record(&env.cluster).await;
 
-        // The drone that will be cut off reaches the controller through a relay. Its name
-        // sorts first, so the first backend goes to it.
+        // The drone that will be cut off reaches the controller through a relay. The other
+        // is drained while the first backend is placed, so it goes to this one.
         let relay = Relay::start(env.controller().local_addr()).await;
         let mut config = env.drone_config("a-cut-off");
         config.controller_url = format!("http://{}", relay.addr()).parse().expect("url");
         let cut_off = env.start_drone(config).await;
+        env.set_draining(env.drone.name(), true).await;
         let first = env.connect_ready("partition", &env.spawn_config(&[])).await;
+        env.set_draining(env.drone.name(), false).await;
         assert_eq!(first.drone.as_ref(), Some(cut_off.name()));
         let first_token = fencing_token(&env, &first).await;
 
@@ -123,10 +125,10 @@ db_test!(
         // A drone with a short startup timeout, serving its own pool.
         let mut config = env.drone_config("impatient");
         config.startup_timeout_ms = 1_500;
-        config.pool = "impatient".to_string();
+        config.pool = "impatient".parse().expect("pool");
         let impatient = env.start_drone(config).await;
         let mut spawn = env.spawn_config(&[("DEMO_STARTUP_DELAY_MS", "600000")]);
-        spawn.pool = Some("impatient".to_string());
+        spawn.pool = Some("impatient".parse().expect("pool"));
         let response = env.connect("never-listens", &spawn).await;
         let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(

@@ -12,6 +12,7 @@ mod database_restart;
 mod errors;
 mod leases;
 mod lifecycle;
+mod placement;
 mod plane_compat;
 mod proxy;
 mod pull;

@@ -157,3 +157,63 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    a_token_with_a_lifetime_ends_at_the_proxy_and_others_keep_working,
+    |env: TestEnv| async move {
+        let spawn = env.spawn_config(&[]);
+        let lasting = env.connect_ready("ttl-doc", &spawn).await;
+        let (code, body) = env
+            .post(
+                "/ctrl/connect",
+                &serde_json::json!({ "key": { "name": "ttl-doc" }, "token_ttl_seconds": 1 }),
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+        let short = body["token"].as_str().expect("a token").to_string();
+        // Cached at the proxy while it is valid...
+        assert_eq!(env.get_via_proxy(&short, "/").await.0, 200);
+        // ...and refused once its second is over, from the cache as from the controller.
+        let body = crate::harness::wait_for(
+            "the short-lived token to expire",
+            std::time::Duration::from_secs(10),
+            || async {
+                match env.get_via_proxy(&short, "/").await {
+                    (410, body) => Ok(body),
+                    (code, _) => Err(format!("still {code}")),
+                }
+            },
+        )
+        .await;
+        let error: Value = serde_json::from_str(&body).expect("JSON error body");
+        assert_eq!(error["error"], "token_expired", "{error}");
+        let other_proxy = env.start_proxy(&env.controller().url()).await;
+        let uncached = reqwest::get(format!("http://{}/{short}/", other_proxy.local_addr()))
+            .await
+            .expect("proxy reachable");
+        assert_eq!(uncached.status(), 410);
+        assert_eq!(env.get_via_proxy(lasting.token.as_str(), "/").await.0, 200);
+
+        // Lifetimes that make no sense are refused.
+        for (ttl, static_token) in [(0, false), (-1, false), (60, true)] {
+            let mut spawn = spawn.clone();
+            spawn.use_static_token = static_token;
+            let (code, error) = env
+                .post(
+                    "/ctrl/connect",
+                    &serde_json::json!({ "key": { "name": format!("ttl-bad-{ttl}") }, "spawn_config": spawn, "token_ttl_seconds": ttl }),
+                )
+                .await;
+            assert_eq!(code, 400, "{error}");
+            assert!(
+                error["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("token_ttl_seconds"),
+                "{error}"
+            );
+        }
+        other_proxy.shutdown().await;
+        env
+    }
+);

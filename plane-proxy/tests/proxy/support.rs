@@ -639,6 +639,7 @@ impl TestEnv {
             user: Some("alice".to_string()),
             user_data: json!({"role": "editor", "name": "Zoë"}),
             issued_at: plane_protocol::time::Millis::now(),
+            expires_at: None,
         };
         self.controller.add_route(&token, &route);
         (token, route)

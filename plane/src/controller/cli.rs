@@ -46,6 +46,10 @@ pub struct ControllerOpts {
     /// --cluster-secret).
     #[arg(long, env = "PLANE_CLUSTER_SECRET")]
     pub cluster_secret: Option<String>,
+    /// A new backend goes to the least loaded of this many drones drawn at random from its
+    /// pool.
+    #[arg(long, env = "PLANE_PLACEMENT_BEST_OF", default_value_t = 2)]
+    pub placement_best_of: usize,
 }
 
 impl ControllerOpts {
@@ -61,6 +65,7 @@ impl ControllerOpts {
             ctrl_tokens: self.ctrl_tokens,
             ctrl_token_file: self.ctrl_token_file,
             cluster_secret: self.cluster_secret,
+            placement_best_of: self.placement_best_of,
             ..ControllerConfig::new(self.db)
         };
         config.validate()?;

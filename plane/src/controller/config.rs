@@ -49,6 +49,14 @@ pub struct ControllerConfig {
     /// Every drone, proxy and DNS server must present this to open its socket.
     #[serde(default)]
     pub cluster_secret: Option<String>,
+    /// A new backend goes to the least loaded of this many drones drawn at random from its
+    /// pool (at least 1; 2 is the default, a large number means "the least loaded of all").
+    #[serde(default = "default_placement_best_of")]
+    pub placement_best_of: usize,
+}
+
+fn default_placement_best_of() -> usize {
+    2
 }
 
 impl ControllerConfig {
@@ -65,6 +73,7 @@ impl ControllerConfig {
             ctrl_tokens: Vec::new(),
             ctrl_token_file: None,
             cluster_secret: None,
+            placement_best_of: default_placement_best_of(),
         }
     }
 
@@ -98,6 +107,10 @@ impl ControllerConfig {
             "--lost-window-ms ({}) must be at least --lease-ms ({}): a drone must not be declared lost while one of its leases may still be valid",
             self.lost_window_ms,
             self.lease_ms
+        );
+        anyhow::ensure!(
+            self.placement_best_of >= 1,
+            "--placement-best-of must be at least 1"
         );
         for token in &self.ctrl_tokens {
             anyhow::ensure!(

@@ -11,7 +11,9 @@ use axum::Json;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
 use plane_protocol::backend::{BackendStatus, TerminationReason};
 use plane_protocol::drone::{ActionKind, SpawnAction};
-use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, SecretToken};
+use plane_protocol::names::{
+    BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken,
+};
 use plane_protocol::time::Millis;
 use plane_protocol::RESERVED_ENV_VARS;
 use serde_json::{Map, Value};
@@ -52,6 +54,7 @@ pub async fn connect(
     let caller = Caller {
         user: request.user.as_deref(),
         auth: &request.auth,
+        token_ttl_seconds: request.token_ttl_seconds,
     };
 
     let Some(key) = &request.key else {
@@ -126,9 +129,11 @@ pub async fn handle_spawn(
     validate_spawn_config(&request.spawn_config)?;
     validate_caller(request.user.as_deref(), &request.auth)?;
     let pool = request.spawn_config.pool.clone().unwrap_or_default();
+    validate_token_ttl(request.token_ttl_seconds, &request.spawn_config)?;
     let caller = Caller {
         user: request.user.as_deref(),
         auth: &request.auth,
+        token_ttl_seconds: request.token_ttl_seconds,
     };
     let response = spawn(&state, &request.spawn_config, &pool, None, caller)
         .await?
@@ -143,6 +148,15 @@ pub async fn handle_spawn(
 struct Caller<'a> {
     user: Option<&'a str>,
     auth: &'a Map<String, Value>,
+    /// The token ends this long after it is issued.
+    token_ttl_seconds: Option<i64>,
+}
+
+impl Caller<'_> {
+    fn token_expires_at(&self) -> Option<Millis> {
+        self.token_ttl_seconds
+            .map(|seconds| Millis::now().plus_millis(seconds.unsigned_abs() * 1000))
+    }
 }
 
 /// Issues a token for a running backend. `None` if it terminated meanwhile.
@@ -174,6 +188,11 @@ async fn join_existing(
         }
     }
     let (token, secret) = match backend.static_token.clone() {
+        Some(_) if caller.token_ttl_seconds.is_some() => {
+            return Err(ControllerError::invalid(format!(
+                "token_ttl_seconds does not apply to backend {backend_id}: it has one static token for every connect"
+            )));
+        }
         // A static token and its secret were recorded once, at spawn.
         Some(token) => {
             let row = state.store().token(&token).await?.ok_or_else(|| {
@@ -189,6 +208,7 @@ async fn join_existing(
                 secret: &secret,
                 user: caller.user,
                 auth: caller.auth,
+                expires_at: caller.token_expires_at(),
             };
             state.store().add_token(backend_id, &new_token).await?;
             (token, secret)
@@ -210,7 +230,7 @@ async fn join_existing(
 async fn spawn(
     state: &ControllerState,
     spawn_config: &SpawnConfig,
-    pool: &str,
+    pool: &PoolName,
     key: Option<&KeyConfig>,
     caller: Caller<'_>,
 ) -> Result<Option<ConnectResponse>, ControllerError> {
@@ -240,7 +260,7 @@ async fn spawn(
     let new = NewBackend {
         id: &backend_id,
         cluster: &cluster,
-        pool,
+        pool: pool.as_str(),
         drone: &drone,
         spawn_config,
         key,
@@ -250,6 +270,7 @@ async fn spawn(
             secret: &secret,
             user: caller.user,
             auth: caller.auth,
+            expires_at: caller.token_expires_at(),
         },
         now: Millis::now(),
         lease_ms: state.config().lease_ms,
@@ -292,25 +313,47 @@ async fn spawn(
     )))
 }
 
-/// The drone of the pool with the fewest live backends, among those with a session to any
-/// controller that have heartbeated within a lease.
+/// A drone of the pool for a new backend: of `--placement-best-of` drones drawn at random
+/// from those that can take one (a session with any controller, heard from within a lease,
+/// not drained), the one with the fewest live backends; ties are broken at random.
+///
+/// Sampling rather than taking the least loaded of all keeps concurrent connects, which all
+/// read the same counts, from piling onto one drone, while two choices already keep the
+/// load nearly even ("the power of two choices").
 async fn pick_drone(
     state: &ControllerState,
     cluster: &ClusterName,
-    pool: &str,
+    pool: &PoolName,
 ) -> Result<Option<NodeName>, ControllerError> {
     let seen_since = Millis::now().minus_millis(state.config().lease_ms);
     let candidates = state
         .store()
-        .placeable_drones(cluster, pool, seen_since)
+        .placeable_drones(cluster, pool.as_str(), seen_since)
         .await?;
     if candidates.len() <= 1 {
         return Ok(candidates.into_iter().next());
     }
     let live = state.store().live_backend_counts(cluster).await?;
-    Ok(candidates
-        .into_iter()
-        .min_by_key(|name| (live.get(name).copied().unwrap_or(0), name.clone())))
+    Ok(choose_best_of(
+        candidates,
+        state.config().placement_best_of,
+        |drone| live.get(drone).copied().unwrap_or(0),
+        &mut rand::thread_rng(),
+    ))
+}
+
+/// Of `n` candidates drawn at random, the least loaded (ties at random).
+fn choose_best_of<R: rand::Rng>(
+    candidates: Vec<NodeName>,
+    n: usize,
+    load: impl Fn(&NodeName) -> u32,
+    rng: &mut R,
+) -> Option<NodeName> {
+    use rand::seq::SliceRandom;
+    // Shuffled, so taking the first of the least loaded breaks ties at random.
+    let mut sample: Vec<NodeName> = candidates.choose_multiple(rng, n.max(1)).cloned().collect();
+    sample.shuffle(rng);
+    sample.into_iter().min_by_key(|drone| load(drone))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -346,10 +389,25 @@ fn validate_connect(request: &ConnectRequest) -> Result<(), ControllerError> {
     if let Some(spawn_config) = &request.spawn_config {
         validate_spawn_config(spawn_config)?;
     }
-    if let Some(pool) = &request.pool {
-        validate_pool("pool", pool)?;
+    if let Some(spawn_config) = &request.spawn_config {
+        validate_token_ttl(request.token_ttl_seconds, spawn_config)?;
     }
     validate_caller(request.user.as_deref(), &request.auth)
+}
+
+fn validate_token_ttl(ttl: Option<i64>, spawn_config: &SpawnConfig) -> Result<(), ControllerError> {
+    let Some(ttl) = ttl else { return Ok(()) };
+    if !(1..=MAX_LIMIT_SECONDS).contains(&ttl) {
+        return Err(ControllerError::invalid(format!(
+            "token_ttl_seconds must be 1 to {MAX_LIMIT_SECONDS}, got {ttl}"
+        )));
+    }
+    if spawn_config.use_static_token {
+        return Err(ControllerError::invalid(
+            "token_ttl_seconds does not apply with spawn_config.use_static_token: one static token serves every connect",
+        ));
+    }
+    Ok(())
 }
 
 /// The largest `auth` accepted, as JSON. Proxies pass it to the backend as a header
@@ -470,26 +528,10 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ControllerError> {
             )));
         }
     }
-    if let Some(pool) = &config.pool {
-        validate_pool("spawn_config.pool", pool)?;
-    }
     if config.subdomain.is_some() {
         return Err(ControllerError::invalid(
             "spawn_config.subdomain is not supported yet",
         ));
-    }
-    Ok(())
-}
-
-fn validate_pool(field: &str, pool: &str) -> Result<(), ControllerError> {
-    if pool.len() > 64
-        || !pool
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        return Err(ControllerError::invalid(format!(
-            "{field} {pool:?} is invalid: at most 64 letters, digits, '.', '_' or '-'"
-        )));
     }
     Ok(())
 }
@@ -526,4 +568,57 @@ fn is_invisible_format(c: char) -> bool {
             | '\u{2060}'..='\u{2069}'
             | '\u{FEFF}'
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use std::collections::HashMap;
+
+    fn drones(n: usize) -> Vec<NodeName> {
+        (0..n)
+            .map(|i| format!("dr-{i}").parse().expect("name"))
+            .collect()
+    }
+
+    #[test]
+    fn best_of_two_keeps_the_load_nearly_even() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let candidates = drones(3);
+        let mut load: HashMap<NodeName, u32> = HashMap::new();
+        for _ in 0..300 {
+            let chosen = choose_best_of(
+                candidates.clone(),
+                2,
+                |d| load.get(d).copied().unwrap_or(0),
+                &mut rng,
+            )
+            .expect("a drone");
+            *load.entry(chosen).or_default() += 1;
+        }
+        let (min, max) = (load.values().min(), load.values().max());
+        assert!(
+            max.zip(min).is_some_and(|(max, min)| max - min <= 3),
+            "{load:?}"
+        );
+    }
+
+    #[test]
+    fn best_of_all_is_the_least_loaded_and_ties_are_random() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let candidates = drones(3);
+        let busy: NodeName = "dr-1".parse().expect("name");
+        let loads = |d: &NodeName| if *d == busy { 0 } else { 5 };
+        for _ in 0..20 {
+            assert_eq!(
+                choose_best_of(candidates.clone(), 3, loads, &mut rng).as_ref(),
+                Some(&busy)
+            );
+        }
+        let picked: std::collections::HashSet<NodeName> = (0..50)
+            .filter_map(|_| choose_best_of(candidates.clone(), 3, |_| 0, &mut rng))
+            .collect();
+        assert_eq!(picked.len(), 3, "equal loads: every drone gets picked");
+    }
 }

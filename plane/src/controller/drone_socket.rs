@@ -61,7 +61,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         cluster: &cluster,
         kind: NodeKind::Drone,
         name: &name,
-        pool: &pool,
+        pool: pool.as_str(),
         version: &version,
         hash: &hash,
         instance: &instance,

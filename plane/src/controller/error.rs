@@ -92,7 +92,8 @@ impl ApiErrorResponse {
 impl IntoResponse for ApiErrorResponse {
     fn into_response(self) -> Response {
         let id = Alphanumeric.sample_string(&mut rand::thread_rng(), 12);
-        let message = if self.status.is_server_error() {
+        // Only faults are hidden; a 503 (no drone) says what is missing.
+        let message = if self.status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error_id = %id, error = %self.message, "internal error");
             "internal error; see the controller log for this error id".to_string()
         } else {

@@ -191,6 +191,9 @@ async fn resolve_route(
     let Some(token_row) = state.store().token(token).await? else {
         return Ok(RouteAnswer::Unknown);
     };
+    if token_row.expires_at.is_some_and(|at| at <= Millis::now()) {
+        return Ok(RouteAnswer::Expired);
+    }
     let mut changes = state.bus().subscribe_status();
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(state.config().route_wait_timeout_ms);
@@ -219,6 +222,7 @@ async fn resolve_route(
                 user: token_row.user,
                 user_data: token_row.auth,
                 issued_at: token_row.created_at,
+                expires_at: token_row.expires_at,
             }));
         }
         // Wait for this backend's next change, then look again.

@@ -14,6 +14,8 @@ pub struct NewToken<'a> {
     pub secret: &'a SecretToken,
     pub user: Option<&'a str>,
     pub auth: &'a Map<String, Value>,
+    /// When the token stops working, if it has a lifetime.
+    pub expires_at: Option<Millis>,
 }
 
 /// A stored token.
@@ -24,6 +26,7 @@ pub struct TokenRow {
     pub auth: Value,
     pub secret: SecretToken,
     pub created_at: Millis,
+    pub expires_at: Option<Millis>,
 }
 
 /// One revocation, as the change bus reads it.
@@ -121,7 +124,7 @@ impl Store {
     /// A token that has not been revoked.
     pub async fn token(&self, token: &BearerToken) -> StoreResult<Option<TokenRow>> {
         let row = sqlx::query(
-            "SELECT backend_id, username, auth, secret_token, created_at FROM token \
+            "SELECT backend_id, username, auth, secret_token, created_at, expires_at FROM token \
              WHERE token = $1 AND revoked_at IS NULL",
         )
         .bind(token.as_str())
@@ -137,6 +140,10 @@ impl Store {
             auth: serde_json::from_str(&auth).context("reading stored auth JSON")?,
             secret: secret.parse().map_err(anyhow::Error::from)?,
             created_at: Millis(row.try_get("created_at").map_err(anyhow::Error::from)?),
+            expires_at: row
+                .try_get::<Option<i64>, _>("expires_at")
+                .map_err(anyhow::Error::from)?
+                .map(Millis),
         }))
     }
 }
@@ -149,8 +156,8 @@ pub(super) async fn insert(
 ) -> StoreResult<()> {
     let auth = serde_json::to_string(token.auth).context("serializing auth")?;
     sqlx::query(
-        "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(token.token.as_str())
     .bind(backend.as_str())
@@ -158,6 +165,7 @@ pub(super) async fn insert(
     .bind(auth)
     .bind(token.secret.as_str())
     .bind(now.0)
+    .bind(token.expires_at.map(|at| at.0))
     .execute(conn)
     .await?;
     Ok(())
