@@ -2,7 +2,9 @@
 //! existing clients work unchanged, and the one error body every endpoint returns.
 
 use crate::backend::BackendStatus;
-use crate::names::{BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken};
+use crate::names::{
+    BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken, Subdomain,
+};
 use crate::time::Millis;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -130,9 +132,10 @@ pub struct SpawnConfig {
     /// Issue one token at spawn and hand the same one to every connect.
     #[serde(default)]
     pub use_static_token: bool,
-    /// Subdomain routing is not supported yet; must be absent or null.
+    /// Serve the backend at `<subdomain>.<cluster>`: the URL names that host, and proxies
+    /// route the backend's tokens only when the request's `Host` is it (403 otherwise).
     #[serde(default)]
-    pub subdomain: Option<String>,
+    pub subdomain: Option<Subdomain>,
 }
 
 /// `POST /ctrl/connect`.
@@ -187,7 +190,7 @@ pub struct ConnectResponse {
     pub token: BearerToken,
     /// The URL to give the browser.
     pub url: String,
-    pub subdomain: Option<String>,
+    pub subdomain: Option<Subdomain>,
     pub secret_token: SecretToken,
     /// Public URL of the backend's status (append `-stream` for server-sent events).
     pub status_url: String,

@@ -147,6 +147,34 @@ fn validate_node_name(s: &str) -> Result<(), InvalidName> {
     Ok(())
 }
 
+/// A backend's subdomain: one DNS label (1 to 63 lowercase letters, digits and `-`, not at
+/// either end). The backend is served at `<subdomain>.<cluster>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Subdomain(String);
+validated_string!(Subdomain, validate_subdomain);
+
+fn validate_subdomain(s: &str) -> Result<(), InvalidName> {
+    let invalid = |reason| InvalidName {
+        kind: "subdomain",
+        value: s.to_string(),
+        reason,
+    };
+    if s.is_empty() || s.len() > 63 {
+        return Err(invalid("must be 1 to 63 characters long"));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(invalid("may only contain a-z, 0-9 and '-'"));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err(invalid("may not start or end with '-'"));
+    }
+    Ok(())
+}
+
 /// A drone pool within a cluster: at most 64 letters, digits, `.`, `_` and `-`. Empty is the
 /// cluster's default pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -192,8 +220,22 @@ impl ClusterName {
 
     /// The base URL browsers use to reach this cluster's proxies.
     pub fn base_url(&self) -> String {
+        self.base_url_for(None)
+    }
+
+    /// The host (with port, if the cluster has one) a backend is served at: the cluster's
+    /// own, or `<subdomain>.<cluster>`.
+    pub fn host_for(&self, subdomain: Option<&Subdomain>) -> String {
+        match subdomain {
+            Some(subdomain) => format!("{subdomain}.{}", self.0),
+            None => self.0.clone(),
+        }
+    }
+
+    /// The base URL of a backend served at [`ClusterName::host_for`].
+    pub fn base_url_for(&self, subdomain: Option<&Subdomain>) -> String {
         let scheme = if self.is_https() { "https" } else { "http" };
-        format!("{scheme}://{}", self.0)
+        format!("{scheme}://{}", self.host_for(subdomain))
     }
 }
 
@@ -296,6 +338,14 @@ mod tests {
         assert!("".parse::<BackendName>().is_err());
         assert!(serde_json::from_str::<BackendName>("\"ok-1\"").is_ok());
         assert!(serde_json::from_str::<BackendName>("\"no/slash\"").is_err());
+    }
+
+    #[test]
+    fn subdomains_are_dns_labels() {
+        assert!("doc-42".parse::<Subdomain>().is_ok());
+        for bad in ["", "-a", "a-", "Upper", "a.b", "a_b", &"x".repeat(64)] {
+            assert!(bad.parse::<Subdomain>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

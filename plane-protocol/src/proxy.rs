@@ -117,4 +117,8 @@ pub struct RouteInfo {
     /// When the token stops working, if it was given a lifetime.
     #[serde(default)]
     pub expires_at: Option<Millis>,
+    /// For a backend with a subdomain: the only `Host` its requests may come to
+    /// (`<subdomain>.<cluster>`).
+    #[serde(default)]
+    pub host: Option<String>,
 }

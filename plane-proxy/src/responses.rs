@@ -16,6 +16,7 @@ pub enum ErrorKind {
     MissingToken,
     UnknownToken,
     TokenExpired,
+    WrongHost,
     BackendTerminated,
     BadGateway,
     ControllerUnavailable,
@@ -30,6 +31,7 @@ impl ErrorKind {
             Self::MissingToken => "missing_token",
             Self::UnknownToken => "unknown_token",
             Self::TokenExpired => "token_expired",
+            Self::WrongHost => "wrong_host",
             Self::BackendTerminated => "backend_terminated",
             Self::BadGateway => "bad_gateway",
             Self::ControllerUnavailable => "controller_unavailable",
@@ -47,6 +49,8 @@ impl ErrorKind {
             Self::UnknownToken => StatusCode::NOT_FOUND,
             // It worked, and never will again; a new connect issues a new one.
             Self::TokenExpired => StatusCode::GONE,
+            // The token is fine; it belongs to a backend served at another host.
+            Self::WrongHost => StatusCode::FORBIDDEN,
             // The token was valid, but its backend is gone for good: retrying cannot help.
             Self::BackendTerminated => StatusCode::GONE,
             Self::BadGateway => StatusCode::BAD_GATEWAY,
@@ -89,6 +93,14 @@ pub fn missing_token() -> Response<ProxyBody> {
 }
 
 /// The controller does not know the token (or it is malformed).
+pub fn wrong_host(served_at: &str) -> Response<ProxyBody> {
+    error_with(
+        ErrorKind::WrongHost,
+        "this URL's backend is served at another host",
+        json!({ "host": served_at }),
+    )
+}
+
 pub fn token_expired() -> Response<ProxyBody> {
     error(
         ErrorKind::TokenExpired,

@@ -28,9 +28,20 @@ pub struct Route {
     pub issued_at: Millis,
     /// When the token stops working, if it has a lifetime.
     pub expires_at: Option<Millis>,
+    /// For a backend with a subdomain, the only host it is served at.
+    pub served_at: Option<String>,
 }
 
 impl Route {
+    /// Whether a request that came for `host` (its `Host`, or its HTTP/2 authority) may use
+    /// this route: any host, unless the backend has a subdomain.
+    pub fn serves_host(&self, host: Option<&str>) -> bool {
+        match &self.served_at {
+            None => true,
+            Some(expected) => host.is_some_and(|host| host.eq_ignore_ascii_case(expected)),
+        }
+    }
+
     /// Whether the token's lifetime has ended.
     pub fn has_expired(&self) -> bool {
         self.expires_at.is_some_and(|at| at <= Millis::now())
@@ -56,6 +67,7 @@ impl Route {
             address: info.address,
             issued_at: info.issued_at,
             expires_at: info.expires_at,
+            served_at: info.host,
         })
     }
 }
@@ -74,6 +86,7 @@ mod tests {
             user_data: serde_json::json!({"team": "Zoë"}),
             issued_at: Millis(1),
             expires_at: None,
+            host: None,
         }
     }
 

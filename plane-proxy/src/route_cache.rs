@@ -204,6 +204,7 @@ mod tests {
             user_data: serde_json::Value::Null,
             issued_at,
             expires_at: None,
+            host: None,
         };
         Arc::new(Route::new(info).expect("valid test route"))
     }

@@ -214,6 +214,26 @@ db_test!(
             .expect("static join");
         assert!(one.token.is_static(), "{}", one.token);
         assert_eq!(one.token, two.token);
+
+        // A subdomain, as Plane's types carry it.
+        let mut sub_spawn = spawn_config(&env, executable(test_image()));
+        sub_spawn.subdomain = Some("doc-sub".parse().expect("Plane parses the subdomain"));
+        let with_subdomain = client
+            .connect(&connect_request("doc-sub", "", Some(sub_spawn)))
+            .await
+            .expect("connect with a subdomain");
+        assert_eq!(
+            with_subdomain.subdomain.as_deref(),
+            Some("doc-sub"),
+            "{with_subdomain:?}"
+        );
+        assert!(with_subdomain
+            .url
+            .starts_with(&format!("http://doc-sub.{}/", env.cluster)));
+        client
+            .hard_terminate(&with_subdomain.backend_id)
+            .await
+            .expect("hard terminate");
         client
             .hard_terminate(&one.backend_id)
             .await

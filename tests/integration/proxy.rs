@@ -217,3 +217,69 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    a_subdomain_backend_is_served_only_at_its_own_host,
+    |env: TestEnv| async move {
+        let mut spawn = env.spawn_config(&[]);
+        spawn.subdomain = Some("doc-a".parse().expect("subdomain"));
+        let response = env.connect_ready("sub-doc", &spawn).await;
+        let host = format!("doc-a.{}", env.cluster);
+        assert_eq!(
+            response.subdomain.as_ref().map(|s| s.as_str()),
+            Some("doc-a")
+        );
+        assert_eq!(response.url, format!("http://{host}/{}/", response.token));
+        // Joining gives the same host.
+        let joined = env.connect("sub-doc", &spawn).await;
+        assert!(
+            joined.url.starts_with(&format!("http://{host}/")),
+            "{}",
+            joined.url
+        );
+
+        let at = |host: String| {
+            let request = env
+                .client
+                .get(env.proxy_url(&format!("/{}/", response.token)))
+                .header("host", host);
+            async move {
+                let response = request.send().await.expect("proxy reachable");
+                let status = response.status().as_u16();
+                (status, response.text().await.unwrap_or_default())
+            }
+        };
+        assert_eq!(at(host.clone()).await.0, 200);
+        assert_eq!(
+            at(host.to_uppercase()).await.0,
+            200,
+            "hosts compare without case"
+        );
+        for wrong in [env.cluster.to_string(), format!("doc-b.{}", env.cluster)] {
+            let (code, body) = at(wrong.clone()).await;
+            assert_eq!(code, 403, "{wrong}: {body}");
+            let error: Value = serde_json::from_str(&body).expect("JSON error body");
+            assert_eq!(error["error"], "wrong_host", "{error}");
+            assert_eq!(error["host"], host.as_str(), "{error}");
+        }
+
+        // Names that are not one DNS label are refused at connect.
+        for bad in ["Doc", "a.b", "-x", ""] {
+            let mut spawn = env.spawn_config(&[]);
+            spawn.subdomain = None;
+            let mut body =
+                serde_json::json!({ "key": { "name": "sub-bad" }, "spawn_config": spawn });
+            body["spawn_config"]["subdomain"] = bad.into();
+            let (code, error) = env.post("/ctrl/connect", &body).await;
+            assert_eq!(code, 400, "{bad:?}: {error}");
+            assert!(
+                error["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("subdomain"),
+                "{error}"
+            );
+        }
+        env
+    }
+);

@@ -68,7 +68,7 @@ pub struct Received {
 }
 
 enum Outgoing {
-    Message(MessageToProxy),
+    Message(Box<MessageToProxy>),
     Close,
 }
 
@@ -142,14 +142,14 @@ impl FakeController {
         self.hold_answers(false);
         let held = std::mem::take(&mut *lock(&self.state.held));
         for (token, socket) in held {
-            let _ = socket.send(Outgoing::Message(answer(&self.state, token)));
+            let _ = socket.send(Outgoing::Message(Box::new(answer(&self.state, token))));
         }
     }
 
     /// Sends `message` on every open proxy socket.
     pub fn send(&self, message: MessageToProxy) {
         for socket in lock(&self.state.sockets).iter() {
-            let _ = socket.send(Outgoing::Message(message.clone()));
+            let _ = socket.send(Outgoing::Message(Box::new(message.clone())));
         }
     }
 
@@ -303,7 +303,7 @@ async fn serve_proxy(
                 if state.hold_answers.load(Ordering::SeqCst) {
                     lock(&state.held).push((token, tx.clone()));
                 } else {
-                    let _ = tx.send(Outgoing::Message(answer(&state, token)));
+                    let _ = tx.send(Outgoing::Message(Box::new(answer(&state, token))));
                 }
             }
         }
@@ -640,6 +640,7 @@ impl TestEnv {
             user_data: json!({"role": "editor", "name": "Zoë"}),
             issued_at: plane_protocol::time::Millis::now(),
             expires_at: None,
+            host: None,
         };
         self.controller.add_route(&token, &route);
         (token, route)

@@ -12,7 +12,7 @@ use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfi
 use plane_protocol::backend::{BackendStatus, TerminationReason};
 use plane_protocol::drone::{ActionKind, SpawnAction};
 use plane_protocol::names::{
-    BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken,
+    BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken, Subdomain,
 };
 use plane_protocol::time::Millis;
 use plane_protocol::RESERVED_ENV_VARS;
@@ -220,6 +220,7 @@ async fn join_existing(
         false,
         backend.status,
         &backend.cluster,
+        backend.subdomain.clone(),
         token,
         secret,
         backend.drone,
@@ -307,6 +308,7 @@ async fn spawn(
         true,
         BackendStatus::Scheduled,
         &cluster,
+        spawn_config.subdomain.clone(),
         token,
         secret,
         drone,
@@ -363,18 +365,19 @@ fn response(
     spawned: bool,
     status: BackendStatus,
     cluster: &ClusterName,
+    subdomain: Option<Subdomain>,
     token: BearerToken,
     secret_token: SecretToken,
     drone: NodeName,
 ) -> ConnectResponse {
     ConnectResponse {
-        url: format!("{}/{token}/", cluster.base_url()),
+        url: format!("{}/{token}/", cluster.base_url_for(subdomain.as_ref())),
         status_url: state.status_url(&backend_id),
         backend_id,
         spawned,
         status,
         token,
-        subdomain: None,
+        subdomain,
         secret_token,
         drone: Some(drone),
     }
@@ -527,11 +530,6 @@ fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ControllerError> {
                 "spawn_config.startup_timeout_seconds must be 1 to {MAX_STARTUP_TIMEOUT_SECONDS}, got {seconds}"
             )));
         }
-    }
-    if config.subdomain.is_some() {
-        return Err(ControllerError::invalid(
-            "spawn_config.subdomain is not supported yet",
-        ));
     }
     Ok(())
 }

@@ -223,6 +223,10 @@ async fn resolve_route(
                 user_data: token_row.auth,
                 issued_at: token_row.created_at,
                 expires_at: token_row.expires_at,
+                host: backend
+                    .subdomain
+                    .as_ref()
+                    .map(|subdomain| cluster.host_for(Some(subdomain))),
             }));
         }
         // Wait for this backend's next change, then look again.

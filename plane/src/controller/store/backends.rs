@@ -8,7 +8,7 @@ use plane_protocol::backend::{
     BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind, TerminationReason,
 };
 use plane_protocol::drone::{ActionKind, BackendAction};
-use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName};
+use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, Subdomain};
 use plane_protocol::time::Millis;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -32,6 +32,7 @@ pub struct BackendRow {
     pub termination_requested: Option<TerminationKind>,
     pub key_name: Option<String>,
     pub static_token: Option<BearerToken>,
+    pub subdomain: Option<Subdomain>,
     pub created_at: Millis,
     pub last_active_at: Millis,
     /// Until when its drone may keep it running without renewing (controller clock).
@@ -130,6 +131,7 @@ impl BackendRow {
             )?,
             key_name: row.try_get("key_name").map_err(anyhow::Error::from)?,
             static_token: parse_optional(row, "static_token", |s| s.parse().ok())?,
+            subdomain: parse_optional(row, "subdomain", |s| s.parse().ok())?,
             created_at: Millis(get_i64("created_at")?),
             last_active_at: Millis(get_i64("last_active_at")?),
             lease_expires_at: Millis(get_i64("lease_expires_at")?),
@@ -158,7 +160,7 @@ fn exit_error(status: BackendStatus, exit_code: Option<i64>) -> Option<bool> {
 
 const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \
      termination_kind, termination_reason, exit_code, message, termination_requested, \
-     key_name, static_token, created_at, last_active_at, lease_expires_at";
+     key_name, static_token, subdomain, created_at, last_active_at, lease_expires_at";
 
 impl Store {
     /// Writes a new backend in `scheduled`, takes its key (if any), records its first
@@ -179,8 +181,8 @@ impl Store {
         sqlx::query(&format!(
             "INSERT INTO backend (id, cluster, pool, drone, status, status_number, status_time, \
              spawn_config, key_namespace, key_name, static_token, max_idle_seconds, created_at, \
-             last_active_at, expires_at, lease_expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, {} + $15)",
+             last_active_at, expires_at, lease_expires_at, subdomain) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, {} + $15, $16)",
             self.now_sql()
         ))
         .bind(new.id.as_str())
@@ -198,6 +200,7 @@ impl Store {
         .bind(new.now.0)
         .bind(expires_at)
         .bind(i64::try_from(new.lease_ms).unwrap_or(i64::MAX))
+        .bind(new.spawn_config.subdomain.as_ref().map(|s| s.to_string()))
         .execute(&mut *tx)
         .await?;
         // The key first: a connect that loses the race rolls back before taking a number
