@@ -144,7 +144,10 @@ impl Connection {
                     }
                 }
                 Ok(Err(err)) => {
-                    tracing::warn!(url = %self.url, error = %err, retry_in = ?backoff, "could not connect to controller");
+                    // A refusal (401: no or a wrong --cluster-secret or token) says why in
+                    // its body.
+                    let answer = refusal_body(&err);
+                    tracing::warn!(url = %self.url, error = %err, answer, retry_in = ?backoff, "could not connect to controller");
                 }
                 Err(_) => {
                     tracing::warn!(url = %self.url, retry_in = ?backoff, "connecting to controller timed out");
@@ -411,6 +414,19 @@ where
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(format!("write failed: {err}")),
         Err(_) => Err(format!("write did not finish within {SEND_TIMEOUT:?}")),
+    }
+}
+
+/// The body of an HTTP refusal of the socket, if that is what `err` is.
+fn refusal_body(err: &tokio_tungstenite::tungstenite::Error) -> String {
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(response) => response
+            .body()
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default()
+            .into_owned(),
+        _ => String::new(),
     }
 }
 

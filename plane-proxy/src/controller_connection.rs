@@ -377,7 +377,20 @@ impl Runner {
                         backoff = INITIAL_BACKOFF;
                     }
                 }
-                Ok(Err(error)) => warn!(%url, %error, "could not connect to the controller"),
+                Ok(Err(error)) => {
+                    // A refusal (401: no or a wrong --cluster-secret or token) says why in
+                    // its body.
+                    let answer = match &error {
+                        tokio_tungstenite::tungstenite::Error::Http(response) => response
+                            .body()
+                            .as_deref()
+                            .map(String::from_utf8_lossy)
+                            .unwrap_or_default()
+                            .into_owned(),
+                        _ => String::new(),
+                    };
+                    warn!(%url, %error, answer, "could not connect to the controller");
+                }
                 Err(_) => warn!(%url, "timed out connecting to the controller"),
             }
             tokio::select! {
