@@ -178,13 +178,27 @@ pub fn stable_drone_name(state_dir: &Path) -> anyhow::Result<NodeName> {
             state_dir.display()
         )
     })?;
-    let name = NodeName::new_random("dr");
+    // A state directory of a drone from before names were kept here: that drone was named
+    // for its host, and its containers are labelled so; keep the name to find them.
+    let upgraded = state_dir.join(crate::event_store::DB_FILE).exists();
+    let name = match hostname_node_name() {
+        Some(hostname) if upgraded => hostname,
+        _ => NodeName::new_random("dr"),
+    };
     // Written whole under a temporary name, then renamed: a crash never leaves half a name.
     let partial = state_dir.join(format!("{NAME_FILE}.partial"));
     std::fs::write(&partial, format!("{name}\n"))
         .and_then(|()| std::fs::rename(&partial, &file))
         .with_context(|| format!("storing the drone's name in {}", file.display()))?;
     Ok(name)
+}
+
+/// The machine's hostname as a node name, when it is a valid one (the default name of drones
+/// before names were kept in the state directory).
+fn hostname_node_name() -> Option<NodeName> {
+    let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let raw = from_kernel.or_else(|| std::env::var("HOSTNAME").ok())?;
+    raw.trim().parse().ok()
 }
 
 /// The file in the state directory that holds the drone's generated name.
@@ -217,6 +231,15 @@ mod tests {
         assert!(first.as_str().starts_with("dr-"), "{first}");
         assert_eq!(stable_drone_name(&a).expect("the same name"), first);
         assert_ne!(stable_drone_name(&b).expect("another name"), first);
+
+        // A drone from before names were kept here was named for its host.
+        let old = root.join("old");
+        std::fs::create_dir_all(&old).expect("old state dir");
+        std::fs::write(old.join(crate::event_store::DB_FILE), "").expect("old event store");
+        let kept = stable_drone_name(&old).expect("a name");
+        if let Some(hostname) = hostname_node_name() {
+            assert_eq!(kept, hostname);
+        }
 
         std::fs::write(a.join(NAME_FILE), "not a name!\n").expect("write");
         let err = stable_drone_name(&a).expect_err("a bad stored name is refused");

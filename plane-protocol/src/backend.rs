@@ -126,6 +126,8 @@ pub enum TerminationReason {
     /// It could not be started (image missing or unpullable, container rejected; the
     /// status entry's `message` says which), or a fault inside Plane stopped it. Plane 0.5
     /// reports a failed start this way too, and its clients know no other reason for it.
+    /// (`startfailed`, which earlier versions wrote, reads as this.)
+    #[serde(alias = "startfailed")]
     InternalError,
 }
 
@@ -151,7 +153,10 @@ impl TerminationReason {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
+        match s {
+            "startfailed" => Some(Self::InternalError),
+            _ => Self::ALL.into_iter().find(|r| r.as_str() == s),
+        }
     }
 }
 
@@ -226,5 +231,12 @@ mod tests {
             let json = serde_json::to_string(&reason).expect("serializes");
             assert_eq!(json, format!("\"{}\"", reason.as_str()));
         }
+        // What earlier drones stored for a failed start still reads.
+        let old: TerminationReason = serde_json::from_str("\"startfailed\"").expect("reads");
+        assert_eq!(old, TerminationReason::InternalError);
+        assert_eq!(
+            TerminationReason::parse("startfailed"),
+            Some(TerminationReason::InternalError)
+        );
     }
 }

@@ -72,8 +72,8 @@ macro_rules! validated_string {
     };
 }
 
-/// The ID of one backend, e.g. `ba-k3x9...`. Lowercase letters, digits and `-`, at most 45
-/// characters, so it is valid as a Docker container name and as a DNS label prefix.
+/// The ID of one backend, e.g. `ba-k3x9...`. Lowercase letters, digits and `-`, at most 64
+/// characters (the API accepts at most 45), so it is valid as a Docker container name and as a DNS label prefix.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct BackendName(String);
@@ -91,9 +91,10 @@ fn validate_backend_name(s: &str) -> Result<(), InvalidName> {
         value: s.to_string(),
         reason,
     };
-    // 45 is Plane 0.5's limit, so every ID we accept is one its tools can address.
-    if s.is_empty() || s.len() > 45 {
-        return Err(invalid("must be 1 to 45 characters long"));
+    // The API takes at most 45 (Plane 0.5's limit, so its tools can address every ID);
+    // stored IDs of earlier versions may be up to 64 and stay readable.
+    if s.is_empty() || s.len() > 64 {
+        return Err(invalid("must be 1 to 64 characters long"));
     }
     if !s
         .chars()

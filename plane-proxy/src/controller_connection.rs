@@ -5,7 +5,7 @@
 
 use crate::connection_tracker::ConnectionTracker;
 use crate::route::Route;
-use crate::route_cache::RouteCache;
+use crate::route_cache::{Inserted, RouteCache};
 use crate::upstream_pool::UpstreamPool;
 use futures_util::{SinkExt, StreamExt};
 use plane_protocol::backend::TerminationReason;
@@ -145,14 +145,19 @@ impl Shared {
                 // is among the waiters.
                 Ok(route) => {
                     let route = Arc::new(route);
-                    if self.cache.insert(token.clone(), Arc::clone(&route)) {
-                        Ok(route)
-                    } else {
-                        debug!(backend = %route.backend_id, "route to a removed backend refused");
-                        Err(RouteError::Terminated {
-                            reason: None,
-                            exit_code: None,
-                        })
+                    match self.cache.insert(token.clone(), Arc::clone(&route)) {
+                        Inserted::Cached => Ok(route),
+                        Inserted::BackendRemoved => {
+                            debug!(backend = %route.backend_id, "route to a removed backend refused");
+                            Err(RouteError::Terminated {
+                                reason: None,
+                                exit_code: None,
+                            })
+                        }
+                        Inserted::Revoked => {
+                            debug!(backend = %route.backend_id, "route of a revoked token refused");
+                            Err(RouteError::Unknown)
+                        }
                     }
                 }
                 Err(error) => {

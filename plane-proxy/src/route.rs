@@ -38,7 +38,9 @@ impl Route {
     pub fn serves_host(&self, host: Option<&str>) -> bool {
         match &self.served_at {
             None => true,
-            Some(expected) => host.is_some_and(|host| host.eq_ignore_ascii_case(expected)),
+            Some(expected) => host.is_some_and(|host| {
+                normalized_host(host).eq_ignore_ascii_case(normalized_host(expected))
+            }),
         }
     }
 
@@ -72,6 +74,16 @@ impl Route {
     }
 }
 
+/// A host as browsers may write it, reduced to one form: without the default ports (a
+/// cluster named `x:443` is reached as `x`) and without the root's trailing dot.
+fn normalized_host(host: &str) -> &str {
+    let host = host
+        .strip_suffix(":443")
+        .or_else(|| host.strip_suffix(":80"))
+        .unwrap_or(host);
+    host.strip_suffix('.').unwrap_or(host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +100,28 @@ mod tests {
             expires_at: None,
             host: None,
         }
+    }
+
+    #[test]
+    fn a_subdomain_route_serves_its_host_in_every_spelling_and_no_other() {
+        let mut info = info(None);
+        info.host = Some("doc.plane.example.com:443".to_string());
+        let route = Route::new(info).expect("valid route");
+        for host in [
+            "doc.plane.example.com",
+            "DOC.plane.example.com:443",
+            "doc.plane.example.com.",
+        ] {
+            assert!(route.serves_host(Some(host)), "{host}");
+        }
+        for host in [
+            "plane.example.com",
+            "other.plane.example.com",
+            "doc.plane.example.com:8443",
+        ] {
+            assert!(!route.serves_host(Some(host)), "{host}");
+        }
+        assert!(!route.serves_host(None));
     }
 
     #[test]

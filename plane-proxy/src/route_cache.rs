@@ -17,6 +17,16 @@ const REMOVED_BACKEND_MEMORY: Duration = Duration::from_secs(600);
 /// How often the list of removed backends is pruned (pruning walks the whole list).
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
+/// What [`RouteCache::insert`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    Cached,
+    /// The backend was removed: the route is stale.
+    BackendRemoved,
+    /// The token was revoked: the route is stale.
+    Revoked,
+}
+
 /// Cached positive answers only: an unknown token is asked about again each time, so nothing
 /// here can keep a token failing.
 #[derive(Debug)]
@@ -56,19 +66,26 @@ impl RouteCache {
         self.routes.get(token).map(|route| Arc::clone(&route))
     }
 
-    /// Caches `route` for `token` unless its backend was removed; returns whether it did.
-    /// A `false` means the route is stale and must not be used either.
-    pub fn insert(&self, token: BearerToken, route: Arc<Route>) -> bool {
+    /// Caches `route` for `token` unless its backend was removed or the token revoked. Any
+    /// answer but [`Inserted::Cached`] means the route is stale and must not be used either.
+    pub fn insert(&self, token: BearerToken, route: Arc<Route>) -> Inserted {
         // The backend's index entry stays locked while we check for removal and insert, and
         // `remove_backend` marks the backend removed *before* taking that same lock, so
         // either we see the mark or the removal sees (and evicts) our token.
         // `revoke_user` marks in the same order, so the same holds for revocations.
         let mut tokens = self.by_backend.entry(route.backend_id.clone()).or_default();
-        if self.removed.contains_key(&route.backend_id) || self.is_revoked(&route) {
+        let refused = if self.removed.contains_key(&route.backend_id) {
+            Some(Inserted::BackendRemoved)
+        } else if self.is_revoked(&token, &route) {
+            Some(Inserted::Revoked)
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
             drop(tokens);
             self.by_backend
                 .remove_if(&route.backend_id, |_, tokens| tokens.is_empty());
-            return false;
+            return refused;
         }
         tokens.insert(token.clone());
         if let Some(previous) = self.routes.insert(token.clone(), Arc::clone(&route)) {
@@ -81,7 +98,7 @@ impl RouteCache {
                 }
             }
         }
-        true
+        Inserted::Cached
     }
 
     /// Forgets every route to `backend` and refuses to cache it again.
@@ -96,8 +113,9 @@ impl RouteCache {
         self.prune_removed();
     }
 
-    /// Forgets every route to `backend` whose token was issued to `user` up to `revoked_at`,
-    /// and refuses to cache one again. Tokens issued to `user` later are not affected.
+    /// Forgets every route to `backend` whose token was issued to `user`, and refuses to
+    /// cache one issued up to `revoked_at` again (a route answer that raced with the
+    /// revocation). Static tokens, shared by every user, are never revoked.
     pub fn revoke_user(&self, backend: &BackendName, user: &str, revoked_at: Millis) {
         self.revoked
             .entry((backend.clone(), user.to_string()))
@@ -108,10 +126,10 @@ impl RouteCache {
             .or_insert((revoked_at, Instant::now()));
         if let Some(mut tokens) = self.by_backend.get_mut(backend) {
             tokens.retain(|token| {
+                // Whatever its issue time says: clocks of controllers may disagree, and the
+                // controller no longer resolves any of the user's revoked tokens anyway.
                 let evicted = self.routes.remove_if(token, |_, route| {
-                    &route.backend_id == backend
-                        && is_for_user(route, user)
-                        && route.issued_at <= revoked_at
+                    !token.is_static() && &route.backend_id == backend && is_for_user(route, user)
                 });
                 evicted.is_none()
             });
@@ -119,10 +137,13 @@ impl RouteCache {
         self.prune_removed();
     }
 
-    fn is_revoked(&self, route: &Route) -> bool {
+    fn is_revoked(&self, token: &BearerToken, route: &Route) -> bool {
         let Some(user) = route.username.as_ref() else {
             return false;
         };
+        if token.is_static() {
+            return false;
+        }
         if self.revoked.is_empty() {
             return false;
         }
@@ -187,6 +208,10 @@ mod tests {
     use plane_protocol::names::SecretToken;
     use plane_protocol::proxy::RouteInfo;
 
+    fn cached(cache: &RouteCache, token: BearerToken, route: Arc<Route>) -> bool {
+        cache.insert(token, route) == Inserted::Cached
+    }
+
     fn route(backend: &BackendName) -> Arc<Route> {
         route_for(backend, None)
     }
@@ -218,9 +243,9 @@ mod tests {
             BearerToken::new_random(),
             BearerToken::new_random(),
         );
-        assert!(cache.insert(t1.clone(), route(&a)));
-        assert!(cache.insert(t2.clone(), route(&a)));
-        assert!(cache.insert(t3.clone(), route(&b)));
+        assert!(cached(&cache, t1.clone(), route(&a)));
+        assert!(cached(&cache, t2.clone(), route(&a)));
+        assert!(cached(&cache, t3.clone(), route(&b)));
 
         cache.remove_backend(&a);
 
@@ -237,7 +262,7 @@ mod tests {
         cache.remove_backend(&backend);
 
         let token = BearerToken::new_random();
-        assert!(!cache.insert(token.clone(), route(&backend)));
+        assert!(!cached(&cache, token.clone(), route(&backend)));
         assert_eq!(cache.get(&token), None);
         assert!(cache.is_empty());
     }
@@ -249,9 +274,17 @@ mod tests {
         let alice_a = BearerToken::new_random();
         let bob_a = BearerToken::new_random();
         let alice_b = BearerToken::new_random();
-        assert!(cache.insert(alice_a.clone(), route_for(&a, Some("alice"))));
-        assert!(cache.insert(bob_a.clone(), route_for(&a, Some("bob"))));
-        assert!(cache.insert(alice_b.clone(), route_for(&b, Some("alice"))));
+        assert!(cached(
+            &cache,
+            alice_a.clone(),
+            route_for(&a, Some("alice"))
+        ));
+        assert!(cached(&cache, bob_a.clone(), route_for(&a, Some("bob"))));
+        assert!(cached(
+            &cache,
+            alice_b.clone(),
+            route_for(&b, Some("alice"))
+        ));
 
         cache.revoke_user(&a, "alice", Millis(5));
 
@@ -260,22 +293,31 @@ mod tests {
         assert!(cache.get(&alice_b).is_some());
         // A route answer for an older token that raced with the revocation is refused; a
         // token issued to alice after it, or one of another user, is cached.
-        assert!(!cache.insert(BearerToken::new_random(), route_for(&a, Some("alice"))));
-        assert!(cache.insert(
+        assert!(!cached(
+            &cache,
+            BearerToken::new_random(),
+            route_for(&a, Some("alice"))
+        ));
+        assert!(cached(
+            &cache,
             BearerToken::new_random(),
             issued_route(&a, Some("alice"), Millis(6))
         ));
-        assert!(cache.insert(BearerToken::new_random(), route_for(&a, Some("carol"))));
+        assert!(cached(
+            &cache,
+            BearerToken::new_random(),
+            route_for(&a, Some("carol"))
+        ));
     }
 
     #[test]
     fn clear_keeps_removal_marks() {
         let cache = RouteCache::default();
         let backend = BackendName::new_random();
-        assert!(cache.insert(BearerToken::new_random(), route(&backend)));
+        assert!(cached(&cache, BearerToken::new_random(), route(&backend)));
         cache.remove_backend(&backend);
         cache.clear();
         assert!(cache.is_removed(&backend));
-        assert!(!cache.insert(BearerToken::new_random(), route(&backend)));
+        assert!(!cached(&cache, BearerToken::new_random(), route(&backend)));
     }
 }

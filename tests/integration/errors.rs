@@ -42,6 +42,11 @@ db_test!(
         let (status, error) = connect_raw(&env, r#"{"key": {"name": "a"}, "surprise": 1}"#).await;
         assert_bad_request(status, &error, "surprise");
 
+        let (status, error) = connect_raw(&env, r#"{"key": {"name": "a"}} junk"#).await;
+        assert_bad_request(status, &error, "trailing");
+        let (status, error) = connect_raw(&env, r#"{}{}"#).await;
+        assert_bad_request(status, &error, "trailing");
+
         let image = crate::harness::test_image();
         let cases: Vec<(Value, &str)> = vec![
             (
@@ -95,6 +100,10 @@ db_test!(
             ),
             (json!({}), "key"),
             (json!([]), "JSON object"),
+            (
+                json!({ "spawn_config": { "executable": { "image": image }, "id": "a".repeat(46) } }),
+                "spawn_config.id",
+            ),
             (json!("connect"), "JSON object"),
             (
                 json!({ "key": { "name": "doc\u{202E}fdp.exe" } }),

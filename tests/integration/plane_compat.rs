@@ -462,6 +462,38 @@ db_test!(
                 .await,
         );
         assert_kind(&error, code, ApiErrorKind::NotFound, StatusCode::NOT_FOUND);
+
+        // A static token is shared by every connect: revoking its spawner's user leaves it.
+        let mut static_spawn = spawn_config(&env, executable(test_image()));
+        static_spawn.use_static_token = true;
+        let shared = client
+            .connect(&connect_request(
+                "doc-revoke-static",
+                "",
+                Some(static_spawn.clone()),
+            ))
+            .await
+            .expect("static connect");
+        client
+            .revoke(&RevokeRequest {
+                backend_id: shared.backend_id.clone(),
+                user: "alice".to_string(),
+            })
+            .await
+            .expect("revoke");
+        let again = client
+            .connect(&connect_request(
+                "doc-revoke-static",
+                "",
+                Some(static_spawn),
+            ))
+            .await
+            .expect("joins still get the static token");
+        assert_eq!(again.token, shared.token);
+        client
+            .hard_terminate(&shared.backend_id)
+            .await
+            .expect("terminate");
         env
     }
 );

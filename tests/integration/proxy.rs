@@ -194,7 +194,14 @@ db_test!(
         assert_eq!(uncached.status(), 410);
         assert_eq!(env.get_via_proxy(lasting.token.as_str(), "/").await.0, 200);
 
-        // Lifetimes that make no sense are refused.
+        // Lifetimes that make no sense are refused, on a join as on a spawn.
+        let (code, error) = env
+            .post(
+                "/ctrl/connect",
+                &serde_json::json!({ "key": { "name": "ttl-doc" }, "token_ttl_seconds": -3600 }),
+            )
+            .await;
+        assert_eq!(code, 400, "{error}");
         for (ttl, static_token) in [(0, false), (-1, false), (60, true)] {
             let mut spawn = spawn.clone();
             spawn.use_static_token = static_token;

@@ -60,9 +60,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         }
         // The error names the field's path (`spawn_config.executable.pull_policy: ...`).
         let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut deserializer)
-            .map(ApiJson)
-            .map_err(|err| ApiErrorResponse::bad_request(format!("invalid request body: {err}")))
+        let value = serde_path_to_error::deserialize(&mut deserializer)
+            .map_err(|err| ApiErrorResponse::bad_request(format!("invalid request body: {err}")))?;
+        // Nothing but whitespace may follow the object (`{}{}` or `{} junk` are refused).
+        deserializer
+            .end()
+            .map_err(|err| ApiErrorResponse::bad_request(format!("invalid request body: {err}")))?;
+        Ok(ApiJson(value))
     }
 }
 

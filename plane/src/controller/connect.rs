@@ -28,6 +28,9 @@ const MAX_LIMIT_SECONDS: i64 = 10 * 365 * 24 * 60 * 60;
 /// The longest startup timeout a spawn may ask for: an hour.
 const MAX_STARTUP_TIMEOUT_SECONDS: i64 = 3600;
 
+/// The longest backend ID a spawn may choose (Plane 0.5's limit).
+const MAX_BACKEND_ID_INPUT: usize = 45;
+
 /// How often a connect retries after losing a race for a key to another connect.
 const KEY_RACE_RETRIES: usize = 5;
 
@@ -129,7 +132,7 @@ pub async fn handle_spawn(
     validate_spawn_config(&request.spawn_config)?;
     validate_caller(request.user.as_deref(), &request.auth)?;
     let pool = request.spawn_config.pool.clone().unwrap_or_default();
-    validate_token_ttl(request.token_ttl_seconds, &request.spawn_config)?;
+    validate_token_ttl(request.token_ttl_seconds, Some(&request.spawn_config))?;
     let caller = Caller {
         user: request.user.as_deref(),
         auth: &request.auth,
@@ -155,7 +158,8 @@ struct Caller<'a> {
 impl Caller<'_> {
     fn token_expires_at(&self) -> Option<Millis> {
         self.token_ttl_seconds
-            .map(|seconds| Millis::now().plus_millis(seconds.unsigned_abs() * 1000))
+            // Validated to 1 ..= MAX_LIMIT_SECONDS, so this neither wraps nor overflows.
+            .map(|seconds| Millis::now().plus_millis(seconds.unsigned_abs().saturating_mul(1000)))
     }
 }
 
@@ -392,20 +396,21 @@ fn validate_connect(request: &ConnectRequest) -> Result<(), ControllerError> {
     if let Some(spawn_config) = &request.spawn_config {
         validate_spawn_config(spawn_config)?;
     }
-    if let Some(spawn_config) = &request.spawn_config {
-        validate_token_ttl(request.token_ttl_seconds, spawn_config)?;
-    }
+    validate_token_ttl(request.token_ttl_seconds, request.spawn_config.as_ref())?;
     validate_caller(request.user.as_deref(), &request.auth)
 }
 
-fn validate_token_ttl(ttl: Option<i64>, spawn_config: &SpawnConfig) -> Result<(), ControllerError> {
+fn validate_token_ttl(
+    ttl: Option<i64>,
+    spawn_config: Option<&SpawnConfig>,
+) -> Result<(), ControllerError> {
     let Some(ttl) = ttl else { return Ok(()) };
     if !(1..=MAX_LIMIT_SECONDS).contains(&ttl) {
         return Err(ControllerError::invalid(format!(
             "token_ttl_seconds must be 1 to {MAX_LIMIT_SECONDS}, got {ttl}"
         )));
     }
-    if spawn_config.use_static_token {
+    if spawn_config.is_some_and(|config| config.use_static_token) {
         return Err(ControllerError::invalid(
             "token_ttl_seconds does not apply with spawn_config.use_static_token: one static token serves every connect",
         ));
@@ -431,6 +436,16 @@ fn validate_caller(user: Option<&str>, auth: &Map<String, Value>) -> Result<(), 
 }
 
 fn validate_spawn_config(config: &SpawnConfig) -> Result<(), ControllerError> {
+    // Plane 0.5's tools take backend IDs of at most 45 characters; IDs stored by earlier
+    // versions (up to 64) stay readable.
+    if let Some(id) = &config.id {
+        if id.as_str().len() > MAX_BACKEND_ID_INPUT {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.id must be at most {MAX_BACKEND_ID_INPUT} characters, got {}",
+                id.as_str().len()
+            )));
+        }
+    }
     let executable = &config.executable;
     if executable.image.is_empty()
         || executable.image.len() > 512

@@ -42,7 +42,12 @@ pub struct Revocation {
 impl Store {
     /// Revokes every token of `backend` issued to `user` and logs the revocation for the
     /// change bus, in one transaction. `None` when there is no such backend; otherwise how
-    /// many tokens stopped working.
+    /// many tokens stopped working. A backend's static token, which every connect shares,
+    /// is not revoked (terminate the backend to end it).
+    ///
+    /// The logged time is `now`, or the newest of the user's tokens if that is later
+    /// (another controller's clock ahead of ours), so that proxies refuse every revoked
+    /// token's route even where clocks disagree.
     pub async fn revoke_tokens(
         &self,
         backend: &BackendName,
@@ -50,22 +55,35 @@ impl Store {
         now: Millis,
     ) -> StoreResult<Option<u64>> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT cluster FROM backend WHERE id = $1")
+        let row = sqlx::query("SELECT cluster, static_token FROM backend WHERE id = $1")
             .bind(backend.as_str())
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else { return Ok(None) };
         let cluster: String = row.try_get("cluster").map_err(anyhow::Error::from)?;
+        let static_token: Option<String> =
+            row.try_get("static_token").map_err(anyhow::Error::from)?;
         let revoked = sqlx::query(
             "UPDATE token SET revoked_at = $1 \
-             WHERE backend_id = $2 AND username = $3 AND revoked_at IS NULL",
+             WHERE backend_id = $2 AND username = $3 AND revoked_at IS NULL AND token <> $4",
         )
         .bind(now.0)
         .bind(backend.as_str())
         .bind(user)
+        .bind(static_token.unwrap_or_default())
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        let newest = sqlx::query(
+            "SELECT COALESCE(MAX(created_at), 0) AS newest FROM token \
+             WHERE backend_id = $1 AND username = $2",
+        )
+        .bind(backend.as_str())
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await?;
+        let newest: i64 = newest.try_get("newest").map_err(anyhow::Error::from)?;
+        let revoked_at = now.0.max(newest);
         // Logged even when nothing was revoked here: a proxy may still hold a route that a
         // revocation raced with, and telling it again costs nothing.
         sqlx::query(
@@ -75,7 +93,7 @@ impl Store {
         .bind(backend.as_str())
         .bind(&cluster)
         .bind(user)
-        .bind(now.0)
+        .bind(revoked_at)
         .execute(&mut *tx)
         .await?;
         self.commit_and_signal(tx, &[Signal::Revocations]).await?;
