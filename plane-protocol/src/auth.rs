@@ -52,13 +52,21 @@ impl NodeCredentials {
     }
 }
 
-/// Compares two secrets in time that depends only on their lengths, so a caller cannot
-/// find a token byte by byte from response times.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Compares a secret with a presented value in time that depends only on the presented
+/// value's length (which its sender knows anyway), so neither the secret's bytes nor its
+/// length can be found from response times.
+pub fn constant_time_eq(secret: &[u8], presented: &[u8]) -> bool {
+    let mut diff = u64::from(secret.len() != presented.len());
+    for (i, byte) in presented.iter().enumerate() {
+        // Past the secret's end, compare with a byte of it again (the lengths already differ).
+        let expected = if secret.is_empty() {
+            0
+        } else {
+            secret[i % secret.len()]
+        };
+        diff |= u64::from(expected ^ byte);
     }
-    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    std::hint::black_box(diff) == 0
 }
 
 #[cfg(test)]
@@ -83,5 +91,8 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(!constant_time_eq(b"abc", b""));
+        assert!(!constant_time_eq(b"ab", b"abab"));
     }
 }
