@@ -144,19 +144,21 @@ impl ProxyState {
         if route.has_expired() {
             return responses::token_expired();
         }
-        // A subdomain backend's token works only at its own host.
-        let host = request
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|value| value.to_str().ok())
-            .or_else(|| {
-                request
-                    .uri()
-                    .authority()
-                    .map(|authority| authority.as_str())
-            });
-        if !route.serves_host(host) {
-            return responses::wrong_host(route.served_at.as_deref().unwrap_or_default());
+        // A subdomain backend's token works only at its own host (looked up only for those).
+        if route.served_at.is_some() {
+            let host = request
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|value| value.to_str().ok())
+                .or_else(|| {
+                    request
+                        .uri()
+                        .authority()
+                        .map(|authority| authority.as_str())
+                });
+            if !route.serves_host(host) {
+                return responses::wrong_host(route.served_at.as_deref().unwrap_or_default());
+            }
         }
         // From here until the response body ends (or the tunnel closes) the backend has an
         // open connection.

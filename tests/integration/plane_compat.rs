@@ -381,6 +381,28 @@ async fn connect_as(client: &PlaneClient, env: &TestEnv, key: &str, user: &str) 
         .to_string()
 }
 
+/// Tokens for alice and for bob to one ready backend of `key`, and the backend.
+async fn alice_and_bob(
+    client: &PlaneClient,
+    env: &TestEnv,
+    key: &str,
+) -> (String, String, BackendName) {
+    let alice = connect_as(client, env, key, "alice").await;
+    let bob = connect_as(client, env, key, "bob").await;
+    let backend = client
+        .connect(&connect_request(key, "", None))
+        .await
+        .expect("join")
+        .backend_id;
+    env.wait_for_status(
+        &ours(&backend),
+        plane_protocol::backend::BackendStatus::Ready,
+        BACKEND_WAIT,
+    )
+    .await;
+    (alice, bob, backend)
+}
+
 /// GETs `/` with `token` through the proxy at `proxy`; returns the status code.
 async fn proxy_status(env: &TestEnv, proxy: std::net::SocketAddr, token: &str) -> u16 {
     env.client
@@ -412,19 +434,7 @@ db_test!(
     plane_clients_revoke_one_users_tokens,
     |env: TestEnv| async move {
         let client = plane_client(&env);
-        let alice = connect_as(&client, &env, "doc-revoke", "alice").await;
-        let bob = connect_as(&client, &env, "doc-revoke", "bob").await;
-        let backend = client
-            .connect(&connect_request("doc-revoke", "", None))
-            .await
-            .expect("join")
-            .backend_id;
-        env.wait_for_status(
-            &ours(&backend),
-            plane_protocol::backend::BackendStatus::Ready,
-            BACKEND_WAIT,
-        )
-        .await;
+        let (alice, bob, backend) = alice_and_bob(&client, &env, "doc-revoke").await;
         let proxy = env.proxy.local_addr();
         // Both routes are cached at the proxy before the revocation.
         assert_eq!(proxy_status(&env, proxy, &alice).await, 200);
@@ -504,19 +514,7 @@ postgres_test!(
         let client = plane_client(&env);
         let other = env.start_controller().await;
         let other_proxy = env.start_proxy(&other.url()).await;
-        let alice = connect_as(&client, &env, "doc-everywhere", "alice").await;
-        let bob = connect_as(&client, &env, "doc-everywhere", "bob").await;
-        let backend = client
-            .connect(&connect_request("doc-everywhere", "", None))
-            .await
-            .expect("join")
-            .backend_id;
-        env.wait_for_status(
-            &ours(&backend),
-            plane_protocol::backend::BackendStatus::Ready,
-            BACKEND_WAIT,
-        )
-        .await;
+        let (alice, bob, backend) = alice_and_bob(&client, &env, "doc-everywhere").await;
         let far = other_proxy.local_addr();
         assert_eq!(proxy_status(&env, far, &alice).await, 200);
 
