@@ -25,6 +25,16 @@ pub struct KeyConfig {
     pub tag: String,
 }
 
+impl KeyConfig {
+    /// The key `name` in the default namespace, untagged.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+}
+
 /// When the drone pulls the image from its registry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PullPolicy {
@@ -103,6 +113,21 @@ pub struct ExecutorConfig {
     pub network_name: Option<String>,
 }
 
+impl ExecutorConfig {
+    /// Runs `image` with every other setting at its default.
+    pub fn of_image(image: impl Into<String>) -> Self {
+        Self {
+            image: image.into(),
+            pull_policy: None,
+            credentials: None,
+            env: BTreeMap::new(),
+            resource_limits: ResourceLimits::default(),
+            mount: None,
+            network_name: None,
+        }
+    }
+}
+
 /// How to start a backend when one is needed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +161,29 @@ pub struct SpawnConfig {
     /// route the backend's tokens only when the request's `Host` is it (403 otherwise).
     #[serde(default)]
     pub subdomain: Option<Subdomain>,
+}
+
+impl SpawnConfig {
+    /// Runs `image` in the default cluster and pool, every other setting at its default.
+    pub fn of_image(image: impl Into<String>) -> Self {
+        Self::of(ExecutorConfig::of_image(image))
+    }
+
+    /// Runs `executable` in the default cluster and pool, every other setting at its
+    /// default.
+    pub fn of(executable: ExecutorConfig) -> Self {
+        Self {
+            id: None,
+            cluster: None,
+            pool: None,
+            executable,
+            lifetime_limit_seconds: None,
+            max_idle_seconds: None,
+            startup_timeout_seconds: None,
+            use_static_token: false,
+            subdomain: None,
+        }
+    }
 }
 
 /// `POST /ctrl/connect`.

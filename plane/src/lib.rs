@@ -3,7 +3,7 @@
 //! The drone and proxy live in their own crates (`plane-drone`, `plane-proxy`); this crate
 //! ties them together behind one binary.
 
-pub mod connect_cli;
+pub mod admin;
 pub mod controller;
 pub mod demo_backend;
 pub mod demo_image;

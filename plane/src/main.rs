@@ -1,7 +1,7 @@
 //! The `plane` binary: parses the command line and runs the component asked for.
 
 use clap::{Parser, Subcommand};
-use plane::connect_cli::ConnectOpts;
+use plane::admin::{AdminOpts, ConnectOpts};
 use plane::controller::cli::ControllerOpts;
 use plane::dev::DevOpts;
 use plane::logging::{self, LogFormat};
@@ -40,7 +40,10 @@ enum Command {
     Proxy(ProxyOpts),
     /// Run controller, drone and proxy in one process on loopback, with an embedded database.
     Dev(DevOpts),
-    /// Ask a controller for the backend of a key and follow it until it is ready.
+    /// Call a controller's API: connect, spawn, terminate, status, drain, revoke, ...
+    Admin(AdminOpts),
+    /// Ask a controller for the backend of a key and follow it until it is ready (short for
+    /// `plane admin connect`).
     Connect(ConnectOpts),
     /// The demo backend that `plane dev` packages as an image (runs inside the container).
     #[command(hide = true)]
@@ -75,7 +78,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if !matches!(cli.command, Command::Connect(_)) {
+    if !matches!(cli.command, Command::Connect(_) | Command::Admin(_)) {
         logging::init(cli.log_format);
     }
     match cli.command {
@@ -83,7 +86,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drone(opts) => plane_drone::run(opts.into_config()?).await,
         Command::Proxy(opts) => plane_proxy::run(opts.into_config()?).await,
         Command::Dev(opts) => plane::dev::run(opts).await,
-        Command::Connect(opts) => plane::connect_cli::run(opts).await,
+        Command::Admin(opts) => plane::admin::run(opts).await,
+        Command::Connect(opts) => plane::admin::run_connect(opts).await,
         Command::DemoBackend => plane::demo_backend::run().await,
         Command::DroneFence { state_dir } => plane_drone::fence::run(&state_dir).await,
     }

@@ -3,8 +3,8 @@
 use crate::db_test;
 use crate::harness::TestEnv;
 use futures_util::StreamExt;
+use plane_protocol::api::{ApiErrorKind, ConnectRequest, KeyConfig};
 use plane_protocol::backend::{BackendStatus, TerminationKind};
-use serde_json::json;
 use std::time::Duration;
 
 db_test!(
@@ -28,10 +28,8 @@ db_test!(
         .await;
 
         // Terminate so the stream ends, then check it replays every status, in order.
-        let (code, _) = env
-            .terminate(&response.backend_id, TerminationKind::Hard)
+        env.terminate(&response.backend_id, TerminationKind::Hard)
             .await;
-        assert_eq!(code, 200);
         let statuses: Vec<BackendStatus> = env.status_sequence(&response.backend_id).await;
         assert_eq!(
             statuses,
@@ -75,18 +73,28 @@ db_test!(
 db_test!(
     connect_with_a_different_tag_is_refused_with_409,
     |env: TestEnv| async move {
-        let spawn_config = env.spawn_config(&[]);
-        let body =
-            json!({ "key": { "name": "tagged", "tag": "v1" }, "spawn_config": spawn_config });
-        let (code, _) = env.post("/ctrl/connect", &body).await;
-        assert_eq!(code, 200);
-        let body =
-            json!({ "key": { "name": "tagged", "tag": "v2" }, "spawn_config": spawn_config });
-        let (code, error) = env.post("/ctrl/connect", &body).await;
-        assert_eq!(code, 409, "{error}");
-        assert_eq!(error["kind"], "KeyHeld");
-        assert!(error["id"].is_string());
-        assert!(error["message"].as_str().unwrap_or("").contains("v1"));
+        let plane = env.api().plane;
+        let tagged = |tag: &str| ConnectRequest {
+            key: Some(KeyConfig {
+                tag: tag.to_string(),
+                ..KeyConfig::named("tagged")
+            }),
+            spawn_config: Some(env.spawn_config(&[])),
+            ..Default::default()
+        };
+        plane
+            .connect(&tagged("v1"))
+            .await
+            .expect("the first connect starts the backend");
+        let err = plane
+            .connect(&tagged("v2"))
+            .await
+            .expect_err("a connect with another tag is refused");
+        assert_eq!(err.status(), Some(409), "{err}");
+        let error = err.api_error().expect("an API error body");
+        assert_eq!(error.kind, ApiErrorKind::KeyHeld);
+        assert!(!error.id.is_empty(), "{error:?}");
+        assert!(error.message.contains("v1"), "{error:?}");
         env
     }
 );
@@ -94,14 +102,23 @@ db_test!(
 db_test!(
     namespaces_keep_equal_key_names_apart,
     |env: TestEnv| async move {
-        let spawn_config = env.spawn_config(&[]);
+        let plane = env.api().plane;
         let mut backends = Vec::new();
         for namespace in ["team-a", "team-b"] {
-            let body = json!({ "key": { "name": "same-name", "namespace": namespace }, "spawn_config": spawn_config });
-            let (code, response) = env.post("/ctrl/connect", &body).await;
-            assert_eq!(code, 200, "{response}");
-            assert_eq!(response["spawned"], true);
-            backends.push(response["backend_id"].clone());
+            let request = ConnectRequest {
+                key: Some(KeyConfig {
+                    namespace: namespace.to_string(),
+                    ..KeyConfig::named("same-name")
+                }),
+                spawn_config: Some(env.spawn_config(&[])),
+                ..Default::default()
+            };
+            let response = plane
+                .connect(&request)
+                .await
+                .unwrap_or_else(|err| panic!("connect in {namespace}: {err}"));
+            assert!(response.spawned, "{response:?}");
+            backends.push(response.backend_id);
         }
         assert_ne!(backends[0], backends[1]);
         env
@@ -111,14 +128,22 @@ db_test!(
 db_test!(
     key_only_connect_with_nothing_running_is_refused,
     |env: TestEnv| async move {
-        let (code, error) = env
-            .post(
-                "/ctrl/connect",
-                &json!({ "key": { "name": "nobody-home" } }),
-            )
-            .await;
-        assert_eq!(code, 409, "{error}");
-        assert_eq!(error["kind"], "KeyUnheldNoSpawnConfig");
+        let request = ConnectRequest {
+            key: Some(KeyConfig::named("nobody-home")),
+            ..Default::default()
+        };
+        let err = env
+            .api()
+            .plane
+            .connect(&request)
+            .await
+            .expect_err("a key-only connect with nothing running is refused");
+        assert_eq!(err.status(), Some(409), "{err}");
+        assert_eq!(
+            err.api_error().map(|e| e.kind),
+            Some(ApiErrorKind::KeyUnheldNoSpawnConfig),
+            "{err}"
+        );
         env
     }
 );
@@ -128,14 +153,23 @@ db_test!(
     |env: TestEnv| async move {
         let mut spawn_config = env.spawn_config(&[]);
         spawn_config.cluster = Some("no-drones.example:1234".parse().expect("cluster"));
-        let (code, error) = env
-            .post(
-                "/ctrl/connect",
-                &json!({ "key": { "name": "k" }, "spawn_config": spawn_config }),
-            )
-            .await;
-        assert_eq!(code, 503, "{error}");
-        assert_eq!(error["kind"], "NoDroneAvailable");
+        let request = ConnectRequest {
+            key: Some(KeyConfig::named("k")),
+            spawn_config: Some(spawn_config),
+            ..Default::default()
+        };
+        let err = env
+            .api()
+            .plane
+            .connect(&request)
+            .await
+            .expect_err("a connect to a cluster without drones is refused");
+        assert_eq!(err.status(), Some(503), "{err}");
+        assert_eq!(
+            err.api_error().map(|e| e.kind),
+            Some(ApiErrorKind::NoDroneAvailable),
+            "{err}"
+        );
         env
     }
 );
@@ -181,29 +215,22 @@ db_test!(
             .await;
         env.wait_terminated(&response.backend_id).await;
         // Event ids are status numbers: resuming after `ready` (50) replays only what followed.
-        let text = env
-            .client
-            .get(env.controller_url(&format!("/pub/b/{}/status-stream", response.backend_id)))
-            .header("last-event-id", BackendStatus::Ready.number().to_string())
-            .send()
-            .await
-            .expect("stream")
-            .text()
-            .await
-            .expect("body");
-        let statuses: Vec<String> = text
-            .lines()
-            .filter_map(|line| line.strip_prefix("data:"))
-            .map(|data| {
-                serde_json::from_str::<serde_json::Value>(data.trim()).expect("entry")["status"]
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(statuses, vec!["\"hard-terminating\"", "\"terminated\""]);
+        let statuses: Vec<BackendStatus> = env
+            .api()
+            .plane
+            .status_stream_after(&response.backend_id, BackendStatus::Ready.number())
+            .map(|entry| entry.expect("a status entry").status)
+            .collect()
+            .await;
+        assert_eq!(
+            statuses,
+            vec![BackendStatus::HardTerminating, BackendStatus::Terminated]
+        );
 
         // A client that already saw `terminated` (as EventSource and Plane 0.5's client do
         // on reconnect) gets a stream that stays open with nothing in it: one that ended at
-        // once would have such clients reconnect in a loop.
+        // once would have such clients reconnect in a loop. Raw HTTP on purpose: the typed
+        // stream reconnects by itself, so it could not tell "open and silent" from "closed".
         let resumed = env
             .client
             .get(env.controller_url(&format!("/pub/b/{}/status-stream", response.backend_id)))

@@ -4,8 +4,7 @@
 use crate::harness::{wait_for, TestEnv, BACKEND_WAIT};
 use crate::postgres_test;
 use futures_util::{SinkExt, StreamExt};
-use plane_protocol::backend::{BackendStatus, TerminationReason};
-use serde_json::json;
+use plane_protocol::backend::{BackendStatus, TerminationKind, TerminationReason};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -18,8 +17,15 @@ postgres_test!(
         let proxy_b = env.start_proxy(&other.url()).await;
 
         // Placement on B sees the drone connected to A.
-        let (_, state) = b.get_json(&format!("/ctrl/c/{}/state", env.cluster)).await;
-        assert_eq!(state["drones"][0]["node"]["connected"], true, "{state}");
+        let state = b
+            .plane
+            .cluster_state(&env.cluster)
+            .await
+            .expect("cluster state on B");
+        assert!(
+            state.drones.first().is_some_and(|d| d.node.connected),
+            "{state:?}"
+        );
 
         let spawn = env.spawn_config(&[]);
         let response = b.connect("shared", &spawn).await;
@@ -41,13 +47,8 @@ postgres_test!(
         assert_eq!(answer.status().as_u16(), 200);
 
         // Terminated through A: B's stream ends, and B's proxy drops the route at once.
-        let (status, body) = a
-            .post(
-                &format!("/ctrl/b/{}/hard-terminate", response.backend_id),
-                &json!({}),
-            )
+        a.terminate(&response.backend_id, TerminationKind::Hard)
             .await;
-        assert_eq!(status, 200, "{body}");
         let streamed = tokio::time::timeout(BACKEND_WAIT, stream_b)
             .await
             .expect("stream ends")

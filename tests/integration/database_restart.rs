@@ -4,9 +4,8 @@
 use crate::harness::{wait_for, PrivatePostgres, TestEnv, BACKEND_WAIT};
 use crate::postgres_test;
 use plane_protocol::api::ConnectResponse;
-use plane_protocol::backend::BackendStatus;
+use plane_protocol::backend::{BackendStatus, TerminationKind};
 use plane_protocol::names::ClusterName;
-use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,9 +99,8 @@ postgres_test!(
         }
         // Statuses written after the restart reach streams opened before it.
         for response in &before {
-            let path = format!("/ctrl/b/{}/soft-terminate", response.backend_id);
-            let (status, body) = api.post(&path, &json!({})).await;
-            assert_eq!(status, 200, "{body}");
+            api.terminate(&response.backend_id, TerminationKind::Soft)
+                .await;
         }
         for stream in streams {
             let entries = tokio::time::timeout(BACKEND_WAIT, stream)

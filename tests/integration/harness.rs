@@ -1,17 +1,21 @@
 //! `TestEnv`: a controller, drone and proxy started in-process on 127.0.0.1:0, on SQLite
 //! or a fresh PostgreSQL database, plus helpers to drive them and wait on conditions.
 
+use futures_util::StreamExt;
 use plane::controller::{self, config::ControllerConfig, ControllerHandle};
 use plane::demo_image::{self, ImageSpec};
+use plane_client::{ClientError, PlaneClient};
 use plane_drone::config::DroneConfig;
 use plane_drone::DroneHandle;
-use plane_protocol::api::{ClusterState, ConnectResponse, ExecutorConfig, SpawnConfig};
+use plane_protocol::api::{
+    ClusterState, ConnectRequest, ConnectResponse, ExecutorConfig, KeyConfig, SpawnConfig,
+};
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_proxy::config::ProxyConfig;
 use plane_proxy::ProxyHandle;
 use rand::distributions::{Alphanumeric, DistString};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -363,23 +367,23 @@ impl TestEnv {
 
     /// Drains (or undrains) one of this cluster's drones, so that placement avoids it.
     pub async fn set_draining(&self, drone: &NodeName, draining: bool) {
-        let verb = if draining { "drain" } else { "undrain" };
-        let (code, body) = self
-            .post(
-                &format!("/ctrl/c/{}/d/{drone}/{verb}", self.cluster),
-                &json!({}),
-            )
-            .await;
-        assert_eq!(code, 200, "{verb} {drone}: {body}");
+        let plane = &self.api().plane;
+        let result = if draining {
+            plane.drain(&self.cluster, drone).await
+        } else {
+            plane.undrain(&self.cluster, drone).await
+        };
+        if let Err(error) = result {
+            panic!("drain={draining} {drone}: {error}");
+        }
     }
 
     /// The cluster state, typed.
     pub async fn cluster_state(&self) -> ClusterState {
-        let (status, state) = self
-            .get_json(&format!("/ctrl/c/{}/state", self.cluster))
-            .await;
-        assert_eq!(status, 200, "{state}");
-        serde_json::from_value(state).expect("a cluster state")
+        match self.api().plane.cluster_state(&self.cluster).await {
+            Ok(state) => state,
+            Err(error) => panic!("cluster state of {}: {error}", self.cluster),
+        }
     }
 
     /// Whether the cluster state lists `drone` with `field` (`connected`, `lost`) equal to
@@ -471,6 +475,7 @@ impl TestEnv {
         Api {
             base: url.as_str().trim_end_matches('/').to_string(),
             client: self.client.clone(),
+            plane: PlaneClient::with_http_client(url.clone(), self.client.clone()),
         }
     }
 
@@ -497,10 +502,9 @@ impl TestEnv {
         response
     }
 
-    /// Asks for a soft or hard termination; returns the status code and JSON body.
-    pub async fn terminate(&self, backend: &BackendName, kind: TerminationKind) -> (u16, Value) {
-        let path = format!("/ctrl/b/{backend}/{}-terminate", kind.as_str());
-        self.post(&path, &json!({})).await
+    /// Asks for a soft or hard termination; panics unless the controller accepts it.
+    pub async fn terminate(&self, backend: &BackendName, kind: TerminationKind) {
+        self.api().terminate(backend, kind).await
     }
 
     /// Waits until the backend has terminated; returns its final entry.
@@ -625,11 +629,13 @@ pub async fn containers_of(backend: &BackendName) -> Vec<String> {
         .collect()
 }
 
-/// One controller's HTTP API, as an app would call it.
+/// One controller's HTTP API, as an app would call it: typed through `plane-client`, with
+/// raw `post`/`get_json` for the tests that send what no typed client would.
 #[derive(Clone)]
 pub struct Api {
     base: String,
     client: reqwest::Client,
+    pub plane: PlaneClient,
 }
 
 impl Api {
@@ -662,27 +668,21 @@ impl Api {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    /// Connects with a key; the error says what came back instead of a backend (also
-    /// when the controller could not be reached at all).
+    /// Connects with a key (as user `alice`); the error says what came back instead of a
+    /// backend (also when the controller could not be reached at all).
     pub async fn try_connect(
         &self,
         key: &str,
         spawn_config: &SpawnConfig,
-    ) -> Result<ConnectResponse, String> {
-        let body = json!({ "key": { "name": key }, "spawn_config": spawn_config, "user": "alice" });
-        let response = self
-            .client
-            .post(self.url("/ctrl/connect"))
-            .json(&body)
-            .send()
+    ) -> Result<ConnectResponse, ClientError> {
+        self.plane
+            .connect(&ConnectRequest {
+                key: Some(KeyConfig::named(key)),
+                spawn_config: Some(spawn_config.clone()),
+                user: Some("alice".to_string()),
+                ..Default::default()
+            })
             .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("{status}: {body}"));
-        }
-        serde_json::from_value(body).map_err(|e| e.to_string())
     }
 
     /// Connects with a key; panics unless it succeeds.
@@ -695,14 +695,10 @@ impl Api {
 
     /// The backend's latest status entry.
     pub async fn status(&self, backend: &BackendName) -> BackendStatusStreamEntry {
-        self.client
-            .get(self.url(&format!("/pub/b/{backend}/status")))
-            .send()
-            .await
-            .expect("status reachable")
-            .json()
-            .await
-            .expect("status JSON")
+        match self.plane.backend_status(backend).await {
+            Ok(entry) => entry,
+            Err(error) => panic!("status of {backend} via {}: {error}", self.base),
+        }
     }
 
     /// Waits until the backend reaches `status`; returns the entry seen.
@@ -729,19 +725,20 @@ impl Api {
 
     /// Reads the whole status stream of a backend (it ends after `terminated`).
     pub async fn status_stream(&self, backend: &BackendName) -> Vec<BackendStatusStreamEntry> {
-        let text = self
-            .client
-            .get(self.url(&format!("/pub/b/{backend}/status-stream")))
-            .send()
-            .await
-            .expect("stream reachable")
-            .text()
-            .await
-            .expect("stream body");
-        text.lines()
-            .filter_map(|line| line.strip_prefix("data:"))
-            .map(|data| serde_json::from_str(data.trim()).expect("stream entry"))
+        self.plane
+            .status_stream(backend)
+            .map(|entry| {
+                entry.unwrap_or_else(|error| panic!("status stream of {backend}: {error}"))
+            })
             .collect()
+            .await
+    }
+
+    /// Asks for a soft or hard termination; panics unless the controller accepts it.
+    pub async fn terminate(&self, backend: &BackendName, kind: TerminationKind) {
+        if let Err(error) = self.plane.terminate(backend, kind).await {
+            panic!("{} termination of {backend}: {error}", kind.as_str());
+        }
     }
 }
 

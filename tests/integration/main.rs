@@ -3,8 +3,10 @@
 
 mod harness;
 
+mod admin;
 mod auth;
 mod browser;
+mod client;
 mod connect;
 mod controllers;
 mod crashes;

@@ -2,11 +2,20 @@
 //! and only to drones of the pool asked for.
 
 use crate::harness::{run_test, Db, TestEnv};
-use plane_protocol::api::ConnectResponse;
+use plane_protocol::api::{ApiErrorKind, SpawnConfig, SpawnRequest};
 use plane_protocol::backend::TerminationKind;
 use plane_protocol::names::NodeName;
-use serde_json::json;
 use std::collections::HashMap;
+
+/// A keyless spawn of `spawn_config`, with no user and no token lifetime.
+fn spawn_request(spawn_config: SpawnConfig) -> SpawnRequest {
+    SpawnRequest {
+        spawn_config,
+        user: None,
+        auth: Default::default(),
+        token_ttl_seconds: None,
+    }
+}
 
 /// On SQLite only: placement's SQL is the same on both databases, and 20 containers at once
 /// are load enough for a shared CI machine.
@@ -21,19 +30,16 @@ async fn backends_spread_evenly_over_a_pools_drones_and_stay_in_their_pool() {
             let mut gpu_config = env.drone_config("dr-gpu");
             gpu_config.pool = "gpu".parse().expect("pool");
             let gpu = env.start_drone(gpu_config).await;
+            let plane = env.api().plane;
 
             // 20 backends in the default pool, with the default best-of-2 placement.
             let mut per_drone: HashMap<NodeName, usize> = HashMap::new();
             let mut backends = Vec::new();
             for _ in 0..20 {
-                let (code, body) = env
-                    .post(
-                        "/ctrl/spawn",
-                        &json!({ "spawn_config": env.spawn_config(&[]) }),
-                    )
-                    .await;
-                assert_eq!(code, 200, "{body}");
-                let response: ConnectResponse = serde_json::from_value(body).expect("a response");
+                let response = plane
+                    .spawn(&spawn_request(env.spawn_config(&[])))
+                    .await
+                    .expect("a spawn in the default pool");
                 *per_drone
                     .entry(response.drone.clone().expect("a drone"))
                     .or_default() += 1;
@@ -54,31 +60,27 @@ async fn backends_spread_evenly_over_a_pools_drones_and_stay_in_their_pool() {
             // The gpu pool gets the gpu drone; a pool without drones gets a clear 503.
             let mut in_gpu = env.spawn_config(&[]);
             in_gpu.pool = Some("gpu".parse().expect("pool"));
-            let (code, body) = env
-                .post("/ctrl/spawn", &json!({ "spawn_config": in_gpu }))
-                .await;
-            assert_eq!(code, 200, "{body}");
-            assert_eq!(body["drone"], gpu.name().as_str());
-            backends.push(
-                body["backend_id"]
-                    .as_str()
-                    .expect("id")
-                    .parse()
-                    .expect("id"),
-            );
+            let response = plane
+                .spawn(&spawn_request(in_gpu))
+                .await
+                .expect("a spawn in the gpu pool");
+            assert_eq!(response.drone.as_ref(), Some(gpu.name()), "{response:?}");
+            backends.push(response.backend_id);
             let mut nowhere = env.spawn_config(&[]);
             nowhere.pool = Some("tpu".parse().expect("pool"));
-            let (code, error) = env
-                .post("/ctrl/spawn", &json!({ "spawn_config": nowhere }))
-                .await;
-            assert_eq!(code, 503, "{error}");
-            assert_eq!(error["kind"], "NoDroneAvailable");
+            let err = plane
+                .spawn(&spawn_request(nowhere))
+                .await
+                .expect_err("a spawn in a pool without drones is refused");
+            assert_eq!(err.status(), Some(503), "{err}");
+            assert_eq!(
+                err.api_error().map(|e| e.kind),
+                Some(ApiErrorKind::NoDroneAvailable),
+                "{err}"
+            );
             assert!(
-                error["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains("tpu"),
-                "{error}"
+                err.api_error().is_some_and(|e| e.message.contains("tpu")),
+                "{err}"
             );
 
             for backend in &backends {

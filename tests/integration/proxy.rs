@@ -4,6 +4,7 @@
 use crate::db_test;
 use crate::harness::TestEnv;
 use futures_util::{SinkExt, StreamExt};
+use plane_protocol::api::{ConnectRequest, KeyConfig};
 use plane_protocol::backend::{BackendStatus, TerminationKind, TerminationReason};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
@@ -161,16 +162,21 @@ db_test!(
 db_test!(
     a_token_with_a_lifetime_ends_at_the_proxy_and_others_keep_working,
     |env: TestEnv| async move {
+        let plane = env.api().plane;
         let spawn = env.spawn_config(&[]);
         let lasting = env.connect_ready("ttl-doc", &spawn).await;
-        let (code, body) = env
-            .post(
-                "/ctrl/connect",
-                &serde_json::json!({ "key": { "name": "ttl-doc" }, "token_ttl_seconds": 1 }),
-            )
-            .await;
-        assert_eq!(code, 200, "{body}");
-        let short = body["token"].as_str().expect("a token").to_string();
+        let join_for = |token_ttl_seconds: i64| ConnectRequest {
+            key: Some(KeyConfig::named("ttl-doc")),
+            token_ttl_seconds: Some(token_ttl_seconds),
+            ..Default::default()
+        };
+        let short = plane
+            .connect(&join_for(1))
+            .await
+            .expect("a join with a one-second token")
+            .token
+            .as_str()
+            .to_string();
         // Cached at the proxy while it is valid...
         assert_eq!(env.get_via_proxy(&short, "/").await.0, 200);
         // ...and refused once its second is over, from the cache as from the controller.
@@ -195,29 +201,33 @@ db_test!(
         assert_eq!(env.get_via_proxy(lasting.token.as_str(), "/").await.0, 200);
 
         // Lifetimes that make no sense are refused, on a join as on a spawn.
-        let (code, error) = env
-            .post(
-                "/ctrl/connect",
-                &serde_json::json!({ "key": { "name": "ttl-doc" }, "token_ttl_seconds": -3600 }),
-            )
-            .await;
-        assert_eq!(code, 400, "{error}");
+        let err = plane
+            .connect(&join_for(-3600))
+            .await
+            .expect_err("a join with a negative token lifetime is refused");
+        assert_eq!(err.status(), Some(400), "{err}");
         for (ttl, static_token) in [(0, false), (-1, false), (60, true)] {
             let mut spawn = spawn.clone();
             spawn.use_static_token = static_token;
-            let (code, error) = env
-                .post(
-                    "/ctrl/connect",
-                    &serde_json::json!({ "key": { "name": format!("ttl-bad-{ttl}") }, "spawn_config": spawn, "token_ttl_seconds": ttl }),
-                )
-                .await;
-            assert_eq!(code, 400, "{error}");
+            let request = ConnectRequest {
+                key: Some(KeyConfig::named(format!("ttl-bad-{ttl}"))),
+                spawn_config: Some(spawn),
+                token_ttl_seconds: Some(ttl),
+                ..Default::default()
+            };
+            let err = plane
+                .connect(&request)
+                .await
+                .expect_err("a spawn with a senseless token lifetime is refused");
+            assert_eq!(
+                err.status(),
+                Some(400),
+                "{ttl}, static {static_token}: {err}"
+            );
             assert!(
-                error["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains("token_ttl_seconds"),
-                "{error}"
+                err.api_error()
+                    .is_some_and(|e| e.message.contains("token_ttl_seconds")),
+                "{err}"
             );
         }
         other_proxy.shutdown().await;
@@ -270,7 +280,8 @@ db_test!(
             assert_eq!(error["host"], host.as_str(), "{error}");
         }
 
-        // Names that are not one DNS label are refused at connect.
+        // Names that are not one DNS label are refused at connect. Raw JSON on purpose: a
+        // typed `Subdomain` cannot hold them.
         for bad in ["Doc", "a.b", "-x", ""] {
             let mut spawn = env.spawn_config(&[]);
             spawn.subdomain = None;

@@ -1,8 +1,8 @@
 //! The drone socket: registers a drone, delivers its actions (re-sending unacked ones on
 //! reconnect), and applies the status events it reports.
 
+use super::api::paths::{ClusterPath, SocketUpgrade};
 use super::error::ApiErrorResponse;
-use super::paths::{ClusterPath, SocketUpgrade};
 use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
 use super::store::{NodeKind, NodeSession};
 use super::ControllerState;

@@ -6,27 +6,21 @@
 //! (`connect`, `terminate`, the sweeper) return [`error::ControllerError`], which becomes
 //! HTTP in one place.
 
+mod api;
 mod auth;
-mod body;
+mod backends;
 mod bus;
 pub mod cli;
-mod cluster;
 pub mod config;
-mod connect;
-mod drain;
 mod drone_socket;
 mod error;
 mod nodes;
-mod paths;
 mod proxy_socket;
-mod revoke;
 mod router;
 mod socket;
 mod state;
-mod status;
 pub mod store;
 mod sweeper;
-mod terminate;
 
 pub use self::state::ControllerState;
 

@@ -1,9 +1,9 @@
 //! The proxy socket: answers route requests (waiting for starting backends to become
 //! ready), records connection reports, and pushes route removals.
 
+use super::api::paths::{ClusterPath, SocketUpgrade};
 use super::bus::ChangeBus;
 use super::error::ApiErrorResponse;
-use super::paths::{ClusterPath, SocketUpgrade};
 use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
 use super::store::{NodeKind, NodeSession};
 use super::ControllerState;

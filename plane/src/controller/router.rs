@@ -1,9 +1,10 @@
 //! The controller's routes: which handler serves each path of the HTTP API and the node
 //! sockets. Handlers live in the modules named for what they do.
 
+use super::api::{cluster, connect, drain, revoke, status, terminate};
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
-use super::{auth, cluster, connect, drain, drone_socket, proxy_socket, revoke, status, terminate};
+use super::{auth, drone_socket, proxy_socket};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};

@@ -3,7 +3,7 @@
 //! `terminated{lost}` every backend whose key lease ran out, and declares drones silent past
 //! the lost window lost.
 
-use super::terminate::terminate;
+use super::backends::terminate;
 use super::ControllerState;
 use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::time::Millis;

@@ -1,7 +1,7 @@
 //! `ApiJson`, the JSON request body of the control API: at most [`MAX_BODY_BYTES`], a JSON
 //! object, and every refusal a JSON [`ApiErrorResponse`] (400, or 413 when too large).
 
-use super::error::ApiErrorResponse;
+use crate::controller::error::ApiErrorResponse;
 use axum::extract::{FromRequest, Request};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::StatusCode;

@@ -1,9 +1,9 @@
 //! `GET /pub/b/:backend/status` and `/status-stream`: a backend's current status, and its
 //! history followed by live changes as server-sent events.
 
-use super::error::ApiErrorResponse;
 use super::paths::BackendPath;
-use super::ControllerState;
+use crate::controller::error::ApiErrorResponse;
+use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -69,7 +69,7 @@ async fn stream_statuses(
     state: ControllerState,
     backend: BackendName,
     history: Vec<BackendStatusStreamEntry>,
-    mut changes: broadcast::Receiver<std::sync::Arc<super::store::StatusChange>>,
+    mut changes: broadcast::Receiver<std::sync::Arc<crate::controller::store::StatusChange>>,
     mut last_sent: i32,
     sender: mpsc::Sender<Result<Event, Infallible>>,
 ) {

@@ -1,7 +1,7 @@
 //! Path extractors whose rejections are JSON `ApiErrorResponse`s like every other error.
 
-use super::error::ApiErrorResponse;
-use super::ControllerState;
+use crate::controller::error::ApiErrorResponse;
+use crate::controller::ControllerState;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path};

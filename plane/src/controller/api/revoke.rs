@@ -2,8 +2,8 @@
 //! tokens for one backend stop working at every proxy, on every controller.
 
 use super::body::ApiJson;
-use super::error::{ApiErrorResponse, ControllerError};
-use super::ControllerState;
+use crate::controller::error::{ApiErrorResponse, ControllerError};
+use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::RevokeRequest;

@@ -1,9 +1,9 @@
 //! `POST /ctrl/c/:cluster/d/:drone/drain` and `/undrain`: a drained drone is given no new
 //! backends while the ones it runs keep serving.
 
-use super::error::{ApiErrorResponse, ControllerError};
 use super::paths::DronePath;
-use super::ControllerState;
+use crate::controller::error::{ApiErrorResponse, ControllerError};
+use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::DrainResult;

@@ -1,9 +1,9 @@
 //! Health and state endpoints: `/pub/health`, `/ctrl/status`, `/ctrl/c/:cluster/state`.
 
-use super::error::ApiErrorResponse;
 use super::paths::ClusterPath;
-use super::store::{NodeKind, NodeRow};
-use super::ControllerState;
+use crate::controller::error::ApiErrorResponse;
+use crate::controller::store::{NodeKind, NodeRow};
+use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::{ClusterState, ControllerStatus, DroneState, NodeState, TaggedNodeName};

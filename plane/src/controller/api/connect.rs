@@ -1,0 +1,24 @@
+//! `POST /ctrl/connect` and `POST /ctrl/spawn`: the request in, the backend's tokenized URL
+//! out; the work is in [`crate::controller::backends`].
+
+use super::body::ApiJson;
+use crate::controller::backends;
+use crate::controller::error::ApiErrorResponse;
+use crate::controller::ControllerState;
+use axum::extract::State;
+use axum::Json;
+use plane_protocol::api::{ConnectRequest, ConnectResponse, SpawnRequest};
+
+pub async fn handle_connect(
+    State(state): State<ControllerState>,
+    ApiJson(request): ApiJson<ConnectRequest>,
+) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
+    Ok(Json(backends::connect(&state, &request).await?))
+}
+
+pub async fn handle_spawn(
+    State(state): State<ControllerState>,
+    ApiJson(request): ApiJson<SpawnRequest>,
+) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
+    Ok(Json(backends::spawn_new(&state, &request).await?))
+}

@@ -1,0 +1,12 @@
+//! The HTTP API's handlers and extractors: each handler turns a request into a call to a
+//! domain operation or a store query, and its result into JSON (errors through
+//! [`ApiErrorResponse`](super::error::ApiErrorResponse)).
+
+pub mod body;
+pub mod cluster;
+pub mod connect;
+pub mod drain;
+pub mod paths;
+pub mod revoke;
+pub mod status;
+pub mod terminate;

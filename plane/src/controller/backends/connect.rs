@@ -1,0 +1,326 @@
+//! Connect and spawn: join the backend holding a key (with a fresh token), or place a new
+//! one on a drone and store it with its spawn action, in one transaction.
+
+use super::placement::pick_drone;
+use super::validate::{
+    validate_caller, validate_connect, validate_spawn_config, validate_token_ttl,
+};
+use crate::controller::bus::ChangeBus;
+use crate::controller::error::ControllerError;
+use crate::controller::store::{NewBackend, NewToken, StoreError};
+use crate::controller::ControllerState;
+use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
+use plane_protocol::backend::{BackendStatus, TerminationReason};
+use plane_protocol::drone::{ActionKind, SpawnAction};
+use plane_protocol::names::{
+    BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken, Subdomain,
+};
+use plane_protocol::time::Millis;
+use serde_json::{Map, Value};
+
+/// How long a connect waits for a terminating backend to release the key it wants.
+const KEY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often a connect retries after losing a race for a key to another connect.
+const KEY_RACE_RETRIES: usize = 5;
+
+/// Get-or-create by key: joins the backend holding the key (with a fresh token), or starts
+/// one that takes it. Without a key, always starts a new backend.
+pub async fn connect(
+    state: &ControllerState,
+    request: &ConnectRequest,
+) -> Result<ConnectResponse, ControllerError> {
+    validate_connect(request)?;
+    let pool = request
+        .spawn_config
+        .as_ref()
+        .and_then(|c| c.pool.clone())
+        .or(request.pool.clone())
+        .unwrap_or_default();
+    let caller = Caller {
+        user: request.user.as_deref(),
+        auth: &request.auth,
+        token_ttl_seconds: request.token_ttl_seconds,
+    };
+
+    let Some(key) = &request.key else {
+        let spawn_config = request.spawn_config.as_ref().ok_or_else(|| {
+            ControllerError::invalid("a connect needs a `key`, a `spawn_config`, or both")
+        })?;
+        return spawn(state, spawn_config, &pool, None, caller)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("spawn without a key lost a key race").into());
+    };
+
+    for _ in 0..KEY_RACE_RETRIES {
+        if let Some(holder) = state.store().key_holder(&key.namespace, &key.name).await? {
+            if holder.lease_expired {
+                // The holder's drone did not renew in time, so by protocol it has stopped
+                // the backend on its own clock: record that, and the key is free.
+                let message = format!(
+                    "its key lease ran out without renewal; key {:?} was taken over",
+                    key.name
+                );
+                let expired = state
+                    .store()
+                    .expire_backend(
+                        &holder.backend_id,
+                        TerminationReason::KeyExpired,
+                        message,
+                        Millis::now(),
+                    )
+                    .await?;
+                if expired.is_some() {
+                    tracing::warn!(backend = %holder.backend_id, key = %key.name, "key lease expired; taking the key over");
+                }
+                continue;
+            }
+            if holder.tag != key.tag {
+                return Err(ControllerError::KeyHeld {
+                    name: key.name.clone(),
+                    namespace: key.namespace.clone(),
+                    holder: holder.backend_id,
+                    held_tag: holder.tag,
+                    requested_tag: key.tag.clone(),
+                });
+            }
+            if let Some(response) = join_existing(state, &holder.backend_id, caller).await? {
+                return Ok(response);
+            }
+            // The holder has terminated (or just finished terminating); try again.
+            continue;
+        }
+        let Some(spawn_config) = &request.spawn_config else {
+            return Err(ControllerError::KeyUnheldNoSpawnConfig {
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+            });
+        };
+        if let Some(response) = spawn(state, spawn_config, &pool, Some(key), caller).await? {
+            return Ok(response);
+        }
+        // Another connect took the key first; join its backend on the next pass.
+    }
+    Err(anyhow::anyhow!(
+        "gave up after {KEY_RACE_RETRIES} races for key {:?}",
+        key.name
+    )
+    .into())
+}
+
+/// `POST /ctrl/spawn`: always a new backend, with no key.
+pub async fn spawn_new(
+    state: &ControllerState,
+    request: &SpawnRequest,
+) -> Result<ConnectResponse, ControllerError> {
+    validate_spawn_config(&request.spawn_config)?;
+    validate_caller(request.user.as_deref(), &request.auth)?;
+    validate_token_ttl(request.token_ttl_seconds, Some(&request.spawn_config))?;
+    let pool = request.spawn_config.pool.clone().unwrap_or_default();
+    let caller = Caller {
+        user: request.user.as_deref(),
+        auth: &request.auth,
+        token_ttl_seconds: request.token_ttl_seconds,
+    };
+    spawn(state, &request.spawn_config, &pool, None, caller)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("spawn without a key lost a key race").into())
+}
+
+/// Who a token is issued to.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    user: Option<&'a str>,
+    auth: &'a Map<String, Value>,
+    /// The token ends this long after it is issued.
+    token_ttl_seconds: Option<i64>,
+}
+
+impl Caller<'_> {
+    fn token_expires_at(&self) -> Option<Millis> {
+        self.token_ttl_seconds
+            // Validated to 1 ..= MAX_LIMIT_SECONDS, so this neither wraps nor overflows.
+            .map(|seconds| Millis::now().plus_millis(seconds.unsigned_abs().saturating_mul(1000)))
+    }
+}
+
+/// Issues a token for a running backend. `None` if it terminated meanwhile.
+async fn join_existing(
+    state: &ControllerState,
+    backend_id: &BackendName,
+    caller: Caller<'_>,
+) -> Result<Option<ConnectResponse>, ControllerError> {
+    // Subscribe before reading, so a change between the read and the wait is not missed.
+    let mut changes = state.bus().subscribe_status();
+    let Some(backend) = state.store().backend(backend_id).await? else {
+        return Ok(None);
+    };
+    if backend.status.is_terminating() {
+        // A terminating backend keeps its key until its process is gone, so that two never
+        // run at once. Wait for it to let go, then the caller starts a fresh one.
+        let deadline = tokio::time::Instant::now() + KEY_RELEASE_WAIT;
+        loop {
+            let status = state.store().backend(backend_id).await?.map(|b| b.status);
+            if status.is_none_or(|s| s == BackendStatus::Terminated) {
+                return Ok(None);
+            }
+            if !ChangeBus::wait_for_change_of(&mut changes, backend_id, deadline).await {
+                return Err(ControllerError::KeyStillTerminating {
+                    holder: backend_id.clone(),
+                    waited_seconds: KEY_RELEASE_WAIT.as_secs(),
+                });
+            }
+        }
+    }
+    let (token, secret) = match backend.static_token.clone() {
+        Some(_) if caller.token_ttl_seconds.is_some() => {
+            return Err(ControllerError::invalid(format!(
+                "token_ttl_seconds does not apply to backend {backend_id}: it has one static token for every connect"
+            )));
+        }
+        // A static token and its secret were recorded once, at spawn.
+        Some(token) => {
+            let row = state.store().token(&token).await?.ok_or_else(|| {
+                anyhow::anyhow!("the static token of backend {backend_id} is missing")
+            })?;
+            (token, row.secret)
+        }
+        None => {
+            let token = BearerToken::new_random();
+            let secret = SecretToken::new_random();
+            let new_token = NewToken {
+                token: &token,
+                secret: &secret,
+                user: caller.user,
+                auth: caller.auth,
+                expires_at: caller.token_expires_at(),
+            };
+            state.store().add_token(backend_id, &new_token).await?;
+            (token, secret)
+        }
+    };
+    Ok(Some(response(
+        state,
+        backend_id.clone(),
+        false,
+        backend.status,
+        &backend.cluster,
+        backend.subdomain.clone(),
+        token,
+        secret,
+        backend.drone,
+    )))
+}
+
+/// Starts a new backend. `None` when `key` was taken by a concurrent connect.
+async fn spawn(
+    state: &ControllerState,
+    spawn_config: &SpawnConfig,
+    pool: &PoolName,
+    key: Option<&KeyConfig>,
+    caller: Caller<'_>,
+) -> Result<Option<ConnectResponse>, ControllerError> {
+    let cluster = spawn_config
+        .cluster
+        .clone()
+        .or_else(|| state.config().default_cluster.clone())
+        .ok_or(ControllerError::NoClusterProvided)?;
+    let drone = pick_drone(state, &cluster, pool).await?.ok_or_else(|| {
+        ControllerError::NoDroneAvailable {
+            cluster: cluster.clone(),
+            pool: pool.to_string(),
+        }
+    })?;
+
+    let backend_id = spawn_config
+        .id
+        .clone()
+        .unwrap_or_else(BackendName::new_random);
+    let token = if spawn_config.use_static_token {
+        BearerToken::new_random_static()
+    } else {
+        BearerToken::new_random()
+    };
+    let secret = SecretToken::new_random();
+    let static_token = spawn_config.use_static_token.then(|| token.clone());
+    let new = NewBackend {
+        id: &backend_id,
+        cluster: &cluster,
+        pool: pool.as_str(),
+        drone: &drone,
+        spawn_config,
+        key,
+        static_token: static_token.as_ref(),
+        token: NewToken {
+            token: &token,
+            secret: &secret,
+            user: caller.user,
+            auth: caller.auth,
+            expires_at: caller.token_expires_at(),
+        },
+        now: Millis::now(),
+        lease_ms: state.config().lease_ms,
+    };
+    let created = state
+        .store()
+        .create_backend(new, |fencing_token| {
+            ActionKind::Spawn(SpawnAction {
+                executable: spawn_config.executable.clone(),
+                key: key.map(|k| k.name.clone()),
+                fencing_token,
+                static_token: static_token.clone(),
+                startup_timeout_ms: spawn_config
+                    .startup_timeout_seconds
+                    .map(|seconds| seconds.unsigned_abs().saturating_mul(1000)),
+            })
+        })
+        .await;
+    let created = match created {
+        Ok(Some(created)) => created,
+        Ok(None) => return Ok(None),
+        Err(StoreError::AlreadyExists(_)) => {
+            return Err(ControllerError::BackendIdTaken(backend_id))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    // The stored spawn action reaches the drone through the change bus, from whichever
+    // controller holds its session.
+    tracing::debug!(action_id = created.action_id, fencing_token = ?created.fencing_token, "spawn action stored");
+    tracing::info!(backend = %backend_id, %drone, %cluster, key = ?key.map(|k| &k.name), "backend scheduled");
+    Ok(Some(response(
+        state,
+        backend_id,
+        true,
+        BackendStatus::Scheduled,
+        &cluster,
+        spawn_config.subdomain.clone(),
+        token,
+        secret,
+        drone,
+    )))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn response(
+    state: &ControllerState,
+    backend_id: BackendName,
+    spawned: bool,
+    status: BackendStatus,
+    cluster: &ClusterName,
+    subdomain: Option<Subdomain>,
+    token: BearerToken,
+    secret_token: SecretToken,
+    drone: NodeName,
+) -> ConnectResponse {
+    ConnectResponse {
+        url: format!("{}/{token}/", cluster.base_url_for(subdomain.as_ref())),
+        status_url: state.status_url(&backend_id),
+        backend_id,
+        spawned,
+        status,
+        token,
+        subdomain,
+        secret_token,
+        drone: Some(drone),
+    }
+}
