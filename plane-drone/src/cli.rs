@@ -11,9 +11,14 @@ use url::Url;
 /// Run a drone: start backends as Docker containers on behalf of the controller.
 #[derive(Clone, Debug, Args)]
 pub struct DroneOpts {
-    /// Base URL of the controller, e.g. http://127.0.0.1:8080.
+    /// Base URL of the controller, http or https, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "PLANE_CONTROLLER_URL")]
     pub controller_url: Url,
+
+    /// A PEM file of CA certificates to trust for an https controller (besides the web's
+    /// public roots).
+    #[arg(long, env = "PLANE_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
 
     /// The cluster this drone serves, e.g. localhost:9090.
     #[arg(long, env = "PLANE_CLUSTER")]
@@ -87,6 +92,7 @@ impl DroneOpts {
             reconnect_max_backoff_ms: self.reconnect_max_backoff_ms,
             pull_timeout_ms: self.pull_timeout_ms,
             cluster_secret: self.cluster_secret,
+            controller_ca: self.controller_ca,
             state_dir: self.state_dir,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),

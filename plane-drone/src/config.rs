@@ -15,6 +15,10 @@ pub struct DroneConfig {
     /// Base HTTP(S) URL of the controller, e.g. `http://127.0.0.1:8080`. The drone connects
     /// its WebSocket to `<this with ws/wss scheme>/ctrl/c/<cluster>/drone-socket`.
     pub controller_url: Url,
+    /// A PEM file of CA certificates to trust for an `https` controller, besides the web's
+    /// public roots.
+    #[serde(default)]
+    pub controller_ca: Option<PathBuf>,
     /// The cluster this drone serves.
     pub cluster: ClusterName,
     /// This drone's name, unique within the cluster. Containers are labelled with it, so a
@@ -110,6 +114,7 @@ impl DroneConfig {
     pub fn new(controller_url: Url, cluster: ClusterName) -> Self {
         Self {
             controller_url,
+            controller_ca: None,
             cluster,
             name: NodeName::new_random("dr"),
             pool: PoolName::default(),
@@ -145,6 +150,17 @@ impl DroneConfig {
 
     pub(crate) fn reconnect_max_backoff(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_backoff_ms.max(1))
+    }
+
+    /// How the drone links to its controller.
+    pub fn link_config(&self) -> plane_link::LinkConfig {
+        plane_link::LinkConfig {
+            controller: self.controller_url.clone(),
+            kind: plane_link::SocketKind::Drone(self.cluster.clone()),
+            cluster_secret: self.cluster_secret.clone(),
+            ca_file: self.controller_ca.clone(),
+            max_backoff: self.reconnect_max_backoff(),
+        }
     }
 
     pub(crate) fn pull_timeout(&self) -> Duration {

@@ -1,80 +1,38 @@
-//! The drone's WebSocket to the controller: says hello, replays unacked events, heartbeats,
-//! hands actions to the executor and acks them, and reconnects with capped exponential
-//! backoff whenever the connection drops.
+//! The drone's session with the controller, over the shared node link (`plane-link`, which
+//! reconnects with capped exponential backoff): says hello, replays unacked events,
+//! heartbeats, hands actions to the executor and acks them.
 
 use crate::event_queue::EventQueue;
 use crate::executor::ExecutorHandle;
 use crate::leases::Leases;
-use futures_util::{SinkExt, StreamExt};
-use plane_protocol::auth::NodeCredentials;
+use plane_link::{Link, LinkError, Session, SessionEnd};
 use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::drone::{ActionKind, BackendAction, MessageFromDrone, MessageToDrone};
-use plane_protocol::names::{ClusterName, NodeName, PoolName};
+use plane_protocol::names::{NodeName, PoolName};
 use plane_protocol::PLANE_VERSION;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-use url::Url;
 
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+type ControllerLink = Link<MessageFromDrone, MessageToDrone>;
 
-/// First reconnect delay; doubled after every failed attempt up to the configured cap.
-const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-/// Bound on opening the connection (TCP, TLS and WebSocket handshake).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How a session refused by the controller ends (see [`MessageToDrone::Refused`]).
-const REFUSED: &str = "refused by the controller";
 /// How many of the oldest unacked events are sent again when acks stop coming.
 const RESEND_PAGE: usize = 100;
 /// A session whose controller has not answered a heartbeat for this many heartbeat
 /// intervals is dropped and a new one opened.
 const RENEWAL_LIMIT_HEARTBEATS: u32 = 4;
-/// Bound on writing one message; a controller that stops reading is treated as gone.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// The connection is considered dead when nothing (not even a pong) arrived for this long,
-/// or for three heartbeat intervals if that is longer.
-const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(15);
-
-/// The controller's drone-socket URL for a cluster: the controller's base URL with a
-/// WebSocket scheme and `/ctrl/c/<cluster>/drone-socket` appended to its path.
-pub fn socket_url(controller_url: &Url, cluster: &ClusterName) -> anyhow::Result<Url> {
-    // Credentials go in headers (see `Connection::credentials`), never in the URL.
-    let (mut url, _) = plane_protocol::auth::split_bearer(controller_url);
-    let scheme = match controller_url.scheme() {
-        "http" | "ws" => "ws",
-        "https" | "wss" => "wss",
-        other => anyhow::bail!(
-            "controller URL {controller_url} has scheme {other:?}; expected http or https"
-        ),
-    };
-    url.set_scheme(scheme)
-        .map_err(|()| anyhow::anyhow!("cannot use scheme {scheme} for {controller_url}"))?;
-    url.path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("controller URL {controller_url} cannot have a path"))?
-        .pop_if_empty()
-        .extend(["ctrl", "c", cluster.as_str(), "drone-socket"]);
-    url.set_query(None);
-    url.set_fragment(None);
-    Ok(url)
-}
 
 /// What the connection task needs.
 pub(crate) struct Connection {
-    pub url: Url,
     pub name: NodeName,
     /// This process's instance ID, the same in every session it opens.
     pub instance: String,
-    /// Sent as headers when the socket opens.
-    pub credentials: NodeCredentials,
     pub pool: PoolName,
     pub heartbeat_interval: Duration,
     pub fence_margin: Duration,
     /// Heartbeats renew these; answers update them.
     pub leases: Leases,
-    pub max_backoff: Duration,
     pub executor: ExecutorHandle,
     pub events: EventQueue,
     /// True while a session is open (hello sent).
@@ -82,87 +40,41 @@ pub(crate) struct Connection {
     /// Once cancelled, incoming actions are ignored (and not acked), so the controller
     /// re-sends them to whoever takes over. Events keep flowing.
     pub stop_actions: CancellationToken,
+    /// The drone is shutting down: end the session (and the link).
+    pub cancel: CancellationToken,
 }
 
-/// Why a session ended.
-enum SessionEnd {
-    Cancelled,
-    Lost(String),
+/// Why a session ends early: the link failed, or the controller refused the drone.
+enum Stop {
+    Link(LinkError),
+    Refused(String),
+}
+
+impl From<LinkError> for Stop {
+    fn from(error: LinkError) -> Self {
+        Self::Link(error)
+    }
+}
+
+impl Session<MessageFromDrone, MessageToDrone> for Connection {
+    async fn run(&mut self, link: &mut ControllerLink) -> SessionEnd {
+        let end = self.session(link).await;
+        self.connected.send_replace(false);
+        end
+    }
 }
 
 impl Connection {
-    /// The socket's opening request, with the credentials.
-    fn socket_request(&self) -> tokio_tungstenite::tungstenite::handshake::client::Request {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        // The URL was built by `socket_url`, so it is a valid ws/wss request.
-        let mut request = self
-            .url
-            .as_str()
-            .into_client_request()
-            .expect("a valid socket URL");
-        for (name, value) in self.credentials.headers() {
-            match value.parse() {
-                Ok(value) => {
-                    request.headers_mut().insert(name, value);
-                }
-                Err(_) => {
-                    tracing::error!(header = name, "credential not valid in a header; not sent")
-                }
-            }
-        }
-        request
-    }
-
-    /// Runs until `cancel` fires, reconnecting as needed. On cancel, closes the socket.
-    pub(crate) async fn run(self, cancel: CancellationToken) {
-        let mut backoff = INITIAL_BACKOFF;
-        loop {
-            let attempt = tokio::select! {
-                _ = cancel.cancelled() => return,
-                attempt = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    // Small frames must not wait for Nagle's algorithm.
-                    tokio_tungstenite::connect_async_with_config(self.socket_request(), None, true),
-                ) => attempt,
-            };
-            match attempt {
-                Ok(Ok((socket, _response))) => {
-                    tracing::info!(url = %self.url, "connected to controller");
-                    backoff = INITIAL_BACKOFF;
-                    let end = self.session(socket, &cancel).await;
-                    self.connected.send_replace(false);
-                    match end {
-                        SessionEnd::Cancelled => return,
-                        SessionEnd::Lost(why) => {
-                            tracing::warn!(url = %self.url, reason = %why, "lost controller connection");
-                            if why.starts_with(REFUSED) {
-                                // Retrying at once cannot help (and, for a drone whose name
-                                // another uses, would take the session back and forth).
-                                backoff = self.max_backoff;
-                            }
-                        }
-                    }
-                }
-                Ok(Err(err)) => {
-                    // A refusal (401: no or a wrong --cluster-secret or token) says why in
-                    // its body.
-                    let answer = refusal_body(&err);
-                    tracing::warn!(url = %self.url, error = %err, answer, retry_in = ?backoff, "could not connect to controller");
-                }
-                Err(_) => {
-                    tracing::warn!(url = %self.url, retry_in = ?backoff, "connecting to controller timed out");
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(self.max_backoff);
+    async fn session(&self, link: &mut ControllerLink) -> SessionEnd {
+        match self.serve(link).await {
+            Ok(()) => SessionEnd::Shutdown,
+            Err(Stop::Link(error)) => SessionEnd::Lost(error),
+            Err(Stop::Refused(reason)) => SessionEnd::Refused(reason),
         }
     }
 
-    async fn session(&self, socket: Socket, cancel: &CancellationToken) -> SessionEnd {
-        let (mut sink, mut stream) = socket.split();
+    /// Runs one session until the drone shuts down (`Ok`) or it must end.
+    async fn serve(&self, link: &mut ControllerLink) -> Result<(), Stop> {
         // Subscribe before the replay so an event pushed during it wakes the loop below.
         let mut events_changed = self.events.subscribe();
         let hello = MessageFromDrone::Hello {
@@ -174,19 +86,14 @@ impl Connection {
             heartbeat_interval_ms: Some(self.heartbeat_interval.as_millis() as u64),
             fence_margin_ms: Some(self.fence_margin.as_millis() as u64),
         };
-        if let Err(why) = send(&mut sink, &hello).await {
-            return SessionEnd::Lost(why);
-        }
+        link.send(&hello).await?;
         self.connected.send_replace(true);
         // The highest event ID sent on this connection; everything unacked is re-sent on
         // a new one, since the controller may not have seen it.
         let mut last_sent = None;
-        if let Err(why) = self.send_new_events(&mut sink, &mut last_sent).await {
-            return SessionEnd::Lost(why);
-        }
+        self.send_new_events(link, &mut last_sent).await?;
 
-        let silence_limit = (self.heartbeat_interval * 3).max(MIN_SILENCE_LIMIT);
-        let mut last_heard = Instant::now();
+        let silence_limit = plane_link::silence_limit(self.heartbeat_interval);
         let renewal_limit = self.heartbeat_interval * RENEWAL_LIMIT_HEARTBEATS;
         let session_start = Instant::now();
         // The oldest unacked event at the previous heartbeat. Still unacked a whole
@@ -197,82 +104,54 @@ impl Connection {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            let result = tokio::select! {
-                _ = cancel.cancelled() => {
-                    // Best effort: the controller learns we left on purpose.
-                    let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Close(None))).await;
-                    return SessionEnd::Cancelled;
-                }
-                message = stream.next() => {
-                    last_heard = Instant::now();
-                    match message {
-                        Some(Ok(Message::Text(text))) => self.handle_text(&mut sink, &text).await,
-                        Some(Ok(Message::Close(frame))) => {
-                            Err(format!("controller closed the connection ({frame:?})"))
-                        }
-                        // Pings are answered by tungstenite; pongs only prove liveness.
-                        Some(Ok(_)) => Ok(()),
-                        Some(Err(err)) => Err(format!("read failed: {err}")),
-                        None => Err("connection closed".to_string()),
-                    }
-                }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(()),
+                message = link.recv() => self.handle_message(link, message?).await?,
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > silence_limit {
-                        Err(format!("nothing heard from the controller for {silence_limit:?}"))
-                    } else if self
+                    link.check_silence(silence_limit)?;
+                    let last_renewal = self
                         .leases
                         .last_renewal()
-                        .map_or(session_start, |at| at.max(session_start))
-                        .elapsed()
-                        > renewal_limit
-                    {
+                        .map_or(session_start, |at| at.max(session_start));
+                    if last_renewal.elapsed() > renewal_limit {
                         // The controller answers pings but not heartbeats (its database is
                         // out of reach, say): try again, perhaps reaching another controller,
                         // rather than let every lease run out on this session.
-                        Err(format!("no lease renewal from the controller for {renewal_limit:?}"))
+                        return Err(Stop::Link(LinkError::Unhealthy(format!(
+                            "no lease renewal from the controller for {renewal_limit:?}"
+                        ))));
+                    }
+                    let oldest = self.events.unacked_after(None).first().map(|e| e.event_id);
+                    let stuck = oldest.is_some() && oldest == oldest_unacked_at_last_beat;
+                    oldest_unacked_at_last_beat = oldest;
+                    self.heartbeat(link).await?;
+                    if stuck {
+                        // Only the oldest page goes again: a controller that is merely slow
+                        // is not sent its whole backlog once more every beat.
+                        self.resend_oldest_events(link).await?;
                     } else {
-                        let oldest = self.events.unacked_after(None).first().map(|e| e.event_id);
-                        let stuck = oldest.is_some() && oldest == oldest_unacked_at_last_beat;
-                        oldest_unacked_at_last_beat = oldest;
-                        match self.heartbeat(&mut sink).await {
-                            // Only the oldest page goes again: a controller that is merely
-                            // slow is not sent its whole backlog once more every beat.
-                            Ok(()) if stuck => self.resend_oldest_events(&mut sink).await,
-                            Ok(()) => self.send_new_events(&mut sink, &mut last_sent).await,
-                            failed => failed,
-                        }
+                        self.send_new_events(link, &mut last_sent).await?;
                     }
                 }
                 Ok(()) = events_changed.changed() => {
-                    self.send_new_events(&mut sink, &mut last_sent).await
+                    self.send_new_events(link, &mut last_sent).await?;
                 }
                 // A new backend waits for its lease: renew now rather than at the next beat.
-                _ = self.leases.renewal_requested() => self.renew_leases(&mut sink).await,
-            };
-            if let Err(why) = result {
-                return SessionEnd::Lost(why);
+                _ = self.leases.renewal_requested() => self.renew_leases(link).await?,
             }
         }
     }
 
-    async fn heartbeat<S>(&self, sink: &mut S) -> Result<(), String>
-    where
-        S: SinkExt<Message> + Unpin,
-        S::Error: std::fmt::Display,
-    {
-        self.renew_leases(sink).await?;
+    async fn heartbeat(&self, link: &mut ControllerLink) -> Result<(), LinkError> {
+        self.renew_leases(link).await?;
         // Gives a quiet controller something to answer, so the silence check above
         // only trips on a dead connection.
-        send_raw(sink, Message::Ping(Default::default())).await
+        link.ping().await
     }
 
     /// Sends a heartbeat naming every backend this drone runs; the controller's answer
     /// ([`MessageToDrone::LeaseRenewal`]) renews their leases.
-    async fn renew_leases<S>(&self, sink: &mut S) -> Result<(), String>
-    where
-        S: SinkExt<Message> + Unpin,
-        S::Error: std::fmt::Display,
-    {
+    async fn renew_leases(&self, link: &mut ControllerLink) -> Result<(), LinkError> {
         let backends = match self.executor.running().await {
             Ok(backends) => backends,
             // Shutting down: the last heartbeats are not worth a reconnect.
@@ -280,63 +159,47 @@ impl Connection {
         };
         // Recorded before sending, so the lease is counted from no later than the send.
         let seq = self.leases.heartbeat_sent();
-        send(sink, &MessageFromDrone::Heartbeat { backends, seq }).await
+        link.send(&MessageFromDrone::Heartbeat { backends, seq })
+            .await
     }
 
-    async fn send_new_events<S>(
+    async fn send_new_events(
         &self,
-        sink: &mut S,
+        link: &mut ControllerLink,
         last_sent: &mut Option<u64>,
-    ) -> Result<(), String>
-    where
-        S: SinkExt<Message> + Unpin,
-        S::Error: std::fmt::Display,
-    {
+    ) -> Result<(), LinkError> {
         for event in self.events.unacked_after(*last_sent) {
             let event_id = event.event_id;
-            send(sink, &MessageFromDrone::BackendEvent(event)).await?;
+            link.send(&MessageFromDrone::BackendEvent(event)).await?;
             *last_sent = Some(event_id);
         }
         Ok(())
     }
 
     /// Sends the oldest unacked events again (at most a page of them).
-    async fn resend_oldest_events<S>(&self, sink: &mut S) -> Result<(), String>
-    where
-        S: SinkExt<Message> + Unpin,
-        S::Error: std::fmt::Display,
-    {
+    async fn resend_oldest_events(&self, link: &mut ControllerLink) -> Result<(), LinkError> {
         for event in self
             .events
             .unacked_after(None)
             .into_iter()
             .take(RESEND_PAGE)
         {
-            send(sink, &MessageFromDrone::BackendEvent(event)).await?;
+            link.send(&MessageFromDrone::BackendEvent(event)).await?;
         }
         Ok(())
     }
 
-    async fn handle_text<S>(&self, sink: &mut S, text: &str) -> Result<(), String>
-    where
-        S: SinkExt<Message> + Unpin,
-        S::Error: std::fmt::Display,
-    {
-        let message: MessageToDrone = match serde_json::from_str(text) {
-            Ok(message) => message,
-            Err(err) => {
-                // A newer controller may send things we do not know; skipping them keeps
-                // the connection (and everything else on it) working.
-                tracing::warn!(error = %err, "ignoring unreadable message from controller");
-                return Ok(());
-            }
-        };
+    async fn handle_message(
+        &self,
+        link: &mut ControllerLink,
+        message: MessageToDrone,
+    ) -> Result<(), Stop> {
         match message {
             MessageToDrone::EventAck { event_id } => {
                 self.events.ack(event_id);
                 Ok(())
             }
-            MessageToDrone::Action(action) => self.handle_action(sink, action).await,
+            MessageToDrone::Action(action) => Ok(self.handle_action(link, action).await?),
             MessageToDrone::LeaseRenewal {
                 seq,
                 lease_ms,
@@ -356,18 +219,15 @@ impl Connection {
                 }
                 Ok(())
             }
-            MessageToDrone::Refused { reason } => {
-                tracing::error!(%reason, "the controller refused this drone");
-                Err(format!("{REFUSED}: {reason}"))
-            }
+            MessageToDrone::Refused { reason } => Err(Stop::Refused(reason)),
         }
     }
 
-    async fn handle_action<S>(&self, sink: &mut S, action: BackendAction) -> Result<(), String>
-    where
-        S: SinkExt<Message> + Unpin,
-        S::Error: std::fmt::Display,
-    {
+    async fn handle_action(
+        &self,
+        link: &mut ControllerLink,
+        action: BackendAction,
+    ) -> Result<(), LinkError> {
         if self.stop_actions.is_cancelled() {
             tracing::info!(
                 action_id = action.action_id,
@@ -387,46 +247,12 @@ impl Connection {
             }
         };
         match accepted {
-            Ok(()) => send(sink, &MessageFromDrone::ActionAck { action_id }).await,
+            Ok(()) => link.send(&MessageFromDrone::ActionAck { action_id }).await,
             Err(err) => {
                 tracing::info!(action_id, error = %err, "action not accepted; leaving it unacked");
                 Ok(())
             }
         }
-    }
-}
-
-async fn send<S>(sink: &mut S, message: &MessageFromDrone) -> Result<(), String>
-where
-    S: SinkExt<Message> + Unpin,
-    S::Error: std::fmt::Display,
-{
-    let json = serde_json::to_string(message).map_err(|err| format!("encoding failed: {err}"))?;
-    send_raw(sink, Message::Text(json.into())).await
-}
-
-async fn send_raw<S>(sink: &mut S, message: Message) -> Result<(), String>
-where
-    S: SinkExt<Message> + Unpin,
-    S::Error: std::fmt::Display,
-{
-    match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(err)) => Err(format!("write failed: {err}")),
-        Err(_) => Err(format!("write did not finish within {SEND_TIMEOUT:?}")),
-    }
-}
-
-/// The body of an HTTP refusal of the socket, if that is what `err` is.
-fn refusal_body(err: &tokio_tungstenite::tungstenite::Error) -> String {
-    match err {
-        tokio_tungstenite::tungstenite::Error::Http(response) => response
-            .body()
-            .as_deref()
-            .map(String::from_utf8_lossy)
-            .unwrap_or_default()
-            .into_owned(),
-        _ => String::new(),
     }
 }
 
@@ -438,13 +264,17 @@ mod tests {
     use crate::executor;
     use crate::lifecycle::LifecycleSettings;
     use crate::runtime::fake::FakeRuntime;
+    use futures_util::{SinkExt, StreamExt};
     use plane_protocol::api::ExecutorConfig;
     use plane_protocol::backend::{BackendStateUpdate, BackendStatus, TerminationReason};
     use plane_protocol::drone::{BackendEvent, SpawnAction};
     use plane_protocol::names::BackendName;
+    use plane_protocol::names::ClusterName;
     use tokio::net::{TcpListener, TcpStream};
-    use tokio_tungstenite::accept_hdr_async;
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::{accept_hdr_async, WebSocketStream};
+    use url::Url;
 
     type ServerSocket = WebSocketStream<TcpStream>;
 
@@ -529,21 +359,26 @@ mod tests {
             .await;
         let (connected_tx, mut connected) = watch::channel(false);
         let connection = Connection {
-            url: socket_url(&base, &cluster).expect("socket url"),
             name: "dr-conn-test".parse().expect("name"),
             instance: "test-instance".to_string(),
-            credentials: NodeCredentials::default(),
             pool: PoolName::default(),
             heartbeat_interval: Duration::from_millis(50),
             fence_margin: Duration::from_millis(100),
             leases,
-            max_backoff: Duration::from_millis(200),
             executor,
             events: events.clone(),
             connected: connected_tx,
             stop_actions: CancellationToken::new(),
+            cancel: cancel.clone(),
         };
-        let task = tokio::spawn(connection.run(cancel.clone()));
+        let link = plane_link::LinkConfig {
+            controller: base,
+            kind: plane_link::SocketKind::Drone(cluster),
+            cluster_secret: None,
+            ca_file: None,
+            max_backoff: Duration::from_millis(200),
+        };
+        let task = tokio::spawn(plane_link::run(link, connection, cancel.clone()));
 
         // First connection: hello, then the pending event; drop it without acking.
         let mut socket = accept(&listener).await;
@@ -609,7 +444,8 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("connection task stops")
-            .expect("no panic");
+            .expect("no panic")
+            .expect("a usable link configuration");
         assert!(!*connected.borrow());
     }
 
@@ -903,24 +739,5 @@ mod tests {
         assert!(Some(new[0].event_id) > newest_before);
 
         drop(second);
-    }
-
-    #[test]
-    fn socket_url_follows_the_controller_scheme_and_path() {
-        let cluster: ClusterName = "localhost:9090".parse().expect("valid");
-        let url = |base: &str| {
-            socket_url(&base.parse().expect("valid url"), &cluster)
-                .expect("valid socket url")
-                .to_string()
-        };
-        assert_eq!(
-            url("http://127.0.0.1:8080"),
-            "ws://127.0.0.1:8080/ctrl/c/localhost:9090/drone-socket"
-        );
-        assert_eq!(
-            url("https://plane.example.com/base/"),
-            "wss://plane.example.com/base/ctrl/c/localhost:9090/drone-socket"
-        );
-        assert!(socket_url(&"ftp://x".parse().expect("valid url"), &cluster).is_err());
     }
 }

@@ -80,7 +80,8 @@ pub async fn start_with_runtime<R: Runtime>(
     runtime: R,
     cancel: CancellationToken,
 ) -> anyhow::Result<DroneHandle> {
-    let url = controller_connection::socket_url(&config.controller_url, &config.cluster)?;
+    let link = config.link_config();
+    link.check().context("invalid drone configuration")?;
     let events = EventQueue::open(&config.state_dir)
         .await
         .with_context(|| format!("opening state directory {}", config.state_dir.display()))?;
@@ -111,25 +112,25 @@ pub async fn start_with_runtime<R: Runtime>(
 
     let (connected_tx, connected) = watch::channel(false);
     let stop_actions = CancellationToken::new();
+    let link_cancel = cancel.child_token();
     let connection = Connection {
-        url,
         name: config.name.clone(),
         instance: plane_protocol::names::new_instance_id(),
-        credentials: plane_protocol::auth::NodeCredentials {
-            bearer: plane_protocol::auth::split_bearer(&config.controller_url).1,
-            cluster_secret: config.cluster_secret.clone(),
-        },
         pool: config.pool.clone(),
         heartbeat_interval: config.heartbeat_interval(),
         fence_margin: config.fence_margin(),
         leases,
-        max_backoff: config.reconnect_max_backoff(),
         executor: executor.clone(),
         events: events.clone(),
         connected: connected_tx,
         stop_actions: stop_actions.clone(),
+        cancel: link_cancel.clone(),
     };
-    let connection_task = tokio::spawn(connection.run(cancel.child_token()));
+    let connection_task = tokio::spawn(async move {
+        if let Err(error) = plane_link::run(link, connection, link_cancel).await {
+            tracing::error!(%error, "cannot link to the controller");
+        }
+    });
     tracing::info!(drone = %config.name, cluster = %config.cluster, "drone started");
 
     Ok(DroneHandle {

@@ -8,14 +8,20 @@ use crate::config::{
 use anyhow::Context;
 use plane_protocol::names::{ClusterName, NodeName};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use url::Url;
 
 /// Run a proxy: route tokenized URLs of one cluster to their backends.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ProxyOpts {
-    /// Base HTTP URL of the controller, e.g. http://127.0.0.1:8080.
+    /// Base URL of the controller, http or https, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "PLANE_CONTROLLER_URL")]
     pub controller_url: Url,
+
+    /// A PEM file of CA certificates to trust for an https controller (besides the web's
+    /// public roots).
+    #[arg(long, env = "PLANE_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
 
     /// The cluster to serve, named by the public host[:port] browsers use.
     #[arg(long, env = "PLANE_CLUSTER")]
@@ -78,6 +84,7 @@ impl ProxyOpts {
         config.shutdown_grace_ms = self.shutdown_grace_ms;
         config.backend_connect_timeout_ms = self.backend_connect_timeout_ms;
         config.cluster_secret = self.cluster_secret;
+        config.controller_ca = self.controller_ca;
         config.validate().context("invalid proxy options")?;
         Ok(config)
     }

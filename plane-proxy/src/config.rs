@@ -4,6 +4,7 @@
 use plane_protocol::names::{ClusterName, NodeName};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
 
@@ -17,15 +18,20 @@ pub const DEFAULT_HOLD_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_HELD_REQUESTS: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_BACKEND_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// The longest wait between attempts to reach the controller.
+const CONTROLLER_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Everything a proxy needs to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// Base HTTP URL of the controller, e.g. `http://127.0.0.1:8080/`. The proxy socket is
-    /// `<this URL with scheme ws>/ctrl/c/<cluster>/proxy-socket`. Only `http` is supported
-    /// for now (a `wss` client needs TLS, which comes with the proxy's own TLS work).
+    /// Base URL of the controller, `http` or `https`, e.g. `http://127.0.0.1:8080/`. The
+    /// proxy socket is `<this URL with scheme ws or wss>/ctrl/c/<cluster>/proxy-socket`.
     pub controller_url: Url,
+    /// A PEM file of CA certificates to trust for an `https` controller, besides the web's
+    /// public roots.
+    #[serde(default)]
+    pub controller_ca: Option<PathBuf>,
     /// The cluster this proxy serves, named by the public host[:port] browsers use.
     pub cluster: ClusterName,
     /// This proxy's name within the cluster, sent in its hello. Random (`px-…`) by default.
@@ -91,10 +97,8 @@ fn default_backend_connect_timeout_ms() -> u64 {
 /// Why a [`ProxyConfig`] cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("controller URL {0} must use http (https/wss is not supported yet)")]
-    UnsupportedControllerScheme(Url),
-    #[error("controller URL {0} cannot be a base URL (it has no host)")]
-    ControllerUrlNotABase(Url),
+    #[error("{0}")]
+    ControllerUrl(String),
     #[error("{0} must be greater than zero")]
     ZeroDuration(&'static str),
     #[error("{0} must be greater than zero")]
@@ -106,6 +110,7 @@ impl ProxyConfig {
     pub fn new(controller_url: Url, cluster: ClusterName) -> Self {
         Self {
             controller_url,
+            controller_ca: None,
             cluster,
             name: random_name(),
             http_port: DEFAULT_HTTP_PORT,
@@ -121,7 +126,8 @@ impl ProxyConfig {
 
     /// Checks what serde cannot: the controller URL's scheme and non-zero intervals.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.controller_socket_url().map(|_| ())?;
+        plane_link::socket_url(&self.controller_url, &self.socket_kind())
+            .map_err(|err| ConfigError::ControllerUrl(err.to_string()))?;
         for (name, value) in [
             ("report_interval_ms", self.report_interval_ms),
             ("hold_timeout_ms", self.hold_timeout_ms),
@@ -140,33 +146,19 @@ impl ProxyConfig {
         Ok(())
     }
 
-    /// `ws://…/ctrl/c/<cluster>/proxy-socket`, derived from the controller's base URL so a
-    /// path prefix on it (a controller behind a reverse proxy) is kept.
-    pub fn controller_socket_url(&self) -> Result<Url, ConfigError> {
-        // Credentials go in headers (see `ControllerConnectionConfig::credentials`).
-        let (mut url, _) = plane_protocol::auth::split_bearer(&self.controller_url);
-        if url.scheme() != "http" {
-            return Err(ConfigError::UnsupportedControllerScheme(url));
+    fn socket_kind(&self) -> plane_link::SocketKind {
+        plane_link::SocketKind::Proxy(self.cluster.clone())
+    }
+
+    /// How the proxy links to its controller.
+    pub fn link_config(&self) -> plane_link::LinkConfig {
+        plane_link::LinkConfig {
+            controller: self.controller_url.clone(),
+            kind: self.socket_kind(),
+            cluster_secret: self.cluster_secret.clone(),
+            ca_file: self.controller_ca.clone(),
+            max_backoff: CONTROLLER_MAX_BACKOFF,
         }
-        if url.set_scheme("ws").is_err() {
-            return Err(ConfigError::UnsupportedControllerScheme(url));
-        }
-        url.set_query(None);
-        url.set_fragment(None);
-        let cluster = self.cluster.as_str();
-        match url.path_segments_mut() {
-            Ok(mut segments) => {
-                segments
-                    .pop_if_empty()
-                    .extend(["ctrl", "c", cluster, "proxy-socket"]);
-            }
-            Err(()) => {
-                return Err(ConfigError::ControllerUrlNotABase(
-                    self.controller_url.clone(),
-                ))
-            }
-        }
-        Ok(url)
     }
 
     pub fn report_interval(&self) -> Duration {
@@ -198,25 +190,14 @@ mod tests {
     }
 
     #[test]
-    fn socket_url_keeps_a_path_prefix() {
-        let plain = config("http://127.0.0.1:8080").controller_socket_url();
-        assert_eq!(
-            plain.map(String::from),
-            Ok("ws://127.0.0.1:8080/ctrl/c/localhost:9090/proxy-socket".to_string())
-        );
-        let prefixed = config("http://ctl.example/plane/?x=1").controller_socket_url();
-        assert_eq!(
-            prefixed.map(String::from),
-            Ok("ws://ctl.example/plane/ctrl/c/localhost:9090/proxy-socket".to_string())
-        );
-    }
-
-    #[test]
-    fn https_controller_is_refused_until_tls_lands() {
-        assert!(matches!(
-            config("https://ctl.example").validate(),
-            Err(ConfigError::UnsupportedControllerScheme(_))
-        ));
+    fn http_and_https_controllers_are_accepted_and_others_named() {
+        assert_eq!(config("http://127.0.0.1:8080").validate(), Ok(()));
+        assert_eq!(config("https://ctl.example/plane/").validate(), Ok(()));
+        let Err(ConfigError::ControllerUrl(message)) = config("ftp://ctl.example").validate()
+        else {
+            panic!("ftp is refused");
+        };
+        assert!(message.contains("ftp"), "{message}");
     }
 
     #[test]

@@ -1,13 +1,13 @@
-//! The proxy's WebSocket to the controller: resolves tokens to routes (holding requests
-//! while their backend starts), applies backend removals to the route cache, and sends
-//! keep-alive reports. Reconnects forever with backoff; requests that need the controller
-//! while it is away wait for it to come back.
+//! The proxy's session with the controller, over the shared node link (`plane-link`, which
+//! reconnects with backoff): resolves tokens to routes (holding requests while their backend
+//! starts), applies backend removals to the route cache, and sends keep-alive reports.
+//! Requests that need the controller while it is away wait for it to come back.
 
 use crate::connection_tracker::ConnectionTracker;
 use crate::route::Route;
 use crate::route_cache::{Inserted, RouteCache};
 use crate::upstream_pool::UpstreamPool;
-use futures_util::{SinkExt, StreamExt};
+use plane_link::{Link, LinkConfig, LinkError, Session, SessionEnd};
 use plane_protocol::backend::TerminationReason;
 use plane_protocol::names::{BearerToken, NodeName};
 use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteAnswer};
@@ -15,30 +15,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use url::Url;
 
-/// First wait before reconnecting; doubles after every failed attempt.
-const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between reconnect attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// A connect attempt (TCP + WebSocket handshake) that takes longer is abandoned, so a
-/// black-holed controller address cannot stall reconnection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection on which nothing (not even a pong) arrived for this long, and for at least
-/// three report intervals, is treated as dead: TCP alone may not notice a vanished peer.
-const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(10);
 /// The shortest time between two reports of connections opened or closed.
 const MIN_CHANGES_INTERVAL: Duration = Duration::from_millis(50);
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type ControllerLink = Link<MessageFromProxy, MessageToProxy>;
 type Resolution = Result<Arc<Route>, RouteError>;
 type Waiter = oneshot::Sender<Resolution>;
 
@@ -67,16 +53,14 @@ pub enum RouteError {
 /// What the connection needs to know.
 #[derive(Clone, Debug)]
 pub struct ControllerConnectionConfig {
-    /// `ws://…/ctrl/c/<cluster>/proxy-socket`.
-    pub socket_url: Url,
+    /// Where the controller is and how to reach it.
+    pub link: LinkConfig,
     pub name: NodeName,
     pub report_interval: Duration,
     /// How long a request may wait for its route (a starting backend, a lost controller).
     pub hold_timeout: Duration,
     /// How many requests may wait for routes at once; more are refused at once.
     pub max_held_requests: usize,
-    /// Sent as headers when the socket opens.
-    pub credentials: plane_protocol::auth::NodeCredentials,
 }
 
 /// Handle for resolving tokens through the controller. Cheap to clone.
@@ -215,15 +199,20 @@ impl ControllerClient {
             max_held_requests: config.max_held_requests,
             held: AtomicUsize::new(0),
         });
+        let link = config.link.clone();
         let runner = Runner {
             shared: shared.clone(),
             config,
             instance: plane_protocol::names::new_instance_id(),
             requests: requests_rx,
             connected: connected_tx,
-            cancel,
+            cancel: cancel.clone(),
         };
-        let task = tokio::spawn(runner.run());
+        let task = tokio::spawn(async move {
+            if let Err(error) = plane_link::run(link, runner, cancel).await {
+                tracing::error!(%error, "cannot link to the controller");
+            }
+        });
         (Self { shared }, task)
     }
 
@@ -302,21 +291,6 @@ impl ControllerClient {
     }
 }
 
-/// How a session on one socket ended.
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error("WebSocket error: {0}")]
-    Socket(#[from] tokio_tungstenite::tungstenite::Error),
-    #[error("could not encode a message: {0}")]
-    Encode(#[from] serde_json::Error),
-    #[error("the controller closed the connection")]
-    Closed,
-    #[error("nothing heard from the controller for {0:?}")]
-    Silent(Duration),
-    #[error("the controller did not take a message within {0:?}")]
-    SendTimeout(Duration),
-}
-
 struct Runner {
     shared: Arc<Shared>,
     config: ControllerConnectionConfig,
@@ -327,87 +301,21 @@ struct Runner {
     cancel: CancellationToken,
 }
 
+impl Session<MessageFromProxy, MessageToProxy> for Runner {
+    async fn run(&mut self, link: &mut ControllerLink) -> SessionEnd {
+        let end = match self.session(link).await {
+            Ok(end) => end,
+            Err(error) => SessionEnd::Lost(error),
+        };
+        self.connected.send_replace(false);
+        end
+    }
+}
+
 impl Runner {
-    /// The socket's opening request, with the credentials.
-    fn socket_request(&self) -> tokio_tungstenite::tungstenite::handshake::client::Request {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        // The URL was built by `ProxyConfig::controller_socket_url`: a valid ws request.
-        let mut request = self
-            .config
-            .socket_url
-            .as_str()
-            .into_client_request()
-            .expect("a valid socket URL");
-        for (name, value) in self.config.credentials.headers() {
-            match value.parse() {
-                Ok(value) => {
-                    request.headers_mut().insert(name, value);
-                }
-                Err(_) => {
-                    tracing::error!(header = name, "credential not valid in a header; not sent")
-                }
-            }
-        }
-        request
-    }
-
-    async fn run(mut self) {
-        let url = self.config.socket_url.clone();
-        let mut backoff = INITIAL_BACKOFF;
-        loop {
-            let attempt = tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                attempt = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio_tungstenite::connect_async(self.socket_request()),
-                ) => attempt,
-            };
-            match attempt {
-                Ok(Ok((mut socket, _))) => {
-                    let started = Instant::now();
-                    let result = self.session(&mut socket).await;
-                    self.connected.send_replace(false);
-                    match result {
-                        Ok(()) => {
-                            // Shutting down: say goodbye, but don't let a stuck peer hold us.
-                            let close = socket.close(None);
-                            let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
-                            return;
-                        }
-                        Err(error) => warn!(%url, %error, "lost the controller connection"),
-                    }
-                    // A connection that held for a while was healthy: start backoff afresh.
-                    // One that dropped at once (e.g. hello refused) keeps backing off.
-                    if started.elapsed() >= MAX_BACKOFF {
-                        backoff = INITIAL_BACKOFF;
-                    }
-                }
-                Ok(Err(error)) => {
-                    // A refusal (401: no or a wrong --cluster-secret or token) says why in
-                    // its body.
-                    let answer = match &error {
-                        tokio_tungstenite::tungstenite::Error::Http(response) => response
-                            .body()
-                            .as_deref()
-                            .map(String::from_utf8_lossy)
-                            .unwrap_or_default()
-                            .into_owned(),
-                        _ => String::new(),
-                    };
-                    warn!(%url, %error, answer, "could not connect to the controller");
-                }
-                Err(_) => warn!(%url, "timed out connecting to the controller"),
-            }
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    /// Runs one connection until it fails (`Err`) or the proxy shuts down (`Ok`).
-    async fn session(&mut self, socket: &mut Socket) -> Result<(), SessionError> {
+    /// Runs one session until the link fails (`Err`), the controller refuses the proxy, or
+    /// the proxy shuts down.
+    async fn session(&mut self, link: &mut ControllerLink) -> Result<SessionEnd, LinkError> {
         let hello = MessageFromProxy::Hello {
             name: self.config.name.clone(),
             version: plane_protocol::PLANE_VERSION.to_string(),
@@ -415,19 +323,16 @@ impl Runner {
             instance: self.instance.clone(),
             report_interval_ms: Some(self.config.report_interval.as_millis() as u64),
         };
-        send(socket, &hello).await?;
+        link.send(&hello).await?;
         // The controller starts this session knowing nothing of our connections: tell it
         // everything open now, and only changes after that.
         let tracker = &self.shared.tracker;
         tracker.take_changes();
         let opened = tracker.open_backends();
-        send(
-            socket,
-            &MessageFromProxy::ConnectionsChanged {
-                opened,
-                closed: vec![],
-            },
-        )
+        link.send(&MessageFromProxy::ConnectionsChanged {
+            opened,
+            closed: vec![],
+        })
         .await?;
         // Removals sent while we were away were missed, so nothing cached can be trusted:
         // neither routes nor idle connections (to backends that may be gone).
@@ -436,66 +341,55 @@ impl Runner {
         // Every pending token is re-sent below, which covers those queued meanwhile.
         while self.requests.try_recv().is_ok() {}
         for token in self.shared.live_pending_tokens() {
-            send(socket, &MessageFromProxy::RouteRequest { token }).await?;
+            link.send(&MessageFromProxy::RouteRequest { token }).await?;
         }
         self.connected.send_replace(true);
-        info!(url = %self.config.socket_url, name = %self.config.name, "connected to the controller");
+        info!(name = %self.config.name, "proxy session started");
 
         let period = self.config.report_interval;
-        let silence_limit = (period * 3).max(MIN_SILENCE_LIMIT);
+        let silence_limit = plane_link::silence_limit(period);
         let mut report = tokio::time::interval_at(Instant::now() + period, period);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
         // Changes are sent at most this often, so a busy backend whose connections open and
         // close all the time costs a message per interval, not one per request.
         let mut next_changes_at = Instant::now();
 
         loop {
             tokio::select! {
-                _ = self.cancel.cancelled() => return Ok(()),
+                _ = self.cancel.cancelled() => return Ok(SessionEnd::Shutdown),
                 _ = tracker.changed() => {
                     tokio::time::sleep_until(next_changes_at).await;
                     next_changes_at = Instant::now() + MIN_CHANGES_INTERVAL;
-                    self.send_changes(socket).await?;
+                    self.send_changes(link).await?;
                 }
                 token = self.requests.recv() => match token {
-                    Some(token) => send(socket, &MessageFromProxy::RouteRequest { token }).await?,
-                    None => return Ok(()),
+                    Some(token) => link.send(&MessageFromProxy::RouteRequest { token }).await?,
+                    None => return Ok(SessionEnd::Shutdown),
                 },
-                frame = socket.next() => {
-                    last_heard = Instant::now();
-                    match frame {
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(token) = self.handle_message(text.as_str()) {
-                                send(socket, &MessageFromProxy::RouteRequest { token }).await?;
-                            }
-                        }
-                        Some(Ok(Message::Close(_))) | None => return Err(SessionError::Closed),
-                        // Pongs only matter as signs of life; pings are answered by tungstenite.
-                        Some(Ok(_)) => {}
-                        Some(Err(error)) => return Err(error.into()),
+                message = link.recv() => match self.handle_message(message?) {
+                    Handled::Done => {}
+                    Handled::AskAgain(token) => {
+                        link.send(&MessageFromProxy::RouteRequest { token }).await?;
                     }
-                }
+                    Handled::Refused(reason) => return Ok(SessionEnd::Refused(reason)),
+                },
                 _ = report.tick() => {
-                    let silent_for = last_heard.elapsed();
-                    if silent_for > silence_limit {
-                        return Err(SessionError::Silent(silent_for));
-                    }
-                    send_frame(socket, Message::Ping(Default::default())).await?;
-                    self.send_report(socket).await?;
+                    link.check_silence(silence_limit)?;
+                    link.ping().await?;
+                    self.send_report(link).await?;
                     // Everything still open, again: the controller lets a report of an open
                     // connection lapse unless it is repeated, and this also repairs one it
                     // failed to store.
                     let opened = tracker.open_backends();
                     if !opened.is_empty() {
-                        send(socket, &MessageFromProxy::ConnectionsChanged { opened, closed: vec![] }).await?;
+                        link.send(&MessageFromProxy::ConnectionsChanged { opened, closed: vec![] }).await?;
                     }
                 }
             }
         }
     }
 
-    async fn send_changes(&self, socket: &mut Socket) -> Result<(), SessionError> {
+    async fn send_changes(&self, link: &mut ControllerLink) -> Result<(), LinkError> {
         let (opened, closed) = self.shared.tracker.take_changes();
         if opened.is_empty() && closed.is_empty() {
             return Ok(());
@@ -504,7 +398,7 @@ impl Runner {
             opened: opened.clone(),
             closed: closed.clone(),
         };
-        let result = send(socket, &message).await;
+        let result = link.send(&message).await;
         if result.is_err() {
             self.shared
                 .tracker
@@ -513,7 +407,7 @@ impl Runner {
         result
     }
 
-    async fn send_report(&self, socket: &mut Socket) -> Result<(), SessionError> {
+    async fn send_report(&self, link: &mut ControllerLink) -> Result<(), LinkError> {
         let backends = self.shared.tracker.take_report();
         if backends.is_empty() {
             return Ok(());
@@ -521,60 +415,48 @@ impl Runner {
         let message = MessageFromProxy::KeepAlive {
             backends: backends.clone(),
         };
-        let result = send(socket, &message).await;
+        let result = link.send(&message).await;
         if result.is_err() {
             self.shared.tracker.restore_report(backends);
         }
         result
     }
 
-    /// Applies one message; returns a token to ask about again, if any.
-    fn handle_message(&self, text: &str) -> Option<BearerToken> {
-        match serde_json::from_str::<MessageToProxy>(text) {
-            Ok(MessageToProxy::RouteResponse { token, answer }) => {
+    /// Applies one message from the controller.
+    fn handle_message(&self, message: MessageToProxy) -> Handled {
+        match message {
+            MessageToProxy::RouteResponse { token, answer } => {
                 if self.shared.resolve(token.clone(), answer) {
-                    return Some(token);
+                    return Handled::AskAgain(token);
                 }
             }
-            Ok(MessageToProxy::BackendRemoved { backend_id }) => {
+            MessageToProxy::BackendRemoved { backend_id } => {
                 debug!(backend = %backend_id, "backend removed");
                 self.shared.cache.remove_backend(&backend_id);
                 self.shared.tracker.backend_removed(&backend_id);
                 self.shared.pool.remove_backend(&backend_id);
             }
-            Ok(MessageToProxy::Refused { reason }) => {
-                tracing::error!(%reason, "the controller refused this proxy");
-            }
-            Ok(MessageToProxy::TokensRevoked {
+            MessageToProxy::Refused { reason } => return Handled::Refused(reason),
+            MessageToProxy::TokensRevoked {
                 backend_id,
                 user,
                 revoked_at,
-            }) => {
+            } => {
                 debug!(backend = %backend_id, %user, "tokens revoked");
                 self.shared
                     .cache
                     .revoke_user(&backend_id, &user, revoked_at);
             }
-            // A newer controller may send messages we don't know yet; skipping them keeps
-            // the connection (and every other route) working.
-            Err(error) => warn!(%error, "ignoring a message from the controller"),
         }
-        None
+        Handled::Done
     }
 }
 
-async fn send(socket: &mut Socket, message: &MessageFromProxy) -> Result<(), SessionError> {
-    let text = serde_json::to_string(message)?;
-    send_frame(socket, Message::text(text)).await
-}
-
-/// How long one frame may wait for the controller to take it. A controller that stops
-/// reading would otherwise block the session (and its silence check) forever.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn send_frame(socket: &mut Socket, frame: Message) -> Result<(), SessionError> {
-    match tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(SessionError::SendTimeout(SEND_TIMEOUT)),
-    }
+/// What is left to do after a message from the controller.
+enum Handled {
+    Done,
+    /// The backend was still starting when the controller stopped waiting: ask again.
+    AskAgain(BearerToken),
+    /// The controller refused this proxy (its name is taken, say).
+    Refused(String),
 }

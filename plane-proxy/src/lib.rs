@@ -130,7 +130,8 @@ impl ProxyHandle {
 /// background. Requests that arrive before the controller connection is up wait for it.
 pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result<ProxyHandle> {
     config.validate().context("invalid proxy configuration")?;
-    let socket_url = config.controller_socket_url()?;
+    let link = config.link_config();
+    link.check().context("invalid proxy configuration")?;
     let local_addr = listener
         .local_addr()
         .context("reading the proxy listener's address")?;
@@ -143,15 +144,11 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
 
     let (controller, controller_task) = ControllerClient::start(
         ControllerConnectionConfig {
-            socket_url,
+            link,
             name: config.name.clone(),
             report_interval: config.report_interval(),
             hold_timeout: config.hold_timeout(),
             max_held_requests: config.max_held_requests,
-            credentials: plane_protocol::auth::NodeCredentials {
-                bearer: plane_protocol::auth::split_bearer(&config.controller_url).1,
-                cluster_secret: config.cluster_secret.clone(),
-            },
         },
         tracker.clone(),
         pool.clone(),
