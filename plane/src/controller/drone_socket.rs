@@ -2,16 +2,15 @@
 //! reconnect), and applies the status events it reports.
 
 use super::api::paths::{ClusterPath, SocketUpgrade};
+use super::bus::ActionsWaiting;
 use super::error::ApiErrorResponse;
-use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
+use super::node_session::{self, Flow, Gone, NodeHandler, NodeSink, SILENCE_TIMEOUT};
 use super::store::{NodeKind, NodeSession};
 use super::ControllerState;
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::WebSocket;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::StreamExt;
 use plane_protocol::drone::{BackendEvent, MessageFromDrone, MessageToDrone};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::time::Millis;
@@ -33,9 +32,8 @@ pub async fn handle_drone_socket(
 }
 
 async fn drone_session(state: ControllerState, cluster: ClusterName, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, socket::receive(&mut stream)).await;
-    let Ok(Incoming::Message(MessageFromDrone::Hello {
+    let (mut sink, mut stream) = node_session::split::<MessageFromDrone, MessageToDrone>(socket);
+    let Some(MessageFromDrone::Hello {
         name,
         pool,
         version,
@@ -43,7 +41,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         instance,
         heartbeat_interval_ms,
         fence_margin_ms,
-    })) = hello
+    }) = stream.hello().await
     else {
         tracing::warn!(%cluster, "drone socket closed: no hello");
         return;
@@ -54,7 +52,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         fence_margin_ms,
     ) {
         tracing::error!(drone = %name, %cluster, %reason, "refusing drone");
-        let _ = socket::send(&mut sink, &MessageToDrone::Refused { reason }).await;
+        let _ = sink.send(&MessageToDrone::Refused { reason }).await;
         return;
     }
     let session = NodeSession {
@@ -67,162 +65,100 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         instance: &instance,
         controller: state.controller_id(),
     };
-    let generation = match state
-        .store()
-        .node_connected(&session, socket::live_since())
-        .await
-    {
-        Ok(Some(generation)) => generation,
-        Ok(None) => {
-            let reason = socket::duplicate_name_reason("drone", &name);
-            tracing::error!(drone = %name, %cluster, %reason, "refusing drone");
-            let _ = socket::send(&mut sink, &MessageToDrone::Refused { reason }).await;
-            return;
-        }
-        Err(err) => {
-            tracing::error!(drone = %name, error = %err, "could not record drone");
-            return;
-        }
+    let refused = |reason| MessageToDrone::Refused { reason };
+    let Some(generation) = node_session::register(&state, &session, &mut sink, refused).await
+    else {
+        return;
     };
-    tracing::info!(drone = %name, %cluster, %pool, %version, generation, "drone connected");
-    let session = DroneSession {
-        cluster: &cluster,
-        name: &name,
+    // A drone heartbeats at least twice per lease (checked above), so a lease of silence
+    // means it is gone.
+    let silence = Duration::from_millis(state.config().lease_ms).min(SILENCE_TIMEOUT);
+    let mut handler = DroneHandler {
+        state: state.clone(),
+        cluster: cluster.clone(),
+        name: name.clone(),
         generation,
+        // Subscribed before the first read, so an action stored meanwhile is not missed.
+        waiting: state.bus().subscribe_actions(),
+        sent: HashSet::new(),
     };
-    run_session(&state, &session, &mut sink, &mut stream).await;
-    // A newer session (on this controller or another) keeps the drone connected.
-    if let Err(err) = state
-        .store()
-        .node_disconnected(&cluster, NodeKind::Drone, &name, generation)
-        .await
-    {
-        tracing::warn!(drone = %name, error = %err, "could not record the drone's disconnection");
-    }
     // `last_seen` stays at the last heartbeat: the lost window counts from there.
-    tracing::info!(drone = %name, %cluster, "drone disconnected");
+    node_session::serve(
+        &state,
+        &session,
+        generation,
+        silence,
+        &mut handler,
+        &mut sink,
+        &mut stream,
+    )
+    .await;
 }
 
-/// The session after hello: sends the drone every stored action it has not acked (first
-/// all that are waiting, then new ones as the change bus announces them), and handles what
-/// it sends, until it goes quiet, leaves, or the controller shuts down.
-async fn run_session(
-    state: &ControllerState,
-    session: &DroneSession<'_>,
-    sink: &mut SplitSink<WebSocket, Message>,
-    stream: &mut SplitStream<WebSocket>,
-) {
-    let (cluster, name) = (session.cluster, session.name);
-    // Subscribed before the first read, so an action stored meanwhile is not missed.
-    let mut waiting = state.bus().subscribe_actions();
-    // Actions sent in this session and not yet acked; a new session sends them again.
-    let mut sent = HashSet::new();
-    if send_pending_actions(state, cluster, name, sink, &mut sent)
-        .await
-        .is_err()
-    {
-        return;
+/// A drone's session: sends it every stored action it has not acked (first all that are
+/// waiting, then new ones as the change bus announces them), and handles what it sends.
+struct DroneHandler {
+    state: ControllerState,
+    cluster: ClusterName,
+    name: NodeName,
+    /// This session's number among all sessions of the drone; only the newest renews.
+    generation: i64,
+    waiting: broadcast::Receiver<ActionsWaiting>,
+    /// Actions sent in this session and not yet acked; a new session sends them again.
+    sent: HashSet<i64>,
+}
+
+type DroneSink = NodeSink<MessageToDrone>;
+
+impl NodeHandler for DroneHandler {
+    type FromNode = MessageFromDrone;
+    type ToNode = MessageToDrone;
+    /// An action was stored for this drone (or notices were missed, so one may have been).
+    type Event = ();
+
+    async fn start(&mut self, sink: &mut DroneSink) -> Result<(), Gone> {
+        self.send_pending_actions(sink).await
     }
 
-    // Reset by every frame received; fires when the node has gone quiet. A drone heartbeats
-    // at least twice per lease (checked at hello), so a lease of silence means it is gone.
-    let silence_timeout = Duration::from_millis(state.config().lease_ms).min(SILENCE_TIMEOUT);
-    let silence = tokio::time::sleep(silence_timeout);
-    tokio::pin!(silence);
-    loop {
-        tokio::select! {
-            _ = state.shutdown_token().cancelled() => break,
-            _ = &mut silence => {
-                tracing::warn!(%cluster, %name, "drone silent for {silence_timeout:?}; closing its socket");
-                break;
-            }
-            notice = waiting.recv() => {
-                let concerns_us = match notice {
-                    Ok(notice) => notice.concerns(cluster, name),
-                    Err(broadcast::error::RecvError::Lagged(_)) => true,
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                if concerns_us
-                    && send_pending_actions(state, cluster, name, sink, &mut sent).await.is_err()
-                {
-                    break;
-                }
-            }
-            incoming = socket::receive::<MessageFromDrone>(stream) => {
-                silence.as_mut().reset(tokio::time::Instant::now() + silence_timeout);
-                match incoming {
-                    Incoming::Closed => break,
-                    Incoming::Alive => {}
-                    Incoming::Invalid(detail) => {
-                        tracing::warn!(drone = %name, %detail, "invalid message from drone");
-                    }
-                    Incoming::Message(message) => {
-                        if let MessageFromDrone::ActionAck { action_id } = &message {
-                            sent.remove(action_id);
-                        }
-                        match handle_message(state, session, message).await {
-                            Reply::Nothing => {}
-                            Reply::Send(reply) => {
-                                if socket::send(sink, &reply).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Reply::Close(reply) => {
-                                let _ = socket::send(sink, &reply).await;
-                                break;
-                            }
-                        }
-                    }
-                }
+    async fn next_event(&mut self) -> Option<()> {
+        loop {
+            match self.waiting.recv().await {
+                Ok(notice) if notice.concerns(&self.cluster, &self.name) => return Some(()),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return Some(()),
+                Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
     }
+
+    async fn on_event(&mut self, (): (), sink: &mut DroneSink) -> Result<(), Gone> {
+        self.send_pending_actions(sink).await
+    }
+
+    async fn on_message(
+        &mut self,
+        message: MessageFromDrone,
+        sink: &mut DroneSink,
+    ) -> Result<Flow, Gone> {
+        if let MessageFromDrone::ActionAck { action_id } = &message {
+            self.sent.remove(action_id);
+        }
+        match self.handle_message(message).await {
+            Reply::Nothing => Ok(Flow::Continue),
+            Reply::Send(reply) => sink.send(&reply).await.map(|()| Flow::Continue),
+            Reply::Close(reply) => {
+                let _ = sink.send(&reply).await;
+                Ok(Flow::Close)
+            }
+        }
+    }
+
+    async fn finish(&mut self) {}
 }
 
 /// Sends every stored, unacked action of the drone not yet sent in this session, oldest
 /// first. In pages, so a drone with a huge backlog neither holds a big result in memory nor
 /// keeps the database busy with one long read. `Err` when the socket failed.
-async fn send_pending_actions(
-    state: &ControllerState,
-    cluster: &ClusterName,
-    name: &NodeName,
-    sink: &mut SplitSink<WebSocket, Message>,
-    sent: &mut HashSet<i64>,
-) -> Result<(), ()> {
-    let mut after = 0;
-    loop {
-        let page = match state
-            .store()
-            .pending_actions(cluster, name, after, REPLAY_PAGE)
-            .await
-        {
-            Ok(page) => page,
-            Err(err) => {
-                // Not fatal: the next catch-up of the change bus tries again.
-                tracing::warn!(drone = %name, error = %err, "could not load pending actions");
-                return Ok(());
-            }
-        };
-        let Some(last) = page.last() else {
-            return Ok(());
-        };
-        after = last.action_id;
-        for action in page {
-            if sent.insert(action.action_id) {
-                socket::send(sink, &MessageToDrone::Action(action)).await?;
-            }
-        }
-    }
-}
-
-/// Who is on the other end of a drone socket.
-struct DroneSession<'a> {
-    cluster: &'a ClusterName,
-    name: &'a NodeName,
-    /// This session's number among all sessions of the drone; only the newest renews.
-    generation: i64,
-}
-
 /// What to do after handling a message.
 enum Reply {
     Nothing,
@@ -231,88 +167,107 @@ enum Reply {
     Close(MessageToDrone),
 }
 
-/// Handles one message.
-async fn handle_message(
-    state: &ControllerState,
-    session: &DroneSession<'_>,
-    message: MessageFromDrone,
-) -> Reply {
-    let (cluster, drone) = (session.cluster, session.name);
-    match message {
-        MessageFromDrone::Hello { .. } => {
-            tracing::warn!(%drone, "duplicate hello ignored");
-            Reply::Nothing
-        }
-        MessageFromDrone::Heartbeat { backends, seq } => {
-            renew_leases(state, session, backends, seq).await
-        }
-        MessageFromDrone::ActionAck { action_id } => {
-            if let Err(err) = state.store().ack_action(cluster, drone, action_id).await {
-                tracing::warn!(%drone, action_id, error = %err, "could not record action ack");
-            }
-            Reply::Nothing
-        }
-        MessageFromDrone::BackendEvent(event) => {
-            match apply_event(state, cluster, drone, event).await {
-                Some(ack) => Reply::Send(ack),
-                None => Reply::Nothing,
+impl DroneHandler {
+    async fn send_pending_actions(&mut self, sink: &mut DroneSink) -> Result<(), Gone> {
+        let (state, cluster, name) = (&self.state, &self.cluster, &self.name);
+        let mut after = 0;
+        loop {
+            let page = match state
+                .store()
+                .pending_actions(cluster, name, after, REPLAY_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(err) => {
+                    // Not fatal: the next catch-up of the change bus tries again.
+                    tracing::warn!(drone = %name, error = %err, "could not load pending actions");
+                    return Ok(());
+                }
+            };
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = last.action_id;
+            for action in page {
+                if self.sent.insert(action.action_id) {
+                    sink.send(&MessageToDrone::Action(action)).await?;
+                }
             }
         }
     }
-}
 
-/// Renews the leases of the backends a drone runs and tells it which it must stop. No
-/// answer when the database is unreachable: the drone then keeps counting down on its own
-/// clock, which is what keeps a key from running twice. A session that a newer one of the
-/// same drone has replaced renews nothing and is closed: two drones claiming one name must
-/// never both hold leases.
-async fn renew_leases(
-    state: &ControllerState,
-    session: &DroneSession<'_>,
-    backends: Vec<BackendName>,
-    seq: u64,
-) -> Reply {
-    let drone = session.name;
-    let lease_ms = state.config().lease_ms;
-    let renewed = match state
-        .store()
-        .renew_leases(
-            session.cluster,
-            drone,
-            session.generation,
-            &backends,
-            Millis::now(),
-            lease_ms,
-        )
-        .await
-    {
-        Ok(Some(renewed)) => renewed,
-        Ok(None) => {
-            tracing::warn!(%drone, generation = session.generation, "a newer session of this drone replaced this one; closing it");
-            return Reply::Close(MessageToDrone::Refused {
+    /// Handles one message.
+    async fn handle_message(&self, message: MessageFromDrone) -> Reply {
+        let (state, cluster, drone) = (&self.state, &self.cluster, &self.name);
+        match message {
+            MessageFromDrone::Hello { .. } => {
+                tracing::warn!(%drone, "duplicate hello ignored");
+                Reply::Nothing
+            }
+            MessageFromDrone::Heartbeat { backends, seq } => self.renew_leases(backends, seq).await,
+            MessageFromDrone::ActionAck { action_id } => {
+                if let Err(err) = state.store().ack_action(cluster, drone, action_id).await {
+                    tracing::warn!(%drone, action_id, error = %err, "could not record action ack");
+                }
+                Reply::Nothing
+            }
+            MessageFromDrone::BackendEvent(event) => {
+                match apply_event(state, cluster, drone, event).await {
+                    Some(ack) => Reply::Send(ack),
+                    None => Reply::Nothing,
+                }
+            }
+        }
+    }
+
+    /// Renews the leases of the backends a drone runs and tells it which it must stop. No
+    /// answer when the database is unreachable: the drone then keeps counting down on its own
+    /// clock, which is what keeps a key from running twice. A session that a newer one of the
+    /// same drone has replaced renews nothing and is closed: two drones claiming one name must
+    /// never both hold leases.
+    async fn renew_leases(&self, backends: Vec<BackendName>, seq: u64) -> Reply {
+        let (state, drone) = (&self.state, &self.name);
+        let lease_ms = state.config().lease_ms;
+        let renewed = match state
+            .store()
+            .renew_leases(
+                &self.cluster,
+                drone,
+                self.generation,
+                &backends,
+                Millis::now(),
+                lease_ms,
+            )
+            .await
+        {
+            Ok(Some(renewed)) => renewed,
+            Ok(None) => {
+                tracing::warn!(%drone, generation = self.generation, "a newer session of this drone replaced this one; closing it");
+                return Reply::Close(MessageToDrone::Refused {
                 reason: "a newer session of a drone with this name has replaced this one; is another drone using the same --name?".into(),
             });
+            }
+            Err(err) => {
+                tracing::warn!(%drone, error = %err, "could not renew leases");
+                return Reply::Nothing;
+            }
+        };
+        let renewed_set: HashSet<&BackendName> = renewed.iter().collect();
+        let gone: Vec<BackendName> = backends
+            .iter()
+            .filter(|b| !renewed_set.contains(b))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            tracing::warn!(%drone, ?gone, "drone runs backends whose leases are gone; telling it to stop them");
         }
-        Err(err) => {
-            tracing::warn!(%drone, error = %err, "could not renew leases");
-            return Reply::Nothing;
-        }
-    };
-    let renewed_set: HashSet<&BackendName> = renewed.iter().collect();
-    let gone: Vec<BackendName> = backends
-        .iter()
-        .filter(|b| !renewed_set.contains(b))
-        .cloned()
-        .collect();
-    if !gone.is_empty() {
-        tracing::warn!(%drone, ?gone, "drone runs backends whose leases are gone; telling it to stop them");
+        Reply::Send(MessageToDrone::LeaseRenewal {
+            seq,
+            lease_ms,
+            renewed,
+            gone,
+        })
     }
-    Reply::Send(MessageToDrone::LeaseRenewal {
-        seq,
-        lease_ms,
-        renewed,
-        gone,
-    })
 }
 
 /// Whether a drone's heartbeats can keep its leases alive: a lease must outlast two

@@ -4,16 +4,15 @@
 use super::api::paths::{ClusterPath, SocketUpgrade};
 use super::bus::ChangeBus;
 use super::error::ApiErrorResponse;
-use super::socket::{self, Incoming, HELLO_TIMEOUT, SILENCE_TIMEOUT};
+use super::node_session::{self, Flow, Gone, NodeHandler, NodeSink, SILENCE_TIMEOUT};
 use super::store::{NodeKind, NodeSession};
 use super::ControllerState;
 use axum::extract::ws::WebSocket;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use futures_util::StreamExt;
 use plane_protocol::backend::BackendStatus;
-use plane_protocol::names::{BearerToken, ClusterName};
+use plane_protocol::names::{BearerToken, ClusterName, NodeName};
 use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteAnswer, RouteInfo};
 use plane_protocol::time::Millis;
 use std::time::Duration;
@@ -33,15 +32,14 @@ pub async fn handle_proxy_socket(
 }
 
 async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, socket::receive(&mut stream)).await;
-    let Ok(Incoming::Message(MessageFromProxy::Hello {
+    let (mut sink, mut stream) = node_session::split::<MessageFromProxy, MessageToProxy>(socket);
+    let Some(MessageFromProxy::Hello {
         name,
         version,
         hash,
         instance,
         report_interval_ms,
-    })) = hello
+    }) = stream.hello().await
     else {
         tracing::warn!(%cluster, "proxy socket closed: no hello");
         return;
@@ -62,22 +60,10 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
         instance: &instance,
         controller: state.controller_id(),
     };
-    let generation = match state
-        .store()
-        .node_connected(&session, socket::live_since())
-        .await
-    {
-        Ok(Some(generation)) => generation,
-        Ok(None) => {
-            let reason = socket::duplicate_name_reason("proxy", &name);
-            tracing::error!(proxy = %name, %cluster, %reason, "refusing proxy");
-            let _ = socket::send(&mut sink, &MessageToProxy::Refused { reason }).await;
-            return;
-        }
-        Err(err) => {
-            tracing::error!(proxy = %name, error = %err, "could not record proxy");
-            return;
-        }
+    let refused = |reason| MessageToProxy::Refused { reason };
+    let Some(generation) = node_session::register(&state, &session, &mut sink, refused).await
+    else {
+        return;
     };
     if let Err(err) = state
         .store()
@@ -87,98 +73,147 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
         tracing::error!(proxy = %name, error = %err, "could not reset the proxy's connections");
         return;
     }
-    let (sender, mut outbox) = mpsc::unbounded_channel();
+    let (sender, outbox) = mpsc::unbounded_channel();
     let _registration = state
         .nodes()
         .register_proxy(cluster.clone(), name.clone(), sender.clone());
-    tracing::info!(proxy = %name, %cluster, "proxy connected");
-    // Route lookups run concurrently; they end with the session.
-    let mut lookups = tokio::task::JoinSet::new();
+    let mut handler = ProxyHandler {
+        state: state.clone(),
+        cluster: cluster.clone(),
+        name: name.clone(),
+        generation,
+        connection_ttl_ms,
+        sender,
+        outbox,
+        lookups: tokio::task::JoinSet::new(),
+    };
+    node_session::serve(
+        &state,
+        &session,
+        generation,
+        SILENCE_TIMEOUT,
+        &mut handler,
+        &mut sink,
+        &mut stream,
+    )
+    .await;
+}
 
-    // Reset by every frame received; fires when the node has gone quiet.
-    let silence = tokio::time::sleep(SILENCE_TIMEOUT);
-    tokio::pin!(silence);
-    loop {
+/// A proxy's session: answers its route requests (concurrently: a lookup may wait for a
+/// starting backend), records its connection reports, and sends it what the change bus
+/// routes to it (backend removals, revocations).
+struct ProxyHandler {
+    state: ControllerState,
+    cluster: ClusterName,
+    name: NodeName,
+    generation: i64,
+    connection_ttl_ms: u64,
+    /// Messages for the proxy: route answers, and removals from the change bus.
+    sender: mpsc::UnboundedSender<MessageToProxy>,
+    outbox: mpsc::UnboundedReceiver<MessageToProxy>,
+    /// Route lookups in flight; they end with the session.
+    lookups: tokio::task::JoinSet<()>,
+}
+
+type ProxySink = NodeSink<MessageToProxy>;
+
+impl NodeHandler for ProxyHandler {
+    type FromNode = MessageFromProxy;
+    type ToNode = MessageToProxy;
+    /// A message to send (`None`: a lookup finished, nothing to send).
+    type Event = Option<MessageToProxy>;
+
+    async fn start(&mut self, _sink: &mut ProxySink) -> Result<(), Gone> {
+        Ok(())
+    }
+
+    async fn next_event(&mut self) -> Option<Self::Event> {
         tokio::select! {
-            _ = state.shutdown_token().cancelled() => break,
-            _ = &mut silence => {
-                tracing::warn!(%cluster, %name, "node silent for {SILENCE_TIMEOUT:?}; closing its socket");
-                break;
-            }
-            Some(message) = outbox.recv() => {
-                if socket::send(&mut sink, &message).await.is_err() {
-                    break;
-                }
-            }
-            Some(_) = lookups.join_next(), if !lookups.is_empty() => {}
-            incoming = socket::receive::<MessageFromProxy>(&mut stream) => {
-                silence.as_mut().reset(tokio::time::Instant::now() + SILENCE_TIMEOUT);
-                match incoming {
-                Incoming::Closed => break,
-                Incoming::Alive => {}
-                Incoming::Invalid(detail) => {
-                    tracing::warn!(proxy = %name, %detail, "invalid message from proxy");
-                }
-                Incoming::Message(MessageFromProxy::Hello { .. }) => {
-                    tracing::warn!(proxy = %name, "duplicate hello ignored");
-                }
-                Incoming::Message(MessageFromProxy::RouteRequest { token }) => {
-                    let state = state.clone();
-                    let cluster = cluster.clone();
-                    let sender = sender.clone();
-                    lookups.spawn(async move {
-                        let answer = match resolve_route(&state, &cluster, &token).await {
-                            Ok(answer) => answer,
-                            Err(err) => {
-                                tracing::error!(error = %err, "route lookup failed");
-                                RouteAnswer::Unknown
-                            }
-                        };
-                        let _ = sender.send(MessageToProxy::RouteResponse { token, answer });
-                    });
-                }
-                Incoming::Message(MessageFromProxy::ConnectionsChanged { opened, closed }) => {
-                    let now = Millis::now();
-                    let expires_at = now.plus_millis(connection_ttl_ms);
-                    if let Err(err) = state
-                        .store()
-                        .connections_changed(&cluster, &name, generation, &opened, &closed, now, expires_at)
-                        .await
-                    {
-                        tracing::warn!(proxy = %name, error = %err, "could not record connection changes");
-                    }
-                }
-                Incoming::Message(MessageFromProxy::KeepAlive { backends }) => {
-                    if let Err(err) = state
-                        .store()
-                        .mark_active(&cluster, &backends, Millis::now())
-                        .await
-                    {
-                        tracing::warn!(proxy = %name, error = %err, "could not record keep-alive");
-                    }
-                    let _ = state.store().touch_node(&cluster, NodeKind::Proxy, &name).await;
-                }
-            }
-            }
+            message = self.outbox.recv() => message.map(Some),
+            Some(_) = self.lookups.join_next(), if !self.lookups.is_empty() => Some(None),
         }
     }
-    lookups.abort_all();
-    // Its connections no longer keep anything alive; idle time for them starts now.
-    if let Err(err) = state
-        .store()
-        .proxy_session_ended(&cluster, &name, generation, Millis::now())
-        .await
-    {
-        tracing::warn!(proxy = %name, error = %err, "could not clear the proxy's connections; they lapse on their own");
+
+    async fn on_event(&mut self, event: Self::Event, sink: &mut ProxySink) -> Result<(), Gone> {
+        match event {
+            Some(message) => sink.send(&message).await,
+            None => Ok(()),
+        }
     }
-    if let Err(err) = state
-        .store()
-        .node_disconnected(&cluster, NodeKind::Proxy, &name, generation)
-        .await
-    {
-        tracing::warn!(proxy = %name, error = %err, "could not record the proxy's disconnection");
+
+    async fn on_message(
+        &mut self,
+        message: MessageFromProxy,
+        _sink: &mut ProxySink,
+    ) -> Result<Flow, Gone> {
+        let (state, cluster, name) = (&self.state, &self.cluster, &self.name);
+        match message {
+            MessageFromProxy::Hello { .. } => {
+                tracing::warn!(proxy = %name, "duplicate hello ignored");
+            }
+            MessageFromProxy::RouteRequest { token } => {
+                let state = state.clone();
+                let cluster = cluster.clone();
+                let sender = self.sender.clone();
+                self.lookups.spawn(async move {
+                    let answer = match resolve_route(&state, &cluster, &token).await {
+                        Ok(answer) => answer,
+                        Err(err) => {
+                            tracing::error!(error = %err, "route lookup failed");
+                            RouteAnswer::Unknown
+                        }
+                    };
+                    let _ = sender.send(MessageToProxy::RouteResponse { token, answer });
+                });
+            }
+            MessageFromProxy::ConnectionsChanged { opened, closed } => {
+                let now = Millis::now();
+                let expires_at = now.plus_millis(self.connection_ttl_ms);
+                if let Err(err) = state
+                    .store()
+                    .connections_changed(
+                        cluster,
+                        name,
+                        self.generation,
+                        &opened,
+                        &closed,
+                        now,
+                        expires_at,
+                    )
+                    .await
+                {
+                    tracing::warn!(proxy = %name, error = %err, "could not record connection changes");
+                }
+            }
+            MessageFromProxy::KeepAlive { backends } => {
+                if let Err(err) = state
+                    .store()
+                    .mark_active(cluster, &backends, Millis::now())
+                    .await
+                {
+                    tracing::warn!(proxy = %name, error = %err, "could not record keep-alive");
+                }
+                let _ = state
+                    .store()
+                    .touch_node(cluster, NodeKind::Proxy, name)
+                    .await;
+            }
+        }
+        Ok(Flow::Continue)
     }
-    tracing::info!(proxy = %name, %cluster, "proxy disconnected");
+
+    async fn finish(&mut self) {
+        self.lookups.abort_all();
+        // Its connections no longer keep anything alive; idle time for them starts now.
+        if let Err(err) = self
+            .state
+            .store()
+            .proxy_session_ended(&self.cluster, &self.name, self.generation, Millis::now())
+            .await
+        {
+            tracing::warn!(proxy = %self.name, error = %err, "could not clear the proxy's connections; they lapse on their own");
+        }
+    }
 }
 
 /// Where a token leads. A backend still starting is waited for, up to the configured limit,
