@@ -407,11 +407,10 @@ impl Runner {
         result
     }
 
+    /// The backends with traffic since the last report. Sent even when there were none: it
+    /// is also the proxy's heartbeat (the cluster state shows its age).
     async fn send_report(&self, link: &mut ControllerLink) -> Result<(), LinkError> {
         let backends = self.shared.tracker.take_report();
-        if backends.is_empty() {
-            return Ok(());
-        }
         let message = MessageFromProxy::KeepAlive {
             backends: backends.clone(),
         };

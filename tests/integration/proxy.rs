@@ -301,3 +301,45 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    an_idle_proxy_still_heartbeats_so_its_age_stays_low,
+    |env: TestEnv| async move {
+        // A proxy with no traffic at all, reporting every 200 ms.
+        let mut config =
+            plane_proxy::config::ProxyConfig::new(env.controller().url(), env.cluster.clone());
+        config.report_interval_ms = 200;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let proxy = plane_proxy::start(config, listener).await.expect("proxy");
+        let last_seen = || async {
+            env.cluster_state()
+                .await
+                .proxies
+                .into_iter()
+                .find(|p| p.name.name() == proxy.name())
+                .map(|p| p.last_seen)
+        };
+        let first = crate::harness::wait_for(
+            "the idle proxy in the cluster state",
+            std::time::Duration::from_secs(20),
+            || async { last_seen().await.ok_or("not listed yet") },
+        )
+        .await;
+        // Its report doubles as a heartbeat: `last_seen` moves on without any request.
+        crate::harness::wait_for(
+            "the idle proxy's last_seen to advance",
+            std::time::Duration::from_secs(10),
+            || async {
+                match last_seen().await {
+                    Some(seen) if seen > first => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+        proxy.shutdown().await;
+        env
+    }
+);
