@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod dns;
 pub mod drone;
 pub mod names;
 pub mod proxy;

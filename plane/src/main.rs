@@ -5,6 +5,7 @@ use plane::admin::{AdminOpts, ConnectOpts};
 use plane::controller::cli::ControllerOpts;
 use plane::dev::DevOpts;
 use plane::logging::{self, LogFormat};
+use plane_dns::cli::DnsOpts;
 use plane_drone::cli::DroneOpts;
 use plane_proxy::cli::ProxyOpts;
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ enum Command {
     Drone(DroneOpts),
     /// Run a proxy: routes tokenized URLs to backends.
     Proxy(ProxyOpts),
+    /// Run a DNS server answering ACME DNS-01 challenges with the controller's values.
+    Dns(DnsOpts),
     /// Run controller, drone and proxy in one process on loopback, with an embedded database.
     Dev(DevOpts),
     /// Call a controller's API: connect, spawn, terminate, status, drain, revoke, ...
@@ -85,6 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Controller(opts) => plane::controller::run(opts.into_config()?).await,
         Command::Drone(opts) => plane_drone::run(opts.into_config()?).await,
         Command::Proxy(opts) => plane_proxy::run(opts.into_config()?).await,
+        Command::Dns(opts) => plane_dns::run(opts.into_config()).await,
         Command::Dev(opts) => plane::dev::run(opts).await,
         Command::Admin(opts) => plane::admin::run(opts).await,
         Command::Connect(opts) => plane::admin::run_connect(opts).await,

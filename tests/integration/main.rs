@@ -11,6 +11,7 @@ mod connect;
 mod controllers;
 mod crashes;
 mod database_restart;
+mod dns;
 mod errors;
 mod leases;
 mod lifecycle;

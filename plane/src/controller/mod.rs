@@ -12,6 +12,7 @@ mod backends;
 mod bus;
 pub mod cli;
 pub mod config;
+mod dns_socket;
 mod drone_socket;
 mod error;
 mod node_session;

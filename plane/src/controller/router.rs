@@ -4,7 +4,7 @@
 use super::api::{cluster, connect, drain, revoke, status, terminate};
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
-use super::{auth, drone_socket, proxy_socket};
+use super::{auth, dns_socket, drone_socket, proxy_socket};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
@@ -66,6 +66,7 @@ pub fn router(state: ControllerState) -> Router {
             "/ctrl/c/{cluster}/proxy-socket",
             get(proxy_socket::handle_proxy_socket),
         )
+        .route("/ctrl/dns-socket", get(dns_socket::handle_dns_socket))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_ctrl_token,

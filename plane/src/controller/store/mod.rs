@@ -4,6 +4,7 @@
 //! Both databases run the same SQL through sqlx's `Any` driver. Times are stored as
 //! milliseconds since the epoch (BIGINT) so no date type has to agree between the two.
 
+mod acme;
 mod actions;
 mod backends;
 mod changes;

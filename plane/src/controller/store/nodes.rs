@@ -7,11 +7,13 @@ use plane_protocol::time::Millis;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-/// Drone or proxy, as stored in `node.kind`.
+/// Drone, proxy or DNS server, as stored in `node.kind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NodeKind {
     Drone,
     Proxy,
+    /// A DNS server; its "cluster" is the zone it serves.
+    Dns,
 }
 
 impl NodeKind {
@@ -19,6 +21,7 @@ impl NodeKind {
         match self {
             Self::Drone => "drone",
             Self::Proxy => "proxy",
+            Self::Dns => "dns",
         }
     }
 }
