@@ -35,6 +35,15 @@ pub struct ProxyOpts {
     #[arg(long, env = "PLANE_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     pub http_port: u16,
 
+    /// TCP port to serve HTTPS on (needs --cert-path); plain HTTP then redirects to it.
+    #[arg(long, env = "PLANE_HTTPS_PORT")]
+    pub https_port: Option<u16>,
+
+    /// PEM file with the certificate chain (leaf first) and private key to serve over
+    /// HTTPS; reloaded when it changes.
+    #[arg(long, env = "PLANE_CERT_PATH")]
+    pub cert_path: Option<PathBuf>,
+
     /// IP address to listen on.
     #[arg(long, env = "PLANE_BIND_IP", default_value_t = DEFAULT_BIND_IP)]
     pub bind_ip: IpAddr,
@@ -77,6 +86,8 @@ impl ProxyOpts {
             config.name = name;
         }
         config.http_port = self.http_port;
+        config.https_port = self.https_port;
+        config.cert_path = self.cert_path;
         config.bind_ip = self.bind_ip;
         config.report_interval_ms = self.report_interval_ms;
         config.hold_timeout_ms = self.hold_timeout_ms;

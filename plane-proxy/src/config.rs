@@ -40,6 +40,13 @@ pub struct ProxyConfig {
     /// TCP port to serve plain HTTP on. Default 9090.
     #[serde(default = "default_http_port")]
     pub http_port: u16,
+    /// TCP port to serve HTTPS on (with `cert_path`); plain HTTP then redirects there.
+    #[serde(default)]
+    pub https_port: Option<u16>,
+    /// PEM file with the certificate chain (leaf first) and its private key, served over
+    /// HTTPS and reloaded when the file changes.
+    #[serde(default)]
+    pub cert_path: Option<PathBuf>,
     /// IP address to listen on. Default 0.0.0.0 (every interface).
     #[serde(default = "default_bind_ip")]
     pub bind_ip: IpAddr,
@@ -103,6 +110,8 @@ pub enum ConfigError {
     ZeroDuration(&'static str),
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("--https-port and --cert-path go together: give both or neither")]
+    HttpsNeedsCert,
 }
 
 impl ProxyConfig {
@@ -114,6 +123,8 @@ impl ProxyConfig {
             cluster,
             name: random_name(),
             http_port: DEFAULT_HTTP_PORT,
+            https_port: None,
+            cert_path: None,
             bind_ip: DEFAULT_BIND_IP,
             report_interval_ms: DEFAULT_REPORT_INTERVAL_MS,
             hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
@@ -142,6 +153,9 @@ impl ProxyConfig {
         }
         if self.max_held_requests == 0 {
             return Err(ConfigError::Zero("max_held_requests"));
+        }
+        if self.https_port.is_some() != self.cert_path.is_some() {
+            return Err(ConfigError::HttpsNeedsCert);
         }
         Ok(())
     }
@@ -198,6 +212,15 @@ mod tests {
             panic!("ftp is refused");
         };
         assert!(message.contains("ftp"), "{message}");
+    }
+
+    #[test]
+    fn https_port_and_cert_path_go_together() {
+        let mut half = config("http://127.0.0.1:8080");
+        half.https_port = Some(9443);
+        assert_eq!(half.validate(), Err(ConfigError::HttpsNeedsCert));
+        half.cert_path = Some(PathBuf::from("/etc/plane/cert.pem"));
+        assert_eq!(half.validate(), Ok(()));
     }
 
     #[test]

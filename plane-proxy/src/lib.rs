@@ -17,6 +17,7 @@ mod responses;
 mod route;
 mod route_cache;
 mod server;
+mod tls;
 mod tunnel;
 mod upstream_pool;
 
@@ -45,6 +46,7 @@ use upstream_pool::UpstreamPool;
 /// gracefully.
 pub struct ProxyHandle {
     local_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
     name: NodeName,
     controller: ControllerClient,
     /// Owns every connection, backend-connection and tunnel task.
@@ -62,6 +64,11 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
+    /// The address the proxy serves HTTPS on, if it does.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
+    }
+
     /// The address the proxy serves HTTP on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -154,6 +161,24 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         pool.clone(),
         hard_stop.child_token(),
     );
+    // HTTPS, if asked for: the certificate (watched for changes) and its listener.
+    let https = match (&config.cert_path, config.https_port) {
+        (Some(path), Some(port)) => {
+            let cert = tls::CertFile::open(path).map_err(anyhow::Error::msg)?;
+            let tls_config = tls::server_config(cert.clone()).map_err(anyhow::Error::msg)?;
+            let address = SocketAddr::new(config.bind_ip, port);
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding the proxy's HTTPS address {address}"))?;
+            tokio::spawn(cert.watch(hard_stop.child_token()));
+            Some((listener, tokio_rustls::TlsAcceptor::from(tls_config)))
+        }
+        _ => None,
+    };
+    let https_addr = match &https {
+        Some((listener, _)) => Some(listener.local_addr().context("reading the HTTPS address")?),
+        None => None,
+    };
     let state = ProxyState::new(
         controller.clone(),
         tracker,
@@ -161,6 +186,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         hard_stop.clone(),
         config.backend_connect_timeout(),
         pool.clone(),
+        https_addr.map(|addr| addr.port()),
     );
     let parked = Arc::new(AtomicUsize::new(0));
     let server = Server {
@@ -170,10 +196,21 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         hard_stop: hard_stop.clone(),
         parked: parked.clone(),
     };
+    if let Some((listener, acceptor)) = https {
+        let https_server = Server {
+            state: server.state.clone(),
+            tasks: tasks.clone(),
+            drain: drain.clone(),
+            hard_stop: hard_stop.clone(),
+            parked: parked.clone(),
+        };
+        tasks.spawn(https_server.https_accept_loop(listener, acceptor));
+    }
     let accept_task = tokio::spawn(server.accept_loop(listener));
 
     Ok(ProxyHandle {
         local_addr,
+        https_addr,
         grace: config.shutdown_grace(),
         name: config.name,
         controller,

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 #[derive(Clone, Debug)]
 pub struct ClientConnection {
     pub remote_addr: SocketAddr,
-    /// `http` now; `https` once a TLS listener exists. Sent as `x-forwarded-proto`.
+    /// `http` or `https`, as the client connected. Sent as `x-forwarded-proto`.
     pub scheme: &'static str,
     /// `x-forwarded-for`, rendered once per connection rather than per request.
     pub forwarded_for: HeaderValue,
@@ -61,6 +61,8 @@ struct StateInner {
     backend_connect_timeout: Duration,
     /// Keep-alive connections to backends, reused across requests.
     pool: UpstreamPool,
+    /// The HTTPS port, when the proxy serves HTTPS: plain HTTP requests are redirected there.
+    https_port: Option<u16>,
 }
 
 /// Why the backend exchange failed; every case is answered with 502.
@@ -72,6 +74,36 @@ enum BackendError {
     Connect(std::io::Error),
     #[error("HTTP exchange failed: {0}")]
     Http(hyper::Error),
+}
+
+/// The request's URL over HTTPS on `port`: its host (without the HTTP port), path and query.
+fn https_location(request: &Request<Incoming>, port: u16) -> String {
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("localhost");
+    // Strip a port, keeping IPv6 literals (`[::1]:80`) whole.
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if !name.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            if host.starts_with('[') && !name.ends_with(']') {
+                host
+            } else {
+                name
+            }
+        }
+        _ => host,
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |path| path.as_str());
+    if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    }
 }
 
 /// Splits `/<token>/rest?query` into the token and the path the backend sees
@@ -102,6 +134,7 @@ impl ProxyState {
         hard_stop: CancellationToken,
         backend_connect_timeout: Duration,
         pool: UpstreamPool,
+        https_port: Option<u16>,
     ) -> Self {
         Self {
             inner: Arc::new(StateInner {
@@ -111,6 +144,7 @@ impl ProxyState {
                 hard_stop,
                 backend_connect_timeout,
                 pool,
+                https_port,
             }),
         }
     }
@@ -121,6 +155,12 @@ impl ProxyState {
         mut request: Request<Incoming>,
         client: ClientConnection,
     ) -> Response<ProxyBody> {
+        if let (Some(port), "http") = (self.inner.https_port, client.scheme) {
+            // ACME HTTP-01 and similar must stay reachable over plain HTTP.
+            if !request.uri().path().starts_with("/.well-known/") {
+                return responses::redirect_to_https(&https_location(&request, port));
+            }
+        }
         let Some((token, backend_path)) = split_token(request.uri()) else {
             return responses::missing_token();
         };

@@ -84,6 +84,17 @@ fn error_with(kind: ErrorKind, message: &str, details: Value) -> Response<ProxyB
     response
 }
 
+/// Plain HTTP on a proxy that serves HTTPS: the same URL over HTTPS (308 keeps the method
+/// and body).
+pub fn redirect_to_https(location: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
 /// The URL has no token in its first path segment.
 pub fn missing_token() -> Response<ProxyBody> {
     error(

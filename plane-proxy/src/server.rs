@@ -1,4 +1,5 @@
-//! Accepts client connections and serves HTTP/1.1 on each, one task per connection.
+//! Accepts client connections (plain and TLS) and serves HTTP/1.1 on each, one task per
+//! connection.
 //!
 //! A keep-alive connection that sits idle is *parked*: hyper's part of it ends (freeing the
 //! read and write buffers hyper keeps for every connection, some 11 KiB) while the socket
@@ -21,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -217,6 +219,91 @@ async fn serve_until_idle(
         early.freeze()
     };
     Ok(Some((stream, early)))
+}
+
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Server {
+    /// Accepts HTTPS connections until `drain` fires, then drops the listener.
+    pub async fn https_accept_loop(self, listener: TcpListener, acceptor: TlsAcceptor) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.drain.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, remote_addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let client = ClientConnection::new(remote_addr, "https");
+                    self.serve_tls_connection(stream, acceptor.clone(), client);
+                }
+                Err(error) => {
+                    warn!(%error, "accepting a connection failed");
+                    tokio::select! {
+                        _ = self.drain.cancelled() => return,
+                        _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 (with upgrades) over TLS on one client connection, on its own
+    /// tracked task. TLS connections are not parked: their session state must stay.
+    fn serve_tls_connection(
+        &self,
+        stream: TcpStream,
+        acceptor: TlsAcceptor,
+        client: ClientConnection,
+    ) {
+        let state = self.state.clone();
+        let drain = self.drain.clone();
+        let hard_stop = self.hard_stop.clone();
+        self.tasks.spawn(async move {
+            let remote_addr = client.remote_addr;
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    debug!(remote = %remote_addr, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(remote = %remote_addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(state.handle(request, client).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = &mut connection => {
+                        if let Err(error) = result {
+                            debug!(remote = %remote_addr, %error, "client connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = drain.cancelled(), if !draining => {
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    _ = hard_stop.cancelled() => return,
+                }
+            }
+        });
+    }
 }
 
 /// Whether a connection has requests in flight, and since when it has had none.

@@ -13,6 +13,7 @@ mod crashes;
 mod database_restart;
 mod dns;
 mod errors;
+mod https;
 mod leases;
 mod lifecycle;
 mod placement;
