@@ -370,6 +370,11 @@ fn backend_request(
 ) -> Result<Request<Incoming>, anyhow::Error> {
     let upgrade = headers::is_upgrade(request.headers());
     let (mut parts, body) = request.into_parts();
+    // An HTTP/2 client names the host in `:authority` rather than a Host header.
+    let authority = parts
+        .uri
+        .authority()
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
     parts.uri = Uri::from_maybe_shared(backend_path.clone())?;
     // HTTP/1.1 to the backend whatever the client spoke, so bodies of unknown length can be
     // streamed chunked.
@@ -387,8 +392,12 @@ fn backend_request(
     );
     headers::set_forwarded(headers, &client.forwarded_for, client.scheme);
     if !headers.contains_key(header::HOST) {
-        // HTTP/1.0 clients may omit Host; HTTP/1.1 backends require one.
-        headers.insert(header::HOST, route.host.clone());
+        // HTTP/2 clients send `:authority` instead, HTTP/1.0 clients may send neither;
+        // HTTP/1.1 backends require a Host.
+        headers.insert(
+            header::HOST,
+            authority.unwrap_or_else(|| route.host.clone()),
+        );
     }
     Ok(Request::from_parts(parts, body))
 }

@@ -13,7 +13,8 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -249,7 +250,7 @@ impl Server {
         }
     }
 
-    /// Serves HTTP/1.1 (with upgrades) over TLS on one client connection, on its own
+    /// Serves HTTP/2 or HTTP/1.1 (with upgrades) over TLS on one client connection, on its own
     /// tracked task. TLS connections are not parked: their session state must stay.
     fn serve_tls_connection(
         &self,
@@ -278,13 +279,13 @@ impl Server {
                 let client = client.clone();
                 async move { Ok::<_, Infallible>(state.handle(request, client).await) }
             });
-            let mut builder = http1::Builder::new();
+            // HTTP/2 when the client chose it by ALPN, else HTTP/1.1 (with upgrades).
+            let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
+                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
-            let connection = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .with_upgrades();
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             tokio::pin!(connection);
             let mut draining = false;
             loop {

@@ -106,7 +106,7 @@ impl ResolvesServerCert for CertFile {
     }
 }
 
-/// TLS 1.2 and 1.3 with ring, the certificate from `cert`, and ALPN `http/1.1`.
+/// TLS 1.2 and 1.3 with ring, the certificate from `cert`, and ALPN `h2` then `http/1.1`.
 pub fn server_config(cert: Arc<CertFile>) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut config =
         rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
@@ -114,7 +114,7 @@ pub fn server_config(cert: Arc<CertFile>) -> Result<Arc<rustls::ServerConfig>, S
             .map_err(|err| err.to_string())?
             .with_no_client_auth()
             .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -1,4 +1,5 @@
-//! HTTPS at the proxy from a PEM certificate file: requests reach the backend over TLS, plain
+//! HTTPS at the proxy from a PEM certificate file: requests reach the backend over TLS (h2 or
+//! HTTP/1.1 by ALPN), plain
 //! HTTP is redirected (308, path and query kept) except `/.well-known/`, and a changed file
 //! is served to new connections while open ones carry on.
 
@@ -122,6 +123,23 @@ db_test!(
             .await
             .expect("https request");
         assert_eq!(answer.status().as_u16(), 200);
+        // The client offered h2 by ALPN and got it; the backend still speaks HTTP/1.1.
+        assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+        let client_http1 = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(ca.cert.pem().as_bytes()).expect("ca pem"),
+            )
+            .resolve("localhost", https)
+            .http1_only()
+            .build()
+            .expect("client");
+        let answer = client_http1
+            .get(format!("https://localhost:{}/{token}/", https.port()))
+            .send()
+            .await
+            .expect("https request over HTTP/1.1");
+        assert_eq!(answer.status().as_u16(), 200);
+        assert_eq!(answer.version(), reqwest::Version::HTTP_11);
 
         // Plain HTTP: 308 to the same path and query over HTTPS, but not /.well-known/.
         let plain = format!("http://127.0.0.1:{}", proxy.local_addr().port());
