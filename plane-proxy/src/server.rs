@@ -1,5 +1,5 @@
-//! Accepts client connections (plain and TLS) and serves HTTP/1.1 on each, one task per
-//! connection.
+//! Accepts client connections (plain and TLS) and serves HTTP/1.1 or HTTP/2 on each, one task
+//! per connection.
 //!
 //! A keep-alive connection that sits idle is *parked*: hyper's part of it ends (freeing the
 //! read and write buffers hyper keeps for every connection, some 11 KiB) while the socket
@@ -104,6 +104,17 @@ impl Server {
         let parked_count = self.parked.clone();
         self.tasks.spawn(async move {
             let remote_addr = client.remote_addr;
+            // HTTP/2 with prior knowledge (h2c) starts with its preface; such a connection is
+            // served by hyper's HTTP/2 server for its whole life (it multiplexes, so it is
+            // never idle in the way parking needs).
+            match starts_with_h2_preface(&stream).await {
+                Some(true) => {
+                    serve_h2c(stream, state, client, drain, hard_stop).await;
+                    return;
+                }
+                Some(false) => {}
+                None => return,
+            }
             let keep_open = Arc::new(AtomicBool::new(false));
             let mut stream = stream;
             let mut prefix = Bytes::new();
@@ -220,6 +231,72 @@ async fn serve_until_idle(
         early.freeze()
     };
     Ok(Some((stream, early)))
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client's first bytes are the HTTP/2 preface, without consuming them. `None`
+/// when the client sends nothing within [`HEADER_READ_TIMEOUT`] or goes away.
+async fn starts_with_h2_preface(stream: &TcpStream) -> Option<bool> {
+    let look = async {
+        let mut buffer = [0u8; 24];
+        loop {
+            let read = stream.peek(&mut buffer).await.ok()?;
+            if read == 0 {
+                return None;
+            }
+            if buffer[..read] != H2_PREFACE[..read] {
+                return Some(false);
+            }
+            if read == H2_PREFACE.len() {
+                return Some(true);
+            }
+            // Part of the preface so far: the rest is on its way.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(HEADER_READ_TIMEOUT, look)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Serves HTTP/2 with prior knowledge on a plain connection until the client closes it or
+/// the proxy shuts down.
+async fn serve_h2c(
+    stream: TcpStream,
+    state: ProxyState,
+    client: ClientConnection,
+    drain: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let remote_addr = client.remote_addr;
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(state.handle(request, client).await) }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new());
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    debug!(remote = %remote_addr, %error, "h2c connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.cancelled(), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = hard_stop.cancelled() => return,
+        }
+    }
 }
 
 /// How long a client has to finish the TLS handshake.

@@ -343,3 +343,26 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    http2_with_prior_knowledge_reaches_the_backend_on_the_plain_port,
+    |env: TestEnv| async move {
+        let response = env.connect_ready("h2c", &env.spawn_config(&[])).await;
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        // Several requests multiplexed on the one connection.
+        let url = env.proxy_url(&format!("/{}/", response.token));
+        let answers = futures_util::future::join_all((0..4).map(|_| h2c.get(&url).send())).await;
+        for answer in answers {
+            let answer = answer.expect("h2c request");
+            assert_eq!(answer.status().as_u16(), 200);
+            assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+        }
+        // HTTP/1.1 on the same port is unchanged.
+        let (code, _) = env.get_via_proxy(response.token.as_str(), "/").await;
+        assert_eq!(code, 200);
+        env
+    }
+);
