@@ -235,7 +235,13 @@ impl ClusterName {
 
     /// The base URL of a backend served at [`ClusterName::host_for`].
     pub fn base_url_for(&self, subdomain: Option<&Subdomain>) -> String {
-        let scheme = if self.is_https() { "https" } else { "http" };
+        self.base_url_with(subdomain, self.is_https())
+    }
+
+    /// As [`ClusterName::base_url_for`], over HTTPS or not as `https` says (for a cluster
+    /// whose proxies serve HTTPS on a port other than 443).
+    pub fn base_url_with(&self, subdomain: Option<&Subdomain>, https: bool) -> String {
+        let scheme = if https { "https" } else { "http" };
         format!("{scheme}://{}", self.host_for(subdomain))
     }
 }

@@ -136,6 +136,27 @@ impl ProxyHandle {
 /// Starts a proxy serving plain HTTP on `listener` and connecting to the controller in the
 /// background. Requests that arrive before the controller connection is up wait for it.
 pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result<ProxyHandle> {
+    let https_listener = match config.https_port {
+        Some(port) => {
+            let address = SocketAddr::new(config.bind_ip, port);
+            Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding the proxy's HTTPS address {address}"))?,
+            )
+        }
+        None => None,
+    };
+    start_with_listeners(config, listener, https_listener).await
+}
+
+/// As [`start`], on an HTTPS listener bound by the caller (who needs its port first, e.g.
+/// to name the cluster), when `config.cert_path` is set.
+pub async fn start_with_listeners(
+    config: ProxyConfig,
+    listener: TcpListener,
+    https_listener: Option<TcpListener>,
+) -> anyhow::Result<ProxyHandle> {
     config.validate().context("invalid proxy configuration")?;
     let link = config.link_config();
     link.check().context("invalid proxy configuration")?;
@@ -162,18 +183,15 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         hard_stop.child_token(),
     );
     // HTTPS, if asked for: the certificate (watched for changes) and its listener.
-    let https = match (&config.cert_path, config.https_port) {
-        (Some(path), Some(port)) => {
+    let https = match (&config.cert_path, https_listener) {
+        (Some(path), Some(listener)) => {
             let cert = tls::CertFile::open(path).map_err(anyhow::Error::msg)?;
             let tls_config = tls::server_config(cert.clone()).map_err(anyhow::Error::msg)?;
-            let address = SocketAddr::new(config.bind_ip, port);
-            let listener = TcpListener::bind(address)
-                .await
-                .with_context(|| format!("binding the proxy's HTTPS address {address}"))?;
             tokio::spawn(cert.watch(hard_stop.child_token()));
             Some((listener, tokio_rustls::TlsAcceptor::from(tls_config)))
         }
-        _ => None,
+        (None, None) => None,
+        _ => anyhow::bail!("--https-port and --cert-path go together: give both or neither"),
     };
     let https_addr = match &https {
         Some((listener, _)) => Some(listener.local_addr().context("reading the HTTPS address")?),

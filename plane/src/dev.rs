@@ -30,6 +30,14 @@ pub struct DevOpts {
     /// Seconds a backend gets to exit after SIGTERM before it is killed.
     #[arg(long, env = "PLANE_STOP_GRACE_PERIOD_SECONDS", default_value_t = 10)]
     pub stop_grace_period_seconds: u64,
+    /// Serve the cluster over HTTPS too, with a certificate from a CA generated in
+    /// `<data-dir>/tls/` (kept across runs; trust `ca.pem` once). The cluster is then named
+    /// `localhost:<https-port>` and its URLs are https://.
+    #[arg(long, env = "PLANE_DEV_HTTPS")]
+    pub https: bool,
+    /// Port of the proxy's HTTPS listener on 127.0.0.1, with --https.
+    #[arg(long, env = "PLANE_HTTPS_PORT", default_value_t = 9443)]
+    pub https_port: u16,
 }
 
 pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
@@ -51,9 +59,30 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
             )
         })?;
     let proxy_port = proxy_listener.local_addr()?.port();
-    let cluster: ClusterName = format!("localhost:{proxy_port}")
+    let https_listener = match opts.https {
+        true => Some(
+            TcpListener::bind((loopback, opts.https_port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "--https-port {}: cannot listen on 127.0.0.1:{}",
+                        opts.https_port, opts.https_port
+                    )
+                })?,
+        ),
+        false => None,
+    };
+    let cluster_port = match &https_listener {
+        Some(listener) => listener.local_addr()?.port(),
+        None => proxy_port,
+    };
+    let cluster: ClusterName = format!("localhost:{cluster_port}")
         .parse()
         .context("building the cluster name")?;
+    let tls_files = match opts.https {
+        true => Some(crate::dev_tls::ensure(&opts.data_dir.join("tls"))?),
+        false => None,
+    };
 
     let docker = bollard::Docker::connect_with_local_defaults()
         .context("connecting to the Docker engine (is it running, and may this user use it?)")?;
@@ -76,6 +105,9 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let db = opts.data_dir.join("plane.db");
     let mut controller_config = ControllerConfig::new(db.display().to_string());
     controller_config.default_cluster = Some(cluster.clone());
+    if opts.https {
+        controller_config.https_clusters = vec![cluster.clone()];
+    }
     let controller_addr = controller_listener.local_addr()?;
     controller_config.public_url = Some(url::Url::parse(&format!("http://{controller_addr}"))?);
     let controller = controller::start(controller_config, controller_listener).await?;
@@ -83,7 +115,12 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
 
     let mut proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());
     proxy_config.name = NodeName::new_random("px");
-    let proxy = plane_proxy::start(proxy_config, proxy_listener).await?;
+    if let (Some(files), Some(listener)) = (&tls_files, &https_listener) {
+        proxy_config.https_port = Some(listener.local_addr()?.port());
+        proxy_config.cert_path = Some(files.certificate.clone());
+    }
+    let proxy =
+        plane_proxy::start_with_listeners(proxy_config, proxy_listener, https_listener).await?;
 
     let mut drone_config = DroneConfig::new(controller_url.clone(), cluster.clone());
     // Next to the controller's database, so a restarted `plane dev` replays what the
@@ -105,6 +142,12 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
 
     let proxy_addr = SocketAddr::new(loopback.into(), proxy_port);
     println!("plane dev is ready: controller {controller_url} | proxy http://{proxy_addr} | cluster {cluster} | database {}", db.display());
+    if let Some(files) = &tls_files {
+        println!(
+            "HTTPS: https://{cluster}/ with a certificate from a local CA; trust it with: ca {}",
+            files.ca.display()
+        );
+    }
     println!();
     println!("Start a backend and follow it until it is ready:");
     println!(

@@ -8,5 +8,6 @@ pub mod controller;
 pub mod demo_backend;
 pub mod demo_image;
 pub mod dev;
+mod dev_tls;
 pub mod logging;
 pub mod signals;

@@ -11,6 +11,7 @@ mod connect;
 mod controllers;
 mod crashes;
 mod database_restart;
+mod dev_https;
 mod dns;
 mod errors;
 mod https;

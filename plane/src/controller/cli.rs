@@ -50,6 +50,14 @@ pub struct ControllerOpts {
     /// pool.
     #[arg(long, env = "PLANE_PLACEMENT_BEST_OF", default_value_t = 2)]
     pub placement_best_of: usize,
+    /// A cluster (with a port) whose proxies serve HTTPS there: its URLs are https://
+    /// (repeatable). Clusters without a port, or on 443, are HTTPS anyway.
+    #[arg(
+        long = "https-cluster",
+        env = "PLANE_HTTPS_CLUSTER",
+        value_delimiter = ','
+    )]
+    pub https_clusters: Vec<plane_protocol::names::ClusterName>,
 }
 
 impl ControllerOpts {
@@ -66,6 +74,7 @@ impl ControllerOpts {
             ctrl_token_file: self.ctrl_token_file,
             cluster_secret: self.cluster_secret,
             placement_best_of: self.placement_best_of,
+            https_clusters: self.https_clusters,
             ..ControllerConfig::new(self.db)
         };
         config.validate()?;

@@ -53,6 +53,11 @@ pub struct ControllerConfig {
     /// pool (at least 1; 2 is the default, a large number means "the least loaded of all").
     #[serde(default = "default_placement_best_of")]
     pub placement_best_of: usize,
+    /// Clusters whose proxies serve HTTPS on the port their name carries: connect answers
+    /// `https://` URLs for them. (A cluster named without a port, or with 443, is HTTPS
+    /// anyway, as in Plane 0.5.)
+    #[serde(default)]
+    pub https_clusters: Vec<ClusterName>,
 }
 
 fn default_placement_best_of() -> usize {
@@ -74,7 +79,13 @@ impl ControllerConfig {
             ctrl_token_file: None,
             cluster_secret: None,
             placement_best_of: default_placement_best_of(),
+            https_clusters: Vec::new(),
         }
+    }
+
+    /// Whether URLs of `cluster`'s backends are `https://`.
+    pub fn serves_https(&self, cluster: &ClusterName) -> bool {
+        cluster.is_https() || self.https_clusters.contains(cluster)
     }
 
     /// Refuses timings that cannot work together, naming the flags involved.

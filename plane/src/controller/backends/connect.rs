@@ -313,7 +313,10 @@ fn response(
     drone: NodeName,
 ) -> ConnectResponse {
     ConnectResponse {
-        url: format!("{}/{token}/", cluster.base_url_for(subdomain.as_ref())),
+        url: format!(
+            "{}/{token}/",
+            cluster.base_url_with(subdomain.as_ref(), state.config().serves_https(cluster))
+        ),
         status_url: state.status_url(&backend_id),
         backend_id,
         spawned,

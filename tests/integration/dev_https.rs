@@ -1,0 +1,111 @@
+//! `plane dev --https` with the real binary: a local CA in the data directory, the cluster
+//! named by its HTTPS port, connect answering `https://` URLs, and a client that trusts only
+//! that CA reaching the backend through them.
+
+use crate::harness::plane_binary;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+#[tokio::test]
+async fn plane_dev_https_serves_its_cluster_over_https_with_a_local_ca() {
+    tokio::time::timeout(Duration::from_secs(180), dev_https())
+        .await
+        .expect("finished within 180 s");
+}
+
+async fn dev_https() {
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("scratch/dev-https");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let plane = plane_binary();
+    let mut dev = Command::new(&plane)
+        .args([
+            "dev",
+            "--https",
+            "--controller-port",
+            "0",
+            "--proxy-port",
+            "0",
+        ])
+        .args(["--https-port", "0", "--stop-grace-period-seconds", "1"])
+        .arg("--data-dir")
+        .arg(scratch.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(scratch.join("dev.log")).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start plane dev");
+    let mut stdout = BufReader::new(dev.stdout.take().expect("stdout")).lines();
+    let (mut ready, mut https) = (None, None);
+    while let Some(line) = stdout.next_line().await.expect("read stdout") {
+        if line.starts_with("plane dev is ready") {
+            ready = Some(line);
+        } else if line.starts_with("HTTPS:") {
+            https = Some(line);
+            break;
+        }
+    }
+    let ready = ready.unwrap_or_else(|| {
+        panic!(
+            "plane dev did not get ready; see {}",
+            scratch.join("dev.log").display()
+        )
+    });
+    let https = https.expect("an HTTPS line");
+    let controller = ready
+        .split(" | ")
+        .find_map(|part| part.split_once("controller ").map(|(_, v)| v.to_string()))
+        .expect("controller");
+    let ca = https
+        .split_once("ca ")
+        .map(|(_, path)| PathBuf::from(path.trim()))
+        .expect("a CA path");
+
+    let connect = Command::new(&plane)
+        .args(["admin", "--json", "--controller", &controller, "connect"])
+        .args([
+            "--key",
+            "tls-dev",
+            "--image",
+            "plane/demo:latest",
+            "--no-follow",
+        ])
+        .output()
+        .await
+        .expect("plane admin connect");
+    assert!(
+        connect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&connect.stderr)
+    );
+    let answer: serde_json::Value =
+        serde_json::from_slice(&connect.stdout).expect("a connect answer");
+    let url = answer["url"].as_str().expect("url").to_string();
+    assert!(url.starts_with("https://localhost:"), "{url}");
+
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca).expect("read CA")).expect("CA"),
+        )
+        .build()
+        .expect("client");
+    // Held at the proxy until the backend is ready.
+    let page = client.get(&url).send().await.expect("https request");
+    assert_eq!(page.status().as_u16(), 200, "{url}");
+
+    let pid = dev.id().expect("running").to_string();
+    let stopped = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(stopped.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait())
+        .await
+        .expect("plane dev exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "plane dev exit: {status}");
+}
