@@ -142,7 +142,7 @@ async fn reconnects_after_the_controller_drops_it_with_path_and_credentials() {
 }
 
 #[tokio::test]
-async fn a_refused_node_waits_the_longest_backoff_and_shutdown_closes_the_socket() {
+async fn a_refused_node_comes_back_and_shutdown_closes_the_socket() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let cancel = CancellationToken::new();

@@ -222,9 +222,9 @@ pub async fn start_with_listeners(
             hard_stop: hard_stop.clone(),
             parked: parked.clone(),
         };
-        tasks.spawn(https_server.https_accept_loop(listener, acceptor));
+        tasks.spawn(https_server.accept_loop(listener, Some(acceptor)));
     }
-    let accept_task = tokio::spawn(server.accept_loop(listener));
+    let accept_task = tokio::spawn(server.accept_loop(listener, None));
 
     Ok(ProxyHandle {
         local_addr,

@@ -69,8 +69,9 @@ impl Drop for Parked<'_> {
 }
 
 impl Server {
-    /// Accepts plain-HTTP connections until `drain` fires, then drops the listener.
-    pub async fn accept_loop(self, listener: TcpListener) {
+    /// Accepts connections until `drain` fires, then drops the listener: plain HTTP, or
+    /// HTTPS when given a TLS acceptor.
+    pub async fn accept_loop(self, listener: TcpListener, tls: Option<TlsAcceptor>) {
         loop {
             let accepted = tokio::select! {
                 _ = self.drain.cancelled() => return,
@@ -81,8 +82,16 @@ impl Server {
                     if let Err(error) = stream.set_nodelay(true) {
                         debug!(%error, "could not set TCP_NODELAY on a client connection");
                     }
-                    let client = ClientConnection::new(remote_addr, "http");
-                    self.serve_connection(stream, client);
+                    match &tls {
+                        None => {
+                            let client = ClientConnection::new(remote_addr, "http");
+                            self.serve_connection(stream, client);
+                        }
+                        Some(acceptor) => {
+                            let client = ClientConnection::new(remote_addr, "https");
+                            self.serve_tls_connection(stream, acceptor.clone(), client);
+                        }
+                    }
                 }
                 Err(error) => {
                     warn!(%error, "accepting a connection failed");
@@ -109,7 +118,7 @@ impl Server {
             // never idle in the way parking needs).
             match starts_with_h2_preface(&stream).await {
                 Some(true) => {
-                    serve_h2c(stream, state, client, drain, hard_stop).await;
+                    serve_whole(stream, state, client, drain, hard_stop).await;
                     return;
                 }
                 Some(false) => {}
@@ -262,31 +271,38 @@ async fn starts_with_h2_preface(stream: &TcpStream) -> Option<bool> {
         .flatten()
 }
 
-/// Serves HTTP/2 with prior knowledge on a plain connection until the client closes it or
-/// the proxy shuts down.
-async fn serve_h2c(
-    stream: TcpStream,
+/// Serves a connection for its whole life, without parking: HTTP/2 if it opens with the
+/// preface, else HTTP/1.1 (with upgrades); until the client closes it or the proxy shuts down.
+/// For TLS connections (whose session state must stay) and h2c (multiplexed, rarely idle).
+async fn serve_whole<I>(
+    io: I,
     state: ProxyState,
     client: ClientConnection,
     drain: CancellationToken,
     hard_stop: CancellationToken,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let remote_addr = client.remote_addr;
     let service = service_fn(move |request| {
         let state = state.clone();
         let client = client.clone();
         async move { Ok::<_, Infallible>(state.handle(request, client).await) }
     });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder.timer(TokioTimer::new());
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut draining = false;
     loop {
         tokio::select! {
             result = &mut connection => {
                 if let Err(error) = result {
-                    debug!(remote = %remote_addr, %error, "h2c connection ended with an error");
+                    debug!(remote = %remote_addr, %error, "client connection ended with an error");
                 }
                 return;
             }
@@ -303,30 +319,6 @@ async fn serve_h2c(
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Server {
-    /// Accepts HTTPS connections until `drain` fires, then drops the listener.
-    pub async fn https_accept_loop(self, listener: TcpListener, acceptor: TlsAcceptor) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.drain.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, remote_addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let client = ClientConnection::new(remote_addr, "https");
-                    self.serve_tls_connection(stream, acceptor.clone(), client);
-                }
-                Err(error) => {
-                    warn!(%error, "accepting a connection failed");
-                    tokio::select! {
-                        _ = self.drain.cancelled() => return,
-                        _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
-                    }
-                }
-            }
-        }
-    }
-
     /// Serves HTTP/2 or HTTP/1.1 (with upgrades) over TLS on one client connection, on its own
     /// tracked task. TLS connections are not parked: their session state must stay.
     fn serve_tls_connection(
@@ -340,46 +332,20 @@ impl Server {
         let hard_stop = self.hard_stop.clone();
         self.tasks.spawn(async move {
             let remote_addr = client.remote_addr;
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    debug!(remote = %remote_addr, %error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(remote = %remote_addr, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                let client = client.clone();
-                async move { Ok::<_, Infallible>(state.handle(request, client).await) }
-            });
-            // HTTP/2 when the client chose it by ALPN, else HTTP/1.1 (with upgrades).
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            tokio::pin!(connection);
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    result = &mut connection => {
-                        if let Err(error) = result {
-                            debug!(remote = %remote_addr, %error, "client connection ended with an error");
-                        }
+            let tls =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        debug!(remote = %remote_addr, %error, "TLS handshake failed");
                         return;
                     }
-                    _ = drain.cancelled(), if !draining => {
-                        draining = true;
-                        connection.as_mut().graceful_shutdown();
+                    Err(_) => {
+                        debug!(remote = %remote_addr, "TLS handshake timed out");
+                        return;
                     }
-                    _ = hard_stop.cancelled() => return,
-                }
-            }
+                };
+            // HTTP/2 when the client chose it by ALPN, else HTTP/1.1.
+            serve_whole(tls, state, client, drain, hard_stop).await;
         });
     }
 }

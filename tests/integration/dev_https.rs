@@ -2,11 +2,9 @@
 //! named by its HTTPS port, connect answering `https://` URLs, and a client that trusts only
 //! that CA reaching the backend through them.
 
-use crate::harness::plane_binary;
+use crate::harness::{plane_binary, PlaneDev};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 #[tokio::test]
@@ -21,44 +19,29 @@ async fn dev_https() {
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     let plane = plane_binary();
-    let mut dev = Command::new(&plane)
-        .args([
-            "dev",
+    let mut dev = PlaneDev::start(
+        &scratch,
+        &[
             "--https",
             "--controller-port",
             "0",
             "--proxy-port",
             "0",
-        ])
-        .args(["--https-port", "0", "--stop-grace-period-seconds", "1"])
-        .arg("--data-dir")
-        .arg(scratch.join("data"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(scratch.join("dev.log")).expect("log file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start plane dev");
-    let mut stdout = BufReader::new(dev.stdout.take().expect("stdout")).lines();
-    let (mut ready, mut https) = (None, None);
-    while let Some(line) = stdout.next_line().await.expect("read stdout") {
-        if line.starts_with("plane dev is ready") {
-            ready = Some(line);
-        } else if line.starts_with("HTTPS:") {
-            https = Some(line);
-            break;
-        }
-    }
-    let ready = ready.unwrap_or_else(|| {
-        panic!(
-            "plane dev did not get ready; see {}",
-            scratch.join("dev.log").display()
-        )
-    });
-    let https = https.expect("an HTTPS line");
-    let controller = ready
-        .split(" | ")
-        .find_map(|part| part.split_once("controller ").map(|(_, v)| v.to_string()))
-        .expect("controller");
+            "--https-port",
+            "0",
+            "--stop-grace-period-seconds",
+            "1",
+        ],
+    )
+    .await;
+    let https = dev
+        .stdout
+        .next_line()
+        .await
+        .expect("read stdout")
+        .filter(|line| line.starts_with("HTTPS:"))
+        .expect("an HTTPS line after the ready line");
+    let controller = dev.field("controller");
     let ca = https
         .split_once("ca ")
         .map(|(_, path)| PathBuf::from(path.trim()))
@@ -96,16 +79,6 @@ async fn dev_https() {
     let page = client.get(&url).send().await.expect("https request");
     assert_eq!(page.status().as_u16(), 200, "{url}");
 
-    let pid = dev.id().expect("running").to_string();
-    let stopped = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .expect("kill");
-    assert!(stopped.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait())
-        .await
-        .expect("plane dev exits after SIGTERM")
-        .expect("wait");
+    let status = dev.stop().await;
     assert!(status.success(), "plane dev exit: {status}");
 }

@@ -1007,3 +1007,74 @@ impl Drop for DockerEvents {
         self.recorder.abort();
     }
 }
+
+/// A `plane dev` process started by a test, with its stdout after the ready line.
+pub struct PlaneDev {
+    pub child: tokio::process::Child,
+    /// The `plane dev is ready: ...` line.
+    pub ready: String,
+    pub stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl PlaneDev {
+    /// Starts `plane dev <args> --data-dir <scratch>/data` (stderr in `<scratch>/dev.log`)
+    /// and waits up to 120 s for its ready line.
+    pub async fn start(scratch: &std::path::Path, args: &[&str]) -> PlaneDev {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(plane_binary())
+            .arg("dev")
+            .args(args)
+            .arg("--data-dir")
+            .arg(scratch.join("data"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(scratch.join("dev.log")).expect("log file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start plane dev");
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(line) = stdout.next_line().await.expect("read stdout") {
+                if line.starts_with("plane dev is ready") {
+                    return line;
+                }
+            }
+            panic!(
+                "plane dev exited before it was ready; see {}",
+                scratch.join("dev.log").display()
+            );
+        })
+        .await
+        .expect("plane dev ready within 120 s");
+        PlaneDev {
+            child,
+            ready,
+            stdout,
+        }
+    }
+
+    /// The value after `name ` in the ready line (`controller`, `proxy`, `cluster`).
+    pub fn field(&self, name: &str) -> String {
+        self.ready
+            .split(" | ")
+            .find_map(|part| {
+                part.split_once(&format!("{name} "))
+                    .map(|(_, v)| v.to_string())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {:?}", self.ready))
+    }
+
+    /// Sends SIGTERM (what Ctrl-C or a service manager would send) and waits for the exit.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("plane dev is running").to_string();
+        let status = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill");
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("plane dev exits within 30 s of SIGTERM")
+            .expect("wait for plane dev")
+    }
+}

@@ -1,27 +1,10 @@
 //! The README walkthrough, with the real `plane` binary: `plane dev`, `plane connect`,
 //! traffic through the proxy, the backend reaped when idle, and a clean Ctrl-C.
 
-use crate::harness::{plane_binary, wait_for};
+use crate::harness::{plane_binary, wait_for, PlaneDev};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-/// Sends SIGTERM (what Ctrl-C or a service manager would send) and waits for the exit.
-async fn stop(child: &mut Child) -> std::process::ExitStatus {
-    let pid = child.id().expect("child is running").to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .expect("kill");
-    assert!(status.success());
-    tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("plane dev exits within 30 s of SIGTERM")
-        .expect("wait for plane dev")
-}
+use tokio::process::Command;
 
 #[tokio::test]
 async fn readme_walkthrough_works_with_the_real_binary() {
@@ -35,46 +18,19 @@ async fn walkthrough() {
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     let plane = plane_binary();
 
-    let mut dev = Command::new(&plane)
-        .args([
-            "dev",
+    let mut dev = PlaneDev::start(
+        &scratch,
+        &[
             "--controller-port",
             "0",
             "--proxy-port",
             "0",
             "--stop-grace-period-seconds",
             "2",
-        ])
-        .arg("--data-dir")
-        .arg(scratch.join("data"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(scratch.join("dev.log")).expect("log file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start plane dev");
-    let mut stdout = BufReader::new(dev.stdout.take().expect("stdout")).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(line) = stdout.next_line().await.expect("read stdout") {
-            if line.starts_with("plane dev is ready") {
-                return line;
-            }
-        }
-        panic!(
-            "plane dev exited before it was ready; see {}",
-            scratch.join("dev.log").display()
-        );
-    })
-    .await
-    .expect("plane dev ready within 120 s");
-    let field = |name: &str| -> String {
-        ready
-            .split(" | ")
-            .find_map(|part| {
-                part.split_once(&format!("{name} "))
-                    .map(|(_, v)| v.to_string())
-            })
-            .unwrap_or_else(|| panic!("no {name} in {ready:?}"))
-    };
+        ],
+    )
+    .await;
+    let field = |name: &str| dev.field(name);
     let controller = field("controller");
     let proxy = field("proxy");
     let cluster = field("cluster");
@@ -193,7 +149,7 @@ async fn walkthrough() {
     // A backend still running when plane dev stops is stopped with it.
     let third = connect("").await;
     assert!(third.status.success());
-    let exit = stop(&mut dev).await;
+    let exit = dev.stop().await;
     assert!(exit.success(), "plane dev exit status {exit:?}");
     let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
     let leftovers = docker

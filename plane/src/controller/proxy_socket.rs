@@ -188,15 +188,10 @@ impl NodeHandler for ProxyHandler {
             MessageFromProxy::KeepAlive { backends } => {
                 // Also the proxy's heartbeat, sent every report interval even when no
                 // backend had traffic.
-                let marked = match backends.is_empty() {
-                    true => Ok(()),
-                    false => {
-                        state
-                            .store()
-                            .mark_active(cluster, &backends, Millis::now())
-                            .await
-                    }
-                };
+                let marked = state
+                    .store()
+                    .mark_active(cluster, &backends, Millis::now())
+                    .await;
                 if let Err(err) = marked {
                     tracing::warn!(proxy = %name, error = %err, "could not record keep-alive");
                 }

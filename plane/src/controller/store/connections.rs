@@ -130,6 +130,9 @@ impl Store {
         backends: &[BackendName],
         now: Millis,
     ) -> StoreResult<()> {
+        if backends.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         mark_active(&mut tx, cluster, backends, now).await?;
         tx.commit().await?;
