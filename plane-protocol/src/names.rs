@@ -212,6 +212,14 @@ pub struct ClusterName(String);
 validated_string!(ClusterName, validate_cluster_name);
 
 impl ClusterName {
+    /// The cluster's host without its port: the name its certificate is for.
+    pub fn hostname(&self) -> &str {
+        match self.0.rsplit_once(':') {
+            Some((host, _)) => host,
+            None => &self.0,
+        }
+    }
+
     pub fn is_https(&self) -> bool {
         match self.0.rsplit_once(':') {
             None => true,

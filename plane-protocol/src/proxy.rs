@@ -43,6 +43,75 @@ pub enum MessageFromProxy {
     /// Sent every report interval: the backends that had a connection open, or any
     /// traffic, since the previous report. Keeps them from being reaped as idle.
     KeepAlive { backends: Vec<BackendName> },
+    /// A step of getting the cluster's certificate (see [`CertRequest`]); answered by a
+    /// [`MessageToProxy::Cert`] with the same `id`.
+    Cert { id: u64, request: CertRequest },
+}
+
+/// How long a granted certificate lease lasts unless its holder takes it again; the holder
+/// does so every third of it while it orders.
+pub const CERT_LEASE_SECONDS: u64 = 60;
+
+/// The proxy's certificate manager asks the controller, one step at a time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum CertRequest {
+    /// The certificate a proxy of this cluster stored last, if any.
+    Fetch,
+    /// Take (or extend) the cluster's certificate lease: only its holder orders from the CA,
+    /// so a cluster's proxies make one order between them.
+    TakeLease,
+    /// Serve these values as the TXT record of `_acme-challenge.<cluster host>` (lease
+    /// holders only).
+    PublishTxt { values: Vec<String> },
+    /// Keep this newly issued certificate for the cluster's other proxies.
+    Store { certificate: ClusterCertificate },
+    /// Done ordering: give up the lease and withdraw the TXT values.
+    ReleaseLease,
+}
+
+/// The controller's answer to a [`CertRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum CertResponse {
+    Certificate {
+        certificate: Option<ClusterCertificate>,
+    },
+    /// Whether the lease is this proxy's now (`false`: another proxy holds it).
+    Lease {
+        granted: bool,
+    },
+    /// Whether the values were published (`false`: this proxy does not hold the lease).
+    TxtPublished {
+        published: bool,
+    },
+    /// Whether the certificate was kept (`false`: a newer one already is).
+    Stored {
+        stored: bool,
+    },
+    Released,
+    /// The controller could not do it (its database failed, say); try again later.
+    Failed {
+        error: String,
+    },
+}
+
+/// A certificate chain (leaf first) and its private key, both PEM.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterCertificate {
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// When the leaf certificate expires.
+    pub not_after: Millis,
+}
+
+impl std::fmt::Debug for ClusterCertificate {
+    // The private key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCertificate")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Controller → proxy.
@@ -67,6 +136,8 @@ pub enum MessageToProxy {
         /// Tokens issued up to this time are revoked; later ones are not.
         revoked_at: Millis,
     },
+    /// The answer to the [`MessageFromProxy::Cert`] with this `id`.
+    Cert { id: u64, response: CertResponse },
 }
 
 /// What the controller knows about a token.

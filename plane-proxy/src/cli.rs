@@ -1,9 +1,9 @@
 //! `plane proxy` command-line options; every flag can also come from a `PLANE_*` variable.
 
 use crate::config::{
-    ProxyConfig, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BIND_IP, DEFAULT_HOLD_TIMEOUT_MS,
-    DEFAULT_HTTP_PORT, DEFAULT_MAX_HELD_REQUESTS, DEFAULT_REPORT_INTERVAL_MS,
-    DEFAULT_SHUTDOWN_GRACE_MS,
+    AcmeConfig, ProxyConfig, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BIND_IP,
+    DEFAULT_HOLD_TIMEOUT_MS, DEFAULT_HTTP_PORT, DEFAULT_MAX_HELD_REQUESTS,
+    DEFAULT_REPORT_INTERVAL_MS, DEFAULT_SHUTDOWN_GRACE_MS,
 };
 use anyhow::Context;
 use plane_protocol::names::{ClusterName, NodeName};
@@ -77,6 +77,41 @@ pub struct ProxyOpts {
     /// controller's bearer token, if any, goes in the URL: `http://TOKEN@host:port`.
     #[arg(long, env = "PLANE_CLUSTER_SECRET")]
     pub cluster_secret: Option<String>,
+
+    /// Obtain and renew the certificate at --cert-path from this ACME directory URL, by
+    /// DNS-01 through the controller and `plane dns`.
+    #[arg(long, env = "PLANE_ACME_ENDPOINT")]
+    pub acme_endpoint: Option<Url>,
+
+    /// External account binding key ID, for CAs that require one.
+    #[arg(long, env = "PLANE_ACME_EAB_KID", requires = "acme_endpoint")]
+    pub acme_eab_kid: Option<String>,
+
+    /// External account binding HMAC key (base64url), with --acme-eab-kid.
+    #[arg(long, env = "PLANE_ACME_EAB_HMAC_KEY", requires = "acme_endpoint")]
+    pub acme_eab_hmac_key: Option<String>,
+
+    /// Contact email for the ACME account.
+    #[arg(long, env = "PLANE_ACME_MAILTO", requires = "acme_endpoint")]
+    pub acme_mailto: Option<String>,
+
+    /// PEM file with the CA certificate to trust for the ACME endpoint's HTTPS (private or
+    /// test CAs).
+    #[arg(long, env = "PLANE_ACME_ROOT_CA", requires = "acme_endpoint")]
+    pub acme_root_ca: Option<PathBuf>,
+
+    /// Renew this many seconds before expiry [default: when a third of the lifetime is left].
+    #[arg(
+        long,
+        env = "PLANE_ACME_RENEW_BEFORE_SECONDS",
+        requires = "acme_endpoint"
+    )]
+    pub acme_renew_before_seconds: Option<u64>,
+
+    /// DNS server (IP:port) to check challenge values are visible on before validation
+    /// [default: the system's resolvers].
+    #[arg(long, env = "PLANE_ACME_DNS_RESOLVER", requires = "acme_endpoint")]
+    pub acme_dns_resolver: Option<std::net::SocketAddr>,
 }
 
 impl ProxyOpts {
@@ -96,6 +131,15 @@ impl ProxyOpts {
         config.backend_connect_timeout_ms = self.backend_connect_timeout_ms;
         config.cluster_secret = self.cluster_secret;
         config.controller_ca = self.controller_ca;
+        config.acme = self.acme_endpoint.map(|endpoint| AcmeConfig {
+            eab_kid: self.acme_eab_kid,
+            eab_hmac_key: self.acme_eab_hmac_key,
+            mailto: self.acme_mailto,
+            root_ca: self.acme_root_ca,
+            renew_before_seconds: self.acme_renew_before_seconds,
+            dns_resolver: self.acme_dns_resolver,
+            ..AcmeConfig::new(endpoint)
+        });
         config.validate().context("invalid proxy options")?;
         Ok(config)
     }
@@ -161,5 +205,85 @@ mod tests {
             "0",
         ]);
         assert!(zero_interval.is_err());
+    }
+
+    #[test]
+    fn acme_flags_become_config_and_bad_ones_are_named() {
+        let base = [
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "plane.example.com",
+            "--https-port",
+            "9443",
+            "--cert-path",
+            "/var/lib/plane/cert.pem",
+            "--acme-endpoint",
+            "https://acme.example/dir",
+        ];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse(&args)
+        };
+        let config = with(&[
+            "--acme-eab-kid",
+            "kid-1",
+            "--acme-eab-hmac-key",
+            "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W",
+            "--acme-mailto",
+            "ops@example.com",
+            "--acme-renew-before-seconds",
+            "86400",
+        ])
+        .expect("valid acme flags");
+        let acme = config.acme.expect("acme");
+        assert_eq!(acme.endpoint.as_str(), "https://acme.example/dir");
+        assert_eq!(acme.renew_before_seconds, Some(86_400));
+        assert!(acme.eab().expect("eab").is_some());
+
+        let error = |extra: &[&str]| format!("{:#}", with(extra).expect_err("refused"));
+        assert!(error(&["--acme-eab-kid", "kid-1"])
+            .contains("--acme-eab-kid and --acme-eab-hmac-key go together"));
+        assert!(
+            error(&["--acme-eab-kid", "k", "--acme-eab-hmac-key", "not base64!"])
+                .contains("--acme-eab-hmac-key")
+        );
+        assert!(error(&["--acme-mailto", "mailto:ops@example.com"]).contains("--acme-mailto"));
+        assert!(
+            error(&["--acme-renew-before-seconds", "0"]).contains("--acme-renew-before-seconds")
+        );
+
+        let http_endpoint = parse(&[
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "plane.example.com",
+            "--https-port",
+            "9443",
+            "--cert-path",
+            "/c.pem",
+            "--acme-endpoint",
+            "http://acme.example/dir",
+        ]);
+        assert!(format!("{:#}", http_endpoint.expect_err("http")).contains("must be an https URL"));
+        let no_https = parse(&[
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "plane.example.com",
+            "--acme-endpoint",
+            "https://acme.example/dir",
+        ]);
+        assert!(format!("{:#}", no_https.expect_err("no https"))
+            .contains("--acme-endpoint needs --https-port"));
+        let without_endpoint = parse(&[
+            "--controller-url",
+            "http://127.0.0.1:8080",
+            "--cluster",
+            "plane.example.com",
+            "--acme-mailto",
+            "ops@example.com",
+        ]);
+        assert!(without_endpoint.is_err());
     }
 }

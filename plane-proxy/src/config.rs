@@ -3,7 +3,7 @@
 
 use plane_protocol::names::{ClusterName, NodeName};
 use serde::{Deserialize, Serialize};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
@@ -74,6 +74,112 @@ pub struct ProxyConfig {
     /// answering 502. Default 10000.
     #[serde(default = "default_backend_connect_timeout_ms")]
     pub backend_connect_timeout_ms: u64,
+    /// Obtain (and renew) the certificate at `cert_path` from an ACME CA by DNS-01.
+    #[serde(default)]
+    pub acme: Option<AcmeConfig>,
+}
+
+/// Getting the cluster's certificate from an ACME CA by DNS-01 (`--acme-*`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's ACME directory URL (https).
+    pub endpoint: Url,
+    /// External account binding: the key ID the CA gave.
+    #[serde(default)]
+    pub eab_kid: Option<String>,
+    /// External account binding: the HMAC key the CA gave, base64url.
+    #[serde(default)]
+    pub eab_hmac_key: Option<String>,
+    /// A contact address for the account (without `mailto:`).
+    #[serde(default)]
+    pub mailto: Option<String>,
+    /// A PEM file with the CA certificate to trust for the ACME endpoint's own HTTPS (for
+    /// private or test CAs), instead of the platform's roots.
+    #[serde(default)]
+    pub root_ca: Option<PathBuf>,
+    /// Renew this many seconds before the certificate expires. Default: when a third of
+    /// its lifetime is left.
+    #[serde(default)]
+    pub renew_before_seconds: Option<u64>,
+    /// The DNS server (IP:port) asked whether the challenge values are visible before the
+    /// CA is asked to validate. Default: the system's resolvers.
+    #[serde(default)]
+    pub dns_resolver: Option<SocketAddr>,
+    /// A certificate obtained is not renewed sooner than this, in milliseconds, whatever
+    /// the renewal window says. Default 60000.
+    #[serde(default = "default_min_renewal_interval_ms")]
+    pub min_renewal_interval_ms: u64,
+}
+
+pub const DEFAULT_MIN_RENEWAL_INTERVAL_MS: u64 = 60_000;
+
+fn default_min_renewal_interval_ms() -> u64 {
+    DEFAULT_MIN_RENEWAL_INTERVAL_MS
+}
+
+impl AcmeConfig {
+    pub fn new(endpoint: Url) -> Self {
+        Self {
+            endpoint,
+            eab_kid: None,
+            eab_hmac_key: None,
+            mailto: None,
+            root_ca: None,
+            renew_before_seconds: None,
+            dns_resolver: None,
+            min_renewal_interval_ms: DEFAULT_MIN_RENEWAL_INTERVAL_MS,
+        }
+    }
+
+    /// The external account binding key ID and decoded HMAC key, if one was given.
+    pub fn eab(&self) -> Result<Option<(String, Vec<u8>)>, ConfigError> {
+        use base64::Engine;
+        match (&self.eab_kid, &self.eab_hmac_key) {
+            (None, None) => Ok(None),
+            (Some(kid), Some(key)) => {
+                let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(key.trim_end_matches('='))
+                    .map_err(|err| {
+                        ConfigError::Acme(format!("--acme-eab-hmac-key is not base64url: {err}"))
+                    })?;
+                if kid.is_empty() || key.is_empty() {
+                    return Err(ConfigError::Acme(
+                        "--acme-eab-kid and --acme-eab-hmac-key may not be empty".to_string(),
+                    ));
+                }
+                Ok(Some((kid.clone(), key)))
+            }
+            _ => Err(ConfigError::Acme(
+                "--acme-eab-kid and --acme-eab-hmac-key go together: give both or neither"
+                    .to_string(),
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.endpoint.scheme() != "https" {
+            return Err(ConfigError::Acme(format!(
+                "--acme-endpoint {}: must be an https URL (ACME servers only speak HTTPS)",
+                self.endpoint
+            )));
+        }
+        self.eab()?;
+        if let Some(mailto) = &self.mailto {
+            if !mailto.contains('@') || mailto.starts_with("mailto:") || mailto.contains(',') {
+                return Err(ConfigError::Acme(format!(
+                    "--acme-mailto {mailto}: give one address, like ops@example.com"
+                )));
+            }
+        }
+        if self.renew_before_seconds == Some(0) {
+            return Err(ConfigError::ZeroDuration("--acme-renew-before-seconds"));
+        }
+        if self.min_renewal_interval_ms == 0 {
+            return Err(ConfigError::ZeroDuration("min_renewal_interval_ms"));
+        }
+        Ok(())
+    }
 }
 
 fn random_name() -> NodeName {
@@ -112,6 +218,10 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("--https-port and --cert-path go together: give both or neither")]
     HttpsNeedsCert,
+    #[error("--acme-endpoint needs --https-port and --cert-path (where the certificate is kept)")]
+    AcmeNeedsHttps,
+    #[error("{0}")]
+    Acme(String),
 }
 
 impl ProxyConfig {
@@ -132,6 +242,7 @@ impl ProxyConfig {
             cluster_secret: None,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             backend_connect_timeout_ms: DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
+            acme: None,
         }
     }
 
@@ -156,6 +267,12 @@ impl ProxyConfig {
         }
         if self.https_port.is_some() != self.cert_path.is_some() {
             return Err(ConfigError::HttpsNeedsCert);
+        }
+        if let Some(acme) = &self.acme {
+            if self.https_port.is_none() {
+                return Err(ConfigError::AcmeNeedsHttps);
+            }
+            acme.validate()?;
         }
         Ok(())
     }

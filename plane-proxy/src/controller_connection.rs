@@ -10,7 +10,9 @@ use crate::upstream_pool::UpstreamPool;
 use plane_link::{Link, LinkConfig, LinkError, Session, SessionEnd};
 use plane_protocol::backend::TerminationReason;
 use plane_protocol::names::{BearerToken, NodeName};
-use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteAnswer};
+use plane_protocol::proxy::{
+    CertRequest, CertResponse, MessageFromProxy, MessageToProxy, RouteAnswer,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -27,6 +29,19 @@ const MIN_CHANGES_INTERVAL: Duration = Duration::from_millis(50);
 type ControllerLink = Link<MessageFromProxy, MessageToProxy>;
 type Resolution = Result<Arc<Route>, RouteError>;
 type Waiter = oneshot::Sender<Resolution>;
+type CertWaiter = oneshot::Sender<CertResponse>;
+
+/// How long a certificate step may wait for the controller's answer.
+const CERT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a certificate step got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CertRequestError {
+    #[error("the proxy has no connection to the controller")]
+    ControllerUnavailable,
+    #[error("the controller did not answer within {0:?}")]
+    Timeout(Duration),
+}
 
 /// Why a request cannot be routed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +95,8 @@ struct Shared {
     pending: Mutex<HashMap<BearerToken, Vec<Waiter>>>,
     /// Wakes the connection task to send a route request for a newly pending token.
     requests: mpsc::UnboundedSender<BearerToken>,
+    /// Certificate steps for the connection task to send, each with where its answer goes.
+    cert_requests: mpsc::UnboundedSender<(CertRequest, CertWaiter)>,
     connected: watch::Receiver<bool>,
     hold_timeout: Duration,
     max_held_requests: usize,
@@ -187,6 +204,7 @@ impl ControllerClient {
         cancel: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (requests_tx, requests_rx) = mpsc::unbounded_channel();
+        let (cert_requests_tx, cert_requests_rx) = mpsc::unbounded_channel();
         let (connected_tx, connected_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             cache: RouteCache::default(),
@@ -194,6 +212,7 @@ impl ControllerClient {
             pool,
             pending: Mutex::new(HashMap::new()),
             requests: requests_tx,
+            cert_requests: cert_requests_tx,
             connected: connected_rx,
             hold_timeout: config.hold_timeout,
             max_held_requests: config.max_held_requests,
@@ -205,6 +224,9 @@ impl ControllerClient {
             config,
             instance: plane_protocol::names::new_instance_id(),
             requests: requests_rx,
+            cert_requests: cert_requests_rx,
+            cert_waiters: HashMap::new(),
+            next_cert_id: 0,
             connected: connected_tx,
             cancel: cancel.clone(),
         };
@@ -285,6 +307,28 @@ impl ControllerClient {
         *self.shared.connected.borrow()
     }
 
+    /// Asks the controller one certificate step, once connected. Fails when the controller
+    /// is away or does not answer within [`CERT_REQUEST_TIMEOUT`] (an answer lost with its
+    /// session never arrives); the caller tries again later.
+    pub async fn cert_request(
+        &self,
+        request: CertRequest,
+    ) -> Result<CertResponse, CertRequestError> {
+        if !self.is_connected() {
+            return Err(CertRequestError::ControllerUnavailable);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .cert_requests
+            .send((request, tx))
+            .map_err(|_| CertRequestError::ControllerUnavailable)?;
+        match tokio::time::timeout(CERT_REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(CertRequestError::ControllerUnavailable),
+            Err(_) => Err(CertRequestError::Timeout(CERT_REQUEST_TIMEOUT)),
+        }
+    }
+
     /// Follows the connection: `true` while a hello'd socket to the controller is open.
     pub fn connection_status(&self) -> watch::Receiver<bool> {
         self.shared.connected.clone()
@@ -297,6 +341,10 @@ struct Runner {
     /// This process's instance ID, the same in every session it opens.
     instance: String,
     requests: mpsc::UnboundedReceiver<BearerToken>,
+    cert_requests: mpsc::UnboundedReceiver<(CertRequest, CertWaiter)>,
+    /// Certificate steps sent in this session and not answered yet, by request ID.
+    cert_waiters: HashMap<u64, CertWaiter>,
+    next_cert_id: u64,
     connected: watch::Sender<bool>,
     cancel: CancellationToken,
 }
@@ -308,6 +356,9 @@ impl Session<MessageFromProxy, MessageToProxy> for Runner {
             Err(error) => SessionEnd::Lost(error),
         };
         self.connected.send_replace(false);
+        // Answers to this session's steps will never come; their callers retry.
+        self.cert_waiters.clear();
+        while self.cert_requests.try_recv().is_ok() {}
         end
     }
 }
@@ -326,7 +377,8 @@ impl Runner {
         link.send(&hello).await?;
         // The controller starts this session knowing nothing of our connections: tell it
         // everything open now, and only changes after that.
-        let tracker = &self.shared.tracker;
+        let shared = Arc::clone(&self.shared);
+        let tracker = &shared.tracker;
         tracker.take_changes();
         let opened = tracker.open_backends();
         link.send(&MessageFromProxy::ConnectionsChanged {
@@ -366,6 +418,13 @@ impl Runner {
                     Some(token) => link.send(&MessageFromProxy::RouteRequest { token }).await?,
                     None => return Ok(SessionEnd::Shutdown),
                 },
+                Some((request, waiter)) = self.cert_requests.recv() => {
+                    let id = self.next_cert_id;
+                    self.next_cert_id += 1;
+                    self.cert_waiters.retain(|_, waiter| !waiter.is_closed());
+                    self.cert_waiters.insert(id, waiter);
+                    link.send(&MessageFromProxy::Cert { id, request }).await?;
+                }
                 message = link.recv() => match self.handle_message(message?) {
                     Handled::Done => {}
                     Handled::AskAgain(token) => {
@@ -422,7 +481,7 @@ impl Runner {
     }
 
     /// Applies one message from the controller.
-    fn handle_message(&self, message: MessageToProxy) -> Handled {
+    fn handle_message(&mut self, message: MessageToProxy) -> Handled {
         match message {
             MessageToProxy::RouteResponse { token, answer } => {
                 if self.shared.resolve(token.clone(), answer) {
@@ -445,6 +504,12 @@ impl Runner {
                 self.shared
                     .cache
                     .revoke_user(&backend_id, &user, revoked_at);
+            }
+            MessageToProxy::Cert { id, response } => {
+                // Its caller may have stopped waiting; then nobody needs the answer.
+                if let Some(waiter) = self.cert_waiters.remove(&id) {
+                    let _ = waiter.send(response);
+                }
             }
         }
         Handled::Done

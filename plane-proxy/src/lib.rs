@@ -5,6 +5,7 @@
 //! [`start`] runs a proxy on a listener you bound (tests bind port 0); [`run`] is what
 //! `plane proxy` calls: bind, start, wait for a signal, shut down.
 
+mod acme;
 mod body;
 pub mod cli;
 mod client_stream;
@@ -185,16 +186,29 @@ pub async fn start_with_listeners(
     // HTTPS, if asked for: the certificate (watched for changes) and its listener.
     let https = match (&config.cert_path, https_listener) {
         (Some(path), Some(listener)) => {
-            let cert = tls::CertFile::open(path).map_err(anyhow::Error::msg)?;
+            let cert = match &config.acme {
+                // Ordered if missing, unusable or due.
+                Some(_) => tls::CertFile::open_if_usable(path),
+                None => tls::CertFile::open(path).map_err(anyhow::Error::msg)?,
+            };
             let tls_config = tls::server_config(cert.clone()).map_err(anyhow::Error::msg)?;
-            tokio::spawn(cert.watch(hard_stop.child_token()));
-            Some((listener, tokio_rustls::TlsAcceptor::from(tls_config)))
+            tokio::spawn(cert.clone().watch(hard_stop.child_token()));
+            if let Some(acme) = &config.acme {
+                let manager = acme::CertManager::new(
+                    acme.clone(),
+                    config.cluster.clone(),
+                    cert.clone(),
+                    controller.clone(),
+                );
+                tokio::spawn(manager.run(hard_stop.child_token()));
+            }
+            Some((listener, tokio_rustls::TlsAcceptor::from(tls_config), cert))
         }
         (None, None) => None,
         _ => anyhow::bail!("--https-port and --cert-path go together: give both or neither"),
     };
     let https_addr = match &https {
-        Some((listener, _)) => Some(listener.local_addr().context("reading the HTTPS address")?),
+        Some((listener, _, _)) => Some(listener.local_addr().context("reading the HTTPS address")?),
         None => None,
     };
     let state = ProxyState::new(
@@ -204,7 +218,9 @@ pub async fn start_with_listeners(
         hard_stop.clone(),
         config.backend_connect_timeout(),
         pool.clone(),
-        https_addr.map(|addr| addr.port()),
+        https_addr
+            .zip(https.as_ref())
+            .map(|(addr, (_, _, cert))| (addr.port(), cert.clone())),
     );
     let parked = Arc::new(AtomicUsize::new(0));
     let server = Server {
@@ -214,7 +230,7 @@ pub async fn start_with_listeners(
         hard_stop: hard_stop.clone(),
         parked: parked.clone(),
     };
-    if let Some((listener, acceptor)) = https {
+    if let Some((listener, acceptor, _)) = https {
         let https_server = Server {
             state: server.state.clone(),
             tasks: tasks.clone(),

@@ -8,6 +8,7 @@ use crate::controller_connection::{ControllerClient, RouteError};
 use crate::headers;
 use crate::responses;
 use crate::route::Route;
+use crate::tls::CertFile;
 use crate::tunnel;
 use crate::upstream_pool::{PooledReturn, UpstreamPool};
 use bytes::Bytes;
@@ -63,6 +64,8 @@ struct StateInner {
     pool: UpstreamPool,
     /// The HTTPS port, when the proxy serves HTTPS: plain HTTP requests are redirected there.
     https_port: Option<u16>,
+    /// The certificate served over HTTPS, when it does.
+    cert: Option<Arc<CertFile>>,
 }
 
 /// Why the backend exchange failed; every case is answered with 502.
@@ -134,8 +137,9 @@ impl ProxyState {
         hard_stop: CancellationToken,
         backend_connect_timeout: Duration,
         pool: UpstreamPool,
-        https_port: Option<u16>,
+        https: Option<(u16, Arc<CertFile>)>,
     ) -> Self {
+        let (https_port, cert) = https.unzip();
         Self {
             inner: Arc::new(StateInner {
                 controller,
@@ -145,6 +149,7 @@ impl ProxyState {
                 backend_connect_timeout,
                 pool,
                 https_port,
+                cert,
             }),
         }
     }
@@ -155,6 +160,9 @@ impl ProxyState {
         mut request: Request<Incoming>,
         client: ClientConnection,
     ) -> Response<ProxyBody> {
+        if request.uri().path() == "/ready" {
+            return self.ready();
+        }
         if let (Some(port), "http") = (self.inner.https_port, client.scheme) {
             // ACME HTTP-01 and similar must stay reachable over plain HTTP.
             if !request.uri().path().starts_with("/.well-known/") {
@@ -240,6 +248,19 @@ impl ProxyState {
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(parts, ProxyBody::streamed(body, guard, pooled))
+    }
+
+    /// `GET /ready`: 200 when the proxy can route (linked to the controller, and holding a
+    /// certificate if it serves HTTPS), 503 otherwise; the body says which part is missing.
+    /// Never a token, which is longer.
+    fn ready(&self) -> Response<ProxyBody> {
+        let controller = self.inner.controller.is_connected();
+        let certificate = self
+            .inner
+            .cert
+            .as_ref()
+            .map(|cert| cert.current().is_some());
+        responses::ready(controller, certificate)
     }
 
     fn route_error(&self, error: RouteError) -> Response<ProxyBody> {

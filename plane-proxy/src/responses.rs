@@ -84,6 +84,28 @@ fn error_with(kind: ErrorKind, message: &str, details: Value) -> Response<ProxyB
     response
 }
 
+/// The proxy's own `/ready`: whether it is linked to the controller and (when it serves
+/// HTTPS) has a certificate.
+pub fn ready(controller_connected: bool, certificate: Option<bool>) -> Response<ProxyBody> {
+    let ready = controller_connected && certificate != Some(false);
+    let body = json!({
+        "ready": ready,
+        "controller_connected": controller_connected,
+        "certificate": certificate,
+    });
+    let mut response = Response::new(ProxyBody::full(body.to_string()));
+    if !ready {
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// Plain HTTP on a proxy that serves HTTPS: the same URL over HTTPS (308 keeps the method
 /// and body).
 pub fn redirect_to_https(location: &str) -> Response<ProxyBody> {

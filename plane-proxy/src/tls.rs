@@ -14,11 +14,20 @@ use tokio_util::sync::CancellationToken;
 /// How often the certificate file is checked for changes.
 const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The certificate served to every client, from `--cert-path`.
+/// The certificate served to every client, from `--cert-path` (or, with ACME, none until
+/// the first is obtained: handshakes fail until then).
 #[derive(Debug)]
 pub struct CertFile {
     path: PathBuf,
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<Option<Loaded>>,
+}
+
+/// A usable certificate chain and key, with the leaf's validity.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    key: Arc<CertifiedKey>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
 }
 
 /// What the file looked like when it was last loaded (modified time, length, inode): a
@@ -33,36 +42,85 @@ fn stamp(path: &Path) -> Stamp {
 }
 
 /// Reads a PEM file holding the certificate chain (leaf first) and its private key.
-pub fn load(path: &Path) -> Result<CertifiedKey, String> {
-    let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|err| format!("--cert-path {}: {err}", path.display()))?
+pub fn load(path: &Path) -> Result<Loaded, String> {
+    let pem =
+        std::fs::read(path).map_err(|err| format!("--cert-path {}: {err}", path.display()))?;
+    parse(&pem).map_err(|err| format!("--cert-path {}: {err}", path.display()))
+}
+
+/// Parses a PEM certificate chain (leaf first) and its private key.
+pub fn parse(pem: &[u8]) -> Result<Loaded, String> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| format!("--cert-path {}: {err}", path.display()))?;
-    if certificates.is_empty() {
-        return Err(format!(
-            "--cert-path {}: no certificate in the file",
-            path.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(path).map_err(|err| {
-        format!(
-            "--cert-path {}: no usable private key: {err}",
-            path.display()
-        )
-    })?;
-    let signing_key = ring::sign::any_supported_type(&key)
-        .map_err(|err| format!("--cert-path {}: {err}", path.display()))?;
-    Ok(CertifiedKey::new(certificates, signing_key))
+        .map_err(|err| err.to_string())?;
+    let Some(leaf) = certificates.first() else {
+        return Err("no certificate in the file".to_string());
+    };
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|err| format!("the leaf certificate does not parse: {err}"))?;
+    let time = |at: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64)
+    };
+    let (not_before, not_after) = (
+        time(parsed.validity().not_before),
+        time(parsed.validity().not_after),
+    );
+    let key = PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|err| format!("no usable private key: {err}"))?;
+    let signing_key = ring::sign::any_supported_type(&key).map_err(|err| err.to_string())?;
+    Ok(Loaded {
+        key: Arc::new(CertifiedKey::new(certificates, signing_key)),
+        not_before,
+        not_after,
+    })
 }
 
 impl CertFile {
     /// Loads the file; an unusable one is an error naming the flag.
     pub fn open(path: &Path) -> Result<Arc<Self>, String> {
-        let key = load(path)?;
-        Ok(Arc::new(Self {
+        let loaded = load(path)?;
+        Ok(Self::with(path, Some(loaded)))
+    }
+
+    /// Loads the file if there is a usable one (with ACME, which fills it otherwise).
+    pub fn open_if_usable(path: &Path) -> Arc<Self> {
+        let loaded = match load(path) {
+            Ok(loaded) => Some(loaded),
+            Err(error) => {
+                if path.exists() {
+                    tracing::warn!(%error, "the certificate file is unusable; a new certificate will be ordered");
+                }
+                None
+            }
+        };
+        Self::with(path, loaded)
+    }
+
+    fn with(path: &Path, loaded: Option<Loaded>) -> Arc<Self> {
+        Arc::new(Self {
             path: path.to_path_buf(),
-            current: RwLock::new(Arc::new(key)),
-        }))
+            current: RwLock::new(loaded),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The certificate served now, if any.
+    pub fn current(&self) -> Option<Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves `loaded` to new handshakes from now on.
+    pub fn install(&self, loaded: Loaded) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(loaded);
     }
 
     /// Checks the file every second until `cancel`; a changed file that loads replaces the
@@ -80,11 +138,13 @@ impl CertFile {
             }
             last = now;
             match load(&self.path) {
-                Ok(key) => {
-                    *self
-                        .current
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(key);
+                // The certificate manager wrote it and serves it already.
+                Ok(loaded)
+                    if self
+                        .current()
+                        .is_some_and(|current| current.key.cert == loaded.key.cert) => {}
+                Ok(loaded) => {
+                    self.install(loaded);
                     tracing::info!(path = %self.path.display(), "certificate reloaded");
                 }
                 Err(error) => {
@@ -97,12 +157,11 @@ impl CertFile {
 
 impl ResolvesServerCert for CertFile {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self
-                .current
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        ))
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|loaded| Arc::clone(&loaded.key))
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod acme;
 mod admin;
 mod auth;
 mod browser;

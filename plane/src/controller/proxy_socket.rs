@@ -13,7 +13,10 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use plane_protocol::backend::BackendStatus;
 use plane_protocol::names::{BearerToken, ClusterName, NodeName};
-use plane_protocol::proxy::{MessageFromProxy, MessageToProxy, RouteAnswer, RouteInfo};
+use plane_protocol::proxy::{
+    CertRequest, CertResponse, MessageFromProxy, MessageToProxy, RouteAnswer, RouteInfo,
+    CERT_LEASE_SECONDS,
+};
 use plane_protocol::time::Millis;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -144,7 +147,7 @@ impl NodeHandler for ProxyHandler {
     async fn on_message(
         &mut self,
         message: MessageFromProxy,
-        _sink: &mut ProxySink,
+        sink: &mut ProxySink,
     ) -> Result<Flow, Gone> {
         let (state, cluster, name) = (&self.state, &self.cluster, &self.name);
         match message {
@@ -200,12 +203,36 @@ impl NodeHandler for ProxyHandler {
                     .touch_node(cluster, NodeKind::Proxy, name)
                     .await;
             }
+            MessageFromProxy::Cert { id, request } => {
+                // Answered in order, before the next message is read: a certificate stored
+                // is kept before the lease is released, so no other proxy orders again.
+                let response = match cert_step(state, cluster, name, request).await {
+                    Ok(response) => response,
+                    Err(err) => {
+                        tracing::warn!(proxy = %name, error = %err, "certificate request failed");
+                        CertResponse::Failed {
+                            error: err.to_string(),
+                        }
+                    }
+                };
+                sink.send(&MessageToProxy::Cert { id, response }).await?;
+            }
         }
         Ok(Flow::Continue)
     }
 
     async fn finish(&mut self) {
         self.lookups.abort_all();
+        // A proxy that went away mid-order frees the lease for the others at once rather
+        // than when it expires.
+        if let Err(err) = self
+            .state
+            .store()
+            .release_cert_lease(&self.cluster, &self.name)
+            .await
+        {
+            tracing::warn!(proxy = %self.name, error = %err, "could not release the certificate lease; it expires on its own");
+        }
         // Its connections no longer keep anything alive; idle time for them starts now.
         if let Err(err) = self
             .state
@@ -216,6 +243,59 @@ impl NodeHandler for ProxyHandler {
             tracing::warn!(proxy = %self.name, error = %err, "could not clear the proxy's connections; they lapse on their own");
         }
     }
+}
+
+/// How long published challenge values are served unless withdrawn first: long enough for
+/// a CA's validation, short enough that a proxy that vanished mid-order leaves nothing behind.
+const ACME_TXT_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// One step of a proxy's certificate manager.
+async fn cert_step(
+    state: &ControllerState,
+    cluster: &ClusterName,
+    proxy: &NodeName,
+    request: CertRequest,
+) -> anyhow::Result<CertResponse> {
+    let store = state.store();
+    let now = Millis::now();
+    Ok(match request {
+        CertRequest::Fetch => CertResponse::Certificate {
+            certificate: store.certificate(cluster).await?,
+        },
+        CertRequest::TakeLease => {
+            let expires_at = now.plus_millis(CERT_LEASE_SECONDS * 1000);
+            let granted = store
+                .take_cert_lease(cluster, proxy, now, expires_at)
+                .await?;
+            if granted {
+                tracing::info!(%cluster, %proxy, "certificate lease held");
+            }
+            CertResponse::Lease { granted }
+        }
+        CertRequest::PublishTxt { values } => {
+            if !store.holds_cert_lease(cluster, proxy, now).await? {
+                return Ok(CertResponse::TxtPublished { published: false });
+            }
+            // Served under the host the certificate is for, whatever port the cluster has.
+            let host: ClusterName = cluster.hostname().parse()?;
+            let expires_at = now.plus_millis(ACME_TXT_TTL_MS);
+            for value in &values {
+                store
+                    .publish_acme_txt(&host, value, now, expires_at)
+                    .await?;
+            }
+            CertResponse::TxtPublished { published: true }
+        }
+        CertRequest::Store { certificate } => CertResponse::Stored {
+            stored: store
+                .store_certificate(cluster, &certificate, proxy, now)
+                .await?,
+        },
+        CertRequest::ReleaseLease => {
+            store.release_cert_lease(cluster, proxy).await?;
+            CertResponse::Released
+        }
+    })
 }
 
 /// Where a token leads. A backend still starting is waited for, up to the configured limit,
