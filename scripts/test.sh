@@ -23,6 +23,8 @@ command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+# certutil: the HTTPS browser test trusts its CA in a throwaway NSS database.
+command -v certutil >/dev/null 2>&1 || missing+=(libnss3-tools)
 # The ACME tests' certificate authority (each test runs its own on free loopback ports).
 command -v pebble >/dev/null 2>&1 || missing+=(pebble)
 # The benchmarks' short modes (run last) compare against nginx under load from wrk.

@@ -1,8 +1,10 @@
 //! A real browser (headless Chromium driven over WebDriver) opens a backend's URL through
-//! the proxy, runs the demo page, and echoes a message over a WebSocket.
+//! the proxy, runs the demo page, and echoes a message over a WebSocket: over plain HTTP, and
+//! over HTTPS and `wss://` with `plane dev --https`, trusting its CA for that run only.
 
-use crate::harness::{run_test, wait_for, Db, TestEnv};
+use crate::harness::{run_test, wait_for, Db, PlaneDev, TestEnv};
 use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -17,11 +19,21 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Browser {
+        Self::start_with_home(None).await
+    }
+
+    /// With `home`, Chromium runs with that home directory, whose NSS database
+    /// (`.pki/nssdb`) is where it looks for CAs to trust besides the system's.
+    async fn start_with_home(home: Option<&Path>) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let driver = Command::new("chromedriver")
+        let mut driver = Command::new("chromedriver");
+        if let Some(home) = home {
+            driver.env("HOME", home);
+        }
+        let driver = driver
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -129,4 +141,139 @@ async fn a_browser_opens_the_backend_url_and_echoes_over_a_websocket() {
         env
     })
     .await;
+}
+
+/// A home directory whose NSS database trusts `ca` to identify web sites: what Chromium on
+/// Linux reads, so the CA is trusted by this browser run and nothing else on the machine.
+async fn home_trusting(scratch: &Path, ca: &Path) -> PathBuf {
+    let home = scratch.join("browser-home");
+    let nssdb = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&nssdb).expect("nssdb dir");
+    let db = format!("sql:{}", nssdb.display());
+    let run = |args: Vec<String>| async move {
+        let output = Command::new("certutil")
+            .args(&args)
+            .output()
+            .await
+            .expect("certutil is installed (scripts/test.sh installs libnss3-tools)");
+        assert!(
+            output.status.success(),
+            "certutil {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(vec![
+        "-d".into(),
+        db.clone(),
+        "-N".into(),
+        "--empty-password".into(),
+    ])
+    .await;
+    run(vec![
+        "-d".into(),
+        db,
+        "-A".into(),
+        "-t".into(),
+        "C,,".into(),
+        "-n".into(),
+        "plane-dev-ca".into(),
+        "-i".into(),
+        ca.display().to_string(),
+    ])
+    .await;
+    home
+}
+
+#[tokio::test]
+async fn a_browser_opens_an_https_backend_of_plane_dev_and_echoes_over_wss() {
+    tokio::time::timeout(Duration::from_secs(240), browser_over_https())
+        .await
+        .expect("finished within 240 s");
+}
+
+async fn browser_over_https() {
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("scratch/browser-https");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let mut dev = PlaneDev::start(
+        &scratch,
+        &[
+            "--https",
+            "--controller-port",
+            "0",
+            "--proxy-port",
+            "0",
+            "--https-port",
+            "0",
+            "--stop-grace-period-seconds",
+            "1",
+        ],
+    )
+    .await;
+    let https = dev
+        .stdout
+        .next_line()
+        .await
+        .expect("read stdout")
+        .filter(|line| line.starts_with("HTTPS:"))
+        .expect("an HTTPS line after the ready line");
+    let ca = https
+        .split_once("ca ")
+        .map(|(_, path)| PathBuf::from(path.trim()))
+        .expect("a CA path");
+    let controller = dev.field("controller");
+    let connect: Value = reqwest::Client::new()
+        .post(format!("{}/ctrl/connect", controller.trim_end_matches('/')))
+        .json(&json!({
+            "key": { "name": "browser-https" },
+            "spawn_config": { "executable": { "image": "plane/demo:latest" } }
+        }))
+        .send()
+        .await
+        .expect("connect")
+        .json()
+        .await
+        .expect("connect JSON");
+    let url = connect["url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{connect}"))
+        .to_string();
+    assert!(url.starts_with("https://localhost:"), "{url}");
+
+    let home = home_trusting(&scratch, &ca).await;
+    let browser = Browser::start_with_home(Some(&home)).await;
+    // Held at the proxy until the backend is ready; a certificate the browser did not
+    // trust would show its interstitial page instead, which has no #log.
+    browser.open(&url).await;
+    let log = "return document.getElementById('log') ? document.getElementById('log').textContent : document.title";
+    wait_for(
+        "the page's wss:// WebSocket to connect",
+        Duration::from_secs(60),
+        || async {
+            let text = browser.script(log).await;
+            if text.as_str().unwrap_or("").contains("connected") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        },
+    )
+    .await;
+    let protocol = browser.script("return location.protocol").await;
+    assert_eq!(protocol, json!("https:"));
+    browser
+        .script("document.getElementById('message').value = 'hi over wss'; document.getElementById('send').click();")
+        .await;
+    wait_for("the echo to come back", Duration::from_secs(20), || async {
+        let text = browser.script(log).await;
+        if text.as_str().unwrap_or("").contains("echo: hi over wss") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    browser.close().await;
+    let status = dev.stop().await;
+    assert!(status.success(), "plane dev exit: {status}");
 }
