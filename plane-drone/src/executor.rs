@@ -472,6 +472,7 @@ mod tests {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                protocol: Default::default(),
             },
             key: None,
             fencing_token: None,

@@ -482,6 +482,7 @@ mod tests {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                protocol: Default::default(),
             },
             key: Some("doc-1".into()),
             fencing_token: Some(7),

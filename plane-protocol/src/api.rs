@@ -111,6 +111,43 @@ pub struct ExecutorConfig {
     /// null (Plane 0.5's client always sends it, as null).
     #[serde(default)]
     pub network_name: Option<String>,
+    /// How the backend serves HTTP (`http1` by default).
+    #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
+    pub protocol: BackendProtocol,
+}
+
+/// How the proxy speaks to a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// HTTP/1.1, whatever the browser spoke to the proxy.
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS, with prior knowledge (h2c), as gRPC servers serve it: every
+    /// request goes over one multiplexed connection per backend, except WebSocket upgrades,
+    /// which go over HTTP/1.1.
+    Http2,
+}
+
+impl BackendProtocol {
+    pub fn is_default(&self) -> bool {
+        *self == Self::Http1
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http1" => Some(Self::Http1),
+            "http2" => Some(Self::Http2),
+            _ => None,
+        }
+    }
 }
 
 impl ExecutorConfig {
@@ -124,6 +161,7 @@ impl ExecutorConfig {
             resource_limits: ResourceLimits::default(),
             mount: None,
             network_name: None,
+            protocol: BackendProtocol::Http1,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Messages on the proxy socket (`/ctrl/c/:cluster/proxy-socket`), both directions.
 
+use crate::api::BackendProtocol;
 use crate::backend::{BackendStatus, TerminationReason};
 use crate::names::{BackendName, BearerToken, NodeName, SecretToken};
 use crate::time::Millis;
@@ -192,4 +193,7 @@ pub struct RouteInfo {
     /// (`<subdomain>.<cluster>`).
     #[serde(default)]
     pub host: Option<String>,
+    /// How the backend speaks HTTP.
+    #[serde(default)]
+    pub protocol: BackendProtocol,
 }

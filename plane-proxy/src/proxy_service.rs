@@ -16,7 +16,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use plane_protocol::names::BearerToken;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,6 +77,8 @@ enum BackendError {
     Connect(std::io::Error),
     #[error("HTTP exchange failed: {0}")]
     Http(hyper::Error),
+    #[error("the request cannot be sent over HTTP/2: {0}")]
+    Request(String),
 }
 
 /// The request's URL over HTTPS on `port`: its host (without the HTTP port), path and query.
@@ -291,6 +293,9 @@ impl ProxyState {
     ) -> Result<(Response<Incoming>, Option<SendRequest<Incoming>>), BackendError> {
         let pool = &self.inner.pool;
         let mut request = request;
+        if route.http2 && !upgrade {
+            return self.exchange_http2(route, request).await;
+        }
         if !upgrade {
             // A pooled connection the backend has meanwhile closed gives the request back
             // unsent; then the next one (or a fresh one) is tried.
@@ -312,9 +317,59 @@ impl ProxyState {
         Ok((response, (!upgrade).then_some(sender)))
     }
 
-    /// Opens a new connection to a backend; its driving task ends when every handle to it
-    /// is gone (or on a hard stop).
-    async fn connect(&self, address: SocketAddr) -> Result<SendRequest<Incoming>, BackendError> {
+    /// Sends `request` to an HTTP/2 backend over its shared connection (opening it first if
+    /// there is none, or the shared one has closed without taking the request).
+    async fn exchange_http2(
+        &self,
+        route: &Route,
+        request: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<SendRequest<Incoming>>), BackendError> {
+        let pool = &self.inner.pool;
+        let mut request = into_http2(request)?;
+        if let Some(mut sender) = pool.take_multiplexed(&route.backend_id) {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, None)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(BackendError::Http(error.into_error())),
+                },
+            }
+        }
+        let stream = self.connect_tcp(route.address).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(BackendError::Http)?;
+        self.drive(connection);
+        pool.put_multiplexed(&route.backend_id, sender.clone());
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(BackendError::Http)?;
+        Ok((response, None))
+    }
+
+    /// Runs a backend connection until it ends (an HTTP/2 one: once every sender is gone),
+    /// or a hard stop.
+    fn drive<C>(&self, connection: C)
+    where
+        C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let hard_stop = self.inner.hard_stop.clone();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        debug!(%error, "backend connection ended with an error");
+                    }
+                }
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+    }
+
+    async fn connect_tcp(&self, address: SocketAddr) -> Result<TcpStream, BackendError> {
         let connect = TcpStream::connect(address);
         let stream = tokio::time::timeout(self.inner.backend_connect_timeout, connect)
             .await
@@ -324,22 +379,19 @@ impl ProxyState {
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%error, "could not set TCP_NODELAY on a backend connection");
         }
+        Ok(stream)
+    }
+
+    /// Opens a new HTTP/1.1 connection to a backend; its driving task ends when every
+    /// handle to it is gone (or on a hard stop).
+    async fn connect(&self, address: SocketAddr) -> Result<SendRequest<Incoming>, BackendError> {
+        let stream = self.connect_tcp(address).await?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(BackendError::Http)?;
-        let hard_stop = self.inner.hard_stop.clone();
-        self.inner.tasks.spawn(async move {
-            tokio::select! {
-                // Ends once every sender is gone and the connection is idle, or, for an
-                // upgrade, once the connection is handed over to the tunnel.
-                result = connection.with_upgrades() => {
-                    if let Err(error) = result {
-                        debug!(%error, "backend connection ended with an error");
-                    }
-                }
-                _ = hard_stop.cancelled() => {}
-            }
-        });
+        // Ends once every sender is gone and the connection is idle, or, for an upgrade,
+        // once the connection is handed over to the tunnel.
+        self.drive(connection.with_upgrades());
         Ok(sender)
     }
 
@@ -379,6 +431,30 @@ impl ProxyState {
         headers::strip_hop_by_hop(&mut parts.headers, true);
         Response::from_parts(parts, ProxyBody::empty())
     }
+}
+
+/// A backend request (as [`backend_request`] made it) for an HTTP/2 backend: the host moves
+/// from the `Host` header to the `:authority`.
+fn into_http2(request: Request<Incoming>) -> Result<Request<Incoming>, BackendError> {
+    let (mut parts, body) = request.into_parts();
+    let host = parts
+        .headers
+        .remove(header::HOST)
+        .and_then(|host| host.to_str().ok().map(str::to_string))
+        .unwrap_or_else(|| "localhost".to_string());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|path| path.as_str())
+        .unwrap_or("/");
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(path)
+        .build()
+        .map_err(|error| BackendError::Request(error.to_string()))?;
+    parts.version = Version::HTTP_2;
+    Ok(Request::from_parts(parts, body))
 }
 
 /// The request as the backend should see it: token removed from the path, body streamed

@@ -3,6 +3,7 @@
 
 use crate::headers;
 use http::header::{HeaderValue, InvalidHeaderValue};
+use plane_protocol::api::BackendProtocol;
 use plane_protocol::names::BackendName;
 use plane_protocol::proxy::RouteInfo;
 use plane_protocol::time::Millis;
@@ -30,6 +31,8 @@ pub struct Route {
     pub expires_at: Option<Millis>,
     /// For a backend with a subdomain, the only host it is served at.
     pub served_at: Option<String>,
+    /// The backend serves HTTP/2 (h2c): plain requests go to it over HTTP/2.
+    pub http2: bool,
 }
 
 impl Route {
@@ -70,6 +73,7 @@ impl Route {
             issued_at: info.issued_at,
             expires_at: info.expires_at,
             served_at: info.host,
+            http2: info.protocol == BackendProtocol::Http2,
         })
     }
 }
@@ -99,6 +103,7 @@ mod tests {
             issued_at: Millis(1),
             expires_at: None,
             host: None,
+            protocol: Default::default(),
         }
     }
 

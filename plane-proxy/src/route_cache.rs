@@ -230,6 +230,7 @@ mod tests {
             issued_at,
             expires_at: None,
             host: None,
+            protocol: Default::default(),
         };
         Arc::new(Route::new(info).expect("valid test route"))
     }

@@ -6,6 +6,9 @@
 //! dropped, closing its connections, when the controller says the backend is removed; an
 //! idle connection older than [`IDLE_TIMEOUT`] is closed instead of reused. Upgrades
 //! (WebSockets) always get a connection of their own, which becomes their tunnel.
+//!
+//! A backend that serves HTTP/2 (h2c) has one multiplexed connection instead, shared by
+//! every request to it at once, and dropped with the backend like the others.
 
 use crate::connection_tracker::Removal;
 use crate::route::Route;
@@ -32,8 +35,14 @@ pub struct UpstreamPool {
     inner: Arc<PoolInner>,
 }
 
+/// A handle to a backend's shared HTTP/2 connection.
+pub type MultiplexedSender = hyper::client::conn::http2::SendRequest<Incoming>;
+
 struct PoolInner {
     idle: DashMap<BackendName, Slot>,
+    /// HTTP/2 backends' shared connections. Written only under the backend's `idle` entry
+    /// (which holds its removal tombstone), so none is kept after its backend's removal.
+    multiplexed: DashMap<BackendName, MultiplexedSender>,
     /// When tombstones were last pruned. A plain lock: held only to compare and set it.
     last_prune: std::sync::Mutex<Instant>,
     /// Set when the proxy shuts down: nothing is pooled any more, so idle connections do
@@ -68,6 +77,7 @@ impl UpstreamPool {
         Self {
             inner: Arc::new(PoolInner {
                 idle: DashMap::new(),
+                multiplexed: DashMap::new(),
                 last_prune: std::sync::Mutex::new(Instant::now()),
                 closed: AtomicBool::new(false),
                 tasks,
@@ -124,10 +134,40 @@ impl UpstreamPool {
         }
     }
 
+    /// The shared HTTP/2 connection to `backend`, if one is open and usable.
+    pub fn take_multiplexed(&self, backend: &BackendName) -> Option<MultiplexedSender> {
+        let sender = self.inner.multiplexed.get(backend)?;
+        if sender.is_closed() {
+            drop(sender);
+            self.inner
+                .multiplexed
+                .remove_if(backend, |_, sender| sender.is_closed());
+            return None;
+        }
+        Some(sender.clone())
+    }
+
+    /// Shares a new HTTP/2 connection to `backend` with later requests, unless the backend
+    /// was removed meanwhile.
+    pub fn put_multiplexed(&self, backend: &BackendName, sender: MultiplexedSender) {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let slot = self
+            .inner
+            .idle
+            .entry(backend.clone())
+            .or_insert_with(|| Slot::Open(Vec::new()));
+        if matches!(*slot, Slot::Open(_)) {
+            self.inner.multiplexed.insert(backend.clone(), sender);
+        }
+    }
+
     /// Closes every idle connection and pools no more (the proxy is shutting down).
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.idle.clear();
+        self.inner.multiplexed.clear();
     }
 
     /// Closes every idle connection, keeping what is known about removed backends. Used
@@ -136,6 +176,7 @@ impl UpstreamPool {
         self.inner
             .idle
             .retain(|_, slot| matches!(slot, Slot::Removed(_)));
+        self.inner.multiplexed.clear();
     }
 
     /// Closes every idle connection to a backend that is going away, and pools none to it
@@ -143,6 +184,7 @@ impl UpstreamPool {
     pub fn remove_backend(&self, backend: &BackendName) {
         let now = Instant::now();
         self.inner.idle.insert(backend.clone(), Slot::Removed(now));
+        self.inner.multiplexed.remove(backend);
         {
             let mut last = self
                 .inner

@@ -135,6 +135,7 @@ async fn echo(request: Request) -> impl IntoResponse {
         .unwrap_or_default();
     Json(json!({
         "method": parts.method.as_str(),
+        "version": format!("{:?}", parts.version),
         "path": parts.uri.path(),
         "query": parts.uri.query(),
         "headers": headers_json(&parts.headers),

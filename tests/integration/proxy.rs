@@ -366,3 +366,77 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    a_backend_that_serves_http2_gets_its_requests_over_http2,
+    |env: TestEnv| async move {
+        let mut http2 = env.spawn_config(&[]);
+        http2.executable.protocol = plane_protocol::api::BackendProtocol::Http2;
+        let h2_backend = env.connect_ready("h2-backend", &http2).await;
+        let h1_backend = env
+            .connect_ready("h1-backend", &env.spawn_config(&[]))
+            .await;
+        let echoed = |body: String| -> Value { serde_json::from_str(&body).expect("echo JSON") };
+
+        // Whatever the client speaks, the backend sees the protocol it asked for.
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        for client in [&env.client, &h2c] {
+            let url = env.proxy_url(&format!("/{}/echo?q=1", h2_backend.token));
+            let answers =
+                futures_util::future::join_all((0..4).map(|_| client.get(&url).send())).await;
+            for answer in answers {
+                let answer = answer.expect("request");
+                assert_eq!(answer.status().as_u16(), 200);
+                let body = echoed(answer.text().await.expect("body"));
+                assert_eq!(body["version"], "HTTP/2.0", "{body}");
+                assert_eq!(body["path"], "/echo", "{body}");
+                assert_eq!(body["query"], "q=1", "{body}");
+                assert_eq!(
+                    body["headers"]["x-verified-backend"],
+                    h2_backend.backend_id.as_str(),
+                    "{body}"
+                );
+            }
+        }
+        let (code, body) = env.get_via_proxy(h1_backend.token.as_str(), "/echo").await;
+        assert_eq!(code, 200);
+        assert_eq!(echoed(body)["version"], "HTTP/1.1");
+
+        // A request body streams through, and WebSockets still work (over HTTP/1.1).
+        let answer = env
+            .client
+            .post(env.proxy_url(&format!("/{}/echo", h2_backend.token)))
+            .body("hello over h2")
+            .send()
+            .await
+            .expect("post");
+        let body = echoed(answer.text().await.expect("body"));
+        assert_eq!(body["body"], "hello over h2", "{body}");
+        let ws = format!("ws://{}/{}/ws", env.proxy.local_addr(), h2_backend.token);
+        let (mut socket, _) = tokio_tungstenite::connect_async(ws)
+            .await
+            .expect("websocket");
+        socket.send(Message::text("ping")).await.expect("send");
+        let echo = socket.next().await.expect("echo").expect("echo");
+        assert_eq!(echo.into_text().expect("text").as_str(), "ping");
+
+        // An unknown protocol is refused, naming the field.
+        let mut request = serde_json::to_value(&http2).expect("json");
+        request["executable"]["protocol"] = "http3".into();
+        let (status, body) = env
+            .post(
+                "/ctrl/connect",
+                &serde_json::json!({ "key": { "name": "h3" }, "spawn_config": request }),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["message"].as_str().unwrap_or("").contains("protocol"),
+            "{body}"
+        );
+        env
+    }
+);

@@ -641,6 +641,7 @@ impl TestEnv {
             issued_at: plane_protocol::time::Millis::now(),
             expires_at: None,
             host: None,
+            protocol: Default::default(),
         };
         self.controller.add_route(&token, &route);
         (token, route)

@@ -344,6 +344,7 @@ async fn resolve_route(
                     .subdomain
                     .as_ref()
                     .map(|subdomain| cluster.host_for(Some(subdomain))),
+                protocol: backend.protocol,
             }));
         }
         // Wait for this backend's next change, then look again.

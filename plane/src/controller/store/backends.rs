@@ -3,7 +3,7 @@
 
 use super::{actions, keys, tokens, Signal, Store, StoreError, StoreResult};
 use anyhow::Context;
-use plane_protocol::api::{KeyConfig, SpawnConfig};
+use plane_protocol::api::{BackendProtocol, KeyConfig, SpawnConfig};
 use plane_protocol::backend::{
     BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind, TerminationReason,
 };
@@ -33,6 +33,7 @@ pub struct BackendRow {
     pub key_name: Option<String>,
     pub static_token: Option<BearerToken>,
     pub subdomain: Option<Subdomain>,
+    pub protocol: BackendProtocol,
     pub created_at: Millis,
     pub last_active_at: Millis,
     /// Until when its drone may keep it running without renewing (controller clock).
@@ -132,6 +133,7 @@ impl BackendRow {
             key_name: row.try_get("key_name").map_err(anyhow::Error::from)?,
             static_token: parse_optional(row, "static_token", |s| s.parse().ok())?,
             subdomain: parse_optional(row, "subdomain", |s| s.parse().ok())?,
+            protocol: parse_column(row, "protocol", BackendProtocol::parse)?,
             created_at: Millis(get_i64("created_at")?),
             last_active_at: Millis(get_i64("last_active_at")?),
             lease_expires_at: Millis(get_i64("lease_expires_at")?),
@@ -160,7 +162,7 @@ fn exit_error(status: BackendStatus, exit_code: Option<i64>) -> Option<bool> {
 
 const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \
      termination_kind, termination_reason, exit_code, message, termination_requested, \
-     key_name, static_token, subdomain, created_at, last_active_at, lease_expires_at";
+     key_name, static_token, subdomain, protocol, created_at, last_active_at, lease_expires_at";
 
 impl Store {
     /// Writes a new backend in `scheduled`, takes its key (if any), records its first
@@ -181,8 +183,8 @@ impl Store {
         sqlx::query(&format!(
             "INSERT INTO backend (id, cluster, pool, drone, status, status_number, status_time, \
              spawn_config, key_namespace, key_name, static_token, max_idle_seconds, created_at, \
-             last_active_at, expires_at, lease_expires_at, subdomain) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, {} + $15, $16)",
+             last_active_at, expires_at, lease_expires_at, subdomain, protocol) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, {} + $15, $16, $17)",
             self.now_sql()
         ))
         .bind(new.id.as_str())
@@ -201,6 +203,7 @@ impl Store {
         .bind(expires_at)
         .bind(i64::try_from(new.lease_ms).unwrap_or(i64::MAX))
         .bind(new.spawn_config.subdomain.as_ref().map(|s| s.to_string()))
+        .bind(new.spawn_config.executable.protocol.as_str())
         .execute(&mut *tx)
         .await?;
         // The key first: a connect that loses the race rolls back before taking a number
