@@ -43,6 +43,47 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 /// Whether the message asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
+/// Whether `request` opens a WebSocket over HTTP/2 (RFC 8441): an extended CONNECT with
+/// `:protocol websocket`.
+pub fn is_h2_websocket<B>(request: &http::Request<B>) -> bool {
+    request.method() == http::Method::CONNECT
+        && request
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|protocol| protocol.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// Turns an RFC 8441 WebSocket request into the HTTP/1.1 handshake a backend expects (GET
+/// with `Upgrade: websocket` and a fresh `Sec-WebSocket-Key`); the client's version,
+/// subprotocols and extensions are kept, so what they negotiate is end to end.
+pub fn h2_websocket_to_http1(parts: &mut http::request::Parts) {
+    use base64::Engine;
+    parts.method = http::Method::GET;
+    // Fresh per handshake; it need not be secret.
+    let key: [u8; 16] = rand::random();
+    let headers = &mut parts.headers;
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(key) = HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(key)) {
+        headers.insert(header::SEC_WEBSOCKET_KEY, key);
+    }
+    if !headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+    }
+}
+
+/// The backend's 101 as the answer to an RFC 8441 client: 200, without the HTTP/1.1
+/// handshake's own headers.
+pub fn http1_websocket_response_to_h2(parts: &mut http::response::Parts) {
+    parts.status = http::StatusCode::OK;
+    parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    parts.headers.remove(header::UPGRADE);
+    parts.headers.remove(header::CONNECTION);
+}
+
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade"))

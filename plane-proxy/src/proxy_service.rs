@@ -165,6 +165,10 @@ impl ProxyState {
         if request.uri().path() == "/ready" {
             return self.ready();
         }
+        let h2_websocket = headers::is_h2_websocket(&request);
+        if request.method() == http::Method::CONNECT && !h2_websocket {
+            return responses::unsupported_connect();
+        }
         if let (Some(port), "http") = (self.inner.https_port, client.scheme) {
             // ACME HTTP-01 and similar must stay reachable over plain HTTP.
             if !request.uri().path().starts_with("/.well-known/") {
@@ -214,7 +218,7 @@ impl ProxyState {
         // open connection.
         let guard = self.inner.tracker.open(&route.backend_id);
 
-        let upgrade = headers::is_upgrade(request.headers());
+        let upgrade = h2_websocket || headers::is_upgrade(request.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let backend_request = match backend_request(request, &route, backend_path, &client) {
             Ok(backend_request) => backend_request,
@@ -234,7 +238,9 @@ impl ProxyState {
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             return match client_upgrade {
-                Some(client_upgrade) => self.start_tunnel(client_upgrade, response, guard),
+                Some(client_upgrade) => {
+                    self.start_tunnel(client_upgrade, response, guard, h2_websocket)
+                }
                 None => {
                     debug!(backend = %route.backend_id, "backend switched protocols unasked");
                     responses::bad_gateway()
@@ -397,11 +403,13 @@ impl ProxyState {
 
     /// Answers the client's upgrade with the backend's 101 and joins the two connections once
     /// hyper has handed both over. The guard lives as long as the tunnel.
+    /// For an RFC 8441 client (`h2_websocket`) the answer is 200 rather than 101.
     fn start_tunnel(
         &self,
         client_upgrade: OnUpgrade,
         mut response: Response<Incoming>,
         guard: ConnectionGuard,
+        h2_websocket: bool,
     ) -> Response<ProxyBody> {
         let backend_upgrade = hyper::upgrade::on(&mut response);
         let hard_stop = self.inner.hard_stop.clone();
@@ -429,6 +437,9 @@ impl ProxyState {
         });
         let (mut parts, _) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
+        if h2_websocket {
+            headers::http1_websocket_response_to_h2(&mut parts);
+        }
         Response::from_parts(parts, ProxyBody::empty())
     }
 }
@@ -465,8 +476,12 @@ fn backend_request(
     backend_path: Bytes,
     client: &ClientConnection,
 ) -> Result<Request<Incoming>, anyhow::Error> {
-    let upgrade = headers::is_upgrade(request.headers());
+    let h2_websocket = headers::is_h2_websocket(&request);
     let (mut parts, body) = request.into_parts();
+    if h2_websocket {
+        headers::h2_websocket_to_http1(&mut parts);
+    }
+    let upgrade = headers::is_upgrade(&parts.headers);
     // An HTTP/2 client names the host in `:authority` rather than a Host header.
     let authority = parts
         .uri

@@ -22,6 +22,7 @@ pub enum ErrorKind {
     ControllerUnavailable,
     HoldTimeout,
     TooManyHeldRequests,
+    UnsupportedConnect,
     Internal,
 }
 
@@ -37,6 +38,7 @@ impl ErrorKind {
             Self::ControllerUnavailable => "controller_unavailable",
             Self::HoldTimeout => "hold_timeout",
             Self::TooManyHeldRequests => "too_many_held_requests",
+            Self::UnsupportedConnect => "unsupported_connect",
             Self::Internal => "internal_error",
         }
     }
@@ -57,6 +59,8 @@ impl ErrorKind {
             Self::ControllerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::HoldTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::TooManyHeldRequests => StatusCode::SERVICE_UNAVAILABLE,
+            // A reverse proxy: it tunnels WebSockets to backends, nothing else.
+            Self::UnsupportedConnect => StatusCode::NOT_IMPLEMENTED,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,6 +119,15 @@ pub fn redirect_to_https(location: &str) -> Response<ProxyBody> {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
+}
+
+/// A CONNECT that is not an HTTP/2 WebSocket (RFC 8441): a forward-proxy tunnel, or
+/// another protocol.
+pub fn unsupported_connect() -> Response<ProxyBody> {
+    error(
+        ErrorKind::UnsupportedConnect,
+        "this proxy only accepts CONNECT for WebSockets over HTTP/2 (RFC 8441, :protocol websocket)",
+    )
 }
 
 /// The URL has no token in its first path segment.

@@ -294,7 +294,12 @@ async fn serve_whole<I>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    // WebSockets over HTTP/2 (RFC 8441): advertised, so browsers keep them on the one
+    // connection instead of opening an HTTP/1.1 one per socket.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol();
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut draining = false;

@@ -440,3 +440,94 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    websockets_over_http2_use_extended_connect_and_share_the_connection,
+    |env: TestEnv| async move {
+        use http_body_util::{BodyExt, Empty};
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let backend = env
+            .connect_ready("h2-websocket", &env.spawn_config(&[]))
+            .await;
+        let stream = tokio::net::TcpStream::connect(env.proxy.local_addr())
+            .await
+            .expect("connect");
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
+                .await
+                .expect("h2c handshake");
+        tokio::spawn(connection);
+        let authority = env.proxy.local_addr().to_string();
+
+        // Two WebSockets and a plain request multiplexed on the one HTTP/2 connection.
+        let mut sockets = Vec::new();
+        for _ in 0..2 {
+            let mut request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(format!("http://{authority}/{}/ws", backend.token))
+                .header("sec-websocket-version", "13")
+                .body(Empty::new())
+                .expect("request");
+            request
+                .extensions_mut()
+                .insert(hyper::ext::Protocol::from_static("websocket"));
+            let mut response = sender
+                .send_request(request)
+                .await
+                .expect("extended CONNECT");
+            assert_eq!(
+                response.status().as_u16(),
+                200,
+                "RFC 8441 answers 200, not 101"
+            );
+            assert!(!response.headers().contains_key("sec-websocket-accept"));
+            let upgraded = hyper::upgrade::on(&mut response)
+                .await
+                .expect("upgraded stream");
+            sockets.push(
+                tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    tokio_tungstenite::tungstenite::protocol::Role::Client,
+                    None,
+                )
+                .await,
+            );
+        }
+        for (n, socket) in sockets.iter_mut().enumerate() {
+            socket
+                .send(Message::text(format!("over h2 {n}")))
+                .await
+                .expect("send");
+        }
+        for (n, socket) in sockets.iter_mut().enumerate() {
+            let echo = socket.next().await.expect("echo").expect("echo");
+            assert_eq!(
+                echo.into_text().expect("text").as_str(),
+                format!("over h2 {n}")
+            );
+        }
+        let page = http::Request::builder()
+            .uri(format!("http://{authority}/{}/", backend.token))
+            .body(Empty::new())
+            .expect("request");
+        let answer = sender.send_request(page).await.expect("plain request");
+        assert_eq!(answer.status().as_u16(), 200);
+
+        // Any other CONNECT is refused plainly.
+        let tunnel = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("example.com:443")
+            .body(Empty::new())
+            .expect("request");
+        let answer = sender.send_request(tunnel).await.expect("CONNECT");
+        assert_eq!(answer.status().as_u16(), 501);
+        let body = answer.into_body().collect().await.expect("body").to_bytes();
+        let body: Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(body["error"], "unsupported_connect", "{body}");
+        for mut socket in sockets {
+            let _ = socket.close(None).await;
+        }
+        env
+    }
+);
