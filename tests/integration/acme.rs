@@ -162,7 +162,7 @@ impl Pebble {
     }
 
     fn orders(&self) -> usize {
-        self.log_count("POST /order-plz")
+        self.log_count("Added order ")
     }
 
     fn acme(&self, dns: SocketAddr) -> AcmeConfig {
@@ -375,7 +375,7 @@ db_test!(
             },
         )
         .await;
-        assert_eq!(pebble.log_count("POST /sign-me-up"), 1);
+        assert_eq!(pebble.log_count("accounts in memory"), 1);
         proxy.shutdown().await;
         dns.shutdown().await;
         env

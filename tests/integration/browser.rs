@@ -246,25 +246,30 @@ async fn browser_over_https() {
     // trust would show its interstitial page instead, which has no #log.
     browser.open(&url).await;
     let log = "return document.getElementById('log') ? document.getElementById('log').textContent : document.title";
-    wait_for(
-        "the page's wss:// WebSocket to connect",
-        Duration::from_secs(60),
-        || async {
-            let text = browser.script(log).await;
-            if text.as_str().unwrap_or("").contains("connected") {
-                Ok(())
-            } else {
-                Err(text)
-            }
-        },
-    )
+    let logs = scratch.join("dev.log");
+    let what = format!(
+        "the page's wss:// WebSocket to connect (plane dev's log: {})",
+        logs.display()
+    );
+    wait_for(&what, Duration::from_secs(60), || async {
+        let text = browser.script(log).await;
+        if text.as_str().unwrap_or("").contains("connected") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
     .await;
     let protocol = browser.script("return location.protocol").await;
     assert_eq!(protocol, json!("https:"));
     browser
         .script("document.getElementById('message').value = 'hi over wss'; document.getElementById('send').click();")
         .await;
-    wait_for("the echo to come back", Duration::from_secs(20), || async {
+    let what = format!(
+        "the echo to come back (plane dev's log: {})",
+        logs.display()
+    );
+    wait_for(&what, Duration::from_secs(20), || async {
         let text = browser.script(log).await;
         if text.as_str().unwrap_or("").contains("echo: hi over wss") {
             Ok(())

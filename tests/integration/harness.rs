@@ -1023,6 +1023,8 @@ impl PlaneDev {
     pub async fn start(scratch: &std::path::Path, args: &[&str]) -> PlaneDev {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(plane_binary())
+            // The proxy's debug lines say why a tunnel or connection ended.
+            .env("RUST_LOG", "info,plane_proxy=debug")
             .arg("dev")
             .args(args)
             .arg("--data-dir")
