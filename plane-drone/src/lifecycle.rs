@@ -22,8 +22,11 @@ use tokio::time::Instant;
 /// this is probed again. Generous, so a slow first response still counts as ready (a
 /// closed port fails at once, whatever this is); the startup deadline bounds the whole.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause between readiness probes.
-const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Pauses between readiness probes: the first short, since most backends listen within
+/// milliseconds of starting, doubling to the longest, so a slow starter costs a probe every
+/// 100 ms (a refused connection, cheap for it and for the engine) rather than a busy loop.
+const PROBE_FIRST_PAUSE: Duration = Duration::from_millis(2);
+const PROBE_LONGEST_PAUSE: Duration = Duration::from_millis(100);
 /// How long to wait for the exit after SIGKILL before reporting `terminated` anyway, so a
 /// wedged engine cannot keep a backend (and its key) from being released forever.
 const KILL_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -454,13 +457,19 @@ async fn next_request(
 /// backend is serving). The caller bounds this with the startup deadline.
 async fn wait_until_ready(http: &reqwest::Client, address: SocketAddr) {
     let url = format!("http://{address}/");
+    let mut pause = PROBE_FIRST_PAUSE;
     loop {
         match http.get(&url).timeout(PROBE_TIMEOUT).send().await {
             Ok(_) => return,
             Err(err) => tracing::trace!(%address, error = %err, "backend not answering yet"),
         }
-        tokio::time::sleep(PROBE_INTERVAL).await;
+        tokio::time::sleep(pause).await;
+        pause = next_probe_pause(pause);
     }
+}
+
+fn next_probe_pause(pause: Duration) -> Duration {
+    (pause * 2).min(PROBE_LONGEST_PAUSE)
 }
 
 #[cfg(test)]
@@ -489,6 +498,17 @@ mod tests {
             static_token: None,
             startup_timeout_ms: None,
         }
+    }
+
+    #[test]
+    fn probes_back_off_from_milliseconds_to_a_tenth_of_a_second() {
+        let mut pauses = vec![PROBE_FIRST_PAUSE];
+        for _ in 0..8 {
+            let last = *pauses.last().expect("a pause");
+            pauses.push(next_probe_pause(last));
+        }
+        let millis: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(millis, [2, 4, 8, 16, 32, 64, 100, 100, 100]);
     }
 
     #[test]
