@@ -116,3 +116,5 @@ log "bench/proxy --short"
 bench/proxy --short --debug --no-build
 log "bench/idle-ws --short"
 bench/idle-ws --short --debug --no-build
+log "bench/spawn --short"
+bench/spawn --short --debug --no-build
