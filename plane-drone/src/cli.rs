@@ -1,7 +1,7 @@
 //! `plane drone` command-line flags (each also readable from a `PLANE_*` environment
 //! variable), turned into a [`DroneConfig`].
 
-use crate::config::{DroneConfig, DEFAULT_STATE_DIR};
+use crate::config::{DroneConfig, OnShutdown, DEFAULT_STATE_DIR};
 use clap::Args;
 use plane_protocol::names::{ClusterName, NodeName, PoolName};
 use std::net::{IpAddr, Ipv4Addr};
@@ -73,6 +73,12 @@ pub struct DroneOpts {
     /// restarts. One drone per directory.
     #[arg(long, env = "PLANE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+
+    /// On SIGTERM: `keep` leaves the backends running for the next drone process on this
+    /// --state-dir to re-adopt (upgrades users do not notice; the fence still kills them
+    /// if none comes back within their leases); `terminate` stops them all first.
+    #[arg(long, env = "PLANE_ON_SHUTDOWN", value_enum, default_value_t = OnShutdown::Keep)]
+    pub on_shutdown: OnShutdown,
 }
 
 impl DroneOpts {
@@ -94,6 +100,7 @@ impl DroneOpts {
             cluster_secret: self.cluster_secret,
             controller_ca: self.controller_ca,
             state_dir: self.state_dir,
+            on_shutdown: self.on_shutdown,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),
             ..DroneConfig::new(self.controller_url, self.cluster)

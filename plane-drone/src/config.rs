@@ -69,6 +69,23 @@ pub struct DroneConfig {
     /// out. `None` runs no fence (drones inside a test process, which cannot start one).
     #[serde(default)]
     pub fence_executable: Option<PathBuf>,
+    /// What a clean shutdown (SIGTERM) does to the backends (default `keep`).
+    #[serde(default)]
+    pub on_shutdown: OnShutdown,
+}
+
+/// What a drone does with its backends when it shuts down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// Leave them running, under their leases and the fence, for the next drone process on
+    /// this `--state-dir` to re-adopt: an upgrade or restart that users do not notice. If no
+    /// drone comes back in time, the fence kills them when their leases run out and the
+    /// controller reports them lost.
+    #[default]
+    Keep,
+    /// Stop every backend (`terminated{lost}`) and remove its container before exiting.
+    Terminate,
 }
 
 fn default_ip() -> IpAddr {
@@ -128,6 +145,7 @@ impl DroneConfig {
             cluster_secret: None,
             state_dir: default_state_dir(),
             fence_executable: None,
+            on_shutdown: OnShutdown::default(),
         }
     }
 

@@ -322,6 +322,10 @@ mod tests {
             .expect("a message within 10 s")
     }
 
+    fn runtime_started(runtime: &FakeRuntime) -> usize {
+        runtime.started().len()
+    }
+
     async fn send_to_drone(socket: &mut ServerSocket, message: &MessageToDrone) {
         let json = serde_json::to_string(message).expect("encodes");
         socket.send(Message::Text(json.into())).await.expect("send");
@@ -346,6 +350,7 @@ mod tests {
                 stop_grace_period: Duration::from_millis(100),
                 startup_timeout: Duration::from_secs(1),
             },
+            std::collections::BTreeMap::new(),
             cancel.clone(),
         )
         .await
@@ -658,7 +663,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn events_unacked_when_the_drone_crashed_are_replayed_by_the_next_start() {
+    async fn events_unacked_when_the_drone_crashed_are_replayed_and_its_backend_readopted() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base: Url = format!("http://{}", listener.local_addr().expect("addr"))
             .parse()
@@ -716,7 +721,7 @@ mod tests {
         drop(first);
         drop(socket);
 
-        let second = crate::start_with_runtime(config, runtime, CancellationToken::new())
+        let second = crate::start_with_runtime(config, runtime.clone(), CancellationToken::new())
             .await
             .expect("second drone starts on the same state directory");
         let mut socket = accept(&listener).await;
@@ -724,21 +729,31 @@ mod tests {
             next_message(&mut socket).await,
             MessageFromDrone::Hello { .. }
         ));
-        let after_restart = events_until(&mut socket, &backend, BackendStatus::Terminated).await;
+        // The replayed events, then (its lease still running, its container too) the new
+        // run re-adopting the backend: `ready` again, under an ID the earlier run never used.
+        let newest_before = before_crash.iter().map(|e| e.event_id).max();
+        let mut after_restart = Vec::new();
+        loop {
+            let more = events_until(&mut socket, &backend, BackendStatus::Ready).await;
+            let done = more.last().map(|e| e.event_id) > newest_before;
+            after_restart.extend(more);
+            if done {
+                break;
+            }
+        }
         let (replayed, new) = after_restart.split_at(after_restart.len() - 1);
         assert_eq!(
             replayed,
             before_crash.as_slice(),
             "the unacked events, in order"
         );
-        // The new run found the container left behind and reports it lost, under an ID
-        // the earlier run never used.
+        assert_eq!(new[0].update.status, BackendStatus::Ready);
+        assert!(new[0].update.address.is_some());
         assert_eq!(
-            new[0].update.termination_reason,
-            Some(TerminationReason::Lost)
+            runtime_started(&runtime),
+            1,
+            "re-adopted, not started again"
         );
-        let newest_before = before_crash.iter().map(|e| e.event_id).max();
-        assert!(Some(new[0].event_id) > newest_before);
 
         drop(second);
     }

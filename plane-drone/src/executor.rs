@@ -7,7 +7,8 @@
 use crate::event_queue::EventQueue;
 use crate::leases::Leases;
 use crate::lifecycle::{
-    remove_until_gone, run_backend, BackendContext, LifecycleSettings, TerminateRequest,
+    adopt_backend, remove_until_gone, run_backend, BackendContext, LifecycleSettings,
+    TerminateRequest,
 };
 use crate::runtime::Runtime;
 use anyhow::Context;
@@ -16,10 +17,12 @@ use plane_protocol::backend::{
 };
 use plane_protocol::drone::SpawnAction;
 use plane_protocol::names::BackendName;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How many finished backends the executor remembers, so that a re-sent spawn for one of
@@ -122,6 +125,7 @@ pub(crate) async fn start<R: Runtime>(
     events: EventQueue,
     leases: Leases,
     settings: LifecycleSettings,
+    previous: BTreeMap<BackendName, Instant>,
     cancel: CancellationToken,
 ) -> anyhow::Result<(ExecutorHandle, JoinHandle<()>)> {
     let http = reqwest::Client::builder()
@@ -132,11 +136,12 @@ pub(crate) async fn start<R: Runtime>(
         .build()
         .context("building the HTTP client for readiness probes")?;
     let mut finished = RecentSet::new(FINISHED_MEMORY);
-    for backend_id in reconcile_orphans(&runtime, &events).await? {
+    let (removed, adoptable) = reconcile(&runtime, &events, &leases, &previous).await?;
+    for backend_id in removed {
         finished.insert(backend_id);
     }
     let (commands, receiver) = mpsc::channel(64);
-    let runner = Runner {
+    let mut runner = Runner {
         ctx: Arc::new(BackendContext {
             runtime,
             events,
@@ -150,20 +155,46 @@ pub(crate) async fn start<R: Runtime>(
         tasks: JoinSet::new(),
         shutdown_waiters: None,
     };
+    for (backend_id, address, kill_by) in adoptable {
+        runner.adopt(backend_id, address, kill_by);
+    }
     let task = tokio::spawn(runner.run(receiver, cancel));
     Ok((ExecutorHandle { commands }, task))
 }
 
-/// Kills and removes every container of this drone that no task owns (left from an
-/// earlier run) and reports each backend `terminated{lost}`.
-async fn reconcile_orphans<R: Runtime>(
+/// Sorts the containers an earlier run of this drone left: one still running under a
+/// lease that run published (and that leaves time to renew it) is re-adopted; every other
+/// is killed, removed and reported `terminated{lost}`. Returns the removed backends, and
+/// the ones to adopt with their addresses and kill-by moments.
+async fn reconcile<R: Runtime>(
     runtime: &R,
     events: &EventQueue,
-) -> anyhow::Result<Vec<BackendName>> {
-    let orphans = runtime
+    leases: &Leases,
+    previous: &BTreeMap<BackendName, Instant>,
+) -> anyhow::Result<(Vec<BackendName>, Vec<(BackendName, SocketAddr, Instant)>)> {
+    let found = runtime
         .list_backends()
         .await
         .context("listing containers left by an earlier run of this drone")?;
+    let mut orphans = Vec::new();
+    let mut adoptable = Vec::new();
+    for backend_id in found {
+        let kill_by = previous
+            .get(&backend_id)
+            .copied()
+            .filter(|kill_by| leases.adoptable(*kill_by));
+        let address = match kill_by {
+            Some(_) => runtime.running_address(&backend_id).await.unwrap_or_else(|err| {
+                tracing::warn!(backend = %backend_id, error = %err, "could not inspect a container left by an earlier run");
+                None
+            }),
+            None => None,
+        };
+        match (kill_by, address) {
+            (Some(kill_by), Some(address)) => adoptable.push((backend_id, address, kill_by)),
+            _ => orphans.push(backend_id),
+        }
+    }
     for backend_id in &orphans {
         tracing::warn!(backend = %backend_id, "removing container left by an earlier run");
         // Reported only once removed: the report frees the backend's key at once.
@@ -181,7 +212,7 @@ async fn reconcile_orphans<R: Runtime>(
             )
             .await;
     }
-    Ok(orphans)
+    Ok((orphans, adoptable))
 }
 
 struct Runner<R> {
@@ -244,6 +275,22 @@ impl<R: Runtime> Runner<R> {
             }
             Command::Shutdown { reply } => self.shutdown(reply),
         }
+    }
+
+    /// Runs a backend an earlier run of the drone left running, from where it was.
+    fn adopt(&mut self, backend_id: BackendName, address: SocketAddr, kill_by: Instant) {
+        tracing::info!(backend = %backend_id, %address, "re-adopting a backend left running by an earlier run");
+        let (requests, receiver) = mpsc::unbounded_channel();
+        let lease = self.leases.adopt(&backend_id, kill_by);
+        let task = self.tasks.spawn(adopt_backend(
+            self.ctx.clone(),
+            backend_id.clone(),
+            address,
+            receiver,
+            lease,
+        ));
+        self.task_backends.insert(task.id(), backend_id.clone());
+        self.running.insert(backend_id, requests);
     }
 
     fn spawn(&mut self, backend_id: BackendName, spawn: SpawnAction) -> Result<(), ExecutorError> {
@@ -410,9 +457,22 @@ mod tests {
     }
 
     async fn harness(orphans: &[&BackendName]) -> Harness {
+        harness_after_restart(orphans, &[], BTreeMap::new()).await
+    }
+
+    /// As if an earlier run left containers for `orphans` (running) and `exited`, and had
+    /// published `previous` leases.
+    async fn harness_after_restart(
+        orphans: &[&BackendName],
+        exited: &[&BackendName],
+        previous: BTreeMap<BackendName, Instant>,
+    ) -> Harness {
         let runtime = FakeRuntime::new().await;
-        for orphan in orphans {
+        for orphan in orphans.iter().chain(exited) {
             runtime.add_orphan((*orphan).clone());
+        }
+        for gone in exited {
+            runtime.exit(gone, 0);
         }
         let state_dir = TempStateDir::new();
         let events = EventQueue::open(state_dir.path())
@@ -443,6 +503,7 @@ mod tests {
             events.clone(),
             leases,
             settings,
+            previous,
             cancel.clone(),
         )
         .await
@@ -717,6 +778,46 @@ mod tests {
             updates[0].termination_reason,
             Some(TerminationReason::KeyExpired)
         );
+    }
+
+    #[tokio::test]
+    async fn a_running_backend_under_a_live_lease_is_readopted_and_the_rest_removed() {
+        let (adopted, expired, stopped) = (
+            BackendName::new_random(),
+            BackendName::new_random(),
+            BackendName::new_random(),
+        );
+        let later = Instant::now() + Duration::from_secs(60);
+        let previous = BTreeMap::from([
+            (adopted.clone(), later),
+            // Too close to its end to renew in time.
+            (expired.clone(), Instant::now() + Duration::from_millis(10)),
+            (stopped.clone(), later),
+        ]);
+        let h = harness_after_restart(&[&adopted, &expired], &[&stopped], previous).await;
+        let ready = wait_for_status(&h.events, &adopted, Ready).await;
+        assert!(last(&ready).address.is_some());
+        assert_eq!(
+            h.runtime.started(),
+            Vec::<BackendName>::new(),
+            "nothing restarted"
+        );
+        assert!(h
+            .executor
+            .running()
+            .await
+            .expect("running")
+            .contains(&adopted));
+        for gone in [&expired, &stopped] {
+            let updates = updates_for(&h.events, gone);
+            assert_eq!(statuses(&updates), vec![Terminated], "{gone}");
+            assert_eq!(h.runtime.container(gone), None);
+        }
+        // Its later exit is still observed and reported.
+        h.runtime.exit(&adopted, 7);
+        let ended = wait_for_status(&h.events, &adopted, Terminated).await;
+        assert_eq!(last(&ended).exit_code, Some(7));
+        h.cancel.cancel();
     }
 
     #[tokio::test]

@@ -49,6 +49,32 @@ pub fn boot_clock_ms() -> anyhow::Result<u64> {
     Ok((seconds * 1000.0) as u64)
 }
 
+/// The kill-by moments an earlier run of the drone published in `state_dir` that have not
+/// passed yet, on this process's clock: the backends it may re-adopt, and until when at the
+/// latest. Empty if there is no file, or the earlier run shut down cleanly.
+pub fn previous_deadlines(state_dir: &Path) -> BTreeMap<BackendName, Instant> {
+    let Ok(bytes) = std::fs::read(state_dir.join(FENCE_FILE)) else {
+        return BTreeMap::new();
+    };
+    let Ok(deadlines) = serde_json::from_slice::<Deadlines>(&bytes) else {
+        tracing::warn!("unreadable fence file; re-adopting nothing");
+        return BTreeMap::new();
+    };
+    let Ok(boot_now) = boot_clock_ms() else {
+        return BTreeMap::new();
+    };
+    let now = Instant::now();
+    deadlines
+        .kill_by_ms
+        .into_iter()
+        .filter(|_| !deadlines.closed)
+        .filter_map(|(backend, kill_by)| {
+            let left = kill_by.checked_sub(boot_now)?;
+            Some((backend, now + Duration::from_millis(left)))
+        })
+        .collect()
+}
+
 /// The drone's side: writes the deadlines where its fence reads them.
 #[derive(Clone, Debug)]
 pub struct FencePublisher {

@@ -124,6 +124,29 @@ impl Leases {
         }
     }
 
+    /// Tracks a backend an earlier run of the drone left running, whose process had to be
+    /// dead by `kill_by` (as that run published it): its lease ends half a margin after, on
+    /// the same conservative reckoning, until a renewal moves it on. Asks for a renewal now.
+    pub fn adopt(&self, backend: &BackendName, kill_by: Instant) -> LeaseWatch {
+        let end = kill_by + self.fence_margin / 2;
+        let (sender, receiver) = watch::channel(Some(end));
+        let mut inner = self.lock();
+        inner.backends.insert(backend.clone(), sender);
+        self.publish_to_fence(&inner);
+        drop(inner);
+        self.renew_now.notify_one();
+        LeaseWatch {
+            end: receiver,
+            fence_margin: self.fence_margin,
+        }
+    }
+
+    /// Whether a lease that ends half a margin after `kill_by` leaves time to renew it
+    /// before the backend would have to stop.
+    pub fn adoptable(&self, kill_by: Instant) -> bool {
+        kill_by + self.fence_margin / 2 > Instant::now() + self.fence_margin
+    }
+
     pub fn untrack(&self, backend: &BackendName) {
         let mut inner = self.lock();
         inner.backends.remove(backend);

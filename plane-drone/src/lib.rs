@@ -17,7 +17,7 @@ mod lifecycle;
 pub mod runtime;
 
 pub use cli::DroneOpts;
-pub use config::DroneConfig;
+pub use config::{DroneConfig, OnShutdown};
 
 use anyhow::Context;
 use controller_connection::Connection;
@@ -41,6 +41,7 @@ const FINAL_EVENTS_GRACE: Duration = Duration::from_secs(3);
 /// drone's tasks abruptly and leaves its backends running.
 pub struct DroneHandle {
     name: NodeName,
+    on_shutdown: OnShutdown,
     connected: watch::Receiver<bool>,
     executor: ExecutorHandle,
     events: EventQueue,
@@ -89,14 +90,17 @@ pub async fn start_with_runtime<R: Runtime>(
         stop_grace_period: config.stop_grace_period(),
         startup_timeout: config.startup_timeout(),
     };
-    let fence = config
-        .fence_executable
-        .as_ref()
-        .map(|_| fence::FencePublisher::new(&config.state_dir));
+    // The backends an earlier run left running, with the leases it published: read before
+    // this run publishes its own, which carry the re-adopted ones on (so the fence never
+    // sees a moment without them).
+    let previous = fence::previous_deadlines(&config.state_dir);
+    // Deadlines are published whether or not a fence process runs: they are also how the
+    // next run of the drone knows which backends it may re-adopt.
+    let fence = Some(fence::FencePublisher::new(&config.state_dir));
     let leases = Leases::new(config.fence_margin()).with_fence(fence);
+    // The file first: the fence takes a missing one to mean the drone is gone for good.
+    leases.open_fence();
     if let Some(executable) = &config.fence_executable {
-        // The file first: the fence takes a missing one to mean the drone is gone for good.
-        leases.open_fence();
         fence::spawn(executable, &config.state_dir)?;
     }
     let leases_handle = leases.clone();
@@ -105,6 +109,7 @@ pub async fn start_with_runtime<R: Runtime>(
         events.clone(),
         leases.clone(),
         settings,
+        previous,
         cancel.child_token(),
     )
     .await
@@ -135,6 +140,7 @@ pub async fn start_with_runtime<R: Runtime>(
 
     Ok(DroneHandle {
         name: config.name,
+        on_shutdown: config.on_shutdown,
         connected,
         executor,
         events,
@@ -165,10 +171,20 @@ impl DroneHandle {
     /// Stops taking actions, terminates every backend (soft, reason `lost`: SIGTERM, the
     /// grace period, then SIGKILL), gives the controller up to a few seconds to acknowledge
     /// the final events, then closes the connection and stops every task.
+    /// Shuts down as the configuration's `on_shutdown` says.
     pub async fn shutdown(self) {
-        tracing::info!(drone = %self.name, "drone shutting down");
+        let on_shutdown = self.on_shutdown;
+        self.shutdown_with(on_shutdown).await
+    }
+
+    /// Shuts down, stopping the backends first (`Terminate`) or leaving them running for
+    /// the next drone process on this state directory (`Keep`).
+    pub async fn shutdown_with(self, on_shutdown: OnShutdown) {
+        tracing::info!(drone = %self.name, ?on_shutdown, "drone shutting down");
         self.stop_actions.cancel();
-        self.executor.shutdown().await;
+        if on_shutdown == OnShutdown::Terminate {
+            self.executor.shutdown().await;
+        }
 
         let mut pending = self.events.subscribe();
         let drained = if pending.borrow().eq(&0) {
@@ -189,7 +205,15 @@ impl DroneHandle {
         }
 
         // Every backend has stopped: the fence has nothing left to guard.
-        self.leases.close_fence();
+        match on_shutdown {
+            OnShutdown::Terminate => self.leases.close_fence(),
+            // The deadlines stay published: the fence guards the backends until the next
+            // drone process takes them over (or their leases run out).
+            OnShutdown::Keep => tracing::info!(
+                backends = self.executor.running().await.map(|b| b.len()).unwrap_or(0),
+                "leaving the backends running for the next drone process"
+            ),
+        }
         self.cancel.cancel();
         for (what, task) in [
             ("executor", self.executor_task),

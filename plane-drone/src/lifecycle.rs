@@ -126,6 +126,30 @@ pub(crate) async fn run_backend<R: Runtime>(
     backend.run(spawn, &mut requests).await;
 }
 
+/// Runs a backend an earlier run of the drone left running (see `executor::reconcile`): once
+/// it answers HTTP again it is reported `ready` (at its unchanged address; a repeat of a
+/// status the controller has is a no-op there) and then served like any other. One that
+/// does not answer within [`ADOPT_PROBE_TIMEOUT`] is stopped: it is never reported ready
+/// while unreachable.
+pub(crate) async fn adopt_backend<R: Runtime>(
+    ctx: std::sync::Arc<BackendContext<R>>,
+    backend_id: BackendName,
+    address: SocketAddr,
+    mut requests: mpsc::UnboundedReceiver<TerminateRequest>,
+    lease: LeaseWatch,
+) {
+    let mut backend = Backend {
+        ctx: &ctx,
+        id: &backend_id,
+        lease,
+        startup_timeout: ctx.settings.startup_timeout,
+    };
+    backend.readopt(address, &mut requests).await;
+}
+
+/// How long a re-adopted backend has to answer HTTP before it is stopped.
+const ADOPT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Backend<'a, R> {
     ctx: &'a BackendContext<R>,
     id: &'a BackendName,
@@ -273,6 +297,11 @@ impl<'a, R: Runtime> Backend<'a, R> {
             ..BackendStateUpdate::status(BackendStatus::Ready)
         })
         .await;
+        self.serve(requests).await;
+    }
+
+    /// A ready backend: until it is asked to stop, its lease lapses, or it exits.
+    async fn serve(&mut self, requests: &mut mpsc::UnboundedReceiver<TerminateRequest>) {
         let exit = self.wait_exit();
         tokio::select! {
             biased;
@@ -283,6 +312,38 @@ impl<'a, R: Runtime> Backend<'a, R> {
             }
             exit_code = exit => self.finish(exit_code, None, None).await,
         }
+    }
+
+    async fn readopt(
+        &mut self,
+        address: SocketAddr,
+        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+    ) {
+        let exit = self.wait_exit();
+        let answering = tokio::select! {
+            biased;
+            request = next_request(requests) => return self.terminate(request, requests).await,
+            exit_code = exit => return self.finish(exit_code, None, None).await,
+            answered = tokio::time::timeout(
+                ADOPT_PROBE_TIMEOUT,
+                wait_until_ready(&self.ctx.http, address),
+            ) => answered.is_ok(),
+        };
+        if !answering {
+            tracing::warn!(backend = %self.id, %address, "a backend left running does not answer; stopping it");
+            let request = TerminateRequest {
+                kind: TerminationKind::Hard,
+                reason: TerminationReason::Lost,
+            };
+            return self.terminate(request, requests).await;
+        }
+        tracing::info!(backend = %self.id, %address, "re-adopted backend answers");
+        self.report(BackendStateUpdate {
+            address: Some(address),
+            ..BackendStateUpdate::status(BackendStatus::Ready)
+        })
+        .await;
+        self.serve(requests).await;
     }
 
     async fn report_start_failed(&self, message: String) {

@@ -130,6 +130,8 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     drone_config.name = plane_drone::config::stable_drone_name(&drone_config.state_dir)?;
     drone_config.stop_grace_period_ms = opts.stop_grace_period_seconds * 1000;
     drone_config.fence_executable = Some(executable.clone());
+    // Stopping `plane dev` stops what it ran.
+    drone_config.on_shutdown = plane_drone::OnShutdown::Terminate;
     let drone = plane_drone::start(drone_config).await?;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

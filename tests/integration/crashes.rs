@@ -16,7 +16,7 @@ use tokio::process::{Child, Command};
 
 /// A `plane` process of the test's own (a controller or a drone), restartable with the same
 /// arguments, its stderr appended to a log in the scratch directory.
-struct PlaneProcess {
+pub(crate) struct PlaneProcess {
     child: Child,
     args: Vec<String>,
     log: std::path::PathBuf,
@@ -43,13 +43,28 @@ impl PlaneProcess {
             .expect("start plane")
     }
 
+    /// SIGTERM, as a service manager stops it, and waits for the exit.
+    pub(crate) async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill -TERM");
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits within 30 s of SIGTERM")
+            .expect("reap the process")
+    }
+
     /// SIGKILL: no shutdown of any kind.
-    async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         self.child.start_kill().expect("kill -9");
         self.child.wait().await.expect("reap the process");
     }
 
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.child = Self::spawn(&self.args, &self.log);
     }
 }
@@ -126,8 +141,12 @@ impl ControllerProcess {
 /// Starts a `plane drone` process for the test's cluster with the harness's timings,
 /// reaching the controller at `controller`. Name it to sort before the in-process drone's
 /// and it gets the first backend.
-async fn drone_process(env: &TestEnv, name: &NodeName, controller: &url::Url) -> PlaneProcess {
-    drone_process_in(env, &env.cluster, name, controller).await
+pub(crate) async fn drone_process(
+    env: &TestEnv,
+    name: &NodeName,
+    controller: &url::Url,
+) -> PlaneProcess {
+    drone_process_with(env, &env.cluster, name, controller, &[]).await
 }
 
 /// [`drone_process`] for another cluster.
@@ -136,6 +155,17 @@ async fn drone_process_in(
     cluster: &ClusterName,
     name: &NodeName,
     controller: &url::Url,
+) -> PlaneProcess {
+    drone_process_with(env, cluster, name, controller, &[]).await
+}
+
+/// [`drone_process_in`] with extra arguments.
+pub(crate) async fn drone_process_with(
+    env: &TestEnv,
+    cluster: &ClusterName,
+    name: &NodeName,
+    controller: &url::Url,
+    extra: &[&str],
 ) -> PlaneProcess {
     let state_dir = env.scratch.join(format!("state-{name}"));
     let args = [
@@ -155,8 +185,10 @@ async fn drone_process_in(
         "--stop-grace-period-ms",
         "1500",
     ]
+    .into_iter()
+    .chain(extra.iter().copied())
     .map(String::from)
-    .to_vec();
+    .collect();
     PlaneProcess::start(args, env.scratch.join(format!("{name}.log"))).await
 }
 

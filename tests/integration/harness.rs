@@ -590,6 +590,9 @@ fn test_drone_config(
     config.fence_margin_ms = 1_000;
     // Per drone, since tests run concurrently and a state directory serves one drone.
     config.state_dir = scratch.join(format!("state-{}", config.name));
+    // In-process drones have no fence to guard backends left running: a test's drone
+    // stops its backends when it stops (tests of `keep` choose it).
+    config.on_shutdown = plane_drone::OnShutdown::Terminate;
     config
 }
 

@@ -23,5 +23,6 @@ mod plane_compat;
 mod proxy;
 mod pull;
 mod relay;
+mod restarts;
 mod sweep;
 mod walkthrough;

@@ -420,6 +420,20 @@ impl Runtime for DockerRuntime {
         }
         Ok(backends)
     }
+
+    async fn running_address(
+        &self,
+        backend_id: &BackendName,
+    ) -> Result<Option<SocketAddr>, RuntimeError> {
+        if self.exit_state(backend_id).await?.is_some() {
+            return Ok(None);
+        }
+        match self.published_address(backend_id).await {
+            Ok(address) => Ok(Some(address)),
+            Err(RuntimeError::ExitedDuringStart { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
 }
 
 /// Label filters matching exactly this drone's containers: drone names are unique only

@@ -157,4 +157,15 @@ impl Runtime for FakeRuntime {
     async fn list_backends(&self) -> Result<Vec<BackendName>, RuntimeError> {
         Ok(self.containers.borrow().keys().cloned().collect())
     }
+
+    async fn running_address(
+        &self,
+        backend_id: &BackendName,
+    ) -> Result<Option<SocketAddr>, RuntimeError> {
+        Ok(match self.containers.borrow().get(backend_id) {
+            Some(FakeContainer::Running { image }) if image == "silent" => Some(self.silent),
+            Some(FakeContainer::Running { .. }) => Some(self.answering),
+            _ => None,
+        })
+    }
 }

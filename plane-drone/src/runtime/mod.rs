@@ -106,4 +106,10 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 
     /// The backends that have a container (running or not) belonging to this drone.
     fn list_backends(&self) -> impl Future<Output = Result<Vec<BackendName>, RuntimeError>> + Send;
+
+    /// Where a backend's running container is published, or `None` if it is not running.
+    fn running_address(
+        &self,
+        backend_id: &BackendName,
+    ) -> impl Future<Output = Result<Option<SocketAddr>, RuntimeError>> + Send;
 }
