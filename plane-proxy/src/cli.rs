@@ -3,7 +3,7 @@
 use crate::config::{
     AcmeConfig, ProxyConfig, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BIND_IP,
     DEFAULT_HOLD_TIMEOUT_MS, DEFAULT_HTTP_PORT, DEFAULT_MAX_HELD_REQUESTS,
-    DEFAULT_REPORT_INTERVAL_MS, DEFAULT_SHUTDOWN_GRACE_MS,
+    DEFAULT_REPORT_INTERVAL_MS, DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_UPSTREAM_TIMEOUT_MS,
 };
 use anyhow::Context;
 use plane_protocol::names::{ClusterName, NodeName};
@@ -73,6 +73,11 @@ pub struct ProxyOpts {
     )]
     pub backend_connect_timeout_ms: u64,
 
+    /// How long a backend may take to start answering a request before it gets 504, in
+    /// milliseconds (bodies and WebSockets under way are not limited).
+    #[arg(long, env = "PLANE_UPSTREAM_TIMEOUT_MS", default_value_t = DEFAULT_UPSTREAM_TIMEOUT_MS)]
+    pub upstream_timeout_ms: u64,
+
     /// The controller's cluster secret (its --cluster-secret), when it requires one. The
     /// controller's bearer token, if any, goes in the URL: `http://TOKEN@host:port`.
     #[arg(long, env = "PLANE_CLUSTER_SECRET")]
@@ -129,6 +134,7 @@ impl ProxyOpts {
         config.max_held_requests = self.max_held_requests;
         config.shutdown_grace_ms = self.shutdown_grace_ms;
         config.backend_connect_timeout_ms = self.backend_connect_timeout_ms;
+        config.upstream_timeout_ms = self.upstream_timeout_ms;
         config.cluster_secret = self.cluster_secret;
         config.controller_ca = self.controller_ca;
         config.acme = self.acme_endpoint.map(|endpoint| AcmeConfig {

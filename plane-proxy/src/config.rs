@@ -18,6 +18,7 @@ pub const DEFAULT_HOLD_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_HELD_REQUESTS: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_BACKEND_CONNECT_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 60_000;
 /// The longest wait between attempts to reach the controller.
 const CONTROLLER_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -74,6 +75,11 @@ pub struct ProxyConfig {
     /// answering 502. Default 10000.
     #[serde(default = "default_backend_connect_timeout_ms")]
     pub backend_connect_timeout_ms: u64,
+    /// How long, in milliseconds, a backend may take to start answering a request (its
+    /// response head) before the proxy answers 504: a frozen backend never leaves a request
+    /// hanging. Bodies and WebSockets, once under way, are not limited. Default 60000.
+    #[serde(default = "default_upstream_timeout_ms")]
+    pub upstream_timeout_ms: u64,
     /// Obtain (and renew) the certificate at `cert_path` from an ACME CA by DNS-01.
     #[serde(default)]
     pub acme: Option<AcmeConfig>,
@@ -203,6 +209,10 @@ fn default_max_held_requests() -> usize {
 fn default_shutdown_grace_ms() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_MS
 }
+fn default_upstream_timeout_ms() -> u64 {
+    DEFAULT_UPSTREAM_TIMEOUT_MS
+}
+
 fn default_backend_connect_timeout_ms() -> u64 {
     DEFAULT_BACKEND_CONNECT_TIMEOUT_MS
 }
@@ -242,6 +252,7 @@ impl ProxyConfig {
             cluster_secret: None,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             backend_connect_timeout_ms: DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
+            upstream_timeout_ms: DEFAULT_UPSTREAM_TIMEOUT_MS,
             acme: None,
         }
     }
@@ -257,6 +268,7 @@ impl ProxyConfig {
                 "backend_connect_timeout_ms",
                 self.backend_connect_timeout_ms,
             ),
+            ("upstream_timeout_ms", self.upstream_timeout_ms),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroDuration(name));
@@ -306,6 +318,10 @@ impl ProxyConfig {
 
     pub fn backend_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.backend_connect_timeout_ms)
+    }
+
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_timeout_ms)
     }
 }
 

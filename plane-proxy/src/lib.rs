@@ -217,6 +217,7 @@ pub async fn start_with_listeners(
         tasks.clone(),
         hard_stop.clone(),
         config.backend_connect_timeout(),
+        config.upstream_timeout(),
         pool.clone(),
         https_addr
             .zip(https.as_ref())

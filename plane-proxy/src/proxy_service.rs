@@ -60,6 +60,8 @@ struct StateInner {
     /// Fires when the shutdown grace period is over and in-flight work must stop.
     hard_stop: CancellationToken,
     backend_connect_timeout: Duration,
+    /// How long a backend may take to answer a request's head.
+    upstream_timeout: Duration,
     /// Keep-alive connections to backends, reused across requests.
     pool: UpstreamPool,
     /// The HTTPS port, when the proxy serves HTTPS: plain HTTP requests are redirected there.
@@ -138,6 +140,7 @@ impl ProxyState {
         tasks: TaskTracker,
         hard_stop: CancellationToken,
         backend_connect_timeout: Duration,
+        upstream_timeout: Duration,
         pool: UpstreamPool,
         https: Option<(u16, Arc<CertFile>)>,
     ) -> Self {
@@ -149,6 +152,7 @@ impl ProxyState {
                 tasks,
                 hard_stop,
                 backend_connect_timeout,
+                upstream_timeout,
                 pool,
                 https_port,
                 cert,
@@ -228,11 +232,19 @@ impl ProxyState {
             }
         };
 
-        let (response, sender) = match self.exchange(&route, backend_request, upgrade).await {
-            Ok(exchanged) => exchanged,
-            Err(error) => {
+        let exchange = self.exchange(&route, backend_request, upgrade);
+        let (response, sender) = match tokio::time::timeout(self.inner.upstream_timeout, exchange)
+            .await
+        {
+            Ok(Ok(exchanged)) => exchanged,
+            Ok(Err(error)) => {
                 debug!(backend = %route.backend_id, address = %route.address, %error, "backend unreachable");
                 return responses::bad_gateway();
+            }
+            Err(_) => {
+                // Its connection is dropped with the exchange: nothing reuses it.
+                debug!(backend = %route.backend_id, address = %route.address, "backend did not answer in time");
+                return responses::upstream_timeout(self.inner.upstream_timeout);
             }
         };
 

@@ -21,6 +21,7 @@ pub enum ErrorKind {
     BadGateway,
     ControllerUnavailable,
     HoldTimeout,
+    UpstreamTimeout,
     TooManyHeldRequests,
     UnsupportedConnect,
     Internal,
@@ -37,6 +38,7 @@ impl ErrorKind {
             Self::BadGateway => "bad_gateway",
             Self::ControllerUnavailable => "controller_unavailable",
             Self::HoldTimeout => "hold_timeout",
+            Self::UpstreamTimeout => "upstream_timeout",
             Self::TooManyHeldRequests => "too_many_held_requests",
             Self::UnsupportedConnect => "unsupported_connect",
             Self::Internal => "internal_error",
@@ -58,6 +60,7 @@ impl ErrorKind {
             Self::BadGateway => StatusCode::BAD_GATEWAY,
             Self::ControllerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::HoldTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::TooManyHeldRequests => StatusCode::SERVICE_UNAVAILABLE,
             // A reverse proxy: it tunnels WebSockets to backends, nothing else.
             Self::UnsupportedConnect => StatusCode::NOT_IMPLEMENTED,
@@ -127,6 +130,16 @@ pub fn unsupported_connect() -> Response<ProxyBody> {
     error(
         ErrorKind::UnsupportedConnect,
         "this proxy only accepts CONNECT for WebSockets over HTTP/2 (RFC 8441, :protocol websocket)",
+    )
+}
+
+/// The backend accepted the request but did not start answering within the upstream
+/// timeout (frozen, or overwhelmed).
+pub fn upstream_timeout(waited: Duration) -> Response<ProxyBody> {
+    error_with(
+        ErrorKind::UpstreamTimeout,
+        "the backend did not answer in time",
+        json!({ "waited_ms": waited.as_millis() as u64 }),
     )
 }
 

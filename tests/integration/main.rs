@@ -15,6 +15,7 @@ mod database_restart;
 mod dev_https;
 mod dns;
 mod errors;
+mod health;
 mod https;
 mod leases;
 mod lifecycle;
