@@ -216,8 +216,10 @@ pub async fn start_with_listeners(
         tracker,
         tasks.clone(),
         hard_stop.clone(),
-        config.backend_connect_timeout(),
-        config.upstream_timeout(),
+        proxy_service::BackendTimeouts {
+            connect: config.backend_connect_timeout(),
+            answer: config.upstream_timeout(),
+        },
         pool.clone(),
         https_addr
             .zip(https.as_ref())

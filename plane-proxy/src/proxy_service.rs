@@ -59,15 +59,22 @@ struct StateInner {
     tasks: TaskTracker,
     /// Fires when the shutdown grace period is over and in-flight work must stop.
     hard_stop: CancellationToken,
-    backend_connect_timeout: Duration,
-    /// How long a backend may take to answer a request's head.
-    upstream_timeout: Duration,
+    timeouts: BackendTimeouts,
     /// Keep-alive connections to backends, reused across requests.
     pool: UpstreamPool,
     /// The HTTPS port, when the proxy serves HTTPS: plain HTTP requests are redirected there.
     https_port: Option<u16>,
     /// The certificate served over HTTPS, when it does.
     cert: Option<Arc<CertFile>>,
+}
+
+/// How long a backend may take.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendTimeouts {
+    /// To accept a TCP connection (then 502).
+    pub connect: Duration,
+    /// To start answering a request: its response head (then 504).
+    pub answer: Duration,
 }
 
 /// Why the backend exchange failed; every case is answered with 502.
@@ -139,8 +146,7 @@ impl ProxyState {
         tracker: ConnectionTracker,
         tasks: TaskTracker,
         hard_stop: CancellationToken,
-        backend_connect_timeout: Duration,
-        upstream_timeout: Duration,
+        timeouts: BackendTimeouts,
         pool: UpstreamPool,
         https: Option<(u16, Arc<CertFile>)>,
     ) -> Self {
@@ -151,8 +157,7 @@ impl ProxyState {
                 tracker,
                 tasks,
                 hard_stop,
-                backend_connect_timeout,
-                upstream_timeout,
+                timeouts,
                 pool,
                 https_port,
                 cert,
@@ -233,7 +238,7 @@ impl ProxyState {
         };
 
         let exchange = self.exchange(&route, backend_request, upgrade);
-        let (response, sender) = match tokio::time::timeout(self.inner.upstream_timeout, exchange)
+        let (response, sender) = match tokio::time::timeout(self.inner.timeouts.answer, exchange)
             .await
         {
             Ok(Ok(exchanged)) => exchanged,
@@ -244,7 +249,7 @@ impl ProxyState {
             Err(_) => {
                 // Its connection is dropped with the exchange: nothing reuses it.
                 debug!(backend = %route.backend_id, address = %route.address, "backend did not answer in time");
-                return responses::upstream_timeout(self.inner.upstream_timeout);
+                return responses::upstream_timeout(self.inner.timeouts.answer);
             }
         };
 
@@ -389,7 +394,7 @@ impl ProxyState {
 
     async fn connect_tcp(&self, address: SocketAddr) -> Result<TcpStream, BackendError> {
         let connect = TcpStream::connect(address);
-        let stream = tokio::time::timeout(self.inner.backend_connect_timeout, connect)
+        let stream = tokio::time::timeout(self.inner.timeouts.connect, connect)
             .await
             .map_err(|_| BackendError::ConnectTimeout)?
             .map_err(BackendError::Connect)?;
