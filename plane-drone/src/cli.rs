@@ -79,6 +79,16 @@ pub struct DroneOpts {
     /// if none comes back within their leases); `terminate` stops them all first.
     #[arg(long, env = "PLANE_ON_SHUTDOWN", value_enum, default_value_t = OnShutdown::Keep)]
     pub on_shutdown: OnShutdown,
+
+    /// The OCI runtime to run backends under (e.g. runsc for gVisor); it must be
+    /// configured in the Docker engine [default: the engine's].
+    #[arg(long, env = "PLANE_DOCKER_RUNTIME")]
+    pub docker_runtime: Option<String>,
+
+    /// The Docker network backends join unless their spawn names one [default: Docker's
+    /// default bridge].
+    #[arg(long, env = "PLANE_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
 }
 
 impl DroneOpts {
@@ -101,6 +111,8 @@ impl DroneOpts {
             controller_ca: self.controller_ca,
             state_dir: self.state_dir,
             on_shutdown: self.on_shutdown,
+            docker_runtime: self.docker_runtime,
+            docker_network: self.docker_network,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),
             ..DroneConfig::new(self.controller_url, self.cluster)

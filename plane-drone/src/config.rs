@@ -72,6 +72,13 @@ pub struct DroneConfig {
     /// What a clean shutdown (SIGTERM) does to the backends (default `keep`).
     #[serde(default)]
     pub on_shutdown: OnShutdown,
+    /// The OCI runtime backends run under (e.g. `runsc`); the engine's default if `None`.
+    #[serde(default)]
+    pub docker_runtime: Option<String>,
+    /// The Docker network backends join unless their spawn names one; the default bridge
+    /// if `None`.
+    #[serde(default)]
+    pub docker_network: Option<String>,
 }
 
 /// What a drone does with its backends when it shuts down.
@@ -146,6 +153,8 @@ impl DroneConfig {
             state_dir: default_state_dir(),
             fence_executable: None,
             on_shutdown: OnShutdown::default(),
+            docker_runtime: None,
+            docker_network: None,
         }
     }
 

@@ -533,6 +533,7 @@ mod tests {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                gpus: None,
                 protocol: Default::default(),
             },
             key: None,

@@ -67,6 +67,8 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
             cluster: config.cluster.clone(),
             ip: config.ip,
             pull_timeout: config.pull_timeout(),
+            runtime: config.docker_runtime.clone(),
+            network: config.docker_network.clone(),
         },
         &cancel,
     )

@@ -122,6 +122,7 @@ pub(crate) async fn run_backend<R: Runtime>(
         id: &backend_id,
         lease,
         startup_timeout,
+        memory_limit: spawn.executable.resource_limits.memory_limit_bytes,
     };
     backend.run(spawn, &mut requests).await;
 }
@@ -143,6 +144,8 @@ pub(crate) async fn adopt_backend<R: Runtime>(
         id: &backend_id,
         lease,
         startup_timeout: ctx.settings.startup_timeout,
+        // Not known to a later run of the drone.
+        memory_limit: None,
     };
     backend.readopt(address, &mut requests).await;
 }
@@ -158,6 +161,8 @@ struct Backend<'a, R> {
     lease: LeaseWatch,
     /// From container start until it must answer HTTP (the spawn's, else the drone's).
     startup_timeout: Duration,
+    /// The spawn's memory limit, to name in an out-of-memory report.
+    memory_limit: Option<i64>,
 }
 
 /// What the drone does to a backend whose lease it could not renew: stop it (the lease's
@@ -238,6 +243,8 @@ impl<'a, R: Runtime> Backend<'a, R> {
             image: image.clone(),
             env: backend_env(self.id, &spawn),
             resource_limits: spawn.executable.resource_limits.clone(),
+            network: spawn.executable.network_name.clone(),
+            gpus: spawn.executable.gpus,
         };
         // Not raced against terminate requests: dropping a create request midway could
         // leave a container the engine finishes creating after we stopped looking. A
@@ -453,6 +460,12 @@ impl<'a, R: Runtime> Backend<'a, R> {
         request: Option<TerminateRequest>,
         message: Option<String>,
     ) {
+        // Asked before the container (and what the engine knows of it) is gone.
+        let message = match message {
+            Some(message) => Some(message),
+            None if self.ctx.runtime.oom_killed(self.id).await => Some(self.out_of_memory()),
+            None => None,
+        };
         remove_until_gone(&self.ctx.runtime, self.id).await;
         self.report(BackendStateUpdate {
             termination_kind: request.map(|r| r.kind),
@@ -462,6 +475,15 @@ impl<'a, R: Runtime> Backend<'a, R> {
             ..BackendStateUpdate::status(BackendStatus::Terminated)
         })
         .await;
+    }
+
+    fn out_of_memory(&self) -> String {
+        match self.memory_limit {
+            Some(bytes) => {
+                format!("out of memory: killed for exceeding its memory limit of {bytes} bytes")
+            }
+            None => "out of memory: killed by the kernel's OOM killer".to_string(),
+        }
     }
 
     /// Waits for the process to exit; `None` as the code when it is unknown (e.g. the
@@ -552,6 +574,7 @@ mod tests {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                gpus: None,
                 protocol: Default::default(),
             },
             key: Some("doc-1".into()),

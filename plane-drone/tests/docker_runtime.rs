@@ -96,6 +96,7 @@ fn executable(image: &str, pull_policy: PullPolicy) -> ExecutorConfig {
         resource_limits: Default::default(),
         mount: None,
         network_name: None,
+        gpus: None,
         protocol: Default::default(),
     }
 }
@@ -110,6 +111,8 @@ async fn docker_runtime_runs_signals_and_removes_a_backend() {
             cluster: "localhost:9090".parse().expect("valid cluster"),
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             pull_timeout: Duration::from_secs(30),
+            runtime: None,
+            network: None,
         },
         &cancel,
     )
@@ -174,6 +177,8 @@ async fn exercise(
         image: tag.to_string(),
         env: vec![("SESSION_BACKEND_ID".into(), backend_id.to_string())],
         resource_limits: Default::default(),
+        network: None,
+        gpus: None,
     };
     let address = runtime.start_backend(&spec).await.expect("backend starts");
     assert_eq!(address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -215,4 +220,141 @@ async fn exercise(
         runtime.wait_exit(backend_id).await,
         Err(RuntimeError::NotFound(_))
     ));
+}
+
+/// What a spawn asks for reaches the container the engine creates: CPU share, CPU time,
+/// memory and process limits, the drone's OCI runtime and network, GPU device requests
+/// (inspected without starting: there is no GPU here), and a spawn's own network, on which
+/// the backend still answers at its published port.
+#[tokio::test]
+async fn limits_runtime_network_and_gpus_reach_the_container() {
+    let cancel = CancellationToken::new();
+    let docker = Docker::connect_with_local_defaults().expect("docker");
+    let suffix = BackendName::new_random();
+    let (drone_network, spawn_network) = (
+        format!("plane-test-a-{suffix}"),
+        format!("plane-test-b-{suffix}"),
+    );
+    for name in [&drone_network, &spawn_network] {
+        docker
+            .create_network(bollard::network::CreateNetworkOptions {
+                name: name.as_str(),
+                ..Default::default()
+            })
+            .await
+            .expect("create network");
+    }
+    let runtime = DockerRuntime::connect(
+        DockerRuntimeConfig {
+            drone: NodeName::new_random("dr-test"),
+            cluster: "localhost:9090".parse().expect("valid cluster"),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            pull_timeout: Duration::from_secs(30),
+            // Present in every Docker engine, unlike runsc.
+            runtime: Some("runc".to_string()),
+            network: Some(drone_network.clone()),
+        },
+        &cancel,
+    )
+    .await
+    .expect("Docker engine reachable");
+    let tag = format!("plane-drone-test:{}", BackendName::new_random());
+    let (inspected, started) = (BackendName::new_random(), BackendName::new_random());
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        build_image(&docker, &tag).await;
+        let limits = plane_protocol::api::ResourceLimits {
+            cpu_period: Some(100_000),
+            cpu_period_percent: Some(50),
+            cpu_time_limit: Some(100),
+            memory_limit_bytes: Some(64 * 1024 * 1024),
+            disk_limit_bytes: None,
+            pids_limit: Some(64),
+        };
+        let spec = BackendSpec {
+            backend_id: inspected.clone(),
+            image: tag.clone(),
+            env: vec![],
+            resource_limits: limits,
+            network: None,
+            gpus: Some(plane_protocol::api::Gpus::All(
+                plane_protocol::api::AllGpus::All,
+            )),
+        };
+        let name = format!("plane-{inspected}");
+        docker
+            .create_container(
+                Some(bollard::container::CreateContainerOptions {
+                    name: name.clone(),
+                    platform: None,
+                }),
+                runtime.container_config(&spec),
+            )
+            .await
+            .expect("create");
+        let host = docker
+            .inspect_container(&name, None)
+            .await
+            .expect("inspect")
+            .host_config
+            .expect("host config");
+        assert_eq!(
+            (host.cpu_period, host.cpu_quota),
+            (Some(100_000), Some(50_000))
+        );
+        assert_eq!(host.memory, Some(64 * 1024 * 1024));
+        assert_eq!(host.pids_limit, Some(64));
+        let cpu = host.ulimits.unwrap_or_default();
+        assert_eq!(cpu.len(), 1);
+        assert_eq!(
+            (cpu[0].name.as_deref(), cpu[0].soft, cpu[0].hard),
+            (Some("cpu"), Some(100), Some(100))
+        );
+        let gpus = host.device_requests.unwrap_or_default();
+        assert_eq!(gpus.len(), 1);
+        assert_eq!(gpus[0].count, Some(-1));
+        assert_eq!(gpus[0].capabilities, Some(vec![vec!["gpu".to_string()]]));
+        assert_eq!(host.network_mode.as_deref(), Some(drone_network.as_str()));
+        assert_eq!(host.runtime.as_deref(), Some("runc"));
+
+        // A spawn's own network wins over the drone's, and the port is published there too.
+        let spec = BackendSpec {
+            backend_id: started.clone(),
+            image: tag.clone(),
+            env: vec![],
+            resource_limits: Default::default(),
+            network: Some(spawn_network.clone()),
+            gpus: None,
+        };
+        let address = runtime
+            .start_backend(&spec)
+            .await
+            .expect("starts on its network");
+        wait_for_http(address, Duration::from_secs(10)).await;
+        let host = docker
+            .inspect_container(&format!("plane-{started}"), None)
+            .await
+            .expect("inspect")
+            .host_config
+            .expect("host config");
+        assert_eq!(host.network_mode.as_deref(), Some(spawn_network.as_str()));
+    })
+    .await;
+    for backend in [&inspected, &started] {
+        let _ = runtime.remove(backend).await;
+    }
+    for name in [&drone_network, &spawn_network] {
+        let _ = docker.remove_network(name).await;
+    }
+    let _ = docker
+        .remove_image(
+            &tag,
+            Some(RemoveImageOptions {
+                force: true,
+                ..Default::default()
+            }),
+            None,
+        )
+        .await;
+    cancel.cancel();
+    outcome.expect("finished within 60 s");
 }

@@ -75,15 +75,21 @@ pub struct ResourceLimits {
     /// Percentage of one CPU the container may use per period (1 to 100 per core).
     #[serde(default)]
     pub cpu_period_percent: Option<u8>,
-    /// Not supported yet; must be absent or null.
+    /// Total CPU time the process may use, in seconds (the `cpu` rlimit: past it the
+    /// process is killed with SIGKILL).
     #[serde(default)]
     pub cpu_time_limit: Option<i64>,
     /// Memory limit in bytes.
     #[serde(default)]
     pub memory_limit_bytes: Option<i64>,
-    /// Not supported yet; must be absent or null.
+    /// Refused: Docker limits a container's disk only on storage drivers that support
+    /// `--storage-opt size` (overlay2 over xfs with project quotas), which drones do not
+    /// detect yet. Must be absent or null.
     #[serde(default)]
     pub disk_limit_bytes: Option<i64>,
+    /// How many processes and threads the container may have at once.
+    #[serde(default)]
+    pub pids_limit: Option<i64>,
 }
 
 /// What to run.
@@ -107,13 +113,31 @@ pub struct ExecutorConfig {
     /// Host mounts are not supported; must be absent, null or false.
     #[serde(default)]
     pub mount: Option<Value>,
-    /// A Docker network to attach the backend to. Not supported yet; must be absent or
-    /// null (Plane 0.5's client always sends it, as null).
+    /// A Docker network to attach the backend to, instead of the drone's
+    /// (`--docker-network`, else Docker's default bridge). Its port is published as usual.
     #[serde(default)]
     pub network_name: Option<String>,
+    /// GPUs to give the container (Docker device requests): a count, or `"all"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Gpus>,
     /// How the backend serves HTTP (`http1` by default).
     #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
     pub protocol: BackendProtocol,
+}
+
+/// GPUs for a backend: `3`, or `"all"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Gpus {
+    Count(u32),
+    All(AllGpus),
+}
+
+/// The `"all"` of [`Gpus`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllGpus {
+    All,
 }
 
 /// How the proxy speaks to a backend.
@@ -161,6 +185,7 @@ impl ExecutorConfig {
             resource_limits: ResourceLimits::default(),
             mount: None,
             network_name: None,
+            gpus: None,
             protocol: BackendProtocol::Http1,
         }
     }

@@ -51,6 +51,8 @@ pub async fn run() -> anyhow::Result<()> {
         .route("/", get(page))
         .route("/ws", get(websocket_echo))
         .route("/exit/{code}", post(exit_with))
+        .route("/alloc/{mib}", post(allocate))
+        .route("/threads/{count}", post(start_threads))
         .fallback(echo);
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
         .await
@@ -126,6 +128,31 @@ async fn exit_with(Path(code): Path<i32>) -> impl IntoResponse {
         std::process::exit(code);
     });
     Json(json!({ "exiting_with": code }))
+}
+
+/// Allocates `mib` MiB and touches every page (so it is really resident), then keeps it:
+/// lets tests run a backend out of memory.
+async fn allocate(Path(mib): Path<usize>) -> impl IntoResponse {
+    static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    let block = vec![1u8; mib.saturating_mul(1024 * 1024)];
+    HELD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(block);
+    Json(json!({ "allocated_mib": mib }))
+}
+
+/// Tries to start `count` threads that sleep for a minute; says how many started: lets
+/// tests see a process limit bite.
+async fn start_threads(Path(count): Path<usize>) -> impl IntoResponse {
+    let started = (0..count)
+        .take_while(|_| {
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(|| std::thread::sleep(Duration::from_secs(60)))
+                .is_ok()
+        })
+        .count();
+    Json(json!({ "requested": count, "started": started }))
 }
 
 async fn echo(request: Request) -> impl IntoResponse {

@@ -19,6 +19,7 @@ mod health;
 mod https;
 mod leases;
 mod lifecycle;
+mod limits;
 mod placement;
 mod plane_compat;
 mod proxy;

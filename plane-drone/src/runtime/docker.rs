@@ -13,10 +13,13 @@ use bollard::container::{
 };
 use bollard::errors::Error as BollardError;
 use bollard::image::CreateImageOptions;
-use bollard::models::{ContainerStateStatusEnum, HostConfig, PortBinding};
+use bollard::models::{
+    ContainerStateStatusEnum, DeviceRequest, HostConfig, PortBinding, ResourcesUlimits,
+};
 use bollard::system::EventsOptions;
 use bollard::Docker;
 use futures_util::StreamExt;
+use plane_protocol::api::Gpus;
 use plane_protocol::api::{ExecutorConfig, PullPolicy, ResourceLimits};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::BACKEND_CONTAINER_PORT;
@@ -56,6 +59,12 @@ pub struct DockerRuntimeConfig {
     pub ip: IpAddr,
     /// Bound on one image pull.
     pub pull_timeout: Duration,
+    /// The OCI runtime containers run under (`--docker-runtime`, e.g. `runsc`); the
+    /// engine's default when `None`.
+    pub runtime: Option<String>,
+    /// The network backends join unless their spawn names one (`--docker-network`);
+    /// Docker's default bridge when `None`.
+    pub network: Option<String>,
 }
 
 /// A container of ours exited.
@@ -232,9 +241,10 @@ impl DockerRuntime {
         }
     }
 
-    async fn create_and_start(&self, spec: &BackendSpec) -> Result<SocketAddr, RuntimeError> {
+    /// The container the engine is asked to create for `spec`: labels, environment, the
+    /// published port, limits, network, runtime and GPUs.
+    pub fn container_config(&self, spec: &BackendSpec) -> Config<String> {
         let config = &self.inner.config;
-        let name = Self::container_name(&spec.backend_id);
         let port_key = format!("{BACKEND_CONTAINER_PORT}/tcp");
         let labels = HashMap::from([
             (BACKEND_LABEL.to_string(), spec.backend_id.to_string()),
@@ -242,7 +252,8 @@ impl DockerRuntime {
             (CLUSTER_LABEL.to_string(), config.cluster.to_string()),
         ]);
         let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let (cpu_period, cpu_quota) = cpu_limits(&spec.resource_limits);
+        let limits = &spec.resource_limits;
+        let (cpu_period, cpu_quota) = cpu_limits(limits);
         let host_config = HostConfig {
             port_bindings: Some(HashMap::from([(
                 port_key.clone(),
@@ -252,19 +263,47 @@ impl DockerRuntime {
                     host_port: Some(String::new()),
                 }]),
             )])),
-            memory: spec.resource_limits.memory_limit_bytes,
+            memory: limits.memory_limit_bytes,
             cpu_period,
             cpu_quota,
+            pids_limit: limits.pids_limit,
+            // The `cpu` rlimit: the kernel kills the process once it has used this much.
+            ulimits: limits.cpu_time_limit.map(|seconds| {
+                vec![ResourcesUlimits {
+                    name: Some("cpu".to_string()),
+                    soft: Some(seconds),
+                    hard: Some(seconds),
+                }]
+            }),
+            device_requests: spec.gpus.map(|gpus| {
+                vec![DeviceRequest {
+                    // Whichever driver provides the `gpu` capability (NVIDIA's, say).
+                    driver: Some(String::new()),
+                    count: Some(match gpus {
+                        Gpus::Count(count) => i64::from(count),
+                        Gpus::All(_) => -1,
+                    }),
+                    capabilities: Some(vec![vec!["gpu".to_string()]]),
+                    ..Default::default()
+                }]
+            }),
+            network_mode: spec.network.clone().or_else(|| config.network.clone()),
+            runtime: config.runtime.clone(),
             ..Default::default()
         };
-        let container = Config {
+        Config {
             image: Some(spec.image.clone()),
             env: Some(env),
             labels: Some(labels),
             exposed_ports: Some(HashMap::from([(port_key, HashMap::new())])),
             host_config: Some(host_config),
             ..Default::default()
-        };
+        }
+    }
+
+    async fn create_and_start(&self, spec: &BackendSpec) -> Result<SocketAddr, RuntimeError> {
+        let name = Self::container_name(&spec.backend_id);
+        let container = self.container_config(spec);
         self.inner
             .docker
             .create_container(
@@ -419,6 +458,21 @@ impl Runtime for DockerRuntime {
             }
         }
         Ok(backends)
+    }
+
+    async fn oom_killed(&self, backend_id: &BackendName) -> bool {
+        match self
+            .inner
+            .docker
+            .inspect_container(&Self::container_name(backend_id), None)
+            .await
+        {
+            Ok(info) => info
+                .state
+                .and_then(|state| state.oom_killed)
+                .unwrap_or(false),
+            Err(_) => false,
+        }
     }
 
     async fn running_address(

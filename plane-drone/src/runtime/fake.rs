@@ -158,6 +158,10 @@ impl Runtime for FakeRuntime {
         Ok(self.containers.borrow().keys().cloned().collect())
     }
 
+    async fn oom_killed(&self, _backend_id: &BackendName) -> bool {
+        false
+    }
+
     async fn running_address(
         &self,
         backend_id: &BackendName,

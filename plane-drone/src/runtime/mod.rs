@@ -5,7 +5,7 @@ pub mod docker;
 #[cfg(test)]
 pub(crate) mod fake;
 
-use plane_protocol::api::{ExecutorConfig, ResourceLimits};
+use plane_protocol::api::{ExecutorConfig, Gpus, ResourceLimits};
 use plane_protocol::names::BackendName;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +19,9 @@ pub struct BackendSpec {
     /// The complete environment, Plane's reserved variables included.
     pub env: Vec<(String, String)>,
     pub resource_limits: ResourceLimits,
+    /// The spawn's Docker network, if it named one.
+    pub network: Option<String>,
+    pub gpus: Option<Gpus>,
 }
 
 /// A signal the drone sends to a backend's process.
@@ -106,6 +109,10 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 
     /// The backends that have a container (running or not) belonging to this drone.
     fn list_backends(&self) -> impl Future<Output = Result<Vec<BackendName>, RuntimeError>> + Send;
+
+    /// Whether the backend's process was killed for exceeding its memory limit (asked after
+    /// it exited, before its container is removed).
+    fn oom_killed(&self, backend_id: &BackendName) -> impl Future<Output = bool> + Send;
 
     /// Where a backend's running container is published, or `None` if it is not running.
     fn running_address(

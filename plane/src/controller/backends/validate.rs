@@ -112,14 +112,23 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
         }
     }
     let limits = &executable.resource_limits;
-    if limits.cpu_time_limit.is_some() {
-        return Err(ControllerError::invalid(
-            "spawn_config.executable.resource_limits.cpu_time_limit is not supported",
-        ));
+    if let Some(seconds) = limits.cpu_time_limit {
+        if !(1..=MAX_LIMIT_SECONDS).contains(&seconds) {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.executable.resource_limits.cpu_time_limit must be 1 to {MAX_LIMIT_SECONDS} seconds, got {seconds}"
+            )));
+        }
+    }
+    if let Some(pids) = limits.pids_limit {
+        if !(1..=4_194_304).contains(&pids) {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.executable.resource_limits.pids_limit must be 1 to 4194304, got {pids}"
+            )));
+        }
     }
     if limits.disk_limit_bytes.is_some() {
         return Err(ControllerError::invalid(
-            "spawn_config.executable.resource_limits.disk_limit_bytes is not supported",
+            "spawn_config.executable.resource_limits.disk_limit_bytes is not supported by this cluster's drones: Docker limits a container's disk only with --storage-opt size on overlay2 over xfs with project quotas, which they do not use; leave it out or null",
         ));
     }
     if let Some(bytes) = limits.memory_limit_bytes {
@@ -151,9 +160,16 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
             ))
         }
     }
-    if executable.network_name.is_some() {
+    if let Some(network) = &executable.network_name {
+        if !is_docker_name(network) {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.executable.network_name {network:?} is not a Docker network name (1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit)"
+            )));
+        }
+    }
+    if let Some(plane_protocol::api::Gpus::Count(0)) = executable.gpus {
         return Err(ControllerError::invalid(
-            "spawn_config.executable.network_name is not supported yet; leave it out or null",
+            "spawn_config.executable.gpus must be a positive count or \"all\", got 0",
         ));
     }
     for (field, value) in [
@@ -213,4 +229,16 @@ fn is_invisible_format(c: char) -> bool {
             | '\u{2060}'..='\u{2069}'
             | '\u{FEFF}'
     )
+}
+
+/// What Docker accepts as a network (or runtime) name.
+pub fn is_docker_name(name: &str) -> bool {
+    name.len() <= 128
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
