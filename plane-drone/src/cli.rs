@@ -80,6 +80,22 @@ pub struct DroneOpts {
     #[arg(long, env = "PLANE_ON_SHUTDOWN", value_enum, default_value_t = OnShutdown::Keep)]
     pub on_shutdown: OnShutdown,
 
+    /// Milliseconds between health checks of each ready backend (HTTP on its ready path).
+    #[arg(long, env = "PLANE_HEALTH_CHECK_INTERVAL_MS", default_value_t = 5_000)]
+    pub health_check_interval_ms: u64,
+
+    /// Milliseconds a health check may take before it counts as failed.
+    #[arg(long, env = "PLANE_HEALTH_CHECK_TIMEOUT_MS", default_value_t = 2_000)]
+    pub health_check_timeout_ms: u64,
+
+    /// Failed health checks in a row after which a backend is reported unhealthy.
+    #[arg(long, env = "PLANE_UNHEALTHY_AFTER", default_value_t = 3)]
+    pub unhealthy_after: u32,
+
+    /// Failed health checks in a row after which a backend is terminated; 0 never.
+    #[arg(long, env = "PLANE_TERMINATE_UNHEALTHY_AFTER", default_value_t = 12)]
+    pub terminate_unhealthy_after: u32,
+
     /// The OCI runtime to run backends under (e.g. runsc for gVisor); it must be
     /// configured in the Docker engine [default: the engine's].
     #[arg(long, env = "PLANE_DOCKER_RUNTIME")]
@@ -111,6 +127,10 @@ impl DroneOpts {
             controller_ca: self.controller_ca,
             state_dir: self.state_dir,
             on_shutdown: self.on_shutdown,
+            health_check_interval_ms: self.health_check_interval_ms,
+            health_check_timeout_ms: self.health_check_timeout_ms,
+            unhealthy_after: self.unhealthy_after,
+            terminate_unhealthy_after: self.terminate_unhealthy_after,
             docker_runtime: self.docker_runtime,
             docker_network: self.docker_network,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.

@@ -72,6 +72,19 @@ pub struct DroneConfig {
     /// What a clean shutdown (SIGTERM) does to the backends (default `keep`).
     #[serde(default)]
     pub on_shutdown: OnShutdown,
+    /// Milliseconds between health checks of each ready backend. Default 5000.
+    #[serde(default = "default_health_check_interval_ms")]
+    pub health_check_interval_ms: u64,
+    /// Milliseconds a health check may take before it fails. Default 2000.
+    #[serde(default = "default_health_check_timeout_ms")]
+    pub health_check_timeout_ms: u64,
+    /// Failed checks in a row after which a backend is reported unhealthy. Default 3.
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after: u32,
+    /// Failed checks in a row after which a backend is terminated (`lost`); 0 never.
+    /// Default 12 (a minute at the default interval).
+    #[serde(default = "default_terminate_unhealthy_after")]
+    pub terminate_unhealthy_after: u32,
     /// The OCI runtime backends run under (e.g. `runsc`); the engine's default if `None`.
     #[serde(default)]
     pub docker_runtime: Option<String>,
@@ -115,6 +128,22 @@ fn default_startup_timeout_ms() -> u64 {
     60_000
 }
 
+fn default_health_check_interval_ms() -> u64 {
+    5_000
+}
+
+fn default_health_check_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_unhealthy_after() -> u32 {
+    3
+}
+
+fn default_terminate_unhealthy_after() -> u32 {
+    12
+}
+
 fn default_reconnect_max_backoff_ms() -> u64 {
     5_000
 }
@@ -153,8 +182,23 @@ impl DroneConfig {
             state_dir: default_state_dir(),
             fence_executable: None,
             on_shutdown: OnShutdown::default(),
+            health_check_interval_ms: default_health_check_interval_ms(),
+            health_check_timeout_ms: default_health_check_timeout_ms(),
+            unhealthy_after: default_unhealthy_after(),
+            terminate_unhealthy_after: default_terminate_unhealthy_after(),
             docker_runtime: None,
             docker_network: None,
+        }
+    }
+
+    pub(crate) fn health(&self) -> crate::lifecycle::HealthSettings {
+        crate::lifecycle::HealthSettings {
+            // Zero intervals would make `tokio::time::interval` panic.
+            interval: Duration::from_millis(self.health_check_interval_ms.max(1)),
+            timeout: Duration::from_millis(self.health_check_timeout_ms.max(1)),
+            unhealthy_after: self.unhealthy_after.max(1),
+            terminate_after: (self.terminate_unhealthy_after > 0)
+                .then_some(self.terminate_unhealthy_after),
         }
     }
 

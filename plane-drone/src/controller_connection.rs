@@ -349,6 +349,7 @@ mod tests {
             LifecycleSettings {
                 stop_grace_period: Duration::from_millis(100),
                 startup_timeout: Duration::from_secs(1),
+                health: Default::default(),
             },
             std::collections::BTreeMap::new(),
             cancel.clone(),
@@ -575,6 +576,7 @@ mod tests {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                ready_path: None,
                 gpus: None,
                 protocol: Default::default(),
             },
@@ -706,6 +708,7 @@ mod tests {
                         resource_limits: Default::default(),
                         mount: None,
                         network_name: None,
+                        ready_path: None,
                         gpus: None,
                         protocol: Default::default(),
                     },

@@ -482,6 +482,7 @@ mod tests {
         let settings = LifecycleSettings {
             stop_grace_period: Duration::from_millis(300),
             startup_timeout: Duration::from_millis(1500),
+            health: Default::default(),
         };
         // Stands in for the controller's side of the lease protocol: every renewal asked
         // for is granted for an hour.
@@ -533,6 +534,7 @@ mod tests {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                ready_path: None,
                 gpus: None,
                 protocol: Default::default(),
             },

@@ -8,7 +8,7 @@ use crate::event_queue::EventQueue;
 use crate::leases::LeaseWatch;
 use crate::runtime::{BackendSpec, Runtime, RuntimeError, Signal};
 use plane_protocol::backend::{
-    BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
+    BackendHealth, BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
 };
 use plane_protocol::drone::SpawnAction;
 use plane_protocol::names::BackendName;
@@ -43,6 +43,33 @@ pub struct LifecycleSettings {
     pub stop_grace_period: Duration,
     /// From container start until the backend must answer HTTP.
     pub startup_timeout: Duration,
+    /// Checks of ready backends.
+    pub health: HealthSettings,
+}
+
+/// How the drone checks a ready backend (HTTP on its ready path, as Kubernetes' and
+/// Agones' probes do).
+#[derive(Clone, Copy, Debug)]
+pub struct HealthSettings {
+    /// Between checks.
+    pub interval: Duration,
+    /// A check not answered within this fails.
+    pub timeout: Duration,
+    /// Failures in a row after which the backend is reported unhealthy.
+    pub unhealthy_after: u32,
+    /// Failures in a row after which it is terminated (`lost`); `None`: never.
+    pub terminate_after: Option<u32>,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            unhealthy_after: 3,
+            terminate_after: Some(12),
+        }
+    }
 }
 
 /// What every backend task shares.
@@ -123,6 +150,12 @@ pub(crate) async fn run_backend<R: Runtime>(
         lease,
         startup_timeout,
         memory_limit: spawn.executable.resource_limits.memory_limit_bytes,
+        ready_path: spawn
+            .executable
+            .ready_path
+            .clone()
+            .unwrap_or_else(|| "/".to_string()),
+        termination_message: None,
     };
     backend.run(spawn, &mut requests).await;
 }
@@ -146,6 +179,8 @@ pub(crate) async fn adopt_backend<R: Runtime>(
         startup_timeout: ctx.settings.startup_timeout,
         // Not known to a later run of the drone.
         memory_limit: None,
+        ready_path: "/".to_string(),
+        termination_message: None,
     };
     backend.readopt(address, &mut requests).await;
 }
@@ -163,6 +198,11 @@ struct Backend<'a, R> {
     startup_timeout: Duration,
     /// The spawn's memory limit, to name in an out-of-memory report.
     memory_limit: Option<i64>,
+    /// The path probed for readiness and health (`/` unless the spawn names one).
+    ready_path: String,
+    /// Said in the `terminated` report of a stop the drone decided itself (a failed
+    /// health check), when there is more to say than the reason.
+    termination_message: Option<String>,
 }
 
 /// What the drone does to a backend whose lease it could not renew: stop it (the lease's
@@ -279,7 +319,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
                 Startup::Terminate(FENCE)
             }
             exit_code = exit => Startup::Exited(exit_code),
-            ready = tokio::time::timeout_at(deadline, wait_until_ready(&self.ctx.http, address)) => {
+            ready = tokio::time::timeout_at(deadline, wait_until_ready(&self.ctx.http, address, &self.ready_path)) => {
                 match ready {
                     Ok(()) => Startup::Ready,
                     Err(_) => Startup::TimedOut,
@@ -304,20 +344,87 @@ impl<'a, R: Runtime> Backend<'a, R> {
             ..BackendStateUpdate::status(BackendStatus::Ready)
         })
         .await;
-        self.serve(requests).await;
+        self.serve(address, requests).await;
     }
 
-    /// A ready backend: until it is asked to stop, its lease lapses, or it exits.
-    async fn serve(&mut self, requests: &mut mpsc::UnboundedReceiver<TerminateRequest>) {
+    /// A ready backend: until it is asked to stop, its lease lapses, or it exits. Meanwhile
+    /// it is checked every interval: failures in a row past the settings' thresholds are
+    /// reported (`unhealthy`, then `healthy` again when it recovers) and, past the last,
+    /// end it. A check runs beside everything else, so it never delays a stop.
+    async fn serve(
+        &mut self,
+        address: SocketAddr,
+        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+    ) {
+        let health = self.ctx.settings.health;
+        let url = format!("http://{address}{}", self.ready_path);
         let exit = self.wait_exit();
-        tokio::select! {
-            biased;
-            request = next_request(requests) => self.terminate(request, requests).await,
-            _ = self.lease.lapsing() => {
-                tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the backend");
-                self.terminate(FENCE, requests).await
+        tokio::pin!(exit);
+        let mut ticks = tokio::time::interval_at(Instant::now() + health.interval, health.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        type Check =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+        let mut check: Option<Check> = None;
+        let mut failures = 0u32;
+        let mut reported_unhealthy = false;
+        loop {
+            tokio::select! {
+                biased;
+                request = next_request(requests) => return self.terminate(request, requests).await,
+                _ = self.lease.lapsing() => {
+                    tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the backend");
+                    return self.terminate(FENCE, requests).await;
+                }
+                exit_code = &mut exit => return self.finish(exit_code, None, None).await,
+                result = async { check.as_mut().expect("a check runs").await }, if check.is_some() => {
+                    check = None;
+                    match result {
+                        Ok(()) => {
+                            if reported_unhealthy {
+                                tracing::info!(backend = %self.id, "health check passing again");
+                                self.report(BackendStateUpdate::health(
+                                    BackendHealth::Healthy,
+                                    format!("health check passing again: GET {}", self.ready_path),
+                                ))
+                                .await;
+                            }
+                            failures = 0;
+                            reported_unhealthy = false;
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            let what = format!(
+                                "GET {} failed {failures} time{} in a row (last: {error})",
+                                self.ready_path,
+                                if failures == 1 { "" } else { "s" }
+                            );
+                            tracing::debug!(backend = %self.id, %what, "health check failed");
+                            if health.terminate_after.is_some_and(|limit| failures >= limit) {
+                                tracing::warn!(backend = %self.id, %what, "terminating an unhealthy backend");
+                                self.termination_message =
+                                    Some(format!("stopped answering its health check: {what}"));
+                                let request = TerminateRequest {
+                                    kind: TerminationKind::Hard,
+                                    reason: TerminationReason::Lost,
+                                };
+                                return self.terminate(request, requests).await;
+                            }
+                            if failures >= health.unhealthy_after && !reported_unhealthy {
+                                tracing::warn!(backend = %self.id, %what, "backend unhealthy");
+                                reported_unhealthy = true;
+                                self.report(BackendStateUpdate::health(
+                                    BackendHealth::Unhealthy,
+                                    format!("health check failing: {what}"),
+                                ))
+                                .await;
+                            }
+                        }
+                    }
+                }
+                _ = ticks.tick(), if check.is_none() => {
+                    check = Some(Box::pin(health_check(self.ctx.http.clone(), url.clone(), health.timeout)));
+                }
             }
-            exit_code = exit => self.finish(exit_code, None, None).await,
         }
     }
 
@@ -333,7 +440,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
             exit_code = exit => return self.finish(exit_code, None, None).await,
             answered = tokio::time::timeout(
                 ADOPT_PROBE_TIMEOUT,
-                wait_until_ready(&self.ctx.http, address),
+                wait_until_ready(&self.ctx.http, address, &self.ready_path),
             ) => answered.is_ok(),
         };
         if !answering {
@@ -350,7 +457,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
             ..BackendStateUpdate::status(BackendStatus::Ready)
         })
         .await;
-        self.serve(requests).await;
+        self.serve(address, requests).await;
     }
 
     async fn report_start_failed(&self, message: String) {
@@ -436,12 +543,13 @@ impl<'a, R: Runtime> Backend<'a, R> {
             ..BackendStateUpdate::status(BackendStatus::HardTerminating)
         })
         .await;
-        let message = (reason == TerminationReason::StartupTimeout).then(|| {
-            format!(
+        let message = match reason {
+            TerminationReason::StartupTimeout => Some(format!(
                 "did not answer HTTP within {} ms of starting",
                 self.startup_timeout.as_millis()
-            )
-        });
+            )),
+            _ => self.termination_message.take(),
+        };
         match tokio::time::timeout(KILL_EXIT_TIMEOUT, &mut exit).await {
             Ok(exit_code) => self.finish(exit_code, Some(request), message).await,
             Err(_) => {
@@ -536,10 +644,23 @@ async fn next_request(
     }
 }
 
-/// Probes `http://address/` until any HTTP response arrives (whatever its status: the
+/// One health check: any answer below 500 within `timeout` passes.
+async fn health_check(http: reqwest::Client, url: String, timeout: Duration) -> Result<(), String> {
+    match http.get(&url).timeout(timeout).send().await {
+        Ok(response) if response.status().is_server_error() => {
+            Err(format!("answered {}", response.status()))
+        }
+        Ok(_) => Ok(()),
+        Err(err) if err.is_timeout() => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Err(err) if err.is_connect() => Err("connection refused or failed".to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Probes `http://address<path>` until any HTTP response arrives (whatever its status: the
 /// backend is serving). The caller bounds this with the startup deadline.
-async fn wait_until_ready(http: &reqwest::Client, address: SocketAddr) {
-    let url = format!("http://{address}/");
+async fn wait_until_ready(http: &reqwest::Client, address: SocketAddr, path: &str) {
+    let url = format!("http://{address}{path}");
     let mut pause = PROBE_FIRST_PAUSE;
     loop {
         match http.get(&url).timeout(PROBE_TIMEOUT).send().await {
@@ -574,6 +695,7 @@ mod tests {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                ready_path: None,
                 gpus: None,
                 protocol: Default::default(),
             },

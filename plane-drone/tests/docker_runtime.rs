@@ -96,6 +96,7 @@ fn executable(image: &str, pull_policy: PullPolicy) -> ExecutorConfig {
         resource_limits: Default::default(),
         mount: None,
         network_name: None,
+        ready_path: None,
         gpus: None,
         protocol: Default::default(),
     }

@@ -117,6 +117,10 @@ pub struct ExecutorConfig {
     /// (`--docker-network`, else Docker's default bridge). Its port is published as usual.
     #[serde(default)]
     pub network_name: Option<String>,
+    /// The path the drone probes, for readiness at start and for health after (`/` by
+    /// default): any answer means ready; after that, no answer or a 5xx is a failed check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_path: Option<String>,
     /// GPUs to give the container (Docker device requests): a count, or `"all"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<Gpus>,
@@ -185,6 +189,7 @@ impl ExecutorConfig {
             resource_limits: ResourceLimits::default(),
             mount: None,
             network_name: None,
+            ready_path: None,
             gpus: None,
             protocol: BackendProtocol::Http1,
         }

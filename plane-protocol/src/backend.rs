@@ -160,6 +160,34 @@ impl TerminationReason {
     }
 }
 
+/// What a ready backend's health checks say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendHealth {
+    /// Answering its checks again after failing them.
+    Healthy,
+    /// Failing its checks (the entry's `message` says which and how); it is terminated if
+    /// it keeps failing.
+    Unhealthy,
+}
+
+impl BackendHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "healthy" => Some(Self::Healthy),
+            "unhealthy" => Some(Self::Unhealthy),
+            _ => None,
+        }
+    }
+}
+
 /// One status transition as a drone reports it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStateUpdate {
@@ -177,6 +205,9 @@ pub struct BackendStateUpdate {
     /// A human-readable explanation, e.g. why the image could not be loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// On `ready` only: a change of health (the status itself does not change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<BackendHealth>,
 }
 
 impl BackendStateUpdate {
@@ -188,6 +219,16 @@ impl BackendStateUpdate {
             termination_reason: None,
             exit_code: None,
             message: None,
+            health: None,
+        }
+    }
+
+    /// A ready backend's health changed.
+    pub fn health(health: BackendHealth, message: String) -> Self {
+        Self {
+            health: Some(health),
+            message: Some(message),
+            ..Self::status(BackendStatus::Ready)
         }
     }
 }
@@ -209,6 +250,10 @@ pub struct BackendStatusStreamEntry {
     /// A human-readable explanation of a failure, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// On an entry that repeats `ready`: its health changed (see `message`). Such entries
+    /// carry no event ID in the status stream, since the status did not move on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<BackendHealth>,
     /// When the backend entered this status.
     pub time: Millis,
 }

@@ -456,6 +456,7 @@ impl TestEnv {
                 resource_limits: Default::default(),
                 mount: None,
                 network_name: None,
+                ready_path: None,
                 gpus: None,
                 protocol: Default::default(),
             },

@@ -74,17 +74,34 @@ async fn stream_statuses(
     sender: mpsc::Sender<Result<Event, Infallible>>,
 ) {
     // Sends entries newer than the last one sent; returns false once the stream is over.
+    // Health entries repeat `ready`'s number, so they go without an event ID (a client's
+    // Last-Event-ID stays its last status); `health_sent` counts those sent since, so a
+    // replay of the history (`replay`) skips them and a live one is always new.
     async fn send_newer(
         entries: impl IntoIterator<Item = BackendStatusStreamEntry>,
         last_sent: &mut i32,
+        health_sent: &mut usize,
+        replay: bool,
         sender: &mpsc::Sender<Result<Event, Infallible>>,
     ) -> bool {
+        let mut health_seen = 0;
         for entry in entries {
             let number = entry.status.number();
-            if number <= *last_sent {
+            let event = if number > *last_sent {
+                *health_sent = 0;
+                health_seen = 0;
+                Event::default().id(number.to_string())
+            } else if number == *last_sent && entry.health.is_some() {
+                health_seen += 1;
+                if replay && health_seen <= *health_sent {
+                    continue;
+                }
+                *health_sent += 1;
+                Event::default()
+            } else {
                 continue;
-            }
-            let Ok(event) = Event::default().id(number.to_string()).json_data(&entry) else {
+            };
+            let Ok(event) = event.json_data(&entry) else {
                 return false;
             };
             if sender.send(Ok(event)).await.is_err() {
@@ -111,7 +128,8 @@ async fn stream_statuses(
         }
         return;
     }
-    if !send_newer(history, &mut last_sent, &sender).await || already_over {
+    let mut health_sent = 0;
+    if !send_newer(history, &mut last_sent, &mut health_sent, true, &sender).await || already_over {
         // Over: terminated was just sent.
         return;
     }
@@ -123,13 +141,16 @@ async fn stream_statuses(
         };
         let more = match received {
             Ok(change) if change.backend_id == backend => {
-                send_newer([change.entry.clone()], &mut last_sent, &sender).await
+                let entry = change.entry.clone();
+                send_newer([entry], &mut last_sent, &mut health_sent, false, &sender).await
             }
             Ok(_) => true,
             // We fell behind the broadcast: catch up from the database.
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 match state.store().status_history(&backend).await {
-                    Ok(history) => send_newer(history, &mut last_sent, &sender).await,
+                    Ok(history) => {
+                        send_newer(history, &mut last_sent, &mut health_sent, true, &sender).await
+                    }
                     Err(err) => {
                         tracing::warn!(%backend, error = %err, "status stream catch-up failed");
                         false

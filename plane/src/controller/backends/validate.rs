@@ -167,6 +167,14 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
             )));
         }
     }
+    if let Some(path) = &executable.ready_path {
+        let printable = path.chars().all(|c| c.is_ascii_graphic());
+        if !path.starts_with('/') || !printable || path.len() > 1024 {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.executable.ready_path {path:?} must be a URL path starting with '/', of at most 1024 printable ASCII characters without spaces"
+            )));
+        }
+    }
     if let Some(plane_protocol::api::Gpus::Count(0)) = executable.gpus {
         return Err(ControllerError::invalid(
             "spawn_config.executable.gpus must be a positive count or \"all\", got 0",

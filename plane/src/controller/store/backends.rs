@@ -5,7 +5,8 @@ use super::{actions, keys, tokens, Signal, Store, StoreError, StoreResult};
 use anyhow::Context;
 use plane_protocol::api::{BackendProtocol, KeyConfig, SpawnConfig};
 use plane_protocol::backend::{
-    BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind, TerminationReason,
+    BackendHealth, BackendStateUpdate, BackendStatus, BackendStatusStreamEntry, TerminationKind,
+    TerminationReason,
 };
 use plane_protocol::drone::{ActionKind, BackendAction};
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, NodeName, Subdomain};
@@ -151,6 +152,7 @@ pub(super) fn entry_from_row(row: &AnyRow) -> StoreResult<BackendStatusStreamEnt
         exit_error: exit_error(status, exit_code),
         exit_code: exit_code.map(|c| c as i32),
         message: row.try_get("message").map_err(anyhow::Error::from)?,
+        health: parse_optional(row, "health", BackendHealth::parse)?,
         time: Millis(row.try_get("time").map_err(anyhow::Error::from)?),
     })
 }
@@ -257,8 +259,8 @@ impl Store {
         id: &BackendName,
     ) -> StoreResult<Vec<BackendStatusStreamEntry>> {
         let rows = sqlx::query(
-            "SELECT status, termination_kind, termination_reason, exit_code, message, time \
-             FROM backend_status WHERE backend_id = $1 ORDER BY status_number",
+            "SELECT status, termination_kind, termination_reason, exit_code, message, health, \
+             time FROM backend_status WHERE backend_id = $1 ORDER BY status_number, id",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -277,6 +279,9 @@ impl Store {
         update: &BackendStateUpdate,
         now: Millis,
     ) -> StoreResult<Option<BackendStatusStreamEntry>> {
+        if update.health.is_some() {
+            return self.apply_health(id, cluster, drone, update, now).await;
+        }
         let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
             "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
@@ -307,6 +312,34 @@ impl Store {
         if update.status == BackendStatus::Terminated {
             keys::release(&mut tx, id).await?;
         }
+        self.commit_and_signal(tx, &[Signal::Status]).await?;
+        Ok(Some(entry))
+    }
+
+    /// Records a change of a ready backend's health as an entry of its history (status
+    /// unchanged), if the backend is still ready on that drone.
+    async fn apply_health(
+        &self,
+        id: &BackendName,
+        cluster: &ClusterName,
+        drone: &NodeName,
+        update: &BackendStateUpdate,
+        now: Millis,
+    ) -> StoreResult<Option<BackendStatusStreamEntry>> {
+        let mut tx = self.pool.begin().await?;
+        let ready = sqlx::query(
+            "SELECT 1 AS one FROM backend WHERE id = $1 AND cluster = $2 AND drone = $3 \
+             AND status = 'ready'",
+        )
+        .bind(id.as_str())
+        .bind(cluster.as_str())
+        .bind(drone.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if ready.is_none() {
+            return Ok(None);
+        }
+        let entry = insert_history(&mut tx, id, update, now).await?;
         self.commit_and_signal(tx, &[Signal::Status]).await?;
         Ok(Some(entry))
     }
@@ -534,7 +567,8 @@ async fn insert_history(
 ) -> StoreResult<BackendStatusStreamEntry> {
     sqlx::query(
         "INSERT INTO backend_status (backend_id, status, status_number, termination_kind, \
-         termination_reason, exit_code, message, time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         termination_reason, exit_code, message, time, health) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id.as_str())
     .bind(update.status.as_str())
@@ -544,6 +578,7 @@ async fn insert_history(
     .bind(update.exit_code.map(i64::from))
     .bind(update.message.clone())
     .bind(now.0)
+    .bind(update.health.map(|h| h.as_str()))
     .execute(conn)
     .await?;
     Ok(BackendStatusStreamEntry {
@@ -553,6 +588,7 @@ async fn insert_history(
         exit_error: exit_error(update.status, update.exit_code.map(i64::from)),
         exit_code: update.exit_code,
         message: update.message.clone(),
+        health: update.health,
         time: now,
     })
 }

@@ -14,7 +14,7 @@ impl Store {
     ) -> StoreResult<Vec<StatusChange>> {
         let rows = sqlx::query(
             "SELECT s.id, s.backend_id, b.cluster, s.status, s.termination_kind, \
-             s.termination_reason, s.exit_code, s.message, s.time \
+             s.termination_reason, s.exit_code, s.message, s.health, s.time \
              FROM backend_status s JOIN backend b ON b.id = s.backend_id \
              WHERE s.id > $1 ORDER BY s.id LIMIT $2",
         )
