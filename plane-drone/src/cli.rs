@@ -96,6 +96,11 @@ pub struct DroneOpts {
     #[arg(long, env = "PLANE_TERMINATE_UNHEALTHY_AFTER", default_value_t = 12)]
     pub terminate_unhealthy_after: u32,
 
+    /// Directory for backends' volumes (`executable.mount`), bound into them at
+    /// /plane-data [default: none; spawns asking for a mount fail].
+    #[arg(long, env = "PLANE_MOUNT_BASE")]
+    pub mount_base: Option<PathBuf>,
+
     /// The OCI runtime to run backends under (e.g. runsc for gVisor); it must be
     /// configured in the Docker engine [default: the engine's].
     #[arg(long, env = "PLANE_DOCKER_RUNTIME")]
@@ -131,6 +136,7 @@ impl DroneOpts {
             health_check_timeout_ms: self.health_check_timeout_ms,
             unhealthy_after: self.unhealthy_after,
             terminate_unhealthy_after: self.terminate_unhealthy_after,
+            mount_base: self.mount_base,
             docker_runtime: self.docker_runtime,
             docker_network: self.docker_network,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.

@@ -85,6 +85,10 @@ pub struct DroneConfig {
     /// Default 12 (a minute at the default interval).
     #[serde(default = "default_terminate_unhealthy_after")]
     pub terminate_unhealthy_after: u32,
+    /// Where backends' volumes (`executable.mount`) live; spawns asking for one fail when
+    /// this is `None`.
+    #[serde(default)]
+    pub mount_base: Option<PathBuf>,
     /// The OCI runtime backends run under (e.g. `runsc`); the engine's default if `None`.
     #[serde(default)]
     pub docker_runtime: Option<String>,
@@ -188,6 +192,7 @@ impl DroneConfig {
             terminate_unhealthy_after: default_terminate_unhealthy_after(),
             docker_runtime: None,
             docker_network: None,
+            mount_base: None,
         }
     }
 

@@ -350,6 +350,7 @@ mod tests {
                 stop_grace_period: Duration::from_millis(100),
                 startup_timeout: Duration::from_secs(1),
                 health: Default::default(),
+                mount_base: None,
             },
             std::collections::BTreeMap::new(),
             cancel.clone(),
@@ -584,6 +585,7 @@ mod tests {
             fencing_token: Some(1),
             static_token: None,
             startup_timeout_ms: None,
+            mount_dir: None,
         };
         send_to_drone(
             &mut socket,
@@ -716,6 +718,7 @@ mod tests {
                     fencing_token: None,
                     static_token: None,
                     startup_timeout_ms: None,
+                    mount_dir: None,
                 }),
             }),
         )

@@ -483,6 +483,7 @@ mod tests {
             stop_grace_period: Duration::from_millis(300),
             startup_timeout: Duration::from_millis(1500),
             health: Default::default(),
+            mount_base: None,
         };
         // Stands in for the controller's side of the lease protocol: every renewal asked
         // for is granted for an hour.
@@ -542,6 +543,7 @@ mod tests {
             fencing_token: None,
             static_token: None,
             startup_timeout_ms: None,
+            mount_dir: None,
         }
     }
 

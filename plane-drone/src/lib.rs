@@ -92,6 +92,7 @@ pub async fn start_with_runtime<R: Runtime>(
         stop_grace_period: config.stop_grace_period(),
         startup_timeout: config.startup_timeout(),
         health: config.health(),
+        mount_base: config.mount_base.clone(),
     };
     // The backends an earlier run left running, with the leases it published: read before
     // this run publishes its own, which carry the re-adopted ones on (so the fence never

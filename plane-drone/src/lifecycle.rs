@@ -14,6 +14,7 @@ use plane_protocol::drone::SpawnAction;
 use plane_protocol::names::BackendName;
 use plane_protocol::{BACKEND_CONTAINER_PORT, RESERVED_ENV_VARS};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -45,6 +46,8 @@ pub struct LifecycleSettings {
     pub startup_timeout: Duration,
     /// Checks of ready backends.
     pub health: HealthSettings,
+    /// Where backends' volumes live (`--mount-base`).
+    pub mount_base: Option<PathBuf>,
 }
 
 /// How the drone checks a ready backend (HTTP on its ready path, as Kubernetes' and
@@ -278,6 +281,13 @@ impl<'a, R: Runtime> Backend<'a, R> {
         }
 
         self.report_status(BackendStatus::Starting).await;
+        let mount = match &spawn.mount_dir {
+            None => None,
+            Some(dir) => match prepare_mount(self.ctx.settings.mount_base.as_deref(), dir) {
+                Ok(path) => Some(path),
+                Err(message) => return self.report_start_failed(message).await,
+            },
+        };
         let spec = BackendSpec {
             backend_id: self.id.clone(),
             image: image.clone(),
@@ -285,6 +295,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
             resource_limits: spawn.executable.resource_limits.clone(),
             network: spawn.executable.network_name.clone(),
             gpus: spawn.executable.gpus,
+            mount,
         };
         // Not raced against terminate requests: dropping a create request midway could
         // leave a container the engine finishes creating after we stopped looking. A
@@ -644,6 +655,59 @@ async fn next_request(
     }
 }
 
+/// Makes (if needed) the volume directory `dir` (as the controller named it) under `base`
+/// and returns its absolute path. Refused: no base, a name not of the controller's safe form,
+/// any symlink on the way (it could lead outside the base), anything but directories.
+fn prepare_mount(base: Option<&std::path::Path>, dir: &str) -> Result<PathBuf, String> {
+    let Some(base) = base else {
+        return Err("this backend asks for a mount and its drone has no --mount-base".to_string());
+    };
+    plane_protocol::mount::check_mount_dir(dir)?;
+    let fail = |what: &str, err: std::io::Error| format!("mount {dir:?}: {what}: {err}");
+    std::fs::create_dir_all(base).map_err(|err| fail("creating the mount base", err))?;
+    let base = base
+        .canonicalize()
+        .map_err(|err| fail("resolving the mount base", err))?;
+    let mut path = base.clone();
+    for component in dir.split('/') {
+        path.push(component);
+        match std::fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.file_type().is_symlink() => {
+                return Err(format!(
+                    "mount {dir:?}: {} is a symlink, which could lead outside the mount base; refused",
+                    path.display()
+                ));
+            }
+            Ok(metadata) if metadata.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "mount {dir:?}: {} is not a directory",
+                    path.display()
+                ));
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::create_dir(&path) {
+                    Ok(()) => {}
+                    // Another backend of the same path made it meanwhile.
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(err) => return Err(fail("creating the directory", err)),
+                }
+            }
+            Err(err) => return Err(fail("inspecting the directory", err)),
+        }
+    }
+    // Belt and braces: whatever happened on disk meanwhile, the result is inside the base.
+    let resolved = path
+        .canonicalize()
+        .map_err(|err| fail("resolving the directory", err))?;
+    if !resolved.starts_with(&base) {
+        return Err(format!(
+            "mount {dir:?} resolves outside the mount base; refused"
+        ));
+    }
+    Ok(resolved)
+}
+
 /// One health check: any answer below 500 within `timeout` passes.
 async fn health_check(http: reqwest::Client, url: String, timeout: Duration) -> Result<(), String> {
     match http.get(&url).timeout(timeout).send().await {
@@ -703,7 +767,31 @@ mod tests {
             fencing_token: Some(7),
             static_token: None,
             startup_timeout_ms: None,
+            mount_dir: None,
         }
+    }
+
+    #[test]
+    fn mounts_are_made_under_the_base_and_symlinks_refused() {
+        let base = std::env::temp_dir().join(format!("plane-mount-{}", BackendName::new_random()));
+        let made = prepare_mount(Some(&base), "paths/projects/one").expect("made");
+        assert!(made.is_dir() && made.starts_with(base.canonicalize().expect("base")));
+        assert_eq!(
+            prepare_mount(Some(&base), "paths/projects/one").expect("again"),
+            made
+        );
+        let outside = base.with_extension("outside");
+        std::fs::create_dir_all(&outside).expect("outside");
+        std::os::unix::fs::symlink(&outside, base.join("paths/evil")).expect("symlink");
+        let refused = prepare_mount(Some(&base), "paths/evil/x").expect_err("symlink");
+        assert!(refused.contains("symlink"), "{refused}");
+        assert!(!outside.join("x").exists());
+        assert!(prepare_mount(Some(&base), "paths/../etc").is_err());
+        assert!(prepare_mount(None, "paths/a")
+            .expect_err("no base")
+            .contains("--mount-base"));
+        let _ = std::fs::remove_dir_all(&base);
+        let _ = std::fs::remove_dir_all(&outside);
     }
 
     #[test]

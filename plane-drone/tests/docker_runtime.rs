@@ -180,6 +180,7 @@ async fn exercise(
         resource_limits: Default::default(),
         network: None,
         gpus: None,
+        mount: None,
     };
     let address = runtime.start_backend(&spec).await.expect("backend starts");
     assert_eq!(address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -280,6 +281,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             gpus: Some(plane_protocol::api::Gpus::All(
                 plane_protocol::api::AllGpus::All,
             )),
+            mount: None,
         };
         let name = format!("plane-{inspected}");
         docker
@@ -325,6 +327,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             resource_limits: Default::default(),
             network: Some(spawn_network.clone()),
             gpus: None,
+            mount: None,
         };
         let address = runtime
             .start_backend(&spec)

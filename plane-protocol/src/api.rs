@@ -110,9 +110,11 @@ pub struct ExecutorConfig {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub resource_limits: ResourceLimits,
-    /// Host mounts are not supported; must be absent, null or false.
+    /// A directory on the drone (under its `--mount-base`) bound at `/plane-data`: `true`
+    /// for one of the key's own, kept for its next backends; a relative path for one that
+    /// backends naming it share; `false`, null or absent for none.
     #[serde(default)]
-    pub mount: Option<Value>,
+    pub mount: Option<crate::mount::Mount>,
     /// A Docker network to attach the backend to, instead of the drone's
     /// (`--docker-network`, else Docker's default bridge). Its port is published as usual.
     #[serde(default)]

@@ -130,4 +130,8 @@ pub struct SpawnAction {
     /// own startup timeout when absent.
     #[serde(default)]
     pub startup_timeout_ms: Option<u64>,
+    /// The directory under the drone's mount base to bind at `/plane-data` (see
+    /// [`crate::mount`]), when the spawn asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_dir: Option<String>,
 }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod backend;
 pub mod dns;
 pub mod drone;
+pub mod mount;
 pub mod names;
 pub mod proxy;
 pub mod time;

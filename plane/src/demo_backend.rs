@@ -53,6 +53,7 @@ pub async fn run() -> anyhow::Result<()> {
         .route("/exit/{code}", post(exit_with))
         .route("/alloc/{mib}", post(allocate))
         .route("/threads/{count}", post(start_threads))
+        .route("/data/{name}", get(read_data).put(write_data))
         .fallback(echo);
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
         .await
@@ -153,6 +154,35 @@ async fn start_threads(Path(count): Path<usize>) -> impl IntoResponse {
         })
         .count();
     Json(json!({ "requested": count, "started": started }))
+}
+
+/// A file in the backend's volume (`/plane-data`), for tests of mounts.
+fn data_path(name: &str) -> Option<std::path::PathBuf> {
+    let plain = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    plain.then(|| std::path::Path::new("/plane-data").join(name))
+}
+
+async fn write_data(Path(name): Path<String>, body: Bytes) -> impl IntoResponse {
+    let Some(path) = data_path(&name) else {
+        return (axum::http::StatusCode::BAD_REQUEST, "bad name".to_string());
+    };
+    match std::fs::write(&path, &body) {
+        Ok(()) => (axum::http::StatusCode::OK, format!("wrote {}", body.len())),
+        Err(err) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            err.to_string(),
+        ),
+    }
+}
+
+async fn read_data(Path(name): Path<String>) -> impl IntoResponse {
+    let Some(path) = data_path(&name) else {
+        return (axum::http::StatusCode::BAD_REQUEST, "bad name".to_string());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => (axum::http::StatusCode::OK, text),
+        Err(err) => (axum::http::StatusCode::NOT_FOUND, err.to_string()),
+    }
 }
 
 async fn echo(request: Request) -> impl IntoResponse {

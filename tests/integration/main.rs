@@ -27,4 +27,5 @@ mod pull;
 mod relay;
 mod restarts;
 mod sweep;
+mod volumes;
 mod walkthrough;

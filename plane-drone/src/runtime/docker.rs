@@ -287,6 +287,13 @@ impl DockerRuntime {
                     ..Default::default()
                 }]
             }),
+            binds: spec.mount.as_ref().map(|dir| {
+                vec![format!(
+                    "{}:{}",
+                    dir.display(),
+                    plane_protocol::mount::MOUNT_TARGET
+                )]
+            }),
             network_mode: spec.network.clone().or_else(|| config.network.clone()),
             runtime: config.runtime.clone(),
             ..Default::default()

@@ -22,6 +22,8 @@ pub struct BackendSpec {
     /// The spawn's Docker network, if it named one.
     pub network: Option<String>,
     pub gpus: Option<Gpus>,
+    /// A host directory to bind at `/plane-data`.
+    pub mount: Option<std::path::PathBuf>,
 }
 
 /// A signal the drone sends to a backend's process.

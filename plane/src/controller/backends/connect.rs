@@ -220,6 +220,11 @@ async fn spawn(
     key: Option<&KeyConfig>,
     caller: Caller<'_>,
 ) -> Result<Option<ConnectResponse>, ControllerError> {
+    let mount_dir = plane_protocol::mount::mount_dir(
+        spawn_config.executable.mount.as_ref(),
+        key.map(|key| (key.namespace.as_str(), key.name.as_str())),
+    )
+    .map_err(ControllerError::invalid)?;
     let cluster = spawn_config
         .cluster
         .clone()
@@ -272,6 +277,7 @@ async fn spawn(
                 startup_timeout_ms: spawn_config
                     .startup_timeout_seconds
                     .map(|seconds| seconds.unsigned_abs().saturating_mul(1000)),
+                mount_dir: mount_dir.clone(),
             })
         })
         .await;

@@ -152,13 +152,9 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
             )));
         }
     }
-    match &executable.mount {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-        Some(_) => {
-            return Err(ControllerError::invalid(
-                "spawn_config.executable.mount is not supported",
-            ))
-        }
+    // `true` needs the key, which the spawn checks (see `connect::spawn`).
+    if let Some(mount @ plane_protocol::mount::Mount::Path(_)) = &executable.mount {
+        plane_protocol::mount::mount_dir(Some(mount), None).map_err(ControllerError::invalid)?;
     }
     if let Some(network) = &executable.network_name {
         if !is_docker_name(network) {
