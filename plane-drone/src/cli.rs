@@ -96,6 +96,21 @@ pub struct DroneOpts {
     #[arg(long, env = "PLANE_TERMINATE_UNHEALTHY_AFTER", default_value_t = 12)]
     pub terminate_unhealthy_after: u32,
 
+    /// An image to pull before the drone takes work (repeatable): preseeding, so the first
+    /// backends of it start without waiting for a pull.
+    #[arg(
+        long = "prepull",
+        value_name = "IMAGE",
+        env = "PLANE_PREPULL",
+        value_delimiter = ','
+    )]
+    pub prepull: Vec<String>,
+
+    /// `USER:PASSWORD` for the --prepull images' registry (best given in the environment,
+    /// as PLANE_PREPULL_CREDENTIALS, to keep it out of process listings).
+    #[arg(long, env = "PLANE_PREPULL_CREDENTIALS", hide_env_values = true)]
+    pub prepull_credentials: Option<String>,
+
     /// Directory for backends' volumes (`executable.mount`), bound into them at
     /// /plane-data [default: none; spawns asking for a mount fail].
     #[arg(long, env = "PLANE_MOUNT_BASE")]
@@ -137,6 +152,19 @@ impl DroneOpts {
             unhealthy_after: self.unhealthy_after,
             terminate_unhealthy_after: self.terminate_unhealthy_after,
             mount_base: self.mount_base,
+            prepull: self.prepull,
+            prepull_credentials: match self.prepull_credentials {
+                None => None,
+                Some(pair) => match pair.split_once(':') {
+                    Some((username, password)) if !username.is_empty() => {
+                        Some(plane_protocol::api::RegistryCredentials {
+                            username: username.to_string(),
+                            password: password.to_string(),
+                        })
+                    }
+                    _ => anyhow::bail!("--prepull-credentials must be USER:PASSWORD"),
+                },
+            },
             docker_runtime: self.docker_runtime,
             docker_network: self.docker_network,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.

@@ -85,6 +85,12 @@ pub struct DroneConfig {
     /// Default 12 (a minute at the default interval).
     #[serde(default = "default_terminate_unhealthy_after")]
     pub terminate_unhealthy_after: u32,
+    /// Images to pull before the drone takes work (`--prepull`).
+    #[serde(default)]
+    pub prepull: Vec<String>,
+    /// Registry credentials for those pulls, if their registry needs them.
+    #[serde(default)]
+    pub prepull_credentials: Option<plane_protocol::api::RegistryCredentials>,
     /// Where backends' volumes (`executable.mount`) live; spawns asking for one fail when
     /// this is `None`.
     #[serde(default)]
@@ -193,6 +199,8 @@ impl DroneConfig {
             docker_runtime: None,
             docker_network: None,
             mount_base: None,
+            prepull: Vec::new(),
+            prepull_credentials: None,
         }
     }
 

@@ -102,11 +102,25 @@ impl Connection {
         let mut oldest_unacked_at_last_beat = None;
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Pulls the controller asked for; their answers go on this session (one that ends
+        // first is reported disconnected by the controller).
+        let mut pulls = tokio::task::JoinSet::new();
 
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
-                message = link.recv() => self.handle_message(link, message?).await?,
+                message = link.recv() => match message? {
+                    MessageToDrone::Prepull { request_id, image, credentials } => {
+                        tracing::info!(%image, "pulling an image the controller asked for");
+                        let executor = self.executor.clone();
+                        pulls.spawn(async move {
+                            let error = executor.prepull(image, credentials).await.err();
+                            MessageFromDrone::PrepullDone { request_id, error }
+                        });
+                    }
+                    message => self.handle_message(link, message).await?,
+                },
+                Some(Ok(done)) = pulls.join_next(), if !pulls.is_empty() => link.send(&done).await?,
                 _ = heartbeat.tick() => {
                     link.check_silence(silence_limit)?;
                     let last_renewal = self
@@ -220,6 +234,8 @@ impl Connection {
                 Ok(())
             }
             MessageToDrone::Refused { reason } => Err(Stop::Refused(reason)),
+            // Handled by the session loop, which owns the pulls in flight.
+            MessageToDrone::Prepull { .. } => Ok(()),
         }
     }
 

@@ -12,6 +12,7 @@ use crate::lifecycle::{
 };
 use crate::runtime::Runtime;
 use anyhow::Context;
+use plane_protocol::api::{ExecutorConfig, PullPolicy, RegistryCredentials};
 use plane_protocol::backend::{
     BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
 };
@@ -49,6 +50,12 @@ enum Command {
     },
     Running {
         reply: oneshot::Sender<Vec<BackendName>>,
+    },
+    /// Pull an image now (its result comes back once the pull ends; other commands do
+    /// not wait for it).
+    Prepull {
+        executable: Box<ExecutorConfig>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -107,6 +114,32 @@ impl ExecutorHandle {
     /// The backends not yet terminated.
     pub async fn running(&self) -> Result<Vec<BackendName>, ExecutorError> {
         self.request(|reply| Command::Running { reply }).await
+    }
+
+    /// Pulls `image` (always, even if present: preseeding wants the latest), with
+    /// `credentials` for a private registry. The error says why it failed.
+    pub async fn prepull(
+        &self,
+        image: String,
+        credentials: Option<RegistryCredentials>,
+    ) -> Result<(), String> {
+        let executable = ExecutorConfig {
+            pull_policy: Some(PullPolicy::Always),
+            credentials,
+            ..ExecutorConfig::of_image(image)
+        };
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Prepull {
+            executable: Box::new(executable),
+            reply,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| "the drone is shutting down".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the drone is shutting down".to_string())?
     }
 
     /// Refuses new spawns, soft-terminates every backend (reason `lost`) and resolves once
@@ -272,6 +305,19 @@ impl<R: Runtime> Runner<R> {
             }
             Command::Running { reply } => {
                 let _ = reply.send(self.running.keys().cloned().collect());
+            }
+            Command::Prepull { executable, reply } => {
+                let runtime = self.ctx.runtime.clone();
+                tokio::spawn(async move {
+                    let result = runtime.prepare_image(&executable).await;
+                    match &result {
+                        Ok(()) => tracing::info!(image = %executable.image, "image pulled"),
+                        Err(err) => {
+                            tracing::warn!(image = %executable.image, error = %err, "prepull failed")
+                        }
+                    }
+                    let _ = reply.send(result.map_err(|err| err.to_string()));
+                });
             }
             Command::Shutdown { reply } => self.shutdown(reply),
         }

@@ -119,6 +119,20 @@ pub async fn start_with_runtime<R: Runtime>(
     .await
     .context("starting the executor")?;
 
+    // Preseeding: the drone says hello (and so takes work) only once these are pulled.
+    for image in &config.prepull {
+        let started = std::time::Instant::now();
+        match executor
+            .prepull(image.clone(), config.prepull_credentials.clone())
+            .await
+        {
+            Ok(()) => tracing::info!(%image, elapsed = ?started.elapsed(), "prepulled"),
+            Err(error) => {
+                tracing::error!(%image, %error, "could not prepull; starting without it")
+            }
+        }
+    }
+
     let (connected_tx, connected) = watch::channel(false);
     let stop_actions = CancellationToken::new();
     let link_cancel = cancel.child_token();

@@ -382,6 +382,52 @@ pub struct ClusterState {
     pub proxies: Vec<NodeState>,
 }
 
+/// `POST /ctrl/c/:cluster/prepull`: every drone of the cluster pulls `image` now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepullRequest {
+    pub image: String,
+    #[serde(default)]
+    pub credentials: Option<RegistryCredentials>,
+    /// How long to wait for the drones, in seconds (default 300, at most 3600); drones
+    /// still pulling then are reported `pending` and carry on.
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// The answer to a [`PrepullRequest`], one entry per drone of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepullResult {
+    pub image: String,
+    pub drones: Vec<DronePrepull>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DronePrepull {
+    pub drone: crate::names::NodeName,
+    pub outcome: PrepullOutcome,
+    /// Why it failed, for `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How long the pull took, for `pulled` and `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millis: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrepullOutcome {
+    Pulled,
+    Failed,
+    /// Still pulling when the wait ended.
+    Pending,
+    /// Connected to another controller, which this one cannot ask; ask that one (or use
+    /// `plane drone --prepull`).
+    NotReached,
+    /// Its connection ended before it answered.
+    Disconnected,
+}
+
 /// `POST /ctrl/c/:cluster/d/:drone/drain` and `/undrain`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainResult {

@@ -5,7 +5,7 @@
 //! event until the controller acks it and replays the rest after reconnecting. Handlers on
 //! both sides are idempotent, so a duplicate is harmless.
 
-use crate::api::ExecutorConfig;
+use crate::api::{ExecutorConfig, RegistryCredentials};
 use crate::backend::{BackendStateUpdate, TerminationKind, TerminationReason};
 use crate::names::{BackendName, BearerToken, NodeName, PoolName};
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageFromDrone {
+    /// The pull asked for by [`MessageToDrone::Prepull`] `request_id` ended (`error` when it
+    /// failed).
+    PrepullDone {
+        request_id: u64,
+        #[serde(default)]
+        error: Option<String>,
+    },
     /// First message on every connection.
     Hello {
         name: NodeName,
@@ -89,6 +96,13 @@ pub enum MessageToDrone {
     /// alive); the reason names the flags to change. The socket closes after this.
     Refused {
         reason: String,
+    },
+    /// Pull `image` now (answered by [`MessageFromDrone::PrepullDone`]).
+    Prepull {
+        request_id: u64,
+        image: String,
+        #[serde(default)]
+        credentials: Option<RegistryCredentials>,
     },
 }
 

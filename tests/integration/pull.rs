@@ -167,3 +167,86 @@ db_test!(
         env
     }
 );
+
+async fn present_locally(image: &str) -> bool {
+    let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
+    docker.inspect_image(image).await.is_ok()
+}
+
+db_test!(
+    prepull_asks_every_drone_to_pull_and_reports_each,
+    |env: TestEnv| async move {
+        let registry = registry();
+        let image = registry.push_fresh_image().await;
+        assert!(!present_locally(&image).await);
+        let cluster = env.cluster.clone();
+        let (status, body) = env
+            .post(
+                &format!("/ctrl/c/{cluster}/prepull"),
+                &serde_json::json!({ "image": image, "credentials": registry.credentials() }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let drones = body["drones"].as_array().expect("drones");
+        assert_eq!(drones.len(), 1, "{body}");
+        assert_eq!(drones[0]["drone"], env.drone.name().as_str(), "{body}");
+        assert_eq!(drones[0]["outcome"], "pulled", "{body}");
+        assert!(present_locally(&image).await, "pulled before the answer");
+
+        // Without the credentials the registry refuses, and the answer says so.
+        remove_local(&image).await;
+        let (status, body) = env
+            .post(
+                &format!("/ctrl/c/{cluster}/prepull"),
+                &serde_json::json!({ "image": image }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["drones"][0]["outcome"], "failed", "{body}");
+        assert!(
+            body["drones"][0]["error"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+
+        // Bad requests name what is wrong.
+        for (request, expected) in [
+            (serde_json::json!({ "image": "" }), "image must be"),
+            (serde_json::json!({ "image": "a b" }), "image must be"),
+            (
+                serde_json::json!({ "image": "x", "timeout_seconds": 0 }),
+                "timeout_seconds",
+            ),
+            (serde_json::json!({ "imag": "x" }), "imag"),
+        ] {
+            let (status, body) = env
+                .post(&format!("/ctrl/c/{cluster}/prepull"), &request)
+                .await;
+            assert_eq!(status, 400, "{request}: {body}");
+            assert!(
+                body["message"].as_str().unwrap_or("").contains(expected),
+                "{body}"
+            );
+        }
+        env
+    }
+);
+
+db_test!(
+    a_drone_started_with_prepull_has_the_image_before_it_takes_work,
+    |env: TestEnv| async move {
+        let registry = registry();
+        let image = registry.push_fresh_image().await;
+        assert!(!present_locally(&image).await);
+        let mut config = env.drone_config("dr-preseeded");
+        config.prepull = vec![image.clone()];
+        config.prepull_credentials = Some(registry.credentials());
+        // Returns once the drone is connected, which it is only after the pull.
+        let drone = env.start_drone(config).await;
+        assert!(present_locally(&image).await);
+        drone.shutdown().await;
+        remove_local(&image).await;
+        env
+    }
+);

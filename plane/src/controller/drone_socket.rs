@@ -73,7 +73,12 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
     // A drone heartbeats at least twice per lease (checked above), so a lease of silence
     // means it is gone.
     let silence = Duration::from_millis(state.config().lease_ms).min(SILENCE_TIMEOUT);
+    let (sender, outbox) = tokio::sync::mpsc::unbounded_channel();
+    let _registration = state
+        .nodes()
+        .register_drone(cluster.clone(), name.clone(), sender);
     let mut handler = DroneHandler {
+        outbox,
         state: state.clone(),
         cluster: cluster.clone(),
         name: name.clone(),
@@ -98,6 +103,8 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
 /// A drone's session: sends it every stored action it has not acked (first all that are
 /// waiting, then new ones as the change bus announces them), and handles what it sends.
 struct DroneHandler {
+    /// Messages for the drone that are not backend actions (prepulls).
+    outbox: tokio::sync::mpsc::UnboundedReceiver<MessageToDrone>,
     state: ControllerState,
     cluster: ClusterName,
     name: NodeName,
@@ -114,25 +121,32 @@ impl NodeHandler for DroneHandler {
     type FromNode = MessageFromDrone;
     type ToNode = MessageToDrone;
     /// An action was stored for this drone (or notices were missed, so one may have been).
-    type Event = ();
+    /// Actions are waiting (`None`), or a message to send.
+    type Event = Option<MessageToDrone>;
 
     async fn start(&mut self, sink: &mut DroneSink) -> Result<(), Gone> {
         self.send_pending_actions(sink).await
     }
 
-    async fn next_event(&mut self) -> Option<()> {
+    async fn next_event(&mut self) -> Option<Self::Event> {
         loop {
-            match self.waiting.recv().await {
-                Ok(notice) if notice.concerns(&self.cluster, &self.name) => return Some(()),
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => return Some(()),
-                Err(broadcast::error::RecvError::Closed) => return None,
+            tokio::select! {
+                Some(message) = self.outbox.recv() => return Some(Some(message)),
+                waiting = self.waiting.recv() => match waiting {
+                    Ok(notice) if notice.concerns(&self.cluster, &self.name) => return Some(None),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(None),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
             }
         }
     }
 
-    async fn on_event(&mut self, (): (), sink: &mut DroneSink) -> Result<(), Gone> {
-        self.send_pending_actions(sink).await
+    async fn on_event(&mut self, event: Self::Event, sink: &mut DroneSink) -> Result<(), Gone> {
+        match event {
+            Some(message) => sink.send(&message).await,
+            None => self.send_pending_actions(sink).await,
+        }
     }
 
     async fn on_message(
@@ -216,6 +230,10 @@ impl DroneHandler {
                     Some(ack) => Reply::Send(ack),
                     None => Reply::Nothing,
                 }
+            }
+            MessageFromDrone::PrepullDone { request_id, error } => {
+                state.nodes().prepull_done(request_id, drone.clone(), error);
+                Reply::Nothing
             }
         }
     }

@@ -1,8 +1,10 @@
-//! The proxies connected to this controller right now, so route removals can be pushed to
-//! them. (Drones need no such list: their actions reach them through the change bus, and
-//! which drones are connected anywhere is in the database.)
+//! The nodes connected to this controller right now: proxies, so route removals can be pushed
+//! to them, and drones, for requests that are not backend actions (prepulls). Backend actions
+//! reach drones through the change bus, and which drones are connected anywhere is in the
+//! database.
 
 use dashmap::DashMap;
+use plane_protocol::drone::MessageToDrone;
 use plane_protocol::names::{ClusterName, NodeName};
 use plane_protocol::proxy::MessageToProxy;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,33 +13,74 @@ use tokio::sync::mpsc;
 
 type NodeKey = (ClusterName, NodeName);
 
-struct Connection {
+struct Connection<M> {
     /// Distinguishes a reconnect from the connection it replaced.
     connection_id: u64,
-    sender: mpsc::UnboundedSender<MessageToProxy>,
+    sender: mpsc::UnboundedSender<M>,
 }
 
-/// Cheap to clone; shared by every proxy session and the change bus.
+type Connections<M> = Arc<DashMap<NodeKey, Connection<M>>>;
+
+/// A drone's answer to a prepull: which drone, and the error if it failed.
+pub type PrepullAnswer = (NodeName, Option<String>);
+
+/// Cheap to clone; shared by every node session and the change bus.
 #[derive(Clone, Default)]
 pub struct ConnectedNodes {
-    proxies: Arc<DashMap<NodeKey, Connection>>,
+    proxies: Connections<MessageToProxy>,
+    drones: Connections<MessageToDrone>,
     next_connection_id: Arc<AtomicU64>,
+    /// Prepull requests waiting for drones' answers, by request ID.
+    prepulls: Arc<DashMap<u64, mpsc::UnboundedSender<PrepullAnswer>>>,
+    next_request_id: Arc<AtomicU64>,
 }
 
-/// Unregisters its proxy when dropped (at the end of the socket session), unless a newer
-/// connection of the same proxy has replaced it.
-pub struct Registration {
-    nodes: ConnectedNodes,
+/// Unregisters its node when dropped (at the end of the socket session), unless a newer
+/// connection of the same node has replaced it.
+pub struct Registration<M> {
+    connections: Connections<M>,
     key: NodeKey,
     connection_id: u64,
 }
 
-impl Drop for Registration {
+impl<M> Drop for Registration<M> {
     fn drop(&mut self) {
         let id = self.connection_id;
-        self.nodes
-            .proxies
+        self.connections
             .remove_if(&self.key, |_, conn| conn.connection_id == id);
+    }
+}
+
+/// A prepull's waiting place; forgotten when dropped.
+pub struct PrepullWait {
+    nodes: ConnectedNodes,
+    pub request_id: u64,
+    pub answers: mpsc::UnboundedReceiver<PrepullAnswer>,
+}
+
+impl Drop for PrepullWait {
+    fn drop(&mut self) {
+        self.nodes.prepulls.remove(&self.request_id);
+    }
+}
+
+fn register<M>(
+    connections: &Connections<M>,
+    connection_id: u64,
+    key: NodeKey,
+    sender: mpsc::UnboundedSender<M>,
+) -> Registration<M> {
+    connections.insert(
+        key.clone(),
+        Connection {
+            connection_id,
+            sender,
+        },
+    );
+    Registration {
+        connections: connections.clone(),
+        key,
+        connection_id,
     }
 }
 
@@ -47,20 +90,67 @@ impl ConnectedNodes {
         cluster: ClusterName,
         name: NodeName,
         sender: mpsc::UnboundedSender<MessageToProxy>,
-    ) -> Registration {
+    ) -> Registration<MessageToProxy> {
         let connection_id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
-        let key = (cluster, name);
-        self.proxies.insert(
-            key.clone(),
-            Connection {
-                connection_id,
-                sender,
-            },
-        );
-        Registration {
+        register(&self.proxies, connection_id, (cluster, name), sender)
+    }
+
+    pub fn register_drone(
+        &self,
+        cluster: ClusterName,
+        name: NodeName,
+        sender: mpsc::UnboundedSender<MessageToDrone>,
+    ) -> Registration<MessageToDrone> {
+        let connection_id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        register(&self.drones, connection_id, (cluster, name), sender)
+    }
+
+    /// Asks every drone of `cluster` connected here to pull `image`; returns the wait for
+    /// their answers and which drones were asked.
+    pub fn start_prepull(
+        &self,
+        cluster: &ClusterName,
+        image: &str,
+        credentials: Option<plane_protocol::api::RegistryCredentials>,
+    ) -> (PrepullWait, Vec<NodeName>) {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, answers) = mpsc::unbounded_channel();
+        self.prepulls.insert(request_id, sender);
+        let mut asked = Vec::new();
+        for entry in self.drones.iter() {
+            if &entry.key().0 != cluster {
+                continue;
+            }
+            let message = MessageToDrone::Prepull {
+                request_id,
+                image: image.to_string(),
+                credentials: credentials.clone(),
+            };
+            if entry.sender.send(message).is_ok() {
+                asked.push(entry.key().1.clone());
+            }
+        }
+        let wait = PrepullWait {
             nodes: self.clone(),
-            key,
-            connection_id,
+            request_id,
+            answers,
+        };
+        (wait, asked)
+    }
+
+    /// The drones of `cluster` connected to this controller now.
+    pub fn drones_connected(&self, cluster: &ClusterName) -> Vec<NodeName> {
+        self.drones
+            .iter()
+            .filter(|entry| &entry.key().0 == cluster)
+            .map(|entry| entry.key().1.clone())
+            .collect()
+    }
+
+    /// A drone's answer to prepull `request_id` (ignored once nobody waits for it).
+    pub fn prepull_done(&self, request_id: u64, drone: NodeName, error: Option<String>) {
+        if let Some(waiting) = self.prepulls.get(&request_id) {
+            let _ = waiting.send((drone, error));
         }
     }
 

@@ -1,7 +1,7 @@
 //! The controller's routes: which handler serves each path of the HTTP API and the node
 //! sockets. Handlers live in the modules named for what they do.
 
-use super::api::{cluster, connect, drain, revoke, status, terminate};
+use super::api::{cluster, connect, drain, prepull, revoke, status, terminate};
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
 use super::{auth, dns_socket, drone_socket, proxy_socket};
@@ -50,6 +50,7 @@ pub fn router(state: ControllerState) -> Router {
             "/ctrl/c/{cluster}/state",
             get(cluster::handle_cluster_state),
         )
+        .route("/ctrl/c/{cluster}/prepull", post(prepull::handle_prepull))
         .route(
             "/ctrl/c/{cluster}/d/{drone}/drain",
             post(drain::handle_drain),

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod connect;
 pub mod drain;
 pub mod paths;
+pub mod prepull;
 pub mod revoke;
 pub mod status;
 pub mod terminate;
