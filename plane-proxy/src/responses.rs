@@ -78,15 +78,19 @@ fn error_with(kind: ErrorKind, message: &str, details: Value) -> Response<ProxyB
     let mut body = details;
     body["error"] = kind.as_str().into();
     body["message"] = message.into();
+    json_now(kind.status(), &body)
+}
+
+/// A JSON answer about this moment (a token may start working once its backend is ready, a
+/// backend may come back, the proxy may link up), so no cache should keep it.
+fn json_now(status: StatusCode, body: &Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(body.to_string()));
-    *response.status_mut() = kind.status();
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    // These answers describe this moment (a token may start working once its backend is
-    // ready, a backend may come back), so no cache should keep them.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
@@ -100,17 +104,12 @@ pub fn ready(controller_connected: bool, certificate: Option<bool>) -> Response<
         "controller_connected": controller_connected,
         "certificate": certificate,
     });
-    let mut response = Response::new(ProxyBody::full(body.to_string()));
-    if !ready {
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    }
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_now(status, &body)
 }
 
 /// Plain HTTP on a proxy that serves HTTPS: the same URL over HTTPS (308 keeps the method

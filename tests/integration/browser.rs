@@ -193,34 +193,7 @@ async fn a_browser_opens_an_https_backend_of_plane_dev_and_echoes_over_wss() {
 
 async fn browser_over_https() {
     let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("scratch/browser-https");
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).expect("scratch dir");
-    let mut dev = PlaneDev::start(
-        &scratch,
-        &[
-            "--https",
-            "--controller-port",
-            "0",
-            "--proxy-port",
-            "0",
-            "--https-port",
-            "0",
-            "--stop-grace-period-seconds",
-            "1",
-        ],
-    )
-    .await;
-    let https = dev
-        .stdout
-        .next_line()
-        .await
-        .expect("read stdout")
-        .filter(|line| line.starts_with("HTTPS:"))
-        .expect("an HTTPS line after the ready line");
-    let ca = https
-        .split_once("ca ")
-        .map(|(_, path)| PathBuf::from(path.trim()))
-        .expect("a CA path");
+    let (mut dev, ca) = PlaneDev::start_https(&scratch).await;
     let controller = dev.field("controller");
     let connect: Value = reqwest::Client::new()
         .post(format!("{}/ctrl/connect", controller.trim_end_matches('/')))

@@ -16,36 +16,9 @@ async fn plane_dev_https_serves_its_cluster_over_https_with_a_local_ca() {
 
 async fn dev_https() {
     let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("scratch/dev-https");
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).expect("scratch dir");
     let plane = plane_binary();
-    let mut dev = PlaneDev::start(
-        &scratch,
-        &[
-            "--https",
-            "--controller-port",
-            "0",
-            "--proxy-port",
-            "0",
-            "--https-port",
-            "0",
-            "--stop-grace-period-seconds",
-            "1",
-        ],
-    )
-    .await;
-    let https = dev
-        .stdout
-        .next_line()
-        .await
-        .expect("read stdout")
-        .filter(|line| line.starts_with("HTTPS:"))
-        .expect("an HTTPS line after the ready line");
+    let (mut dev, ca) = PlaneDev::start_https(&scratch).await;
     let controller = dev.field("controller");
-    let ca = https
-        .split_once("ca ")
-        .map(|(_, path)| PathBuf::from(path.trim()))
-        .expect("a CA path");
 
     let connect = Command::new(&plane)
         .args(["admin", "--json", "--controller", &controller, "connect"])

@@ -1060,6 +1060,40 @@ impl PlaneDev {
         }
     }
 
+    /// `plane dev --https` on free ports in `scratch` (emptied first), with the CA file it
+    /// printed to trust.
+    pub async fn start_https(scratch: &std::path::Path) -> (PlaneDev, PathBuf) {
+        let _ = std::fs::remove_dir_all(scratch);
+        std::fs::create_dir_all(scratch).expect("scratch dir");
+        let mut dev = PlaneDev::start(
+            scratch,
+            &[
+                "--https",
+                "--controller-port",
+                "0",
+                "--proxy-port",
+                "0",
+                "--https-port",
+                "0",
+                "--stop-grace-period-seconds",
+                "1",
+            ],
+        )
+        .await;
+        let https = dev
+            .stdout
+            .next_line()
+            .await
+            .expect("read stdout")
+            .filter(|line| line.starts_with("HTTPS:"))
+            .expect("an HTTPS line after the ready line");
+        let ca = https
+            .split_once("ca ")
+            .map(|(_, path)| PathBuf::from(path.trim()))
+            .expect("a CA path");
+        (dev, ca)
+    }
+
     /// The value after `name ` in the ready line (`controller`, `proxy`, `cluster`).
     pub fn field(&self, name: &str) -> String {
         self.ready

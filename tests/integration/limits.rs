@@ -9,6 +9,18 @@ use plane_protocol::api::ResourceLimits;
 use plane_protocol::backend::TerminationReason;
 use serde_json::{json, Value};
 
+/// The host config Docker holds for `backend`'s container.
+async fn host_config(backend: &plane_protocol::names::BackendName) -> bollard::models::HostConfig {
+    let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
+    let container = containers_of(backend).await.pop().expect("container");
+    docker
+        .inspect_container(&container, None)
+        .await
+        .expect("inspect")
+        .host_config
+        .expect("host config")
+}
+
 async fn post_via_proxy(env: &TestEnv, token: &str, path: &str) -> Option<Value> {
     let answer = env
         .client
@@ -57,17 +69,7 @@ db_test!(
         let started = threads["started"].as_u64().expect("count");
         assert!(started > 0 && started < 32, "{threads}");
 
-        let docker = bollard::Docker::connect_with_local_defaults().expect("docker");
-        let container = containers_of(&backend.backend_id)
-            .await
-            .pop()
-            .expect("container");
-        let host = docker
-            .inspect_container(&container, None)
-            .await
-            .expect("inspect")
-            .host_config
-            .expect("host config");
+        let host = host_config(&backend.backend_id).await;
         assert_eq!(
             (host.cpu_period, host.cpu_quota),
             (Some(100_000), Some(50_000))
@@ -97,16 +99,7 @@ db_test!(
         let backend = env.connect_ready("networked", &spawn).await;
         let (code, _) = env.get_via_proxy(backend.token.as_str(), "/").await;
         assert_eq!(code, 200);
-        let container = containers_of(&backend.backend_id)
-            .await
-            .pop()
-            .expect("container");
-        let host = docker
-            .inspect_container(&container, None)
-            .await
-            .expect("inspect")
-            .host_config
-            .expect("host config");
+        let host = host_config(&backend.backend_id).await;
         assert_eq!(host.network_mode.as_deref(), Some(network.as_str()));
         env.terminate(
             &backend.backend_id,
