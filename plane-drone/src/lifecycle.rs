@@ -175,6 +175,13 @@ pub(crate) async fn adopt_backend<R: Runtime>(
     mut requests: mpsc::UnboundedReceiver<TerminateRequest>,
     lease: LeaseWatch,
 ) {
+    // Recorded with the container when it was created (absent on older containers).
+    let ready_path = ctx
+        .runtime
+        .ready_path(&backend_id)
+        .await
+        .filter(|path| path.starts_with('/') && path.chars().all(|c| c.is_ascii_graphic()))
+        .unwrap_or_else(|| "/".to_string());
     let mut backend = Backend {
         ctx: &ctx,
         id: &backend_id,
@@ -182,7 +189,7 @@ pub(crate) async fn adopt_backend<R: Runtime>(
         startup_timeout: ctx.settings.startup_timeout,
         // Not known to a later run of the drone.
         memory_limit: None,
-        ready_path: "/".to_string(),
+        ready_path,
         termination_message: None,
     };
     backend.readopt(address, &mut requests).await;
@@ -296,6 +303,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
             network: spawn.executable.network_name.clone(),
             gpus: spawn.executable.gpus,
             mount,
+            ready_path: self.ready_path.clone(),
         };
         // Not raced against terminate requests: dropping a create request midway could
         // leave a container the engine finishes creating after we stopped looking. A

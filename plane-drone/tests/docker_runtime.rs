@@ -181,6 +181,7 @@ async fn exercise(
         network: None,
         gpus: None,
         mount: None,
+        ready_path: "/".to_string(),
     };
     let address = runtime.start_backend(&spec).await.expect("backend starts");
     assert_eq!(address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -193,6 +194,8 @@ async fn exercise(
     let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
     assert_eq!(labels.get(BACKEND_LABEL), Some(&backend_id.to_string()));
     assert_eq!(labels.get(DRONE_LABEL), Some(&drone.to_string()));
+    // Kept with the container, for a later run of the drone that re-adopts it.
+    assert_eq!(runtime.ready_path(backend_id).await.as_deref(), Some("/"));
     assert_eq!(
         runtime.list_backends().await.expect("list"),
         vec![backend_id.clone()]
@@ -282,6 +285,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
                 plane_protocol::api::AllGpus::All,
             )),
             mount: None,
+            ready_path: "/".to_string(),
         };
         let name = format!("plane-{inspected}");
         docker
@@ -328,6 +332,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             network: Some(spawn_network.clone()),
             gpus: None,
             mount: None,
+            ready_path: "/".to_string(),
         };
         let address = runtime
             .start_backend(&spec)

@@ -36,6 +36,8 @@ pub const BACKEND_LABEL: &str = "dev.plane.backend";
 pub const DRONE_LABEL: &str = "dev.plane.drone";
 /// Label holding the cluster of the drone that owns a Plane container.
 pub const CLUSTER_LABEL: &str = "dev.plane.cluster";
+/// The path the backend is probed on, for a later run of the drone that re-adopts it.
+pub const READY_PATH_LABEL: &str = "dev.plane.ready-path";
 
 /// Docker's default CPU accounting period, in microseconds, used when a backend asks for a
 /// CPU percentage without a period.
@@ -250,6 +252,7 @@ impl DockerRuntime {
             (BACKEND_LABEL.to_string(), spec.backend_id.to_string()),
             (DRONE_LABEL.to_string(), config.drone.to_string()),
             (CLUSTER_LABEL.to_string(), config.cluster.to_string()),
+            (READY_PATH_LABEL.to_string(), spec.ready_path.clone()),
         ]);
         let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let limits = &spec.resource_limits;
@@ -465,6 +468,16 @@ impl Runtime for DockerRuntime {
             }
         }
         Ok(backends)
+    }
+
+    async fn ready_path(&self, backend_id: &BackendName) -> Option<String> {
+        let info = self
+            .inner
+            .docker
+            .inspect_container(&Self::container_name(backend_id), None)
+            .await
+            .ok()?;
+        info.config?.labels?.remove(READY_PATH_LABEL)
     }
 
     async fn oom_killed(&self, backend_id: &BackendName) -> bool {

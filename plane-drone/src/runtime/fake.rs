@@ -158,6 +158,10 @@ impl Runtime for FakeRuntime {
         Ok(self.containers.borrow().keys().cloned().collect())
     }
 
+    async fn ready_path(&self, _backend_id: &BackendName) -> Option<String> {
+        None
+    }
+
     async fn oom_killed(&self, _backend_id: &BackendName) -> bool {
         false
     }

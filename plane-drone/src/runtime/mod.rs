@@ -24,6 +24,9 @@ pub struct BackendSpec {
     pub gpus: Option<Gpus>,
     /// A host directory to bind at `/plane-data`.
     pub mount: Option<std::path::PathBuf>,
+    /// The path its readiness and health are probed on, kept with the container so a later
+    /// run of the drone that re-adopts it probes the same one.
+    pub ready_path: String,
 }
 
 /// A signal the drone sends to a backend's process.
@@ -115,6 +118,9 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     /// Whether the backend's process was killed for exceeding its memory limit (asked after
     /// it exited, before its container is removed).
     fn oom_killed(&self, backend_id: &BackendName) -> impl Future<Output = bool> + Send;
+
+    /// The ready path recorded with the backend's container, if any.
+    fn ready_path(&self, backend_id: &BackendName) -> impl Future<Output = Option<String>> + Send;
 
     /// Where a backend's running container is published, or `None` if it is not running.
     fn running_address(
