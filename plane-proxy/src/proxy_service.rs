@@ -229,7 +229,13 @@ impl ProxyState {
 
         let upgrade = h2_websocket || headers::is_upgrade(request.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let backend_request = match backend_request(request, &route, backend_path, &client) {
+        let backend_request = match backend_request(
+            request,
+            &route,
+            backend_path,
+            &client,
+            h2_websocket,
+        ) {
             Ok(backend_request) => backend_request,
             Err(error) => {
                 warn!(backend = %route.backend_id, %error, "could not build the backend request");
@@ -485,15 +491,16 @@ fn into_http2(request: Request<Incoming>) -> Result<Request<Incoming>, BackendEr
     Ok(Request::from_parts(parts, body))
 }
 
-/// The request as the backend should see it: token removed from the path, body streamed
+/// The request as the backend should see it (an RFC 8441 WebSocket, `h2_websocket`, as the
+/// HTTP/1.1 upgrade backends expect): token removed from the path, body streamed
 /// as-is, hop-by-hop and spoofed headers removed, verified and forwarding headers added.
 fn backend_request(
     request: Request<Incoming>,
     route: &Route,
     backend_path: Bytes,
     client: &ClientConnection,
+    h2_websocket: bool,
 ) -> Result<Request<Incoming>, anyhow::Error> {
-    let h2_websocket = headers::is_h2_websocket(&request);
     let (mut parts, body) = request.into_parts();
     if h2_websocket {
         headers::h2_websocket_to_http1(&mut parts);
