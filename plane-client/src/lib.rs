@@ -28,9 +28,10 @@ mod status_stream;
 
 pub use status_stream::StatusStream;
 
+use futures_util::stream::{BoxStream, StreamExt};
 use plane_protocol::api::{
-    ApiError, ClusterState, ConnectRequest, ConnectResponse, ControllerStatus, DrainResult,
-    RevokeRequest, SpawnRequest,
+    ApiError, BackendLogLine, ClusterState, ConnectRequest, ConnectResponse, ControllerStatus,
+    DrainResult, RevokeRequest, SpawnRequest,
 };
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
@@ -193,6 +194,42 @@ impl PlaneClient {
     /// `id` of the last event a previous stream delivered).
     pub fn status_stream_after(&self, backend: &BackendName, after: i32) -> StatusStream {
         StatusStream::new(self.clone(), backend.clone(), Some(after))
+    }
+
+    /// What the backend printed, oldest first: the last `tail` lines (all kept ones when
+    /// `None`), then with `follow` each new line until the backend exits. Resolves once
+    /// the controller has found the logs (an error answer such as 404 comes here); the
+    /// stream then ends when they do. Not resumed if the connection drops.
+    pub async fn backend_logs(
+        &self,
+        backend: &BackendName,
+        follow: bool,
+        tail: Option<u64>,
+    ) -> Result<BoxStream<'static, Result<BackendLogLine, ClientError>>, ClientError> {
+        use eventsource_stream::Eventsource;
+        let mut url = self.url(&["ctrl", "b", backend.as_str(), "logs"]);
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("follow", if follow { "true" } else { "false" });
+            if let Some(tail) = tail {
+                query.append_pair("tail", &tail.to_string());
+            }
+        }
+        let request = self
+            .request(reqwest::Method::GET, url.clone())
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        let response = send(request, &url).await?;
+        let lines = response.bytes_stream().eventsource().map(move |event| {
+            let event = event.map_err(|err| ClientError::Decode {
+                url: url.clone(),
+                detail: err.to_string(),
+            })?;
+            serde_json::from_str::<BackendLogLine>(&event.data).map_err(|err| ClientError::Decode {
+                url: url.clone(),
+                detail: format!("log line {:?}: {err}", event.data),
+            })
+        });
+        Ok(lines.boxed())
     }
 
     /// Follows the backend's status until it reaches `wanted` (or a later status: one that

@@ -125,7 +125,21 @@ pub struct DroneOpts {
     /// default bridge].
     #[arg(long, env = "PLANE_DOCKER_NETWORK")]
     pub docker_network: Option<String>,
+
+    /// How long a stopped backend's container, and with it its logs
+    /// (`GET /ctrl/b/:backend/logs`), is kept; 0 removes it at once.
+    #[arg(long, env = "PLANE_LOG_RETENTION_SECONDS", default_value_t = 3_600)]
+    pub log_retention_seconds: u64,
+
+    /// The most disk one backend's logs take (the oldest lines are dropped beyond it); at
+    /// least 65536.
+    #[arg(long, env = "PLANE_LOG_MAX_BYTES", default_value_t = crate::config::default_log_max_bytes())]
+    pub log_max_bytes: u64,
 }
+
+/// The engine splits long lines into 16 KiB pieces; below this, each of the two log files
+/// would hold barely one.
+const MIN_LOG_MAX_BYTES: u64 = 65_536;
 
 impl DroneOpts {
     pub fn into_config(self) -> anyhow::Result<DroneConfig> {
@@ -167,6 +181,8 @@ impl DroneOpts {
             },
             docker_runtime: self.docker_runtime,
             docker_network: self.docker_network,
+            log_retention_seconds: self.log_retention_seconds,
+            log_max_bytes: self.log_max_bytes,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),
             ..DroneConfig::new(self.controller_url, self.cluster)
@@ -178,6 +194,11 @@ impl DroneOpts {
         anyhow::ensure!(
             config.fence_margin_ms >= 2,
             "--fence-margin-ms must be at least 2"
+        );
+        anyhow::ensure!(
+            config.log_max_bytes >= MIN_LOG_MAX_BYTES,
+            "--log-max-bytes must be at least {MIN_LOG_MAX_BYTES}, got {}",
+            config.log_max_bytes
         );
         Ok(config)
     }

@@ -102,6 +102,14 @@ pub struct DroneConfig {
     /// if `None`.
     #[serde(default)]
     pub docker_network: Option<String>,
+    /// How long a stopped backend's container, and so its logs, is kept (default an hour;
+    /// 0: removed at once, logs gone with it).
+    #[serde(default = "default_log_retention_seconds")]
+    pub log_retention_seconds: u64,
+    /// The most disk one backend's logs take (default 16 MiB); older lines are dropped
+    /// beyond it.
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
 }
 
 /// What a drone does with its backends when it shuts down.
@@ -116,6 +124,14 @@ pub enum OnShutdown {
     Keep,
     /// Stop every backend (`terminated{lost}`) and remove its container before exiting.
     Terminate,
+}
+
+fn default_log_retention_seconds() -> u64 {
+    3_600
+}
+
+pub(crate) fn default_log_max_bytes() -> u64 {
+    16 * 1024 * 1024
 }
 
 fn default_ip() -> IpAddr {
@@ -198,6 +214,8 @@ impl DroneConfig {
             terminate_unhealthy_after: default_terminate_unhealthy_after(),
             docker_runtime: None,
             docker_network: None,
+            log_retention_seconds: default_log_retention_seconds(),
+            log_max_bytes: default_log_max_bytes(),
             mount_base: None,
             prepull: Vec::new(),
             prepull_credentials: None,
@@ -213,6 +231,10 @@ impl DroneConfig {
             terminate_after: (self.terminate_unhealthy_after > 0)
                 .then_some(self.terminate_unhealthy_after),
         }
+    }
+
+    pub(crate) fn log_retention(&self) -> Duration {
+        Duration::from_secs(self.log_retention_seconds)
     }
 
     pub(crate) fn heartbeat_interval(&self) -> Duration {

@@ -5,6 +5,7 @@
 use crate::event_queue::EventQueue;
 use crate::executor::ExecutorHandle;
 use crate::leases::Leases;
+use crate::log_relay::LogRelays;
 use plane_link::{Link, LinkError, Session, SessionEnd};
 use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::drone::{ActionKind, BackendAction, MessageFromDrone, MessageToDrone};
@@ -105,6 +106,8 @@ impl Connection {
         // Pulls the controller asked for; their answers go on this session (one that ends
         // first is reported disconnected by the controller).
         let mut pulls = tokio::task::JoinSet::new();
+        // Log requests, likewise answered on this session only.
+        let mut logs = LogRelays::new(self.executor.clone());
 
         loop {
             tokio::select! {
@@ -118,9 +121,13 @@ impl Connection {
                             MessageFromDrone::PrepullDone { request_id, error }
                         });
                     }
+                    MessageToDrone::Logs { request_id, request } => logs.start(request_id, request),
+                    MessageToDrone::LogsNext { request_id } => logs.credit(request_id),
+                    MessageToDrone::LogsCancel { request_id } => logs.cancel(request_id),
                     message => self.handle_message(link, message).await?,
                 },
                 Some(Ok(done)) = pulls.join_next(), if !pulls.is_empty() => link.send(&done).await?,
+                message = logs.next_message() => link.send(&message).await?,
                 _ = heartbeat.tick() => {
                     link.check_silence(silence_limit)?;
                     let last_renewal = self
@@ -235,7 +242,11 @@ impl Connection {
             }
             MessageToDrone::Refused { reason } => Err(Stop::Refused(reason)),
             // Handled by the session loop, which owns the pulls in flight.
-            MessageToDrone::Prepull { .. } => Ok(()),
+            // Served by the session loop.
+            MessageToDrone::Prepull { .. }
+            | MessageToDrone::Logs { .. }
+            | MessageToDrone::LogsNext { .. }
+            | MessageToDrone::LogsCancel { .. } => Ok(()),
         }
     }
 
@@ -367,6 +378,7 @@ mod tests {
                 startup_timeout: Duration::from_secs(1),
                 health: Default::default(),
                 mount_base: None,
+                log_retention: Duration::ZERO,
             },
             std::collections::BTreeMap::new(),
             cancel.clone(),

@@ -7,12 +7,14 @@
 use crate::event_queue::EventQueue;
 use crate::leases::Leases;
 use crate::lifecycle::{
-    adopt_backend, remove_until_gone, run_backend, BackendContext, LifecycleSettings,
-    TerminateRequest,
+    adopt_backend, remove_until_gone, run_backend, stop_for_good, BackendContext,
+    LifecycleSettings, TerminateRequest,
 };
 use crate::runtime::Runtime;
 use anyhow::Context;
-use plane_protocol::api::{ExecutorConfig, PullPolicy, RegistryCredentials};
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use plane_protocol::api::{BackendLogLine, ExecutorConfig, PullPolicy, RegistryCredentials};
 use plane_protocol::backend::{
     BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
 };
@@ -21,6 +23,7 @@ use plane_protocol::names::BackendName;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -29,6 +32,22 @@ use tokio_util::sync::CancellationToken;
 /// How many finished backends the executor remembers, so that a re-sent spawn for one of
 /// them is recognised as a duplicate instead of starting it again.
 const FINISHED_MEMORY: usize = 100_000;
+
+/// The longest pause between two sweeps for stopped containers past their log retention.
+const RETENTION_SWEEP_MAX_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A backend's log lines as the runtime reads them.
+pub type LogLines = BoxStream<'static, Result<BackendLogLine, crate::runtime::RuntimeError>>;
+
+/// Why a backend's logs cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogsUnavailable {
+    /// No container of it here: never here, or removed after its log retention.
+    #[error("no logs of this backend are kept here")]
+    NotKept,
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// Why the executor refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +75,12 @@ enum Command {
     Prepull {
         executable: Box<ExecutorConfig>,
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    Logs {
+        backend_id: BackendName,
+        follow: bool,
+        tail: Option<u64>,
+        reply: oneshot::Sender<BoxFuture<'static, Result<LogLines, LogsUnavailable>>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -142,6 +167,27 @@ impl ExecutorHandle {
             .map_err(|_| "the drone is shutting down".to_string())?
     }
 
+    /// A backend's logs (see [`crate::runtime::Runtime::logs`]): those of a running backend,
+    /// or of a stopped one whose container is still kept. Resolves once the container is
+    /// known to be there, before any line is read.
+    pub async fn logs(
+        &self,
+        backend_id: BackendName,
+        follow: bool,
+        tail: Option<u64>,
+    ) -> Result<LogLines, LogsUnavailable> {
+        let found = self
+            .request(|reply| Command::Logs {
+                backend_id,
+                follow,
+                tail,
+                reply,
+            })
+            .await
+            .map_err(|err| LogsUnavailable::Failed(err.to_string()))?;
+        found.await
+    }
+
     /// Refuses new spawns, soft-terminates every backend (reason `lost`) and resolves once
     /// all of them have reported `terminated`.
     pub async fn shutdown(&self) {
@@ -169,7 +215,8 @@ pub(crate) async fn start<R: Runtime>(
         .build()
         .context("building the HTTP client for readiness probes")?;
     let mut finished = RecentSet::new(FINISHED_MEMORY);
-    let (removed, adoptable) = reconcile(&runtime, &events, &leases, &previous).await?;
+    let keep_logs = !settings.log_retention.is_zero();
+    let (removed, adoptable) = reconcile(&runtime, &events, &leases, &previous, keep_logs).await?;
     for backend_id in removed {
         finished.insert(backend_id);
     }
@@ -196,22 +243,36 @@ pub(crate) async fn start<R: Runtime>(
 }
 
 /// Sorts the containers an earlier run of this drone left: one still running under a
-/// lease that run published (and that leaves time to renew it) is re-adopted; every other
-/// is killed, removed and reported `terminated{lost}`. Returns the removed backends, and
-/// the ones to adopt with their addresses and kill-by moments.
+/// lease that run published (and that leaves time to renew it) is re-adopted; one that had
+/// exited after that run reported it (it held no lease any more) is only kept for its logs;
+/// every other is stopped for good and reported `terminated{lost}`. Returns the backends
+/// not adopted, and the ones to adopt with their addresses and kill-by moments.
 async fn reconcile<R: Runtime>(
     runtime: &R,
     events: &EventQueue,
     leases: &Leases,
     previous: &BTreeMap<BackendName, Instant>,
+    keep_logs: bool,
 ) -> anyhow::Result<(Vec<BackendName>, Vec<(BackendName, SocketAddr, Instant)>)> {
     let found = runtime
         .list_backends()
         .await
         .context("listing containers left by an earlier run of this drone")?;
+    let exited: HashSet<BackendName> = runtime
+        .exited_backends()
+        .await
+        .context("listing exited containers left by an earlier run of this drone")?
+        .into_iter()
+        .map(|(backend_id, _)| backend_id)
+        .collect();
     let mut orphans = Vec::new();
+    let mut reported = Vec::new();
     let mut adoptable = Vec::new();
     for backend_id in found {
+        if exited.contains(&backend_id) && !previous.contains_key(&backend_id) && keep_logs {
+            reported.push(backend_id);
+            continue;
+        }
         let kill_by = previous
             .get(&backend_id)
             .copied()
@@ -229,10 +290,10 @@ async fn reconcile<R: Runtime>(
         }
     }
     for backend_id in &orphans {
-        tracing::warn!(backend = %backend_id, "removing container left by an earlier run");
-        // Reported only once removed: the report frees the backend's key at once.
-        remove_until_gone(runtime, backend_id).await;
-        let message = "drone restarted; container removed".to_string();
+        tracing::warn!(backend = %backend_id, "stopping a container left by an earlier run");
+        // Reported only once its process is gone: the report frees the backend's key at once.
+        stop_for_good(runtime, backend_id, keep_logs).await;
+        let message = "drone restarted; backend stopped".to_string();
         events
             .push(
                 backend_id.clone(),
@@ -245,7 +306,42 @@ async fn reconcile<R: Runtime>(
             )
             .await;
     }
+    orphans.extend(reported);
     Ok((orphans, adoptable))
+}
+
+/// Removes the stopped containers of this drone that exited longer than `retention` ago,
+/// except those of backends whose task still runs (`busy`). Failures are left for the next
+/// sweep.
+async fn sweep_retained<R: Runtime>(runtime: R, retention: Duration, busy: HashSet<BackendName>) {
+    let exited = match runtime.exited_backends().await {
+        Ok(exited) => exited,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not list stopped containers for the log retention sweep");
+            return;
+        }
+    };
+    let now = SystemTime::now();
+    for (backend_id, exited_at) in exited {
+        let age = now.duration_since(exited_at).unwrap_or(Duration::ZERO);
+        if age < retention || busy.contains(&backend_id) {
+            continue;
+        }
+        match runtime.remove(&backend_id).await {
+            Ok(()) => {
+                tracing::debug!(backend = %backend_id, "log retention over; container removed")
+            }
+            Err(err) => {
+                tracing::warn!(backend = %backend_id, error = %err, "could not remove a container past its log retention")
+            }
+        }
+    }
+}
+
+/// The pause between retention sweeps: often enough that a container outlives its
+/// retention by at most half of it (and at most a minute).
+fn retention_sweep_interval(retention: Duration) -> Duration {
+    (retention / 2).clamp(Duration::from_millis(100), RETENTION_SWEEP_MAX_INTERVAL)
 }
 
 struct Runner<R> {
@@ -263,8 +359,19 @@ struct Runner<R> {
 
 impl<R: Runtime> Runner<R> {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let retention = self.ctx.settings.log_retention;
+        let mut sweep = tokio::time::interval(retention_sweep_interval(retention));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One sweep at a time; a slow engine must not pile them up.
+        let mut sweeping: Option<JoinHandle<()>> = None;
         loop {
             tokio::select! {
+                _ = sweep.tick(), if !retention.is_zero() => {
+                    if sweeping.as_ref().is_none_or(|task| task.is_finished()) {
+                        let busy = self.running.keys().cloned().collect();
+                        sweeping = Some(tokio::spawn(sweep_retained(self.ctx.runtime.clone(), retention, busy)));
+                    }
+                }
                 _ = cancel.cancelled() => break,
                 // Handling may await an event's commit to the state file (an fsync, a few
                 // milliseconds); later commands wait meanwhile, which keeps them ordered.
@@ -318,6 +425,23 @@ impl<R: Runtime> Runner<R> {
                     }
                     let _ = reply.send(result.map_err(|err| err.to_string()));
                 });
+            }
+            Command::Logs {
+                backend_id,
+                follow,
+                tail,
+                reply,
+            } => {
+                // Looked up in the caller's task: the engine's answer must not hold up
+                // other commands.
+                let runtime = self.ctx.runtime.clone();
+                let _ = reply.send(Box::pin(async move {
+                    match runtime.has_container(&backend_id).await {
+                        Ok(true) => Ok(runtime.logs(&backend_id, follow, tail)),
+                        Ok(false) => Err(LogsUnavailable::NotKept),
+                        Err(err) => Err(LogsUnavailable::Failed(err.to_string())),
+                    }
+                }));
             }
             Command::Shutdown { reply } => self.shutdown(reply),
         }
@@ -490,8 +614,8 @@ mod tests {
     use super::*;
     use crate::event_queue::test_support::TempStateDir;
     use crate::runtime::fake::{FakeContainer, FakeRuntime};
+    use futures_util::StreamExt;
     use plane_protocol::api::ExecutorConfig;
-    use std::time::Duration;
 
     struct Harness {
         /// Kept for the queue's lifetime; removed on drop.
@@ -503,15 +627,16 @@ mod tests {
     }
 
     async fn harness(orphans: &[&BackendName]) -> Harness {
-        harness_after_restart(orphans, &[], BTreeMap::new()).await
+        harness_after_restart(orphans, &[], BTreeMap::new(), Duration::ZERO).await
     }
 
     /// As if an earlier run left containers for `orphans` (running) and `exited`, and had
-    /// published `previous` leases.
+    /// published `previous` leases; stopped containers are kept for `log_retention`.
     async fn harness_after_restart(
         orphans: &[&BackendName],
         exited: &[&BackendName],
         previous: BTreeMap<BackendName, Instant>,
+        log_retention: Duration,
     ) -> Harness {
         let runtime = FakeRuntime::new().await;
         for orphan in orphans.iter().chain(exited) {
@@ -530,6 +655,7 @@ mod tests {
             startup_timeout: Duration::from_millis(1500),
             health: Default::default(),
             mount_base: None,
+            log_retention,
         };
         // Stands in for the controller's side of the lease protocol: every renewal asked
         // for is granted for an hour.
@@ -845,7 +971,8 @@ mod tests {
             (expired.clone(), Instant::now() + Duration::from_millis(10)),
             (stopped.clone(), later),
         ]);
-        let h = harness_after_restart(&[&adopted, &expired], &[&stopped], previous).await;
+        let h = harness_after_restart(&[&adopted, &expired], &[&stopped], previous, Duration::ZERO)
+            .await;
         let ready = wait_for_status(&h.events, &adopted, Ready).await;
         assert!(last(&ready).address.is_some());
         assert_eq!(
@@ -869,6 +996,97 @@ mod tests {
         let ended = wait_for_status(&h.events, &adopted, Terminated).await;
         assert_eq!(last(&ended).exit_code, Some(7));
         h.cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn with_log_retention_a_stopped_container_is_kept_until_its_retention_is_over() {
+        let retention = Duration::from_secs(3600);
+        let h = harness_after_restart(&[], &[], BTreeMap::new(), retention).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &id, Ready).await;
+        h.executor
+            .terminate(
+                id.clone(),
+                TerminationKind::Hard,
+                TerminationReason::External,
+            )
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert_eq!(last(&updates).exit_code, Some(137));
+        assert_eq!(
+            h.runtime.container(&id),
+            Some(FakeContainer::Exited(Some(137)))
+        );
+        let mut lines = h
+            .executor
+            .logs(id.clone(), false, None)
+            .await
+            .expect("logs");
+        assert!(
+            lines.next().await.expect("a line").is_ok(),
+            "logs still readable"
+        );
+
+        // A sweep leaves it while its retention lasts, and removes it once it is over.
+        sweep_retained(h.runtime.clone(), retention, HashSet::new()).await;
+        assert!(h.runtime.container(&id).is_some());
+        h.runtime.backdate_exit(&id, retention);
+        sweep_retained(h.runtime.clone(), retention, HashSet::from([id.clone()])).await;
+        assert!(
+            h.runtime.container(&id).is_some(),
+            "a busy backend is never swept"
+        );
+        sweep_retained(h.runtime.clone(), retention, HashSet::new()).await;
+        assert_eq!(h.runtime.container(&id), None);
+        assert!(matches!(
+            h.executor.logs(id.clone(), false, None).await,
+            Err(LogsUnavailable::NotKept)
+        ));
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_reported_exits_are_kept_for_their_logs_and_the_rest_stopped() {
+        let (reported, unreported, running) = (
+            BackendName::new_random(),
+            BackendName::new_random(),
+            BackendName::new_random(),
+        );
+        // `unreported` still had a lease: it exited while the drone was down.
+        let soon = Instant::now() + Duration::from_millis(10);
+        let previous = BTreeMap::from([(unreported.clone(), soon), (running.clone(), soon)]);
+        let h = harness_after_restart(
+            &[&running],
+            &[&reported, &unreported],
+            previous,
+            Duration::from_secs(3600),
+        )
+        .await;
+        assert!(
+            updates_for(&h.events, &reported).is_empty(),
+            "told once already"
+        );
+        for gone in [&unreported, &running] {
+            let updates = updates_for(&h.events, gone);
+            assert_eq!(statuses(&updates), vec![Terminated], "{gone}");
+            assert_eq!(updates[0].termination_reason, Some(TerminationReason::Lost));
+        }
+        for kept in [&reported, &unreported, &running] {
+            assert!(
+                matches!(h.runtime.container(kept), Some(FakeContainer::Exited(_))),
+                "{kept} stopped and kept"
+            );
+        }
+        // None of them starts again.
+        h.executor
+            .spawn(reported.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        assert!(h.runtime.started().is_empty());
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ mod executor;
 pub mod fence;
 mod leases;
 mod lifecycle;
+mod log_relay;
 pub mod runtime;
 
 pub use cli::DroneOpts;
@@ -69,6 +70,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
             pull_timeout: config.pull_timeout(),
             runtime: config.docker_runtime.clone(),
             network: config.docker_network.clone(),
+            log_max_bytes: config.log_max_bytes,
         },
         &cancel,
     )
@@ -93,6 +95,7 @@ pub async fn start_with_runtime<R: Runtime>(
         startup_timeout: config.startup_timeout(),
         health: config.health(),
         mount_base: config.mount_base.clone(),
+        log_retention: config.log_retention(),
     };
     // The backends an earlier run left running, with the leases it published: read before
     // this run publishes its own, which carry the re-adopted ones on (so the fence never

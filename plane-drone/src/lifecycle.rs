@@ -2,7 +2,8 @@
 //!
 //! The task is the only writer of its backend's statuses, so they reach the event queue in
 //! lifecycle order. It always ends with exactly one `terminated` report and, if a container
-//! was created, with that container removed.
+//! was created, with its process gone: the stopped container is kept for its logs (removed
+//! later by the executor's retention sweep) or, without log retention, removed.
 
 use crate::event_queue::EventQueue;
 use crate::leases::LeaseWatch;
@@ -48,6 +49,9 @@ pub struct LifecycleSettings {
     pub health: HealthSettings,
     /// Where backends' volumes live (`--mount-base`).
     pub mount_base: Option<PathBuf>,
+    /// How long a stopped backend's container (and so its logs) is kept
+    /// (`--log-retention-seconds`); zero removes it as soon as the process is gone.
+    pub log_retention: Duration,
 }
 
 /// How the drone checks a ready backend (HTTP on its ready path, as Kubernetes' and
@@ -574,13 +578,16 @@ impl<'a, R: Runtime> Backend<'a, R> {
             Err(_) => {
                 tracing::error!(backend = %self.id, "no exit observed after SIGKILL; removing the container");
                 let message = message.unwrap_or_else(|| "exit not observed after SIGKILL".into());
+                // Only removal proves the process gone; its logs go with it.
+                remove_until_gone(&self.ctx.runtime, self.id).await;
                 self.finish(None, Some(request), Some(message)).await
             }
         }
     }
 
-    /// The process is gone (or presumed gone): remove its container, then report
-    /// `terminated`. Removing first means `terminated` also promises the container is gone.
+    /// The process is gone (its exit observed, or its container already removed): report
+    /// `terminated`, first removing the container unless its logs are kept. Removing first
+    /// means `terminated` then also promises the container is gone.
     async fn finish(
         &self,
         exit_code: Option<i32>,
@@ -593,7 +600,9 @@ impl<'a, R: Runtime> Backend<'a, R> {
             None if self.ctx.runtime.oom_killed(self.id).await => Some(self.out_of_memory()),
             None => None,
         };
-        remove_until_gone(&self.ctx.runtime, self.id).await;
+        if self.ctx.settings.log_retention.is_zero() {
+            remove_until_gone(&self.ctx.runtime, self.id).await;
+        }
         self.report(BackendStateUpdate {
             termination_kind: request.map(|r| r.kind),
             termination_reason: request.map(|r| r.reason),
@@ -650,6 +659,34 @@ pub(crate) async fn remove_until_gone<R: Runtime>(runtime: &R, id: &BackendName)
             }
         }
     }
+}
+
+/// Makes sure a backend's process is gone for good: with `keep_logs`, by killing it and
+/// seeing it exit (the stopped container stays for its logs); otherwise, or when the exit
+/// cannot be confirmed, by removing the container (see [`remove_until_gone`]).
+pub(crate) async fn stop_for_good<R: Runtime>(runtime: &R, id: &BackendName, keep_logs: bool) {
+    if keep_logs {
+        let killed = match runtime.signal(id, Signal::Kill).await {
+            Ok(()) | Err(RuntimeError::NotRunning(_)) => true,
+            Err(RuntimeError::NotFound(_)) => return,
+            Err(err) => {
+                tracing::warn!(backend = %id, error = %err, "SIGKILL failed; removing the container");
+                false
+            }
+        };
+        if killed {
+            match tokio::time::timeout(KILL_EXIT_TIMEOUT, runtime.wait_exit(id)).await {
+                Ok(Ok(_)) | Ok(Err(RuntimeError::NotFound(_))) => return,
+                Ok(Err(err)) => {
+                    tracing::warn!(backend = %id, error = %err, "could not confirm the exit; removing the container")
+                }
+                Err(_) => {
+                    tracing::warn!(backend = %id, "no exit observed after SIGKILL; removing the container")
+                }
+            }
+        }
+    }
+    remove_until_gone(runtime, id).await;
 }
 
 /// The next terminate request. If the executor has gone away (sender dropped) this never

@@ -114,6 +114,8 @@ async fn docker_runtime_runs_signals_and_removes_a_backend() {
             pull_timeout: Duration::from_secs(30),
             runtime: None,
             network: None,
+
+            log_max_bytes: 1 << 20,
         },
         &cancel,
     )
@@ -258,6 +260,8 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             // Present in every Docker engine, unlike runsc.
             runtime: Some("runc".to_string()),
             network: Some(drone_network.clone()),
+
+            log_max_bytes: 1 << 20,
         },
         &cancel,
     )

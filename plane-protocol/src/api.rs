@@ -495,3 +495,30 @@ pub struct ApiError {
     pub kind: ApiErrorKind,
     pub message: String,
 }
+
+/// One line a backend printed, as `GET /ctrl/b/:backend/logs` streams it (one SSE event
+/// each, oldest first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendLogLine {
+    pub stream: LogStream,
+    /// When the container engine received the line.
+    pub time: Millis,
+    /// The line without its newline; bytes that are not UTF-8 are replaced.
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! event until the controller acks it and replays the rest after reconnecting. Handlers on
 //! both sides are idempotent, so a duplicate is harmless.
 
-use crate::api::{ExecutorConfig, RegistryCredentials};
+use crate::api::{BackendLogLine, ExecutorConfig, RegistryCredentials};
 use crate::backend::{BackendStateUpdate, TerminationKind, TerminationReason};
 use crate::names::{BackendName, BearerToken, NodeName, PoolName};
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,21 @@ pub enum MessageFromDrone {
         request_id: u64,
         #[serde(default)]
         error: Option<String>,
+    },
+    /// Lines of the logs asked for by [`MessageToDrone::Logs`] `request_id`, oldest first.
+    /// The first batch is empty and comes as soon as the drone has found the logs.
+    /// The drone sends a few batches ahead and then waits for
+    /// [`MessageToDrone::LogsNext`], so a reader that falls behind never makes either side
+    /// hold more than those few batches.
+    LogLines {
+        request_id: u64,
+        lines: Vec<BackendLogLine>,
+    },
+    /// The logs asked for by `request_id` end here (with `follow`, because the backend
+    /// exited).
+    LogsEnd {
+        request_id: u64,
+        outcome: LogsOutcome,
     },
     /// First message on every connection.
     Hello {
@@ -57,6 +72,19 @@ pub enum MessageFromDrone {
     BackendEvent(BackendEvent),
     /// The drone has taken on an action; the controller stops re-sending it.
     ActionAck { action_id: i64 },
+}
+
+/// How a logs request ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LogsOutcome {
+    /// Every line asked for was sent.
+    Complete,
+    /// The drone keeps no logs of that backend: unknown here, or ended longer ago than its
+    /// log retention.
+    NotKept,
+    /// The container engine failed; the message says how.
+    Failed { message: String },
 }
 
 /// A status change of one backend, numbered by the drone for acknowledgement.
@@ -104,6 +132,33 @@ pub enum MessageToDrone {
         #[serde(default)]
         credentials: Option<RegistryCredentials>,
     },
+    /// Send a backend's logs (answered by [`MessageFromDrone::LogLines`] batches, then
+    /// [`MessageFromDrone::LogsEnd`]).
+    Logs {
+        request_id: u64,
+        #[serde(flatten)]
+        request: LogsRequest,
+    },
+    /// One more batch of `request_id` may be sent: the controller passed one on.
+    LogsNext {
+        request_id: u64,
+    },
+    /// Nobody reads `request_id` any more; stop sending it.
+    LogsCancel {
+        request_id: u64,
+    },
+}
+
+/// Which of a backend's logs to send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsRequest {
+    pub backend_id: BackendName,
+    /// Keep sending new lines until the backend exits.
+    #[serde(default)]
+    pub follow: bool,
+    /// Only the last this many lines printed so far (then, with `follow`, every new one).
+    #[serde(default)]
+    pub tail: Option<u64>,
 }
 
 /// Something the drone must do to one backend.

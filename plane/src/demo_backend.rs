@@ -4,6 +4,8 @@
 //! - `GET /` serves a page that shows the backend's identity and echoes over a WebSocket.
 //! - `GET /ws` is a WebSocket echo.
 //! - `POST /exit/{code}` makes the process exit with that code.
+//! - `POST /print/{count}` prints that many numbered lines to stdout (`?stream=stderr`:
+//!   to stderr), for tests of logs.
 //! - Any other path answers with a JSON echo of the request (method, path, query, headers,
 //!   body), so callers can see exactly what reached the backend.
 //!
@@ -53,6 +55,7 @@ pub async fn run() -> anyhow::Result<()> {
         .route("/exit/{code}", post(exit_with))
         .route("/alloc/{mib}", post(allocate))
         .route("/threads/{count}", post(start_threads))
+        .route("/print/{count}", post(print_lines))
         .route("/data/{name}", get(read_data).put(write_data))
         .fallback(echo);
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
@@ -154,6 +157,32 @@ async fn start_threads(Path(count): Path<usize>) -> impl IntoResponse {
         })
         .count();
     Json(json!({ "requested": count, "started": started }))
+}
+
+/// Prints `line <i> of <count>` for i = 1..=count, to stdout or (`?stream=stderr`) stderr;
+/// answers once every line is written.
+async fn print_lines(
+    Path(count): Path<u64>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> impl IntoResponse {
+    use std::io::Write;
+    let to_stderr = query.get("stream").map(String::as_str) == Some("stderr");
+    let written = tokio::task::spawn_blocking(move || {
+        let mut out: Box<dyn Write> = if to_stderr {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::stdout().lock())
+        };
+        for i in 1..=count {
+            writeln!(out, "line {i} of {count}")?;
+        }
+        out.flush()
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => Json(json!({ "printed": count })).into_response(),
+        _ => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// A file in the backend's volume (`/plane-data`), for tests of mounts.

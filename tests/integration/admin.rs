@@ -12,11 +12,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 /// What one run of the CLI printed and how it ended.
-struct Run {
-    success: bool,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Run {
@@ -38,7 +38,7 @@ impl Run {
         lines.remove(0)
     }
 
-    fn succeeded(self) -> Self {
+    pub(crate) fn succeeded(self) -> Self {
         assert!(
             self.success,
             "exit {:?}\nstdout: {}\nstderr: {}",
@@ -58,7 +58,7 @@ impl Run {
 }
 
 /// Runs `plane <args>` (with `--controller` set to `controller`), under a hard timeout.
-async fn plane(controller: &str, args: &[&str]) -> Run {
+pub(crate) async fn plane(controller: &str, args: &[&str]) -> Run {
     let mut command = tokio::process::Command::new(plane_binary());
     command
         .args(args)

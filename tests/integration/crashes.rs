@@ -186,6 +186,14 @@ pub(crate) async fn drone_process_with(
         "1500",
     ]
     .into_iter()
+    // Stopped containers go at once, so tests leave none behind, unless a test asks
+    // otherwise.
+    .chain(
+        (!extra.contains(&"--log-retention-seconds"))
+            .then_some(["--log-retention-seconds", "0"])
+            .into_iter()
+            .flatten(),
+    )
     .chain(extra.iter().copied())
     .map(String::from)
     .collect();

@@ -595,6 +595,9 @@ fn test_drone_config(
     // In-process drones have no fence to guard backends left running: a test's drone
     // stops its backends when it stops (tests of `keep` choose it).
     config.on_shutdown = plane_drone::OnShutdown::Terminate;
+    // Stopped containers go at once, so tests leave none behind (the logs tests choose a
+    // retention).
+    config.log_retention_seconds = 0;
     config
 }
 

@@ -20,6 +20,7 @@ mod https;
 mod leases;
 mod lifecycle;
 mod limits;
+mod logs;
 mod placement;
 mod plane_compat;
 mod proxy;

@@ -8,20 +8,23 @@ use super::{BackendSpec, Runtime, RuntimeError, Signal};
 use anyhow::Context;
 use bollard::auth::DockerCredentials;
 use bollard::container::{
-    Config, CreateContainerOptions, KillContainerOptions, ListContainersOptions,
-    RemoveContainerOptions,
+    Config, CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogOutput,
+    LogsOptions, RemoveContainerOptions,
 };
 use bollard::errors::Error as BollardError;
 use bollard::image::CreateImageOptions;
 use bollard::models::{
-    ContainerStateStatusEnum, DeviceRequest, HostConfig, PortBinding, ResourcesUlimits,
+    ContainerStateStatusEnum, DeviceRequest, HostConfig, HostConfigLogConfig, PortBinding,
+    ResourcesUlimits,
 };
 use bollard::system::EventsOptions;
 use bollard::Docker;
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use plane_protocol::api::Gpus;
+use plane_protocol::api::{BackendLogLine, Gpus, LogStream};
 use plane_protocol::api::{ExecutorConfig, PullPolicy, ResourceLimits};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
+use plane_protocol::time::Millis;
 use plane_protocol::BACKEND_CONTAINER_PORT;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -67,6 +70,9 @@ pub struct DockerRuntimeConfig {
     /// The network backends join unless their spawn names one (`--docker-network`);
     /// Docker's default bridge when `None`.
     pub network: Option<String>,
+    /// The most a backend's logs take on disk (`--log-max-bytes`): the engine's `local` log
+    /// driver keeps two files of half this each and drops the oldest lines beyond.
+    pub log_max_bytes: u64,
 }
 
 /// A container of ours exited.
@@ -299,6 +305,22 @@ impl DockerRuntime {
             }),
             network_mode: spec.network.clone().or_else(|| config.network.clone()),
             runtime: config.runtime.clone(),
+            // Set here rather than left to the engine's default (often `json-file` without
+            // any size limit), so what a backend prints is bounded on disk and readable
+            // back through `docker logs` (and so by us) whatever the engine's setup.
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("local".to_string()),
+                config: Some(HashMap::from([
+                    (
+                        "max-size".to_string(),
+                        (config.log_max_bytes / 2).max(1).to_string(),
+                    ),
+                    ("max-file".to_string(), "2".to_string()),
+                    // Compressing the rotated file is done in the background, and reads
+                    // meanwhile were seen to return an older file's lines.
+                    ("compress".to_string(), "false".to_string()),
+                ])),
+            }),
             ..Default::default()
         };
         Config {
@@ -495,6 +517,98 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn has_container(&self, backend_id: &BackendName) -> Result<bool, RuntimeError> {
+        match self.exit_state(backend_id).await {
+            Ok(_) => Ok(true),
+            Err(RuntimeError::NotFound(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn exited_backends(&self) -> Result<Vec<(BackendName, SystemTime)>, RuntimeError> {
+        let mut filters =
+            HashMap::from([("label".to_string(), ownership_labels(&self.inner.config))]);
+        filters.insert(
+            "status".to_string(),
+            vec!["exited".to_string(), "dead".to_string()],
+        );
+        let containers = self
+            .inner
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|err| engine("listing exited containers", err))?;
+        let mut exited = Vec::new();
+        for container in containers {
+            let Some(Ok(backend_id)) = container
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(BACKEND_LABEL))
+                .map(|label| label.parse::<BackendName>())
+            else {
+                continue;
+            };
+            let info = match self
+                .inner
+                .docker
+                .inspect_container(&Self::container_name(&backend_id), None)
+                .await
+            {
+                Ok(info) => info,
+                // Removed meanwhile.
+                Err(err) if status_of(&err) == Some(404) => continue,
+                Err(err) => return Err(engine("inspecting an exited container", err)),
+            };
+            let finished = info
+                .state
+                .and_then(|state| state.finished_at)
+                .and_then(|at| parse_engine_time(&at));
+            // An exit the engine gives no time for counts from now: kept a whole
+            // retention period rather than removed early.
+            exited.push((backend_id, finished.unwrap_or_else(SystemTime::now)));
+        }
+        Ok(exited)
+    }
+
+    fn logs(
+        &self,
+        backend_id: &BackendName,
+        follow: bool,
+        tail: Option<u64>,
+    ) -> BoxStream<'static, Result<BackendLogLine, RuntimeError>> {
+        let options = LogsOptions {
+            follow,
+            stdout: true,
+            stderr: true,
+            timestamps: true,
+            tail: tail.map_or_else(|| "all".to_string(), |n| n.to_string()),
+            ..Default::default()
+        };
+        let backend_id = backend_id.clone();
+        self.inner
+            .docker
+            .logs(&Self::container_name(&backend_id), Some(options))
+            .filter_map(move |item| {
+                let line = match item {
+                    Ok(LogOutput::StdOut { message }) => {
+                        Some(Ok(log_line(LogStream::Stdout, &message)))
+                    }
+                    Ok(LogOutput::StdErr { message }) => {
+                        Some(Ok(log_line(LogStream::Stderr, &message)))
+                    }
+                    // Containers without a TTY or stdin produce neither.
+                    Ok(LogOutput::Console { .. } | LogOutput::StdIn { .. }) => None,
+                    Err(err) => Some(Err(not_found_or(err, &backend_id, "reading logs"))),
+                };
+                std::future::ready(line)
+            })
+            .boxed()
+    }
+
     async fn running_address(
         &self,
         backend_id: &BackendName,
@@ -508,6 +622,40 @@ impl Runtime for DockerRuntime {
             Err(err) => Err(err),
         }
     }
+}
+
+/// One line as the engine sends it with timestamps on: `<RFC 3339 time> <text>\n`.
+fn log_line(stream: LogStream, message: &[u8]) -> BackendLogLine {
+    let message = String::from_utf8_lossy(message);
+    let message = message.strip_suffix('\n').unwrap_or(&message);
+    let (time, text) = match message.split_once(' ') {
+        Some((stamp, text)) => match parse_engine_time(stamp) {
+            Some(at) => (at, text),
+            None => (SystemTime::now(), message),
+        },
+        None => match parse_engine_time(message) {
+            // An empty line: only the time.
+            Some(at) => (at, ""),
+            None => (SystemTime::now(), message),
+        },
+    };
+    let millis = time
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64);
+    BackendLogLine {
+        stream,
+        time: Millis(millis),
+        text: text.to_string(),
+    }
+}
+
+/// A time as the engine writes it (RFC 3339, nanoseconds, e.g. in `FinishedAt`); `None`
+/// for its zero time (`0001-01-01T00:00:00Z`, "never") and anything unparsable.
+fn parse_engine_time(text: &str) -> Option<SystemTime> {
+    let at =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    let since_epoch = Duration::try_from(at - time::OffsetDateTime::UNIX_EPOCH).ok()?;
+    Some(UNIX_EPOCH + since_epoch)
 }
 
 /// Label filters matching exactly this drone's containers: drone names are unique only
@@ -644,6 +792,23 @@ fn not_found_or(err: BollardError, backend_id: &BackendName, context: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_are_split_into_time_and_text() {
+        let line = log_line(
+            LogStream::Stderr,
+            b"2026-12-03T10:47:53.123456789Z hello world\n",
+        );
+        assert_eq!(line.stream, LogStream::Stderr);
+        assert_eq!(line.text, "hello world");
+        assert_eq!(line.time, Millis(1_796_294_873_123));
+        assert_eq!(
+            log_line(LogStream::Stdout, b"2026-12-03T10:47:53Z\n").text,
+            ""
+        );
+        assert_eq!(log_line(LogStream::Stdout, b"no stamp\n").text, "no stamp");
+        assert_eq!(parse_engine_time("0001-01-01T00:00:00Z"), None);
+    }
 
     #[test]
     fn untagged_images_pull_latest_only() {

@@ -4,11 +4,13 @@
 //! with 143 on SIGTERM.
 
 use super::{BackendSpec, Runtime, RuntimeError, Signal};
-use plane_protocol::api::ExecutorConfig;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use plane_protocol::api::{BackendLogLine, ExecutorConfig, LogStream};
 use plane_protocol::names::BackendName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -23,6 +25,8 @@ pub(crate) enum FakeContainer {
 pub(crate) struct FakeRuntime {
     containers: Arc<watch::Sender<HashMap<BackendName, FakeContainer>>>,
     started: Arc<Mutex<Vec<BackendName>>>,
+    /// When each exited container's process exited.
+    exit_times: Arc<Mutex<HashMap<BackendName, SystemTime>>>,
     answering: SocketAddr,
     silent: SocketAddr,
     _silent_listener: Arc<TcpListener>,
@@ -44,6 +48,7 @@ impl FakeRuntime {
         Self {
             containers: Arc::new(watch::channel(HashMap::new()).0),
             started: Arc::default(),
+            exit_times: Arc::default(),
             answering: answering_addr,
             silent: silent.local_addr().expect("addr"),
             _silent_listener: Arc::new(silent),
@@ -67,6 +72,20 @@ impl FakeRuntime {
         self.containers.send_modify(|c| {
             c.insert(backend_id.clone(), FakeContainer::Exited(Some(code)));
         });
+        self.exited_now(backend_id);
+    }
+
+    fn exited_now(&self, backend_id: &BackendName) {
+        let mut times = self.exit_times.lock().expect("lock");
+        times.insert(backend_id.clone(), SystemTime::now());
+    }
+
+    /// Pretends an exited backend exited `by` earlier than it did.
+    pub(crate) fn backdate_exit(&self, backend_id: &BackendName, by: Duration) {
+        let mut times = self.exit_times.lock().expect("lock");
+        if let Some(at) = times.get_mut(backend_id) {
+            *at -= by;
+        }
     }
 
     pub(crate) fn container(&self, backend_id: &BackendName) -> Option<FakeContainer> {
@@ -129,6 +148,9 @@ impl Runtime for FakeRuntime {
                 }
             }
         });
+        if result.is_ok() && matches!(self.container(backend_id), Some(FakeContainer::Exited(_))) {
+            self.exited_now(backend_id);
+        }
         result
     }
 
@@ -156,6 +178,44 @@ impl Runtime for FakeRuntime {
 
     async fn list_backends(&self) -> Result<Vec<BackendName>, RuntimeError> {
         Ok(self.containers.borrow().keys().cloned().collect())
+    }
+
+    async fn has_container(&self, backend_id: &BackendName) -> Result<bool, RuntimeError> {
+        Ok(self.container(backend_id).is_some())
+    }
+
+    async fn exited_backends(&self) -> Result<Vec<(BackendName, SystemTime)>, RuntimeError> {
+        let times = self.exit_times.lock().expect("lock").clone();
+        Ok(self
+            .containers
+            .borrow()
+            .iter()
+            .filter(|(_, container)| matches!(container, FakeContainer::Exited(_)))
+            .map(|(id, _)| {
+                (
+                    id.clone(),
+                    times.get(id).copied().unwrap_or_else(SystemTime::now),
+                )
+            })
+            .collect())
+    }
+
+    /// One line naming the image while the container exists.
+    fn logs(
+        &self,
+        backend_id: &BackendName,
+        _follow: bool,
+        _tail: Option<u64>,
+    ) -> BoxStream<'static, Result<BackendLogLine, RuntimeError>> {
+        let line = match self.container(backend_id) {
+            Some(container) => Ok(BackendLogLine {
+                stream: LogStream::Stdout,
+                time: plane_protocol::time::Millis::now(),
+                text: format!("{container:?}"),
+            }),
+            None => Err(RuntimeError::NotFound(backend_id.clone())),
+        };
+        stream::iter([line]).boxed()
     }
 
     async fn ready_path(&self, _backend_id: &BackendName) -> Option<String> {

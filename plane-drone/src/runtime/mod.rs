@@ -5,10 +5,12 @@ pub mod docker;
 #[cfg(test)]
 pub(crate) mod fake;
 
-use plane_protocol::api::{ExecutorConfig, Gpus, ResourceLimits};
+use futures_util::stream::BoxStream;
+use plane_protocol::api::{BackendLogLine, ExecutorConfig, Gpus, ResourceLimits};
 use plane_protocol::names::BackendName;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 /// Everything the runtime needs to create and start one backend's container.
 #[derive(Clone, Debug, PartialEq)]
@@ -121,6 +123,29 @@ pub trait Runtime: Clone + Send + Sync + 'static {
 
     /// The ready path recorded with the backend's container, if any.
     fn ready_path(&self, backend_id: &BackendName) -> impl Future<Output = Option<String>> + Send;
+
+    /// Whether the backend has a container (running or stopped).
+    fn has_container(
+        &self,
+        backend_id: &BackendName,
+    ) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+
+    /// The backends whose container is kept after its process exited, with when it exited
+    /// (for the log retention sweep).
+    fn exited_backends(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(BackendName, SystemTime)>, RuntimeError>> + Send;
+
+    /// What the backend printed (stdout and stderr, oldest first): the last `tail` lines or
+    /// all of them, and with `follow` every new line until the process exits. Pulled as it
+    /// is read, so a slow reader holds the engine back rather than filling memory.
+    /// [`RuntimeError::NotFound`] (as the first item) when the container is gone.
+    fn logs(
+        &self,
+        backend_id: &BackendName,
+        follow: bool,
+        tail: Option<u64>,
+    ) -> BoxStream<'static, Result<BackendLogLine, RuntimeError>>;
 
     /// Where a backend's running container is published, or `None` if it is not running.
     fn running_address(

@@ -8,6 +8,7 @@ pub use request::{ConnectArgs, SpawnArgs, SpawnCommandArgs};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use futures_util::StreamExt;
 use output::{Colour, Output};
 use plane_client::PlaneClient;
 use plane_protocol::api::{ClusterState, ConnectResponse, NodeState, RevokeRequest};
@@ -97,6 +98,21 @@ pub enum AdminCommand {
         /// The user whose tokens stop working.
         #[arg(long)]
         user: String,
+    },
+    /// What a backend printed (stdout lines to stdout, stderr lines to stderr); with --json,
+    /// one `{stream, time, text}` document per line, all to stdout.
+    Logs {
+        /// The backend's ID (`ba-...`).
+        backend: BackendName,
+        /// Keep printing new lines until the backend exits.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N lines so far.
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
+        /// Start each line with its time (RFC 3339, milliseconds, UTC).
+        #[arg(long, short)]
+        timestamps: bool,
     },
     /// The drones and proxies of a cluster.
     ClusterState {
@@ -238,6 +254,26 @@ pub async fn run(opts: AdminOpts) -> anyhow::Result<()> {
                     request.user, request.backend_id
                 )
             });
+        }
+        AdminCommand::Logs {
+            backend,
+            follow,
+            tail,
+            timestamps,
+        } => {
+            let mut lines = client
+                .backend_logs(&backend, follow, tail)
+                .await
+                .with_context(|| failed("logs"))?;
+            while let Some(line) = lines.next().await {
+                let line = line.with_context(|| failed("reading the logs"))?;
+                match out.log_line(&line, timestamps) {
+                    Ok(()) => {}
+                    // Read by something that stopped reading (`| head`): done.
+                    Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(err) => return Err(err).context("printing the logs"),
+                }
+            }
         }
         AdminCommand::ClusterState { cluster } => {
             let state = client

@@ -3,6 +3,7 @@
 
 use futures_util::{Stream, StreamExt};
 use plane_client::ClientError;
+use plane_protocol::api::{BackendLogLine, LogStream};
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry};
 use plane_protocol::time::Millis;
 use serde::Serialize;
@@ -90,6 +91,25 @@ impl Output {
         });
     }
 
+    /// One line a backend printed: stdout lines to stdout and stderr lines to stderr (each
+    /// after its time with `timestamps`), or with `--json` its JSON, all to stdout.
+    pub fn log_line(&self, line: &BackendLogLine, timestamps: bool) -> std::io::Result<()> {
+        if self.json {
+            let json = serde_json::to_string(line).unwrap_or_default();
+            return writeln!(std::io::stdout().lock(), "{json}");
+        }
+        let mut text = String::new();
+        if timestamps {
+            text.push_str(&self.paint(Colour::Dim, &rfc3339(line.time)));
+            text.push(' ');
+        }
+        text.push_str(&line.text);
+        match line.stream {
+            LogStream::Stdout => writeln!(std::io::stdout().lock(), "{text}"),
+            LogStream::Stderr => writeln!(std::io::stderr().lock(), "{text}"),
+        }
+    }
+
     /// A backend's current status: `ready (for 12.0s)`.
     pub fn current_status(&self, entry: &BackendStatusStreamEntry) {
         let age = format!("(for {:.1}s)", seconds_between(entry.time, Millis::now()));
@@ -174,4 +194,16 @@ fn status_colour(status: BackendStatus) -> Colour {
         BackendStatus::Terminated => Colour::Red,
         _ => Colour::Yellow,
     }
+}
+
+/// `2026-12-03T10:47:53.123Z`.
+fn rfc3339(time: Millis) -> String {
+    let nanos = i128::from(time.0) * 1_000_000;
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|at| at.format(&format).ok())
+        .unwrap_or_else(|| time.0.to_string())
 }

@@ -5,6 +5,7 @@ use super::api::paths::{ClusterPath, SocketUpgrade};
 use super::bus::ActionsWaiting;
 use super::error::ApiErrorResponse;
 use super::node_session::{self, Flow, Gone, NodeHandler, NodeSink, SILENCE_TIMEOUT};
+use super::nodes::LogEvent;
 use super::store::{NodeKind, NodeSession};
 use super::ControllerState;
 use axum::extract::ws::WebSocket;
@@ -103,7 +104,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
 /// A drone's session: sends it every stored action it has not acked (first all that are
 /// waiting, then new ones as the change bus announces them), and handles what it sends.
 struct DroneHandler {
-    /// Messages for the drone that are not backend actions (prepulls).
+    /// Messages for the drone that are not backend actions (prepulls, log reads).
     outbox: tokio::sync::mpsc::UnboundedReceiver<MessageToDrone>,
     state: ControllerState,
     cluster: ClusterName,
@@ -233,6 +234,17 @@ impl DroneHandler {
             }
             MessageFromDrone::PrepullDone { request_id, error } => {
                 state.nodes().prepull_done(request_id, drone.clone(), error);
+                Reply::Nothing
+            }
+            MessageFromDrone::LogLines { request_id, lines } => {
+                state.nodes().log_event(request_id, LogEvent::Lines(lines));
+                Reply::Nothing
+            }
+            MessageFromDrone::LogsEnd {
+                request_id,
+                outcome,
+            } => {
+                state.nodes().log_event(request_id, LogEvent::End(outcome));
                 Reply::Nothing
             }
         }

@@ -1,10 +1,11 @@
 //! The nodes connected to this controller right now: proxies, so route removals can be pushed
-//! to them, and drones, for requests that are not backend actions (prepulls). Backend actions
+//! to them, and drones, for requests that are not backend actions (prepulls, logs). Backend actions
 //! reach drones through the change bus, and which drones are connected anywhere is in the
 //! database.
 
 use dashmap::DashMap;
-use plane_protocol::drone::MessageToDrone;
+use plane_protocol::api::BackendLogLine;
+use plane_protocol::drone::{LogsOutcome, LogsRequest, MessageToDrone};
 use plane_protocol::names::{ClusterName, NodeName};
 use plane_protocol::proxy::MessageToProxy;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +33,51 @@ pub struct ConnectedNodes {
     next_connection_id: Arc<AtomicU64>,
     /// Prepull requests waiting for drones' answers, by request ID.
     prepulls: Arc<DashMap<u64, mpsc::UnboundedSender<PrepullAnswer>>>,
+    /// Log reads relayed from drones, by request ID.
+    logs: Arc<DashMap<u64, mpsc::UnboundedSender<LogEvent>>>,
     next_request_id: Arc<AtomicU64>,
+}
+
+/// What a drone sent for a log read.
+#[derive(Debug)]
+pub enum LogEvent {
+    Lines(Vec<BackendLogLine>),
+    End(LogsOutcome),
+}
+
+/// One log read from a drone; dropping it tells the drone to stop.
+pub struct LogsRead {
+    nodes: ConnectedNodes,
+    request_id: u64,
+    drone: mpsc::UnboundedSender<MessageToDrone>,
+    events: mpsc::UnboundedReceiver<LogEvent>,
+}
+
+impl LogsRead {
+    /// The drone's next batch or its end; `None` when the drone's session ended first.
+    /// Taking a batch lets the drone send another, so at most a few are ever waiting here.
+    pub async fn next(&mut self) -> Option<LogEvent> {
+        let event = tokio::select! {
+            event = self.events.recv() => event?,
+            _ = self.drone.closed() => return None,
+        };
+        if let LogEvent::Lines(_) = &event {
+            let _ = self.drone.send(MessageToDrone::LogsNext {
+                request_id: self.request_id,
+            });
+        }
+        Some(event)
+    }
+}
+
+impl Drop for LogsRead {
+    fn drop(&mut self) {
+        if self.nodes.logs.remove(&self.request_id).is_some() {
+            let _ = self.drone.send(MessageToDrone::LogsCancel {
+                request_id: self.request_id,
+            });
+        }
+    }
 }
 
 /// Unregisters its node when dropped (at the end of the socket session), unless a newer
@@ -136,6 +181,47 @@ impl ConnectedNodes {
             answers,
         };
         (wait, asked)
+    }
+
+    /// Asks `drone` for a backend's logs; `None` when that drone is not connected here.
+    pub fn start_logs(
+        &self,
+        cluster: &ClusterName,
+        drone: &NodeName,
+        request: LogsRequest,
+    ) -> Option<LogsRead> {
+        let sender = self
+            .drones
+            .get(&(cluster.clone(), drone.clone()))?
+            .sender
+            .clone();
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (events, receiver) = mpsc::unbounded_channel();
+        self.logs.insert(request_id, events);
+        sender
+            .send(MessageToDrone::Logs {
+                request_id,
+                request,
+            })
+            .ok()?;
+        Some(LogsRead {
+            nodes: self.clone(),
+            request_id,
+            drone: sender,
+            events: receiver,
+        })
+    }
+
+    /// A drone's lines or end for log read `request_id` (ignored once nobody reads it).
+    pub fn log_event(&self, request_id: u64, event: LogEvent) {
+        let ended = matches!(event, LogEvent::End(_));
+        if let Some(reader) = self.logs.get(&request_id) {
+            let _ = reader.send(event);
+        }
+        if ended {
+            // The drone has forgotten it; nothing to cancel.
+            self.logs.remove(&request_id);
+        }
     }
 
     /// The drones of `cluster` connected to this controller now.

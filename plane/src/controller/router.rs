@@ -1,7 +1,7 @@
 //! The controller's routes: which handler serves each path of the HTTP API and the node
 //! sockets. Handlers live in the modules named for what they do.
 
-use super::api::{cluster, connect, drain, prepull, revoke, status, terminate};
+use super::api::{cluster, connect, drain, logs, prepull, revoke, status, terminate};
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
 use super::{auth, dns_socket, drone_socket, proxy_socket};
@@ -13,9 +13,10 @@ use plane_protocol::api::ApiErrorKind;
 use tower_http::cors::{Any, CorsLayer};
 
 pub fn router(state: ControllerState) -> Router {
-    let terminate_routes = Router::new()
+    let backend_control_routes = Router::new()
         .route("/soft-terminate", post(terminate::handle_soft_terminate))
-        .route("/hard-terminate", post(terminate::handle_hard_terminate));
+        .route("/hard-terminate", post(terminate::handle_hard_terminate))
+        .route("/logs", get(logs::handle_logs));
     let status_routes = Router::new()
         .route("/status", get(status::handle_status))
         .route("/status-stream", get(status::handle_status_stream));
@@ -43,8 +44,8 @@ pub fn router(state: ControllerState) -> Router {
         .route("/ctrl/spawn", post(connect::handle_spawn))
         .route("/ctrl/b/revoke", post(revoke::handle_revoke))
         .route("/ctrl/revoke", post(revoke::handle_revoke))
-        .nest("/ctrl/b/{backend}", terminate_routes.clone())
-        .nest("/ctrl/c/{cluster}/b/{backend}", terminate_routes)
+        .nest("/ctrl/b/{backend}", backend_control_routes.clone())
+        .nest("/ctrl/c/{cluster}/b/{backend}", backend_control_routes)
         .route("/ctrl/status", get(cluster::handle_controller_status))
         .route(
             "/ctrl/c/{cluster}/state",

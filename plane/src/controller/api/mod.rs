@@ -6,6 +6,7 @@ pub mod body;
 pub mod cluster;
 pub mod connect;
 pub mod drain;
+pub mod logs;
 pub mod paths;
 pub mod prepull;
 pub mod revoke;
