@@ -122,7 +122,8 @@ pub enum OnShutdown {
     /// controller reports them lost.
     #[default]
     Keep,
-    /// Stop every backend (`terminated{lost}`) and remove its container before exiting.
+    /// Stop every backend (`terminated{lost}`) and remove its container (and with it the
+    /// containers kept for their logs) before exiting.
     Terminate,
 }
 

@@ -32,6 +32,8 @@ pub(crate) struct Connection {
     pub pool: PoolName,
     pub heartbeat_interval: Duration,
     pub fence_margin: Duration,
+    /// Whether the engine can limit a container's disk (told to the controller).
+    pub disk_limits: bool,
     /// Heartbeats renew these; answers update them.
     pub leases: Leases,
     pub executor: ExecutorHandle,
@@ -86,6 +88,7 @@ impl Connection {
             instance: self.instance.clone(),
             heartbeat_interval_ms: Some(self.heartbeat_interval.as_millis() as u64),
             fence_margin_ms: Some(self.fence_margin.as_millis() as u64),
+            disk_limits: self.disk_limits,
         };
         link.send(&hello).await?;
         self.connected.send_replace(true);
@@ -399,6 +402,7 @@ mod tests {
             pool: PoolName::default(),
             heartbeat_interval: Duration::from_millis(50),
             fence_margin: Duration::from_millis(100),
+            disk_limits: false,
             leases,
             executor,
             events: events.clone(),

@@ -82,6 +82,10 @@ enum Command {
         tail: Option<u64>,
         reply: oneshot::Sender<BoxFuture<'static, Result<LogLines, LogsUnavailable>>>,
     },
+    /// Remove every stopped container of this drone now, kept logs or not.
+    RemoveStopped {
+        reply: oneshot::Sender<()>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -186,6 +190,12 @@ impl ExecutorHandle {
             .await
             .map_err(|err| LogsUnavailable::Failed(err.to_string()))?;
         found.await
+    }
+
+    /// Removes the stopped containers kept for their logs (those of backends still
+    /// finishing excepted): for a drone leaving for good.
+    pub async fn remove_stopped(&self) {
+        let _ = self.request(|reply| Command::RemoveStopped { reply }).await;
     }
 
     /// Refuses new spawns, soft-terminates every backend (reason `lost`) and resolves once
@@ -442,6 +452,14 @@ impl<R: Runtime> Runner<R> {
                         Err(err) => Err(LogsUnavailable::Failed(err.to_string())),
                     }
                 }));
+            }
+            Command::RemoveStopped { reply } => {
+                let busy = self.running.keys().cloned().collect();
+                let runtime = self.ctx.runtime.clone();
+                tokio::spawn(async move {
+                    sweep_retained(runtime, Duration::ZERO, busy).await;
+                    let _ = reply.send(());
+                });
             }
             Command::Shutdown { reply } => self.shutdown(reply),
         }

@@ -111,6 +111,7 @@ pub async fn start_with_runtime<R: Runtime>(
         fence::spawn(executable, &config.state_dir)?;
     }
     let leases_handle = leases.clone();
+    let runtime_disk_limits = runtime.supports_disk_limits();
     let (executor, executor_task) = executor::start(
         runtime,
         events.clone(),
@@ -145,6 +146,7 @@ pub async fn start_with_runtime<R: Runtime>(
         pool: config.pool.clone(),
         heartbeat_interval: config.heartbeat_interval(),
         fence_margin: config.fence_margin(),
+        disk_limits: runtime_disk_limits,
         leases,
         executor: executor.clone(),
         events: events.clone(),
@@ -205,6 +207,9 @@ impl DroneHandle {
         self.stop_actions.cancel();
         if on_shutdown == OnShutdown::Terminate {
             self.executor.shutdown().await;
+            // Leaving for good: no drone of this state directory will serve or sweep the
+            // logs kept in stopped containers, so they go too.
+            self.executor.remove_stopped().await;
         }
 
         let mut pending = self.events.subscribe();

@@ -165,8 +165,11 @@ async fn relay(
             }
         }
     };
-    if let LogsOutcome::Failed { message } = &outcome {
-        tracing::warn!(backend = %backend_id, %message, "could not read a backend's logs");
+    match &outcome {
+        LogsOutcome::Failed { message } => {
+            tracing::warn!(backend = %backend_id, %message, "could not read a backend's logs")
+        }
+        _ => tracing::debug!(backend = %backend_id, follow, ?outcome, "log read ended"),
     }
     let _ = outgoing
         .send(MessageFromDrone::LogsEnd {

@@ -327,6 +327,42 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
         assert_eq!(host.network_mode.as_deref(), Some(drone_network.as_str()));
         assert_eq!(host.runtime.as_deref(), Some("runc"));
 
+        // A disk limit becomes the size storage option, and the drone's reading of its
+        // storage driver matches what the engine does with one: creates it, or refuses.
+        let disk_limited = BackendName::new_random();
+        let mut disk_spec = spec.clone();
+        disk_spec.backend_id = disk_limited.clone();
+        disk_spec.gpus = None;
+        disk_spec.resource_limits.disk_limit_bytes = Some(64 * 1024 * 1024);
+        let config = runtime.container_config(&disk_spec);
+        let storage_opt = config
+            .host_config
+            .as_ref()
+            .and_then(|h| h.storage_opt.clone());
+        assert_eq!(
+            storage_opt,
+            Some(std::collections::HashMap::from([(
+                "size".to_string(),
+                "67108864".to_string()
+            )]))
+        );
+        let created = docker
+            .create_container(
+                Some(bollard::container::CreateContainerOptions {
+                    name: format!("plane-{disk_limited}"),
+                    platform: None,
+                }),
+                config,
+            )
+            .await;
+        let _ = runtime.remove(&disk_limited).await;
+        let driver = runtime.storage_driver();
+        assert_eq!(
+            created.is_ok(),
+            driver.disk_limits,
+            "storage driver {driver:?}; the engine said {created:?}"
+        );
+
         // A spawn's own network wins over the drone's, and the port is published there too.
         let spec = BackendSpec {
             backend_id: started.clone(),

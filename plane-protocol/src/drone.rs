@@ -57,6 +57,10 @@ pub enum MessageFromDrone {
         /// it could not renew (see [`MessageToDrone::LeaseRenewal`]).
         #[serde(default)]
         fence_margin_ms: Option<u64>,
+        /// Whether this drone's container engine can limit a container's disk (its storage
+        /// driver supports a size option), so spawns with `disk_limit_bytes` may go here.
+        #[serde(default)]
+        disk_limits: bool,
     },
     /// Sent every heartbeat interval (and at once when a backend arrives). Lists the
     /// backends the drone is running, asking the controller to renew their leases; answered

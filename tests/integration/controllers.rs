@@ -202,6 +202,7 @@ crate::db_test!(
             hash: "test",
             instance,
             controller,
+            disk_limits: false,
         };
         let live_since = plane_protocol::time::Millis::now().minus_millis(30_000);
         let on_a = store
@@ -283,6 +284,7 @@ crate::db_test!(
             instance: "an-impostor".to_string(),
             heartbeat_interval_ms: Some(500),
             fence_margin_ms: Some(1000),
+            disk_limits: false,
         };
         let text = serde_json::to_string(&hello).expect("serializes");
         socket.send(Message::text(text)).await.expect("hello sent");

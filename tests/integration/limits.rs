@@ -124,6 +124,56 @@ db_test!(
     }
 );
 
+/// Whether this machine's engine can limit a container's disk, as a drone reads it.
+async fn engine_limits_disk() -> bool {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let config = plane_drone::runtime::docker::DockerRuntimeConfig {
+        drone: plane_protocol::names::NodeName::new_random("dr-probe"),
+        cluster: "localhost:9090".parse().expect("cluster"),
+        ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        pull_timeout: std::time::Duration::from_secs(10),
+        runtime: None,
+        network: None,
+        log_max_bytes: 1 << 20,
+    };
+    let runtime = plane_drone::runtime::docker::DockerRuntime::connect(config, &cancel)
+        .await
+        .expect("Docker engine reachable");
+    let supported = runtime.storage_driver().disk_limits;
+    cancel.cancel();
+    supported
+}
+
+db_test!(
+    a_disk_limit_goes_to_a_drone_that_can_enforce_it_or_is_refused,
+    |env: TestEnv| async move {
+        let mut spawn = env.spawn_config(&[]);
+        spawn.executable.resource_limits.disk_limit_bytes = Some(256 * 1024 * 1024);
+        if engine_limits_disk().await {
+            let backend = env.connect_ready("disk", &spawn).await;
+            let host = host_config(&backend.backend_id).await;
+            let size = host.storage_opt.unwrap_or_default().remove("size");
+            assert_eq!(size.as_deref(), Some("268435456"));
+        } else {
+            // No drone of the cluster can: a 400 that says so, and nothing is started.
+            let body = json!({ "key": { "name": "disk" }, "spawn_config": spawn });
+            let (status, body) = env.post("/ctrl/connect", &body).await;
+            assert_eq!(status, 400, "{body}");
+            let message = body["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("disk_limit_bytes cannot be enforced by any drone"),
+                "{body}"
+            );
+            let state = env.cluster_state().await;
+            assert!(
+                state.drones.iter().all(|d| d.backend_count == 0),
+                "{state:?}"
+            );
+        }
+        env
+    }
+);
+
 fn backend_suffix() -> String {
     plane_protocol::names::BackendName::new_random().to_string()
 }
@@ -135,8 +185,8 @@ db_test!(
         for (path, value, expected) in [
             (
                 &["resource_limits", "disk_limit_bytes"][..],
-                json!(1_000_000_000),
-                "disk_limit_bytes is not supported by this cluster's drones",
+                json!(4096),
+                "disk_limit_bytes must be at least 1048576",
             ),
             (
                 &["resource_limits", "cpu_time_limit"][..],

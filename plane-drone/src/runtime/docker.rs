@@ -92,6 +92,8 @@ pub struct DockerRuntime {
 struct Inner {
     docker: Docker,
     config: DockerRuntimeConfig,
+    /// The engine's storage driver, and whether it can limit a container's disk.
+    storage: StorageDriver,
     exits: broadcast::Sender<ContainerExit>,
     _stop_events: DropGuard,
 }
@@ -119,6 +121,12 @@ impl DockerRuntime {
             .with_context(hint)?
             .with_context(hint)?;
         docker.ping().await.with_context(hint)?;
+        let info = docker
+            .info()
+            .await
+            .context("asking the Docker engine about its storage driver")?;
+        let storage = StorageDriver::of(&info);
+        tracing::info!(driver = %storage.name, disk_limits = storage.disk_limits, "Docker storage driver");
 
         let (exits, _) = broadcast::channel(1024);
         let stop_events = cancel.child_token();
@@ -132,10 +140,16 @@ impl DockerRuntime {
             inner: Arc::new(Inner {
                 docker,
                 config,
+                storage,
                 exits,
                 _stop_events: stop_events.drop_guard(),
             }),
         })
+    }
+
+    /// The engine's storage driver and whether it can limit disk.
+    pub fn storage_driver(&self) -> &StorageDriver {
+        &self.inner.storage
     }
 
     /// The underlying client, for callers that need more than the [`Runtime`] trait.
@@ -303,6 +317,10 @@ impl DockerRuntime {
                     plane_protocol::mount::MOUNT_TARGET
                 )]
             }),
+            // Checked at placement: only drones whose engine can limit disk get these.
+            storage_opt: limits
+                .disk_limit_bytes
+                .map(|bytes| HashMap::from([("size".to_string(), bytes.to_string())])),
             network_mode: spec.network.clone().or_else(|| config.network.clone()),
             runtime: config.runtime.clone(),
             // Set here rather than left to the engine's default (often `json-file` without
@@ -357,6 +375,10 @@ impl DockerRuntime {
 }
 
 impl Runtime for DockerRuntime {
+    fn supports_disk_limits(&self) -> bool {
+        self.inner.storage.disk_limits
+    }
+
     async fn prepare_image(&self, executable: &ExecutorConfig) -> Result<(), RuntimeError> {
         let image = &executable.image;
         match executable.pull_policy.unwrap_or_default() {
@@ -624,6 +646,41 @@ impl Runtime for DockerRuntime {
     }
 }
 
+/// The engine's storage driver, as `docker info` tells it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageDriver {
+    /// e.g. `overlay2`, `fuse-overlayfs`, `btrfs`.
+    pub name: String,
+    /// The filesystem under it, when the engine says (overlay2 does).
+    pub backing_filesystem: Option<String>,
+    /// Whether `--storage-opt size` works: btrfs, zfs, devicemapper, windowsfilter, and
+    /// overlay2 on xfs (which also needs the `pquota` mount option, invisible from here: a
+    /// spawn there without it fails with the engine's reason).
+    pub disk_limits: bool,
+}
+
+impl StorageDriver {
+    fn of(info: &bollard::models::SystemInfo) -> Self {
+        let name = info.driver.clone().unwrap_or_default();
+        let backing_filesystem = info.driver_status.as_ref().and_then(|status| {
+            status
+                .iter()
+                .find(|pair| pair.first().map(String::as_str) == Some("Backing Filesystem"))
+                .and_then(|pair| pair.get(1).cloned())
+        });
+        let disk_limits = match name.as_str() {
+            "btrfs" | "zfs" | "devicemapper" | "windowsfilter" => true,
+            "overlay2" => backing_filesystem.as_deref() == Some("xfs"),
+            _ => false,
+        };
+        Self {
+            name,
+            backing_filesystem,
+            disk_limits,
+        }
+    }
+}
+
 /// One line as the engine sends it with timestamps on: `<RFC 3339 time> <text>\n`.
 fn log_line(stream: LogStream, message: &[u8]) -> BackendLogLine {
     let message = String::from_utf8_lossy(message);
@@ -792,6 +849,28 @@ fn not_found_or(err: BollardError, backend_id: &BackendName, context: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_limits_are_supported_by_the_drivers_docker_documents() {
+        let info = |driver: &str, backing: Option<&str>| bollard::models::SystemInfo {
+            driver: Some(driver.to_string()),
+            driver_status: backing
+                .map(|fs| vec![vec!["Backing Filesystem".to_string(), fs.to_string()]]),
+            ..Default::default()
+        };
+        for (driver, backing, supported) in [
+            ("overlay2", Some("xfs"), true),
+            ("overlay2", Some("extfs"), false),
+            ("fuse-overlayfs", None, false),
+            ("btrfs", None, true),
+            ("zfs", None, true),
+            ("vfs", None, false),
+        ] {
+            let storage = StorageDriver::of(&info(driver, backing));
+            assert_eq!(storage.disk_limits, supported, "{driver} on {backing:?}");
+            assert_eq!(storage.backing_filesystem.as_deref(), backing);
+        }
+    }
 
     #[test]
     fn log_lines_are_split_into_time_and_text() {

@@ -180,6 +180,10 @@ impl Runtime for FakeRuntime {
         Ok(self.containers.borrow().keys().cloned().collect())
     }
 
+    fn supports_disk_limits(&self) -> bool {
+        false
+    }
+
     async fn has_container(&self, backend_id: &BackendName) -> Result<bool, RuntimeError> {
         Ok(self.container(backend_id).is_some())
     }

@@ -124,6 +124,9 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     /// The ready path recorded with the backend's container, if any.
     fn ready_path(&self, backend_id: &BackendName) -> impl Future<Output = Option<String>> + Send;
 
+    /// Whether containers can be given a disk limit (`disk_limit_bytes`).
+    fn supports_disk_limits(&self) -> bool;
+
     /// Whether the backend has a container (running or stopped).
     fn has_container(
         &self,

@@ -44,6 +44,7 @@ async fn dns_session(state: ControllerState, socket: WebSocket) {
         hash: &hash,
         instance: &instance,
         controller: state.controller_id(),
+        disk_limits: false,
     };
     let refused = |reason| MessageToDns::Refused { reason };
     let Some(generation) = node_session::register(&state, &session, &mut sink, refused).await

@@ -42,6 +42,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         instance,
         heartbeat_interval_ms,
         fence_margin_ms,
+        disk_limits,
     }) = stream.hello().await
     else {
         tracing::warn!(%cluster, "drone socket closed: no hello");
@@ -65,6 +66,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
         hash: &hash,
         instance: &instance,
         controller: state.controller_id(),
+        disk_limits,
     };
     let refused = |reason| MessageToDrone::Refused { reason };
     let Some(generation) = node_session::register(&state, &session, &mut sink, refused).await

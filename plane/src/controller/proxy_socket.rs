@@ -62,6 +62,7 @@ async fn proxy_session(state: ControllerState, cluster: ClusterName, socket: Web
         hash: &hash,
         instance: &instance,
         controller: state.controller_id(),
+        disk_limits: false,
     };
     let refused = |reason| MessageToProxy::Refused { reason };
     let Some(generation) = node_session::register(&state, &session, &mut sink, refused).await

@@ -141,7 +141,10 @@ async fn relay(
                 tracing::warn!(?outcome, "a log stream ended early");
                 return;
             }
-            None => return,
+            None => {
+                tracing::warn!("a log stream ended early: the drone's session ended");
+                return;
+            }
         };
     }
 }

@@ -230,12 +230,17 @@ async fn spawn(
         .clone()
         .or_else(|| state.config().default_cluster.clone())
         .ok_or(ControllerError::NoClusterProvided)?;
-    let drone = pick_drone(state, &cluster, pool).await?.ok_or_else(|| {
-        ControllerError::NoDroneAvailable {
+    let needs_disk_limits = spawn_config
+        .executable
+        .resource_limits
+        .disk_limit_bytes
+        .is_some();
+    let drone = pick_drone(state, &cluster, pool, needs_disk_limits)
+        .await?
+        .ok_or_else(|| ControllerError::NoDroneAvailable {
             cluster: cluster.clone(),
             pool: pool.to_string(),
-        }
-    })?;
+        })?;
 
     let backend_id = spawn_config
         .id

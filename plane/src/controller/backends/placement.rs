@@ -13,16 +13,32 @@ use plane_protocol::time::Millis;
 /// Sampling rather than taking the least loaded of all keeps concurrent connects, which all
 /// read the same counts, from piling onto one drone, while two choices already keep the
 /// load nearly even ("the power of two choices").
+///
+/// A backend with a disk limit goes only to a drone whose engine can enforce one; when the
+/// pool has placeable drones but none of those, that is the request's problem (400), never
+/// a limit silently ignored.
 pub(super) async fn pick_drone(
     state: &ControllerState,
     cluster: &ClusterName,
     pool: &PoolName,
+    needs_disk_limits: bool,
 ) -> Result<Option<NodeName>, ControllerError> {
     let seen_since = Millis::now().minus_millis(state.config().lease_ms);
-    let candidates = state
-        .store()
-        .placeable_drones(cluster, pool.as_str(), seen_since)
+    let store = state.store();
+    let candidates = store
+        .placeable_drones(cluster, pool.as_str(), seen_since, needs_disk_limits)
         .await?;
+    if candidates.is_empty() && needs_disk_limits {
+        let others = store
+            .placeable_drones(cluster, pool.as_str(), seen_since, false)
+            .await?;
+        if !others.is_empty() {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.executable.resource_limits.disk_limit_bytes cannot be enforced by any drone of cluster {cluster}{pool}: their Docker storage drivers cannot limit a container's disk (btrfs, zfs, devicemapper and overlay2 on xfs with pquota can); leave it out or null",
+                pool = if pool.is_default() { String::new() } else { format!(", pool {pool}") }
+            )));
+        }
+    }
     if candidates.len() <= 1 {
         return Ok(candidates.into_iter().next());
     }

@@ -126,10 +126,13 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
             )));
         }
     }
-    if limits.disk_limit_bytes.is_some() {
-        return Err(ControllerError::invalid(
-            "spawn_config.executable.resource_limits.disk_limit_bytes is not supported by this cluster's drones: Docker limits a container's disk only with --storage-opt size on overlay2 over xfs with project quotas, which they do not use; leave it out or null",
-        ));
+    if let Some(bytes) = limits.disk_limit_bytes {
+        // Whether a drone can enforce it is settled at placement.
+        if bytes < 1024 * 1024 {
+            return Err(ControllerError::invalid(format!(
+                "spawn_config.executable.resource_limits.disk_limit_bytes must be at least 1048576 (1 MiB), got {bytes}"
+            )));
+        }
     }
     if let Some(bytes) = limits.memory_limit_bytes {
         if bytes < 6 * 1024 * 1024 {

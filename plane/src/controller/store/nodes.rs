@@ -55,6 +55,8 @@ pub struct NodeSession<'a> {
     pub instance: &'a str,
     /// The controller holding the session.
     pub controller: &'a str,
+    /// A drone whose engine can limit a container's disk.
+    pub disk_limits: bool,
 }
 
 fn parse_name<T: std::str::FromStr>(row: &AnyRow, column: &str) -> StoreResult<T>
@@ -79,9 +81,10 @@ impl Store {
         live_since: Millis,
     ) -> StoreResult<Option<i64>> {
         let row = sqlx::query(
-            "INSERT INTO node (cluster, kind, name, pool, version, hash, instance, last_seen, connected_to, generation) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1) \
+            "INSERT INTO node (cluster, kind, name, pool, version, hash, instance, last_seen, connected_to, generation, disk_limits) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $11) \
              ON CONFLICT (cluster, kind, name) DO UPDATE SET pool = excluded.pool, \
+             disk_limits = excluded.disk_limits, \
              version = excluded.version, hash = excluded.hash, instance = excluded.instance, \
              last_seen = excluded.last_seen, lost_at = NULL, \
              connected_to = excluded.connected_to, generation = node.generation + 1 \
@@ -99,6 +102,7 @@ impl Store {
         .bind(Millis::now().0)
         .bind(session.controller)
         .bind(live_since.0)
+        .bind(i64::from(session.disk_limits))
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| row.try_get("generation"))
@@ -169,19 +173,24 @@ impl Store {
 
     /// The drones of a cluster's pool that can take a backend: in a session with some
     /// controller, not drained, and heard from since `seen_since`.
+    /// The drones that can take a new backend of `pool` now (with `needs_disk_limits`, only
+    /// those that can limit its disk).
     pub async fn placeable_drones(
         &self,
         cluster: &ClusterName,
         pool: &str,
         seen_since: Millis,
+        needs_disk_limits: bool,
     ) -> StoreResult<Vec<NodeName>> {
         let rows = sqlx::query(
             "SELECT name FROM node WHERE cluster = $1 AND kind = 'drone' AND pool = $2 \
-             AND connected_to IS NOT NULL AND lost_at IS NULL AND draining = 0 AND last_seen >= $3",
+             AND connected_to IS NOT NULL AND lost_at IS NULL AND draining = 0 AND last_seen >= $3 \
+             AND disk_limits >= $4",
         )
         .bind(cluster.as_str())
         .bind(pool)
         .bind(seen_since.0)
+        .bind(i64::from(needs_disk_limits))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|row| parse_name(row, "name")).collect()
