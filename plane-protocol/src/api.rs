@@ -421,8 +421,8 @@ pub enum PrepullOutcome {
     Failed,
     /// Still pulling when the wait ended.
     Pending,
-    /// Connected to another controller, which this one cannot ask; ask that one (or use
-    /// `plane drone --prepull`).
+    /// Connected to another controller that could not be asked (`error` says why); ask that
+    /// one (or use `plane drone --prepull`).
     NotReached,
     /// Its connection ended before it answered.
     Disconnected,

@@ -1,8 +1,8 @@
 //! Image pulls against a real (local, password-protected) registry: each pull policy, and
 //! registry credentials.
 
-use crate::db_test;
 use crate::harness::{test_image, TestEnv};
+use crate::{db_test, postgres_test};
 use bollard::auth::DockerCredentials;
 use bollard::image::{PushImageOptions, RemoveImageOptions, TagImageOptions};
 use futures_util::StreamExt;
@@ -247,6 +247,31 @@ db_test!(
         assert!(present_locally(&image).await);
         drone.shutdown().await;
         remove_local(&image).await;
+        env
+    }
+);
+
+postgres_test!(
+    prepull_reaches_drones_connected_to_other_controllers,
+    |env: TestEnv| async move {
+        // The test's drone is connected to the first controller; ask the second.
+        let registry = registry();
+        let image = registry.push_fresh_image().await;
+        let other = env.start_controller().await;
+        let (status, body) = env
+            .api_at(&other.url())
+            .post(
+                &format!("/ctrl/c/{}/prepull", env.cluster),
+                &serde_json::json!({ "image": image, "credentials": registry.credentials() }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let drones = body["drones"].as_array().expect("drones");
+        assert_eq!(drones.len(), 1, "{body}");
+        assert_eq!(drones[0]["drone"], env.drone.name().as_str(), "{body}");
+        assert_eq!(drones[0]["outcome"], "pulled", "{body}");
+        assert!(present_locally(&image).await, "pulled before the answer");
+        other.shutdown().await;
         env
     }
 );

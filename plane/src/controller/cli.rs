@@ -20,6 +20,10 @@ pub struct ControllerOpts {
     /// URL this controller is reachable at (used in status URLs).
     #[arg(long, env = "PLANE_PUBLIC_URL")]
     pub public_url: Option<Url>,
+    /// URL the other controllers on the database reach this one at, for requests to the
+    /// nodes connected here (logs, prepulls) [default: --public-url].
+    #[arg(long, env = "PLANE_PEER_URL")]
+    pub peer_url: Option<Url>,
     /// Cluster for spawn configs that name none.
     #[arg(long, env = "PLANE_DEFAULT_CLUSTER")]
     pub default_cluster: Option<ClusterName>,
@@ -65,6 +69,7 @@ impl ControllerOpts {
         let config = ControllerConfig {
             listen: SocketAddr::new(self.host, self.port),
             public_url: self.public_url,
+            peer_url: self.peer_url,
             default_cluster: self.default_cluster,
             sweep_interval_ms: self.sweep_interval_ms,
             route_wait_timeout_ms: self.route_wait_timeout_ms,

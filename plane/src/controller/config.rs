@@ -23,6 +23,10 @@ pub struct ControllerConfig {
     /// Base URL apps and browsers reach this controller at; used to build `status_url`.
     /// Defaults to `http://<listen address>`.
     pub public_url: Option<Url>,
+    /// Base URL the other controllers on the database reach this one at, to pass it
+    /// requests for the nodes connected here (logs, prepulls). Defaults to `public_url`;
+    /// set it when that is a load balancer's.
+    pub peer_url: Option<Url>,
     /// Cluster used when a spawn config names none.
     pub default_cluster: Option<ClusterName>,
     /// How often the sweeper looks for idle, expired or lost backends, in milliseconds.
@@ -70,6 +74,7 @@ impl ControllerConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             db: db.into(),
             public_url: None,
+            peer_url: None,
             default_cluster: None,
             sweep_interval_ms: 1000,
             route_wait_timeout_ms: 60_000,

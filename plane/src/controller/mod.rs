@@ -17,6 +17,7 @@ mod drone_socket;
 mod error;
 mod node_session;
 mod nodes;
+mod peers;
 mod proxy_socket;
 mod router;
 mod state;
@@ -82,6 +83,14 @@ impl ControllerHandle {
         }
         self.sweeper.abort();
         self.bus.abort();
+        if let Err(err) = self
+            .state
+            .store()
+            .remove_peer(self.state.controller_id())
+            .await
+        {
+            tracing::warn!(error = %err, "could not remove this controller's peer record");
+        }
         self.state.store().close().await;
     }
 }
@@ -127,6 +136,20 @@ pub async fn start(
             tracing::error!(%err, "controller HTTP server failed");
         }
     });
+    let peer_url = state
+        .config()
+        .peer_url
+        .clone()
+        .unwrap_or_else(|| state.public_url().clone());
+    state
+        .store()
+        .register_peer(
+            state.controller_id(),
+            peer_url.as_str(),
+            plane_protocol::time::Millis::now(),
+        )
+        .await
+        .context("recording this controller's --peer-url")?;
     let sweeper = tokio::spawn(sweeper::run(state.clone()));
     tracing::info!(%local_addr, database = state.store().kind().as_str(), "controller listening");
     Ok(ControllerHandle {

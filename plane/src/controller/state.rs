@@ -28,6 +28,8 @@ struct Inner {
     bus: ChangeBus,
     shutdown: CancellationToken,
     ctrl_tokens: CtrlTokens,
+    /// For requests passed to other controllers.
+    peer_http: reqwest::Client,
 }
 
 /// What [`ControllerState::new`] puts together.
@@ -57,6 +59,11 @@ impl ControllerState {
                 bus: parts.bus,
                 shutdown: parts.shutdown,
                 ctrl_tokens: parts.ctrl_tokens,
+                peer_http: reqwest::Client::builder()
+                    .no_proxy()
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .build()
+                    .unwrap_or_default(),
             }),
         }
     }
@@ -81,6 +88,10 @@ impl ControllerState {
 
     pub fn controller_id(&self) -> &str {
         &self.inner.controller_id
+    }
+
+    pub fn peer_http(&self) -> &reqwest::Client {
+        &self.inner.peer_http
     }
 
     pub fn nodes(&self) -> &ConnectedNodes {

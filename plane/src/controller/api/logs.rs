@@ -1,15 +1,18 @@
 //! `GET /ctrl/b/:backend/logs?follow=&tail=`: what a backend printed, relayed from its drone
-//! as server-sent events, one line each (`{stream, time, text}`), oldest first.
+//! as server-sent events, one line each (`{stream, time, text}`), oldest first. A drone
+//! connected to another controller is read through that one (see [`crate::controller::peers`]).
 
 use super::paths::BackendPath;
 use crate::controller::error::ApiErrorResponse;
 use crate::controller::nodes::{LogEvent, LogsRead};
-use crate::controller::ControllerState;
+use crate::controller::store::NodeKind;
+use crate::controller::{peers, ControllerState};
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::extract::{OriginalUri, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::Stream;
+use axum::response::{IntoResponse, Response};
 use plane_protocol::api::{ApiErrorKind, BackendLogLine};
 use plane_protocol::drone::{LogsOutcome, LogsRequest};
 use std::collections::HashMap;
@@ -23,8 +26,10 @@ const MAX_TAIL: u64 = 10_000_000;
 pub async fn handle_logs(
     State(state): State<ControllerState>,
     path: BackendPath,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiErrorResponse> {
+) -> Result<Response, ApiErrorResponse> {
     let Query(query) = query.map_err(|err| ApiErrorResponse::bad_request(err.body_text()))?;
     let (follow, tail) = parse_query(&query).map_err(ApiErrorResponse::bad_request)?;
     let backend = path.backend.clone();
@@ -39,21 +44,38 @@ pub async fn handle_logs(
     };
     let drone = &row.drone;
     let Some(mut read) = state.nodes().start_logs(&row.cluster, drone, request) else {
-        let message = format!(
-            "the logs of backend {backend} are on drone {drone}, which is not connected to this controller"
-        );
-        return Err(ApiErrorResponse::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ApiErrorKind::Other,
-            message,
-        ));
+        let holder = match peers::was_forwarded(&headers) {
+            true => None,
+            false => state
+                .store()
+                .nodes(&row.cluster, NodeKind::Drone)
+                .await?
+                .into_iter()
+                .find(|node| &node.name == drone)
+                .and_then(|node| node.connected_to)
+                .filter(|controller| controller != state.controller_id()),
+        };
+        let Some(controller) = holder else {
+            let message = format!(
+                "the logs of backend {backend} are on drone {drone}, which is not connected to any controller"
+            );
+            return Err(ApiErrorResponse::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ApiErrorKind::Other,
+                message,
+            ));
+        };
+        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        return forward(&state, &controller, path, &headers).await;
     };
     // The drone's first answer says whether it has the logs; only then is this a stream.
     match read.next().await {
         Some(LogEvent::Lines(lines)) => {
             let (sender, receiver) = mpsc::channel(64);
             tokio::spawn(relay(state, read, lines, sender));
-            Ok(Sse::new(ReceiverStream::new(receiver)).keep_alive(KeepAlive::default()))
+            Ok(Sse::new(ReceiverStream::new(receiver))
+                .keep_alive(KeepAlive::default())
+                .into_response())
         }
         Some(LogEvent::End(LogsOutcome::NotKept)) => Err(ApiErrorResponse::not_found(format!(
             "drone {drone} keeps no logs of backend {backend} (a stopped backend's logs are kept for the drone's --log-retention-seconds)"
@@ -65,8 +87,8 @@ pub async fn handle_logs(
         )),
         Some(LogEvent::End(LogsOutcome::Complete)) => {
             // Not sent before the first batch; an empty stream says the same.
-            let (_, receiver) = mpsc::channel(1);
-            Ok(Sse::new(ReceiverStream::new(receiver)).keep_alive(KeepAlive::default()))
+            let (_, receiver) = mpsc::channel::<Result<Event, Infallible>>(1);
+            Ok(Sse::new(ReceiverStream::new(receiver)).into_response())
         }
         None => Err(ApiErrorResponse::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -74,6 +96,37 @@ pub async fn handle_logs(
             format!("drone {drone} disconnected before sending the logs of backend {backend}"),
         )),
     }
+}
+
+/// Reads the logs through `controller`, which holds the drone's session, passing its answer
+/// (an event stream, or its error) on as it comes.
+async fn forward(
+    state: &ControllerState,
+    controller: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiErrorResponse> {
+    let answer = peers::request(
+        state,
+        controller,
+        reqwest::Method::GET,
+        path_and_query,
+        headers,
+    )
+    .await?
+    .send()
+    .await
+    .map_err(|err| peers::unreachable(controller, err))?;
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
+    let mut response = Response::new(Body::from_stream(answer.bytes_stream()));
+    *response.status_mut() = status;
+    if let Some(content_type) = content_type {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
+    }
+    Ok(response)
 }
 
 /// `follow` (`true`/`false`, or bare) and `tail` (a count of lines); anything else is an

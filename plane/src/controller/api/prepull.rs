@@ -1,12 +1,14 @@
 //! `POST /ctrl/c/:cluster/prepull`: every drone of the cluster pulls an image now (Deis'
-//! "preseed" step, on demand), and the answer says, per drone, how it went.
+//! "preseed" step, on demand), and the answer says, per drone, how it went. Drones connected
+//! to other controllers are asked through those (see [`crate::controller::peers`]).
 
 use super::body::ApiJson;
 use super::paths::ClusterPath;
 use crate::controller::error::{ApiErrorResponse, ControllerError};
 use crate::controller::store::NodeKind;
-use crate::controller::ControllerState;
+use crate::controller::{peers, ControllerState};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::Json;
 use plane_protocol::api::{DronePrepull, PrepullOutcome, PrepullRequest, PrepullResult};
 use std::collections::BTreeMap;
@@ -18,6 +20,7 @@ const MAX_TIMEOUT_SECONDS: u64 = 3600;
 pub async fn handle_prepull(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<PrepullRequest>,
 ) -> Result<Json<PrepullResult>, ApiErrorResponse> {
     let image = request.image.trim();
@@ -41,6 +44,39 @@ pub async fn handle_prepull(
         .await
         .map_err(ControllerError::from)?;
     let started = Instant::now();
+    // The other controllers' drones, asked through them meanwhile (unless this request
+    // came from one of them: then only the drones here).
+    let mut elsewhere = Vec::new();
+    if !peers::was_forwarded(&headers) {
+        for (controller, drones) in peers::drones_elsewhere(&state, &cluster).await? {
+            let (state, headers, cluster) = (state.clone(), headers.clone(), cluster.clone());
+            let request = PrepullRequest {
+                image: image.to_string(),
+                credentials: request.credentials.clone(),
+                timeout_seconds: Some(timeout),
+            };
+            let answer = tokio::spawn(async move {
+                let path = format!("/ctrl/c/{cluster}/prepull");
+                let sent =
+                    peers::request(&state, &controller, reqwest::Method::POST, &path, &headers)
+                        .await
+                        .map_err(|err| err.message)?
+                        .json(&request)
+                        .send()
+                        .await
+                        .map_err(|err| format!("controller {controller} did not answer: {err}"))?;
+                if !sent.status().is_success() {
+                    let status = sent.status();
+                    let body = sent.text().await.unwrap_or_default();
+                    return Err(format!("controller {controller} answered {status}: {body}"));
+                }
+                sent.json::<PrepullResult>()
+                    .await
+                    .map_err(|err| format!("controller {controller}'s answer: {err}"))
+            });
+            elsewhere.push((drones, answer));
+        }
+    }
     let (mut wait, asked) =
         state
             .nodes()
@@ -85,7 +121,36 @@ pub async fn handle_prepull(
             entry.outcome = PrepullOutcome::Disconnected;
         }
     }
-    // Connected drones this controller could not ask.
+    // What the other controllers heard from theirs.
+    for (drones, answer) in elsewhere {
+        let answer = answer
+            .await
+            .unwrap_or_else(|err| Err(format!("asking another controller failed: {err}")));
+        match answer {
+            Ok(theirs) => {
+                for entry in theirs.drones {
+                    if drones.contains(&entry.drone) {
+                        results.insert(entry.drone.clone(), entry);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not prepull through another controller");
+                for drone in drones {
+                    results.insert(
+                        drone.clone(),
+                        DronePrepull {
+                            drone,
+                            outcome: PrepullOutcome::NotReached,
+                            error: Some(error.clone()),
+                            millis: None,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    // Connected drones nobody could ask.
     for node in known {
         if node.connected_to.is_some() && !results.contains_key(&node.name) {
             results.insert(

@@ -264,6 +264,44 @@ impl Store {
     /// Takes or keeps the lease named `name` (e.g. the sweeper's) for `holder` until
     /// `expires_at`, if it is free, expired, or already `holder`'s. Returns whether `holder`
     /// holds it now. One conditional upsert, so two controllers never both succeed.
+    /// Records where controller `controller_id` can be reached by the others.
+    pub async fn register_peer(
+        &self,
+        controller_id: &str,
+        url: &str,
+        now: Millis,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO controller_peer (controller_id, url, started_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (controller_id) DO UPDATE SET url = excluded.url, started_at = excluded.started_at",
+        )
+        .bind(controller_id)
+        .bind(url)
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn remove_peer(&self, controller_id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM controller_peer WHERE controller_id = $1")
+            .bind(controller_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Where controller `controller_id` can be reached, if it is running.
+    pub async fn peer_url(&self, controller_id: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT url FROM controller_peer WHERE controller_id = $1")
+            .bind(controller_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| row.try_get("url"))
+            .transpose()
+            .map_err(|err| anyhow::Error::from(err).into())
+    }
+
     pub async fn hold_controller_lease(
         &self,
         name: &str,
