@@ -113,12 +113,10 @@ async fn ten_thousand_lines_arrive_complete_in_order_live_and_after_the_end() {
                 );
             }
 
+            // The engine orders lines across the two streams as its copiers write them, so
+            // the last five are whatever the whole log ends with.
             let last = logs(&env, &id, Some(5)).await.expect("tail");
-            assert_eq!(texts(&last, LogStream::Stderr), numbered(1..=3, 3));
-            assert_eq!(
-                texts(&last, LogStream::Stdout),
-                numbered(9_999..=10_000, 10_000)
-            );
+            assert_eq!(last, lines[lines.len() - 5..].to_vec());
 
             // The followed stream saw the same, live, and ends when the backend does.
             let mut live = Vec::new();
@@ -173,9 +171,17 @@ async fn ten_thousand_lines_arrive_complete_in_order_live_and_after_the_end() {
             let text = plane(&controller, &["admin", "logs", id.as_str(), "--tail", "5"])
                 .await
                 .succeeded();
-            assert_eq!(text.stdout, "line 10000 of 10000\n");
+            let of_stream = |stream| {
+                let last_five = &after[after.len() - 5..];
+                texts(last_five, stream)
+                    .into_iter()
+                    .map(|text| format!("{text}\n"))
+                    .collect::<String>()
+            };
+            assert_eq!(text.stdout, of_stream(LogStream::Stdout));
+            assert_eq!(text.stderr, of_stream(LogStream::Stderr));
             assert!(
-                text.stderr == "line 1 of 3\nline 2 of 3\nline 3 of 3\nSIGTERM received; exiting\n",
+                text.stderr.ends_with("SIGTERM received; exiting\n"),
                 "{}",
                 text.stderr
             );
