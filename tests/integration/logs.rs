@@ -42,6 +42,33 @@ async fn logs(
     Ok(lines)
 }
 
+/// The whole log once it holds every line of `wanted`: the engine's copiers write what a
+/// backend printed a little after it was printed (later still on a loaded machine), one
+/// copier per stream.
+async fn until_logged(
+    env: &TestEnv,
+    backend: &BackendName,
+    wanted: &[&str],
+) -> Vec<BackendLogLine> {
+    let what = format!("the logs to hold {wanted:?}");
+    wait_for(&what, BACKEND_WAIT, || async {
+        let lines = logs(env, backend, None)
+            .await
+            .map_err(|err| err.to_string())?;
+        let held = |text: &&str| lines.iter().any(|line| line.text == *text);
+        if wanted.iter().all(held) {
+            Ok(lines)
+        } else {
+            Err(format!(
+                "{} lines, the last {:?}",
+                lines.len(),
+                lines.last()
+            ))
+        }
+    })
+    .await
+}
+
 fn texts(lines: &[BackendLogLine], stream: LogStream) -> Vec<String> {
     lines
         .iter()
@@ -88,7 +115,7 @@ async fn ten_thousand_lines_arrive_complete_in_order_live_and_after_the_end() {
             print(&env, &backend, 10_000, "stdout").await;
             print(&env, &backend, 3, "stderr").await;
 
-            let lines = logs(&env, &id, None).await.expect("logs");
+            let lines = until_logged(&env, &id, &["line 10000 of 10000", "line 3 of 3"]).await;
             assert_eq!(
                 texts(&lines, LogStream::Stdout),
                 numbered(1..=10_000, 10_000)
@@ -148,7 +175,7 @@ async fn ten_thousand_lines_arrive_complete_in_order_live_and_after_the_end() {
             );
 
             // Kept after the end, whole.
-            let after = logs(&env, &id, None).await.expect("logs after the end");
+            let after = until_logged(&env, &id, &["SIGTERM received; exiting"]).await;
             assert_eq!(
                 texts(&after, LogStream::Stdout),
                 numbered(1..=10_000, 10_000)
@@ -222,7 +249,7 @@ async fn logs_are_bounded_on_disk_and_gone_after_their_retention() {
             // every line since the oldest kept: under load the engine's local driver was seen
             // to lose a few dozen lines where it rotated its files.)
             let lines = texts(
-                &logs(&env, &id, None).await.expect("logs"),
+                &until_logged(&env, &id, &["line 10000 of 10000"]).await,
                 LogStream::Stdout,
             );
             let numbers: Vec<u64> = lines
@@ -324,6 +351,7 @@ crate::postgres_test!(
         let _drone = logging_drone(&env, 3_600, 16 << 20).await;
         let backend = env.connect_ready("elsewhere", &env.spawn_config(&[])).await;
         print(&env, &backend, 100, "stdout").await;
+        until_logged(&env, &backend.backend_id, &["line 100 of 100"]).await;
         // The drone is connected to the first controller; read through the second.
         let other = env.start_controller().await;
         let mut followed = env
