@@ -299,6 +299,13 @@ impl TestEnv {
         proxy
     }
 
+    /// As [`TestEnv::restart_controller`], with this test's controller settings changed by
+    /// `customize` from now on.
+    pub async fn restart_controller_with(&mut self, customize: impl FnOnce(&mut ControllerConfig)) {
+        customize(&mut self.controller_config);
+        self.restart_controller().await;
+    }
+
     /// Stops the controller and starts a new one on the same address and database, then
     /// waits for the drone and proxy to reconnect to it.
     pub async fn restart_controller(&mut self) {

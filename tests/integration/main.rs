@@ -27,6 +27,7 @@ mod proxy;
 mod pull;
 mod relay;
 mod restarts;
+mod retention;
 mod sweep;
 mod volumes;
 mod walkthrough;

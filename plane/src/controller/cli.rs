@@ -54,6 +54,11 @@ pub struct ControllerOpts {
     /// pool.
     #[arg(long, env = "PLANE_PLACEMENT_BEST_OF", default_value_t = 2)]
     pub placement_best_of: usize,
+    /// Delete terminated backends (with their statuses, tokens and actions), acked actions
+    /// and ended tokens older than this many days, in small batches; 0 keeps everything.
+    /// Keys are never deleted (their fencing tokens must keep growing).
+    #[arg(long, env = "PLANE_RETENTION_DAYS", default_value_t = 7)]
+    pub retention_days: u64,
     /// A cluster (with a port) whose proxies serve HTTPS there: its URLs are https://
     /// (repeatable). Clusters without a port, or on 443, are HTTPS anyway.
     #[arg(
@@ -79,6 +84,7 @@ impl ControllerOpts {
             ctrl_token_file: self.ctrl_token_file,
             cluster_secret: self.cluster_secret,
             placement_best_of: self.placement_best_of,
+            retention_ms: self.retention_days.saturating_mul(super::config::DAY_MS),
             https_clusters: self.https_clusters,
             ..ControllerConfig::new(self.db)
         };

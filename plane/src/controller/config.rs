@@ -57,11 +57,29 @@ pub struct ControllerConfig {
     /// pool (at least 1; 2 is the default, a large number means "the least loaded of all").
     #[serde(default = "default_placement_best_of")]
     pub placement_best_of: usize,
+    /// Terminated backends (with their statuses, tokens and actions), acked actions and
+    /// ended tokens older than this many milliseconds are deleted; 0 keeps everything.
+    /// `--retention-days` (default 7).
+    #[serde(default = "default_retention_ms")]
+    pub retention_ms: u64,
+    /// How often the controller holding the sweeper's lease deletes what is past retention.
+    #[serde(default = "default_retention_interval_ms")]
+    pub retention_interval_ms: u64,
     /// Clusters whose proxies serve HTTPS on the port their name carries: connect answers
     /// `https://` URLs for them. (A cluster named without a port, or with 443, is HTTPS
     /// anyway, as in Plane 0.5.)
     #[serde(default)]
     pub https_clusters: Vec<ClusterName>,
+}
+
+pub(crate) const DAY_MS: u64 = 86_400_000;
+
+fn default_retention_ms() -> u64 {
+    7 * DAY_MS
+}
+
+fn default_retention_interval_ms() -> u64 {
+    60_000
 }
 
 fn default_placement_best_of() -> usize {
@@ -84,6 +102,8 @@ impl ControllerConfig {
             ctrl_token_file: None,
             cluster_secret: None,
             placement_best_of: default_placement_best_of(),
+            retention_ms: default_retention_ms(),
+            retention_interval_ms: default_retention_interval_ms(),
             https_clusters: Vec::new(),
         }
     }

@@ -1,7 +1,7 @@
 //! The sweeper: the controller's timed work. Each pass soft-terminates backends idle past
 //! `max_idle_seconds` or older than `lifetime_limit_seconds` (reason `swept`), records as
 //! `terminated{lost}` every backend whose key lease ran out, and declares drones silent past
-//! the lost window lost.
+//! the lost window lost; and, less often, deletes old data past `--retention-days`.
 
 use super::backends::terminate;
 use super::ControllerState;
@@ -17,11 +17,19 @@ const MIN_LEADER_LEASE_MS: u64 = 2_000;
 /// How many expired leases one pass handles; the rest wait for the next pass.
 const EXPIRED_PER_PASS: i64 = 500;
 
+/// Old rows deleted per transaction, and transactions per retention pass: small, so a
+/// backlog (a first run on a database years old) is worked off over many passes without
+/// holding either database busy.
+const PURGE_BATCH: i64 = 500;
+const PURGE_BATCHES_PER_PASS: u32 = 20;
+
 pub async fn run(state: ControllerState) {
     let mut interval = tokio::time::interval(Duration::from_millis(
         state.config().sweep_interval_ms.max(10),
     ));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retention_interval = Duration::from_millis(state.config().retention_interval_ms);
+    let mut last_purge: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = state.shutdown_token().cancelled() => return,
@@ -33,6 +41,32 @@ pub async fn run(state: ControllerState) {
         sweep_idle_and_expired(&state).await;
         sweep_expired_leases(&state).await;
         sweep_lost_drones(&state).await;
+        let retention = state.config().retention_ms;
+        if retention > 0 && last_purge.is_none_or(|at| at.elapsed() >= retention_interval) {
+            last_purge = Some(tokio::time::Instant::now());
+            purge_old_data(&state, Millis::now().minus_millis(retention)).await;
+        }
+    }
+}
+
+async fn purge_old_data(state: &ControllerState, cutoff: Millis) {
+    match state
+        .store()
+        .purge(cutoff, PURGE_BATCH, PURGE_BATCHES_PER_PASS)
+        .await
+    {
+        Ok(purged) if purged.total() > 0 => tracing::info!(
+            backends = purged.backends,
+            statuses = purged.statuses,
+            tokens = purged.tokens,
+            actions = purged.actions,
+            revocations = purged.revocations,
+            "deleted data past retention"
+        ),
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, "could not delete data past retention; retrying next pass")
+        }
     }
 }
 

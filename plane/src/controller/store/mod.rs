@@ -11,11 +11,13 @@ mod changes;
 mod connections;
 mod keys;
 mod nodes;
+mod retention;
 mod tokens;
 
 pub use backends::{BackendRow, CreatedBackend, NewBackend, StatusChange};
 pub use keys::KeyHolder;
 pub use nodes::{NodeKind, NodeRow, NodeSession};
+pub use retention::Purged;
 pub use tokens::{NewToken, Revocation, TokenRow};
 
 use anyhow::Context;
