@@ -17,6 +17,8 @@ const WINDOW: usize = 4;
 /// messages, small enough that heartbeats on the same socket never wait long behind one.
 const BATCH_MAX_LINES: usize = 1_000;
 const BATCH_MAX_BYTES: usize = 64 * 1024;
+/// How long a batch gathers lines after its first: what a followed line may wait.
+const BATCH_GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 /// Log requests served at once; more are refused, so readers cannot pile up tasks.
 const MAX_RELAYS: usize = 64;
 
@@ -130,13 +132,20 @@ async fn relay(
             let mut window = WINDOW - 1;
             loop {
                 let mut batch = Batch::default();
-                // Wait for one line, then take every one already there.
+                // Wait for one line, then take what comes within a few milliseconds: the
+                // engine hands lines over a few at a time, and a batch per handful would
+                // spend the window on round trips.
                 let mut end = batch.take(lines.next().await);
+                let gather_until = tokio::time::Instant::now() + BATCH_GATHER;
                 while end.is_none() && !batch.full() {
-                    match lines.next().now_or_never() {
-                        Some(next) => end = batch.take(next),
-                        None => break,
-                    }
+                    let next = match lines.next().now_or_never() {
+                        Some(next) => next,
+                        None => match tokio::time::timeout_at(gather_until, lines.next()).await {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        },
+                    };
+                    end = batch.take(next);
                 }
                 if !batch.lines.is_empty() {
                     if window == 0 {
