@@ -781,7 +781,7 @@ where
 
 /// Creates an empty database on the server named by `PLANE_TEST_POSTGRES_URL` and returns
 /// (url of the new database, admin url, database name).
-async fn create_postgres_database() -> (String, String, String) {
+pub(crate) async fn create_postgres_database() -> (String, String, String) {
     use sqlx::Connection;
     let admin = std::env::var("PLANE_TEST_POSTGRES_URL").expect(
         "PLANE_TEST_POSTGRES_URL must name a PostgreSQL server for the postgres variants \
@@ -800,7 +800,7 @@ async fn create_postgres_database() -> (String, String, String) {
     (url.to_string(), admin, db_name)
 }
 
-async fn drop_postgres_database(admin: &str, db_name: &str) {
+pub(crate) async fn drop_postgres_database(admin: &str, db_name: &str) {
     use sqlx::Connection;
     if let Ok(mut conn) = sqlx::PgConnection::connect(admin).await {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))

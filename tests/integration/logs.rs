@@ -69,6 +69,18 @@ async fn until_logged(
     .await
 }
 
+/// What a followed stream still sends; it must end (with the backend) within the wait.
+async fn rest_of(
+    followed: impl futures_util::Stream<Item = Result<BackendLogLine, ClientError>>,
+) -> Vec<BackendLogLine> {
+    let rest = tokio::time::timeout(BACKEND_WAIT, followed.collect::<Vec<_>>())
+        .await
+        .expect("the followed stream ends with the backend");
+    rest.into_iter()
+        .map(|line| line.expect("a log line"))
+        .collect()
+}
+
 fn texts(lines: &[BackendLogLine], stream: LogStream) -> Vec<String> {
     lines
         .iter()
@@ -162,13 +174,7 @@ async fn ten_thousand_lines_arrive_complete_in_order_live_and_after_the_end() {
             assert_eq!(texts(&live, LogStream::Stderr), numbered(1..=3, 3));
             env.terminate(&id, TerminationKind::Soft).await;
             env.wait_terminated(&id).await;
-            let rest: Vec<_> = tokio::time::timeout(BACKEND_WAIT, followed.collect::<Vec<_>>())
-                .await
-                .expect("the followed stream ends with the backend");
-            let rest: Vec<_> = rest
-                .into_iter()
-                .map(|line| line.expect("a log line"))
-                .collect();
+            let rest = rest_of(followed).await;
             assert_eq!(
                 texts(&rest, LogStream::Stderr),
                 vec!["SIGTERM received; exiting".to_string()]
@@ -374,13 +380,7 @@ crate::postgres_test!(
         print(&env, &backend, 2, "stderr").await;
         env.terminate(&backend.backend_id, TerminationKind::Soft)
             .await;
-        let rest: Vec<_> = tokio::time::timeout(BACKEND_WAIT, followed.collect::<Vec<_>>())
-            .await
-            .expect("the stream ends with the backend");
-        let rest: Vec<_> = rest
-            .into_iter()
-            .map(|line| line.expect("a log line"))
-            .collect();
+        let rest = rest_of(followed).await;
         assert_eq!(
             texts(&rest, LogStream::Stderr),
             [

@@ -6,6 +6,7 @@ mod harness;
 mod acme;
 mod admin;
 mod auth;
+mod backup;
 mod browser;
 mod client;
 mod connect;

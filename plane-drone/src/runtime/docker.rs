@@ -263,6 +263,41 @@ impl DockerRuntime {
         }
     }
 
+    /// The backends of this drone's containers, only those in one of `statuses` when any
+    /// are given (`created`, `running`, `exited`, ...).
+    async fn our_containers(&self, statuses: &[&str]) -> Result<Vec<BackendName>, RuntimeError> {
+        let mut filters =
+            HashMap::from([("label".to_string(), ownership_labels(&self.inner.config))]);
+        if !statuses.is_empty() {
+            let statuses = statuses.iter().map(|s| s.to_string()).collect();
+            filters.insert("status".to_string(), statuses);
+        }
+        let containers = self
+            .inner
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|err| engine("listing containers", err))?;
+        let mut backends = Vec::new();
+        for container in containers {
+            let label = container
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(BACKEND_LABEL));
+            match label.map(|l| l.parse::<BackendName>()) {
+                Some(Ok(backend_id)) => backends.push(backend_id),
+                _ => {
+                    tracing::warn!(container = ?container.names, "container with this drone's label has no valid backend label; ignoring it")
+                }
+            }
+        }
+        Ok(backends)
+    }
+
     /// The container the engine is asked to create for `spec`: labels, environment, the
     /// published port, limits, network, runtime and GPUs.
     pub fn container_config(&self, spec: &BackendSpec) -> Config<String> {
@@ -487,31 +522,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list_backends(&self) -> Result<Vec<BackendName>, RuntimeError> {
-        let filters = HashMap::from([("label".to_string(), ownership_labels(&self.inner.config))]);
-        let containers = self
-            .inner
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters,
-                ..Default::default()
-            }))
-            .await
-            .map_err(|err| engine("listing containers", err))?;
-        let mut backends = Vec::new();
-        for container in containers {
-            let label = container
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(BACKEND_LABEL));
-            match label.map(|l| l.parse::<BackendName>()) {
-                Some(Ok(backend_id)) => backends.push(backend_id),
-                _ => {
-                    tracing::warn!(container = ?container.names, "container with this drone's label has no valid backend label; ignoring it")
-                }
-            }
-        }
-        Ok(backends)
+        self.our_containers(&[]).await
     }
 
     async fn ready_path(&self, backend_id: &BackendName) -> Option<String> {
@@ -548,32 +559,8 @@ impl Runtime for DockerRuntime {
     }
 
     async fn exited_backends(&self) -> Result<Vec<(BackendName, SystemTime)>, RuntimeError> {
-        let mut filters =
-            HashMap::from([("label".to_string(), ownership_labels(&self.inner.config))]);
-        filters.insert(
-            "status".to_string(),
-            vec!["exited".to_string(), "dead".to_string()],
-        );
-        let containers = self
-            .inner
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters,
-                ..Default::default()
-            }))
-            .await
-            .map_err(|err| engine("listing exited containers", err))?;
         let mut exited = Vec::new();
-        for container in containers {
-            let Some(Ok(backend_id)) = container
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(BACKEND_LABEL))
-                .map(|label| label.parse::<BackendName>())
-            else {
-                continue;
-            };
+        for backend_id in self.our_containers(&["exited", "dead"]).await? {
             let info = match self
                 .inner
                 .docker

@@ -1,6 +1,7 @@
 //! `plane admin` (and its short form `plane connect`): the controller's API from the command
 //! line, through the typed client.
 
+mod backup;
 mod output;
 mod request;
 
@@ -113,6 +114,16 @@ pub enum AdminCommand {
         /// Start each line with its time (RFC 3339, milliseconds, UTC).
         #[arg(long, short)]
         timestamps: bool,
+    },
+    /// Copy a controller's SQLite database while it serves, consistently (restore by
+    /// starting a controller with `--db` on the copy). For PostgreSQL use pg_dump.
+    Backup {
+        /// The database the controller uses (its --db).
+        #[arg(long)]
+        db: String,
+        /// The file to write; it must not exist yet.
+        #[arg(long)]
+        to: std::path::PathBuf,
     },
     /// The drones and proxies of a cluster.
     ClusterState {
@@ -274,6 +285,18 @@ pub async fn run(opts: AdminOpts) -> anyhow::Result<()> {
                     Err(err) => return Err(err).context("printing the logs"),
                 }
             }
+        }
+        AdminCommand::Backup { db, to } => {
+            let report = backup::backup(&db, &to).await?;
+            out.print(&report, |_| {
+                format!(
+                    "backed up {} backends and {} keys to {} ({} bytes)",
+                    report.backends,
+                    report.keys,
+                    report.file.display(),
+                    report.bytes
+                )
+            });
         }
         AdminCommand::ClusterState { cluster } => {
             let state = client

@@ -137,34 +137,52 @@ pub struct Store {
     signals: broadcast::Sender<Signal>,
 }
 
+/// Where a `--db` URL points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseLocation {
+    Postgres(String),
+    Sqlite(std::path::PathBuf),
+}
+
+impl DatabaseLocation {
+    /// `postgres://...` (or `postgresql://`), `sqlite://FILE`, or a plain file path.
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_string()));
+        }
+        match url.split_once("://") {
+            None => Ok(Self::Sqlite(url.into())),
+            Some(("sqlite", path)) => Ok(Self::Sqlite(path.into())),
+            Some((scheme, _)) => anyhow::bail!(
+                "database {url:?}: unsupported scheme {scheme:?}; use postgres://... or a SQLite file path"
+            ),
+        }
+    }
+}
+
 impl Store {
     /// Opens the database named by `url` (`postgres://...`, `sqlite://...`, or a plain file
     /// path for SQLite) and applies the migrations.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
-        let (kind, url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (DatabaseKind::Postgres, url.to_string())
-        } else {
-            let path = match url.split_once("://") {
-                None => url,
-                Some(("sqlite", path)) => path,
-                Some((scheme, _)) => anyhow::bail!(
-                    "database {url:?}: unsupported scheme {scheme:?}; use postgres://... or a SQLite file path"
-                ),
-            };
-            if let Some(parent) = Path::new(path).parent() {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent).with_context(|| {
-                        format!("creating the database directory {}", parent.display())
-                    })?;
+        let (kind, url) = match DatabaseLocation::parse(url)? {
+            DatabaseLocation::Postgres(url) => (DatabaseKind::Postgres, url),
+            DatabaseLocation::Sqlite(path) => {
+                let path = path.to_str().context("the SQLite path is not UTF-8")?;
+                if let Some(parent) = Path::new(path).parent() {
+                    if !parent.as_os_str().is_empty() {
+                        std::fs::create_dir_all(parent).with_context(|| {
+                            format!("creating the database directory {}", parent.display())
+                        })?;
+                    }
                 }
+                // The path becomes part of a URL: escape what would end or re-read it.
+                let escaped = path
+                    .replace('%', "%25")
+                    .replace('?', "%3F")
+                    .replace('#', "%23");
+                (DatabaseKind::Sqlite, format!("sqlite://{escaped}?mode=rwc"))
             }
-            // The path becomes part of a URL: escape what would end or re-read it.
-            let escaped = path
-                .replace('%', "%25")
-                .replace('?', "%3F")
-                .replace('#', "%23");
-            (DatabaseKind::Sqlite, format!("sqlite://{escaped}?mode=rwc"))
         };
 
         let options = match kind {
