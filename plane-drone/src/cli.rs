@@ -135,6 +135,10 @@ pub struct DroneOpts {
     /// least 65536.
     #[arg(long, env = "PLANE_LOG_MAX_BYTES", default_value_t = crate::config::default_log_max_bytes())]
     pub log_max_bytes: u64,
+
+    /// Serve Prometheus metrics at /metrics on this port of --ip [default: off].
+    #[arg(long, env = "PLANE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
 }
 
 /// The engine splits long lines into 16 KiB pieces; below this, each of the two log files
@@ -183,6 +187,7 @@ impl DroneOpts {
             docker_network: self.docker_network,
             log_retention_seconds: self.log_retention_seconds,
             log_max_bytes: self.log_max_bytes,
+            metrics_port: self.metrics_port,
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),
             ..DroneConfig::new(self.controller_url, self.cluster)

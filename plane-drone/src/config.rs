@@ -110,6 +110,13 @@ pub struct DroneConfig {
     /// beyond it.
     #[serde(default = "default_log_max_bytes")]
     pub log_max_bytes: u64,
+    /// Where the drone registers its metrics (`plane dev` shares one with its other
+    /// components).
+    #[serde(skip)]
+    pub metrics: plane_metrics::MetricsRegistry,
+    /// Serve Prometheus metrics at /metrics on this port of `--ip` (off when `None`).
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
 }
 
 /// What a drone does with its backends when it shuts down.
@@ -217,6 +224,8 @@ impl DroneConfig {
             docker_network: None,
             log_retention_seconds: default_log_retention_seconds(),
             log_max_bytes: default_log_max_bytes(),
+            metrics: Default::default(),
+            metrics_port: None,
             mount_base: None,
             prepull: Vec::new(),
             prepull_credentials: None,

@@ -71,6 +71,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
             runtime: config.docker_runtime.clone(),
             network: config.docker_network.clone(),
             log_max_bytes: config.log_max_bytes,
+            metrics: config.metrics.clone(),
         },
         &cancel,
     )
@@ -111,6 +112,16 @@ pub async fn start_with_runtime<R: Runtime>(
         fence::spawn(executable, &config.state_dir)?;
     }
     let leases_handle = leases.clone();
+    let runtime = runtime::measured::Measured::new(runtime, &config.metrics);
+    if let Some(port) = config.metrics_port {
+        plane_metrics::serve_on(
+            config.ip,
+            port,
+            config.metrics.clone(),
+            cancel.child_token(),
+        )
+        .await?;
+    }
     let runtime_disk_limits = runtime.supports_disk_limits();
     let (executor, executor_task) = executor::start(
         runtime,

@@ -116,6 +116,7 @@ async fn docker_runtime_runs_signals_and_removes_a_backend() {
             network: None,
 
             log_max_bytes: 1 << 20,
+            metrics: Default::default(),
         },
         &cancel,
     )
@@ -262,6 +263,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             network: Some(drone_network.clone()),
 
             log_max_bytes: 1 << 20,
+            metrics: Default::default(),
         },
         &cancel,
     )

@@ -103,7 +103,10 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     .context("building the demo backend image")?;
 
     let db = opts.data_dir.join("plane.db");
+    // One registry for every component here: the controller's /metrics serves them all.
+    let metrics = plane_metrics::MetricsRegistry::new();
     let mut controller_config = ControllerConfig::new(db.display().to_string());
+    controller_config.metrics = metrics.clone();
     controller_config.default_cluster = Some(cluster.clone());
     if opts.https {
         controller_config.https_clusters = vec![cluster.clone()];
@@ -132,6 +135,7 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     drone_config.fence_executable = Some(executable.clone());
     // Stopping `plane dev` stops what it ran.
     drone_config.on_shutdown = plane_drone::OnShutdown::Terminate;
+    drone_config.metrics = metrics.clone();
     let drone = plane_drone::start(drone_config).await?;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

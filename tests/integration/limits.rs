@@ -135,6 +135,7 @@ async fn engine_limits_disk() -> bool {
         runtime: None,
         network: None,
         log_max_bytes: 1 << 20,
+        metrics: Default::default(),
     };
     let runtime = plane_drone::runtime::docker::DockerRuntime::connect(config, &cancel)
         .await

@@ -22,6 +22,7 @@ mod leases;
 mod lifecycle;
 mod limits;
 mod logs;
+mod metrics;
 mod placement;
 mod plane_compat;
 mod proxy;

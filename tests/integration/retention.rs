@@ -89,6 +89,9 @@ db_test!(
             },
         )
         .await;
+        let scrape = crate::metrics::Scrape::of(&env.client, &env.controller_url("/metrics")).await;
+        let deleted = [("kind", "backends")];
+        assert!(scrape.value("plane_retention_deleted_rows_total", &deleted) >= 1.0);
         env
     }
 );

@@ -53,6 +53,9 @@ db_test!(
         let response = env.connect("lonely", &config).await;
         let entry = env.wait_terminated(&response.backend_id).await;
         assert_eq!(entry.termination_reason, Some(TerminationReason::Swept));
+        let scrape = crate::metrics::Scrape::of(&env.client, &env.controller_url("/metrics")).await;
+        let swept = [("reason", "idle_or_expired")];
+        assert!(scrape.value("plane_sweeps_total", &swept) >= 1.0);
         env
     }
 );

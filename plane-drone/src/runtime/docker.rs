@@ -26,6 +26,9 @@ use plane_protocol::api::{ExecutorConfig, PullPolicy, ResourceLimits};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::time::Millis;
 use plane_protocol::BACKEND_CONTAINER_PORT;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -73,6 +76,13 @@ pub struct DockerRuntimeConfig {
     /// The most a backend's logs take on disk (`--log-max-bytes`): the engine's `local` log
     /// driver keeps two files of half this each and drops the oldest lines beyond.
     pub log_max_bytes: u64,
+    /// Where `plane_drone_image_pulls_total` is registered.
+    pub metrics: plane_metrics::MetricsRegistry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PullLabels {
+    outcome: &'static str,
 }
 
 /// A container of ours exited.
@@ -91,6 +101,8 @@ pub struct DockerRuntime {
 
 struct Inner {
     docker: Docker,
+    /// Image pulls, by outcome (`pulled`, `failed`).
+    pulls: Family<PullLabels, Counter>,
     config: DockerRuntimeConfig,
     /// The engine's storage driver, and whether it can limit a container's disk.
     storage: StorageDriver,
@@ -126,6 +138,14 @@ impl DockerRuntime {
             .await
             .context("asking the Docker engine about its storage driver")?;
         let storage = StorageDriver::of(&info);
+        let pulls = Family::<PullLabels, Counter>::default();
+        config.metrics.register(|r| {
+            r.register(
+                "plane_drone_image_pulls",
+                "Image pulls from a registry, by outcome (pulled or failed).",
+                pulls.clone(),
+            )
+        });
         tracing::info!(driver = %storage.name, disk_limits = storage.disk_limits, "Docker storage driver");
 
         let (exits, _) = broadcast::channel(1024);
@@ -139,6 +159,7 @@ impl DockerRuntime {
         Ok(Self {
             inner: Arc::new(Inner {
                 docker,
+                pulls,
                 config,
                 storage,
                 exits,
@@ -186,12 +207,19 @@ impl DockerRuntime {
             Ok(())
         };
         let timeout = self.inner.config.pull_timeout;
-        tokio::time::timeout(timeout, pull)
+        let result = tokio::time::timeout(timeout, pull)
             .await
             .map_err(|_| RuntimeError::ImageUnavailable {
                 image: image.clone(),
                 message: format!("pull did not finish within {} ms", timeout.as_millis()),
-            })?
+            })
+            .and_then(|pulled| pulled);
+        let outcome = if result.is_ok() { "pulled" } else { "failed" };
+        self.inner
+            .pulls
+            .get_or_create(&PullLabels { outcome })
+            .inc();
+        result
     }
 
     /// Whether the image is present locally.

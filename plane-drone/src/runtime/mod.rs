@@ -4,6 +4,7 @@
 pub mod docker;
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod measured;
 
 use futures_util::stream::BoxStream;
 use plane_protocol::api::{BackendLogLine, ExecutorConfig, Gpus, ResourceLimits};

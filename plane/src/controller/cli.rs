@@ -59,6 +59,10 @@ pub struct ControllerOpts {
     /// Keys are never deleted (their fencing tokens must keep growing).
     #[arg(long, env = "PLANE_RETENTION_DAYS", default_value_t = 7)]
     pub retention_days: u64,
+    /// Serve Prometheus metrics at /metrics on this port too, without a token (they are also
+    /// at /metrics on the API port, behind --ctrl-token when it is set).
+    #[arg(long, env = "PLANE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
     /// A cluster (with a port) whose proxies serve HTTPS there: its URLs are https://
     /// (repeatable). Clusters without a port, or on 443, are HTTPS anyway.
     #[arg(
@@ -85,6 +89,7 @@ impl ControllerOpts {
             cluster_secret: self.cluster_secret,
             placement_best_of: self.placement_best_of,
             retention_ms: self.retention_days.saturating_mul(super::config::DAY_MS),
+            metrics_port: self.metrics_port,
             https_clusters: self.https_clusters,
             ..ControllerConfig::new(self.db)
         };

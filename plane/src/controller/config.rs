@@ -65,6 +65,13 @@ pub struct ControllerConfig {
     /// How often the controller holding the sweeper's lease deletes what is past retention.
     #[serde(default = "default_retention_interval_ms")]
     pub retention_interval_ms: u64,
+    /// Where the controller registers its metrics (`plane dev` shares one with its other
+    /// components); served at `/metrics`.
+    #[serde(skip)]
+    pub metrics: plane_metrics::MetricsRegistry,
+    /// Also serve `/metrics` without a token on this port of `--host`.
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
     /// Clusters whose proxies serve HTTPS on the port their name carries: connect answers
     /// `https://` URLs for them. (A cluster named without a port, or with 443, is HTTPS
     /// anyway, as in Plane 0.5.)
@@ -104,6 +111,8 @@ impl ControllerConfig {
             placement_best_of: default_placement_best_of(),
             retention_ms: default_retention_ms(),
             retention_interval_ms: default_retention_interval_ms(),
+            metrics: Default::default(),
+            metrics_port: None,
             https_clusters: Vec::new(),
         }
     }

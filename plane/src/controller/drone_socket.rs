@@ -12,6 +12,7 @@ use axum::extract::ws::WebSocket;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
+use plane_protocol::backend::BackendStatus;
 use plane_protocol::drone::{BackendEvent, MessageFromDrone, MessageToDrone};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::time::Millis;
@@ -345,8 +346,18 @@ async fn apply_event(
         .await;
     match result {
         // The change bus carries it to streams, route waits and proxies.
-        Ok(Some(_)) => {
+        Ok(Some(change)) => {
             tracing::info!(backend = %event.backend_id, status = %event.update.status, "backend status");
+            let first_ready =
+                event.update.status == BackendStatus::Ready && event.update.health.is_none();
+            if first_ready {
+                if let Ok(Some(row)) = state.store().backend(&event.backend_id).await {
+                    let took = change.time.0.saturating_sub(row.created_at.0).max(0);
+                    state
+                        .metrics()
+                        .backend_ready(Duration::from_millis(took as u64));
+                }
+            }
         }
         Ok(None) => {
             tracing::debug!(backend = %event.backend_id, status = %event.update.status, "stale or foreign status ignored");

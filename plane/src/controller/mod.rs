@@ -15,6 +15,7 @@ pub mod config;
 mod dns_socket;
 mod drone_socket;
 mod error;
+pub mod metrics;
 mod node_session;
 mod nodes;
 mod peers;
@@ -150,6 +151,24 @@ pub async fn start(
         )
         .await
         .context("recording this controller's --peer-url")?;
+    if let Some(port) = state.config().metrics_port {
+        let host = state.config().listen.ip();
+        let listener = TcpListener::bind((host, port))
+            .await
+            .with_context(|| format!("binding --metrics-port {port} on {host}"))?;
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(metrics::handle_metrics))
+            .with_state(state.clone());
+        let shutdown = state.shutdown_token().clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "the metrics server failed");
+            }
+        });
+    }
     let sweeper = tokio::spawn(sweeper::run(state.clone()));
     tracing::info!(%local_addr, database = state.store().kind().as_str(), "controller listening");
     Ok(ControllerHandle {

@@ -4,7 +4,7 @@
 use super::api::{cluster, connect, drain, logs, prepull, revoke, status, terminate};
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
-use super::{auth, dns_socket, drone_socket, proxy_socket};
+use super::{auth, dns_socket, drone_socket, metrics, proxy_socket};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
@@ -47,6 +47,7 @@ pub fn router(state: ControllerState) -> Router {
         .nest("/ctrl/b/{backend}", backend_control_routes.clone())
         .nest("/ctrl/c/{cluster}/b/{backend}", backend_control_routes)
         .route("/ctrl/status", get(cluster::handle_controller_status))
+        .route("/metrics", get(metrics::handle_metrics))
         .route(
             "/ctrl/c/{cluster}/state",
             get(cluster::handle_cluster_state),

@@ -30,6 +30,7 @@ struct Inner {
     ctrl_tokens: CtrlTokens,
     /// For requests passed to other controllers.
     peer_http: reqwest::Client,
+    metrics: super::metrics::ControllerMetrics,
 }
 
 /// What [`ControllerState::new`] puts together.
@@ -51,6 +52,7 @@ impl ControllerState {
         ControllerState {
             inner: Arc::new(Inner {
                 store: parts.store,
+                metrics: super::metrics::ControllerMetrics::new(&parts.config.metrics),
                 config: parts.config,
                 public_url: parts.public_url,
                 // Plane 0.5's prefix for controller names.
@@ -88,6 +90,10 @@ impl ControllerState {
 
     pub fn controller_id(&self) -> &str {
         &self.inner.controller_id
+    }
+
+    pub fn metrics(&self) -> &super::metrics::ControllerMetrics {
+        &self.inner.metrics
     }
 
     pub fn peer_http(&self) -> &reqwest::Client {

@@ -4,6 +4,7 @@
 //! the lost window lost; and, less often, deletes old data past `--retention-days`.
 
 use super::backends::terminate;
+use super::metrics::SweepReason;
 use super::ControllerState;
 use plane_protocol::backend::{TerminationKind, TerminationReason};
 use plane_protocol::time::Millis;
@@ -55,14 +56,17 @@ async fn purge_old_data(state: &ControllerState, cutoff: Millis) {
         .purge(cutoff, PURGE_BATCH, PURGE_BATCHES_PER_PASS)
         .await
     {
-        Ok(purged) if purged.total() > 0 => tracing::info!(
-            backends = purged.backends,
-            statuses = purged.statuses,
-            tokens = purged.tokens,
-            actions = purged.actions,
-            revocations = purged.revocations,
-            "deleted data past retention"
-        ),
+        Ok(purged) if purged.total() > 0 => {
+            state.metrics().purged(&purged);
+            tracing::info!(
+                backends = purged.backends,
+                statuses = purged.statuses,
+                tokens = purged.tokens,
+                actions = purged.actions,
+                revocations = purged.revocations,
+                "deleted data past retention"
+            )
+        }
         Ok(_) => {}
         Err(err) => {
             tracing::warn!(error = %err, "could not delete data past retention; retrying next pass")
@@ -108,7 +112,7 @@ async fn sweep_idle_and_expired(state: &ControllerState) {
     };
     for backend in due {
         tracing::info!(%backend, "sweeping idle or expired backend");
-        if let Err(err) = terminate(
+        match terminate(
             state,
             &backend,
             TerminationKind::Soft,
@@ -116,7 +120,8 @@ async fn sweep_idle_and_expired(state: &ControllerState) {
         )
         .await
         {
-            tracing::warn!(%backend, error = %err, "sweep failed");
+            Ok(_) => state.metrics().swept(SweepReason::IdleOrExpired, 1),
+            Err(err) => tracing::warn!(%backend, error = %err, "sweep failed"),
         }
     }
 }
@@ -145,6 +150,7 @@ async fn sweep_expired_leases(state: &ControllerState) {
         {
             Ok(Some(_)) => {
                 tracing::warn!(backend = %backend.id, drone = %backend.drone, "lease ran out; backend lost");
+                state.metrics().swept(SweepReason::LeaseExpired, 1);
             }
             Ok(None) => {} // renewed or terminated meanwhile
             Err(err) => {
@@ -159,6 +165,9 @@ async fn sweep_lost_drones(state: &ControllerState) {
     let silent_since = now.minus_millis(state.config().lost_window_ms);
     match state.store().mark_lost_drones(silent_since, now).await {
         Ok(lost) => {
+            state
+                .metrics()
+                .swept(SweepReason::DroneLost, lost.len() as u64);
             for (cluster, drone) in lost {
                 tracing::warn!(%cluster, %drone, "drone silent past the lost window; declared lost");
             }

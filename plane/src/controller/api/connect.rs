@@ -8,17 +8,34 @@ use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, SpawnRequest};
+use std::time::Instant;
 
 pub async fn handle_connect(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<ConnectRequest>,
 ) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
-    Ok(Json(backends::connect(&state, &request).await?))
+    let started = Instant::now();
+    let result = backends::connect(&state, &request)
+        .await
+        .map_err(Into::into);
+    let spawned = |answer: &ConnectResponse| answer.spawned;
+    state
+        .metrics()
+        .request_done("connect", started.elapsed(), &result, spawned);
+    result.map(Json)
 }
 
 pub async fn handle_spawn(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<SpawnRequest>,
 ) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
-    Ok(Json(backends::spawn_new(&state, &request).await?))
+    let started = Instant::now();
+    let result = backends::spawn_new(&state, &request)
+        .await
+        .map_err(Into::into);
+    let spawned = |answer: &ConnectResponse| answer.spawned;
+    state
+        .metrics()
+        .request_done("spawn", started.elapsed(), &result, spawned);
+    result.map(Json)
 }

@@ -7,6 +7,7 @@
 mod acme;
 mod actions;
 mod backends;
+mod census;
 mod changes;
 mod connections;
 mod keys;
@@ -15,6 +16,7 @@ mod retention;
 mod tokens;
 
 pub use backends::{BackendRow, CreatedBackend, NewBackend, StatusChange};
+pub use census::Counted;
 pub use keys::KeyHolder;
 pub use nodes::{NodeKind, NodeRow, NodeSession};
 pub use retention::Purged;
