@@ -1,11 +1,13 @@
 //! The body type of every response the proxy sends: a backend's streamed body or one of the
 //! proxy's own. A streamed body holds the backend's connection guard until it ends, and hands
-//! the backend connection back to the pool the moment its last byte has been read.
+//! the backend connection back to the pool the moment its last byte has been read. And the
+//! body of every request to a backend, which counts the bytes it carries.
 
 use crate::connection_tracker::ConnectionGuard;
 use crate::upstream_pool::PooledReturn;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -23,6 +25,8 @@ pub enum ProxyBody {
 /// Boxed inside [`ProxyBody`] so the common small cases stay small.
 pub struct Streamed {
     body: Incoming,
+    /// Bytes passed on to the client.
+    relayed: Counter,
     guard: Option<ConnectionGuard>,
     /// The backend connection the body arrives on, to pool again once the body has ended.
     pooled: Option<PooledReturn>,
@@ -40,9 +44,15 @@ impl ProxyBody {
 
     /// A backend's body, streamed through; `guard` is released when it ends or is dropped,
     /// and `pooled` goes back to its pool if (and only if) the body was read to the end.
-    pub fn streamed(body: Incoming, guard: ConnectionGuard, pooled: Option<PooledReturn>) -> Self {
+    pub fn streamed(
+        body: Incoming,
+        guard: ConnectionGuard,
+        pooled: Option<PooledReturn>,
+        relayed: Counter,
+    ) -> Self {
         Self::Streamed(Box::new(Streamed {
             body,
+            relayed,
             guard: Some(guard),
             pooled,
         }))
@@ -82,6 +92,11 @@ impl Body for ProxyBody {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
             Self::Streamed(streamed) => {
                 let polled = Pin::new(&mut streamed.body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        streamed.relayed.inc_by(data.len() as u64);
+                    }
+                }
                 match &polled {
                     Poll::Ready(None) => streamed.finish(true),
                     Poll::Ready(Some(Err(_))) => streamed.finish(false),
@@ -110,5 +125,44 @@ impl Body for ProxyBody {
             Self::Full(None) => SizeHint::with_exact(0),
             Self::Streamed(streamed) => streamed.body.size_hint(),
         }
+    }
+}
+
+/// A client's request body on its way to a backend, counting the bytes it carries.
+pub struct RequestBody {
+    body: Incoming,
+    relayed: Counter,
+}
+
+impl RequestBody {
+    pub fn new(body: Incoming, relayed: Counter) -> Self {
+        Self { body, relayed }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.relayed.inc_by(data.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

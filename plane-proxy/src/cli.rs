@@ -78,6 +78,10 @@ pub struct ProxyOpts {
     #[arg(long, env = "PLANE_UPSTREAM_TIMEOUT_MS", default_value_t = DEFAULT_UPSTREAM_TIMEOUT_MS)]
     pub upstream_timeout_ms: u64,
 
+    /// Serve Prometheus metrics at /metrics on this port of --bind-ip [default: off].
+    #[arg(long, env = "PLANE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
     /// The controller's cluster secret (its --cluster-secret), when it requires one. The
     /// controller's bearer token, if any, goes in the URL: `http://TOKEN@host:port`.
     #[arg(long, env = "PLANE_CLUSTER_SECRET")]
@@ -135,6 +139,7 @@ impl ProxyOpts {
         config.shutdown_grace_ms = self.shutdown_grace_ms;
         config.backend_connect_timeout_ms = self.backend_connect_timeout_ms;
         config.upstream_timeout_ms = self.upstream_timeout_ms;
+        config.metrics_port = self.metrics_port;
         config.cluster_secret = self.cluster_secret;
         config.controller_ca = self.controller_ca;
         config.acme = self.acme_endpoint.map(|endpoint| AcmeConfig {

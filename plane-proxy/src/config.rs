@@ -83,6 +83,13 @@ pub struct ProxyConfig {
     /// Obtain (and renew) the certificate at `cert_path` from an ACME CA by DNS-01.
     #[serde(default)]
     pub acme: Option<AcmeConfig>,
+    /// Where the proxy registers its metrics (`plane dev` shares one with its other
+    /// components).
+    #[serde(skip)]
+    pub metrics: plane_metrics::MetricsRegistry,
+    /// Serve Prometheus metrics at /metrics on this port of `bind_ip` (off when `None`).
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
 }
 
 /// Getting the cluster's certificate from an ACME CA by DNS-01 (`--acme-*`).
@@ -254,6 +261,8 @@ impl ProxyConfig {
             backend_connect_timeout_ms: DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
             upstream_timeout_ms: DEFAULT_UPSTREAM_TIMEOUT_MS,
             acme: None,
+            metrics: Default::default(),
+            metrics_port: None,
         }
     }
 

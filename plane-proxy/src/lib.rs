@@ -13,6 +13,7 @@ pub mod config;
 mod connection_tracker;
 mod controller_connection;
 mod headers;
+mod metrics;
 mod proxy_service;
 mod responses;
 mod route;
@@ -211,20 +212,33 @@ pub async fn start_with_listeners(
         Some((listener, _, _)) => Some(listener.local_addr().context("reading the HTTPS address")?),
         None => None,
     };
-    let state = ProxyState::new(
-        controller.clone(),
+    let (https_port, cert) = https_addr
+        .zip(https.as_ref())
+        .map(|(addr, (_, _, cert))| (addr.port(), cert.clone()))
+        .unzip();
+    let state = ProxyState::new(proxy_service::StateParts {
+        controller: controller.clone(),
         tracker,
-        tasks.clone(),
-        hard_stop.clone(),
-        proxy_service::BackendTimeouts {
+        tasks: tasks.clone(),
+        hard_stop: hard_stop.clone(),
+        timeouts: proxy_service::BackendTimeouts {
             connect: config.backend_connect_timeout(),
             answer: config.upstream_timeout(),
         },
-        pool.clone(),
-        https_addr
-            .zip(https.as_ref())
-            .map(|(addr, (_, _, cert))| (addr.port(), cert.clone())),
-    );
+        pool: pool.clone(),
+        https_port,
+        cert,
+        metrics: metrics::ProxyMetrics::new(&config.metrics),
+    });
+    if let Some(port) = config.metrics_port {
+        plane_metrics::serve_on(
+            config.bind_ip,
+            port,
+            config.metrics.clone(),
+            hard_stop.child_token(),
+        )
+        .await?;
+    }
     let parked = Arc::new(AtomicUsize::new(0));
     let server = Server {
         state,

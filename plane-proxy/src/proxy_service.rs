@@ -2,10 +2,11 @@
 //! request to the backend with its headers rewritten, and stream the answer back. An upgrade
 //! (WebSocket) the backend accepts becomes a byte tunnel between client and backend.
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::connection_tracker::{ConnectionGuard, ConnectionTracker};
 use crate::controller_connection::{ControllerClient, RouteError};
 use crate::headers;
+use crate::metrics::ProxyMetrics;
 use crate::responses;
 use crate::route::Route;
 use crate::tls::CertFile;
@@ -49,23 +50,25 @@ impl ClientConnection {
 /// Everything request handling needs. Cheap to clone.
 #[derive(Clone)]
 pub struct ProxyState {
-    inner: Arc<StateInner>,
+    inner: Arc<StateParts>,
 }
 
-struct StateInner {
-    controller: ControllerClient,
-    tracker: ConnectionTracker,
+/// What a [`ProxyState`] is made of.
+pub struct StateParts {
+    pub controller: ControllerClient,
+    pub tracker: ConnectionTracker,
     /// Owns the tasks requests spawn (backend connections, tunnels) so shutdown waits for them.
-    tasks: TaskTracker,
+    pub tasks: TaskTracker,
     /// Fires when the shutdown grace period is over and in-flight work must stop.
-    hard_stop: CancellationToken,
-    timeouts: BackendTimeouts,
+    pub hard_stop: CancellationToken,
+    pub timeouts: BackendTimeouts,
     /// Keep-alive connections to backends, reused across requests.
-    pool: UpstreamPool,
+    pub pool: UpstreamPool,
     /// The HTTPS port, when the proxy serves HTTPS: plain HTTP requests are redirected there.
-    https_port: Option<u16>,
+    pub https_port: Option<u16>,
     /// The certificate served over HTTPS, when it does.
-    cert: Option<Arc<CertFile>>,
+    pub cert: Option<Arc<CertFile>>,
+    pub metrics: ProxyMetrics,
 }
 
 /// How long a backend may take.
@@ -141,32 +144,28 @@ fn split_token(uri: &Uri) -> Option<(&str, Bytes)> {
 }
 
 impl ProxyState {
-    pub fn new(
-        controller: ControllerClient,
-        tracker: ConnectionTracker,
-        tasks: TaskTracker,
-        hard_stop: CancellationToken,
-        timeouts: BackendTimeouts,
-        pool: UpstreamPool,
-        https: Option<(u16, Arc<CertFile>)>,
-    ) -> Self {
-        let (https_port, cert) = https.unzip();
+    pub fn new(parts: StateParts) -> Self {
         Self {
-            inner: Arc::new(StateInner {
-                controller,
-                tracker,
-                tasks,
-                hard_stop,
-                timeouts,
-                pool,
-                https_port,
-                cert,
-            }),
+            inner: Arc::new(parts),
         }
+    }
+
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.inner.metrics
     }
 
     /// Answers one request. Never fails: every problem becomes one of `responses`.
     pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: ClientConnection,
+    ) -> Response<ProxyBody> {
+        let response = self.respond(request, client).await;
+        self.inner.metrics.response(response.status());
+        response
+    }
+
+    async fn respond(
         &self,
         mut request: Request<Incoming>,
         client: ClientConnection,
@@ -187,7 +186,9 @@ impl ProxyState {
         let Some((token, backend_path)) = split_token(request.uri()) else {
             return responses::missing_token();
         };
-        let route = match self.inner.controller.cached_route(token) {
+        let cached = self.inner.controller.cached_route(token);
+        self.inner.metrics.route_lookup(cached.is_some());
+        let route = match cached {
             Some(route) => route,
             None => {
                 // A malformed token can never be valid, so it is unknown without asking.
@@ -235,6 +236,7 @@ impl ProxyState {
             backend_path,
             &client,
             h2_websocket,
+            self.inner.metrics.to_backends(),
         ) {
             Ok(backend_request) => backend_request,
             Err(error) => {
@@ -244,10 +246,14 @@ impl ProxyState {
         };
 
         let exchange = self.exchange(&route, backend_request, upgrade);
+        let sent = std::time::Instant::now();
         let (response, sender) = match tokio::time::timeout(self.inner.timeouts.answer, exchange)
             .await
         {
-            Ok(Ok(exchanged)) => exchanged,
+            Ok(Ok(exchanged)) => {
+                self.inner.metrics.upstream_answered(sent.elapsed());
+                exchanged
+            }
             Ok(Err(error)) => {
                 debug!(backend = %route.backend_id, address = %route.address, %error, "backend unreachable");
                 return responses::bad_gateway();
@@ -278,7 +284,8 @@ impl ProxyState {
         });
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        Response::from_parts(parts, ProxyBody::streamed(body, guard, pooled))
+        let relayed = self.inner.metrics.to_clients();
+        Response::from_parts(parts, ProxyBody::streamed(body, guard, pooled, relayed))
     }
 
     /// `GET /ready`: 200 when the proxy can route (linked to the controller, and holding a
@@ -317,9 +324,9 @@ impl ProxyState {
     async fn exchange(
         &self,
         route: &Route,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, Option<SendRequest<Incoming>>), BackendError> {
+    ) -> Result<(Response<Incoming>, Option<SendRequest<RequestBody>>), BackendError> {
         let pool = &self.inner.pool;
         let mut request = request;
         if route.http2 && !upgrade {
@@ -351,8 +358,8 @@ impl ProxyState {
     async fn exchange_http2(
         &self,
         route: &Route,
-        request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<SendRequest<Incoming>>), BackendError> {
+        request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<SendRequest<RequestBody>>), BackendError> {
         let pool = &self.inner.pool;
         let mut request = into_http2(request)?;
         if let Some(mut sender) = pool.take_multiplexed(&route.backend_id) {
@@ -413,7 +420,7 @@ impl ProxyState {
 
     /// Opens a new HTTP/1.1 connection to a backend; its driving task ends when every
     /// handle to it is gone (or on a hard stop).
-    async fn connect(&self, address: SocketAddr) -> Result<SendRequest<Incoming>, BackendError> {
+    async fn connect(&self, address: SocketAddr) -> Result<SendRequest<RequestBody>, BackendError> {
         let stream = self.connect_tcp(address).await?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -437,7 +444,9 @@ impl ProxyState {
         let backend_upgrade = hyper::upgrade::on(&mut response);
         let hard_stop = self.inner.hard_stop.clone();
         let removed = guard.removed();
+        let metrics = self.inner.metrics.clone();
         self.inner.tasks.spawn(async move {
+            let _open = metrics.websocket_open();
             let backend = guard.backend().clone();
             let tunnel = async {
                 let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
@@ -447,7 +456,8 @@ impl ProxyState {
                         return;
                     }
                 };
-                if let Err(error) = tunnel::join(client, backend).await {
+                let relayed = (metrics.to_backends(), metrics.to_clients());
+                if let Err(error) = tunnel::join(client, backend, relayed).await {
                     debug!(%error, "tunnel ended with an error");
                 }
             };
@@ -469,7 +479,7 @@ impl ProxyState {
 
 /// A backend request (as [`backend_request`] made it) for an HTTP/2 backend: the host moves
 /// from the `Host` header to the `:authority`.
-fn into_http2(request: Request<Incoming>) -> Result<Request<Incoming>, BackendError> {
+fn into_http2(request: Request<RequestBody>) -> Result<Request<RequestBody>, BackendError> {
     let (mut parts, body) = request.into_parts();
     let host = parts
         .headers
@@ -500,7 +510,8 @@ fn backend_request(
     backend_path: Bytes,
     client: &ClientConnection,
     h2_websocket: bool,
-) -> Result<Request<Incoming>, anyhow::Error> {
+    relayed: prometheus_client::metrics::counter::Counter,
+) -> Result<Request<RequestBody>, anyhow::Error> {
     let (mut parts, body) = request.into_parts();
     if h2_websocket {
         headers::h2_websocket_to_http1(&mut parts);
@@ -535,7 +546,7 @@ fn backend_request(
             authority.unwrap_or_else(|| route.host.clone()),
         );
     }
-    Ok(Request::from_parts(parts, body))
+    Ok(Request::from_parts(parts, RequestBody::new(body, relayed)))
 }
 
 #[cfg(test)]

@@ -112,6 +112,7 @@ impl Server {
         let hard_stop = self.hard_stop.clone();
         let parked_count = self.parked.clone();
         self.tasks.spawn(async move {
+            let _open = state.metrics().connection_open();
             let remote_addr = client.remote_addr;
             // HTTP/2 with prior knowledge (h2c) starts with its preface; such a connection is
             // served by hyper's HTTP/2 server for its whole life (it multiplexes, so it is
@@ -336,6 +337,7 @@ impl Server {
         let drain = self.drain.clone();
         let hard_stop = self.hard_stop.clone();
         self.tasks.spawn(async move {
+            let _open = state.metrics().connection_open();
             let remote_addr = client.remote_addr;
             let tls =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

@@ -10,6 +10,7 @@
 use crate::client_stream::ClientStream;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use std::io::{self, ErrorKind};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,10 +25,15 @@ const READS_PER_TURN: usize = 16;
 const FALLBACK_BUFFER: usize = 4 * 1024;
 
 /// Runs the tunnel until both directions have ended or either fails.
-pub async fn join(client: Upgraded, backend: Upgraded) -> io::Result<()> {
+/// `relayed` counts the bytes each way: client to backend, backend to client.
+pub async fn join(
+    client: Upgraded,
+    backend: Upgraded,
+    relayed: (Counter, Counter),
+) -> io::Result<()> {
     let client = match client.downcast::<TokioIo<ClientStream>>() {
         Ok(parts) => parts,
-        Err(client) => return buffered(TokioIo::new(client), TokioIo::new(backend)).await,
+        Err(client) => return buffered(TokioIo::new(client), TokioIo::new(backend), relayed).await,
     };
     let read_buf = client.read_buf;
     let (client, unread_prefix) = client.io.into_inner().into_parts();
@@ -38,8 +44,11 @@ pub async fn join(client: Upgraded, backend: Upgraded) -> io::Result<()> {
     drop((read_buf, unread_prefix));
     match backend.downcast::<TokioIo<TcpStream>>() {
         Ok(backend) => {
-            let upstream = Half::with_pending(client_early);
-            let downstream = Half::with_pending(backend.read_buf.to_vec());
+            let (to_backend, to_client) = relayed;
+            to_backend.inc_by(client_early.len() as u64);
+            to_client.inc_by(backend.read_buf.len() as u64);
+            let upstream = Half::with_pending(client_early, to_backend);
+            let downstream = Half::with_pending(backend.read_buf.to_vec(), to_client);
             let backend_io = backend.io.into_inner();
             drop(backend.read_buf);
             tcp(client, upstream, backend_io, downstream).await
@@ -47,25 +56,32 @@ pub async fn join(client: Upgraded, backend: Upgraded) -> io::Result<()> {
         Err(backend) => {
             let mut backend = TokioIo::new(backend);
             backend.write_all(&client_early).await?;
-            buffered(client, backend).await
+            relayed.0.inc_by(client_early.len() as u64);
+            buffered(client, backend, relayed).await
         }
     }
 }
 
 /// The tunnel for streams whose readiness cannot be awaited without a buffer (TLS, say).
-async fn buffered<C, B>(mut client: C, mut backend: B) -> io::Result<()>
+async fn buffered<C, B>(
+    mut client: C,
+    mut backend: B,
+    relayed: (Counter, Counter),
+) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional_with_sizes(
+    let (to_backend, to_client) = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut backend,
         FALLBACK_BUFFER,
         FALLBACK_BUFFER,
     )
-    .await
-    .map(|_| ())
+    .await?;
+    relayed.0.inc_by(to_backend);
+    relayed.1.inc_by(to_client);
+    Ok(())
 }
 
 /// One direction of the tunnel.
@@ -78,12 +94,15 @@ struct Half {
     eof: bool,
     /// The sink has been shut down: nothing more flows this way.
     done: bool,
+    /// Counts the bytes read this way.
+    relayed: Counter,
 }
 
 impl Half {
-    fn with_pending(pending: Vec<u8>) -> Self {
+    fn with_pending(pending: Vec<u8>, relayed: Counter) -> Self {
         Self {
             pending,
+            relayed,
             ..Self::default()
         }
     }
@@ -108,7 +127,10 @@ impl Half {
                     self.eof = true;
                     return Ok(false);
                 }
-                Ok(read) => read,
+                Ok(read) => {
+                    self.relayed.inc_by(read as u64);
+                    read
+                }
                 Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(false),
                 Err(error) => return Err(error),
             };

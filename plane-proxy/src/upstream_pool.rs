@@ -10,10 +10,10 @@
 //! A backend that serves HTTP/2 (h2c) has one multiplexed connection instead, shared by
 //! every request to it at once, and dropped with the backend like the others.
 
+use crate::body::RequestBody;
 use crate::connection_tracker::Removal;
 use crate::route::Route;
 use dashmap::DashMap;
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use plane_protocol::names::BackendName;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +36,7 @@ pub struct UpstreamPool {
 }
 
 /// A handle to a backend's shared HTTP/2 connection.
-pub type MultiplexedSender = hyper::client::conn::http2::SendRequest<Incoming>;
+pub type MultiplexedSender = hyper::client::conn::http2::SendRequest<RequestBody>;
 
 struct PoolInner {
     idle: DashMap<BackendName, Slot>,
@@ -68,7 +68,7 @@ const TOMBSTONE_LIFETIME: Duration = Duration::from_secs(600);
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 struct IdleConnection {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -87,7 +87,7 @@ impl UpstreamPool {
     }
 
     /// An idle connection to `backend` that can take a request now, if there is one.
-    pub fn take(&self, backend: &BackendName) -> Option<SendRequest<Incoming>> {
+    pub fn take(&self, backend: &BackendName) -> Option<SendRequest<RequestBody>> {
         let mut slot = self.inner.idle.get_mut(backend)?;
         let Slot::Open(idle) = &mut *slot else {
             return None;
@@ -103,7 +103,7 @@ impl UpstreamPool {
 
     /// Keeps a connection whose response has ended for the next request to `backend`,
     /// unless the backend was removed meanwhile.
-    pub fn put(&self, backend: &BackendName, sender: SendRequest<Incoming>) {
+    pub fn put(&self, backend: &BackendName, sender: SendRequest<RequestBody>) {
         if !sender.is_ready() || self.inner.closed.load(Ordering::Acquire) {
             return;
         }
@@ -218,7 +218,7 @@ pub struct PooledReturn {
     pub pool: UpstreamPool,
     /// The backend the connection leads to.
     pub route: Arc<Route>,
-    pub sender: SendRequest<Incoming>,
+    pub sender: SendRequest<RequestBody>,
     /// Fired when the backend is going away: its connections are not pooled again.
     pub removed: Arc<Removal>,
 }
@@ -264,7 +264,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     /// A real keep-alive connection to a tiny local server, ready for a request.
-    async fn connection(listener: &TcpListener) -> SendRequest<Incoming> {
+    async fn connection(listener: &TcpListener) -> SendRequest<RequestBody> {
         let address = listener.local_addr().expect("listener address");
         let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
         let (server, _) = accepted.expect("accept");

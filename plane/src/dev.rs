@@ -117,6 +117,7 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
     let controller_url = controller.url();
 
     let mut proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());
+    proxy_config.metrics = metrics.clone();
     proxy_config.name = NodeName::new_random("px");
     if let (Some(files), Some(listener)) = (&tls_files, &https_listener) {
         proxy_config.https_port = Some(listener.local_addr()?.port());

@@ -285,13 +285,16 @@ impl TestEnv {
         controller: &url::Url,
         cluster: &ClusterName,
     ) -> ProxyHandle {
+        self.start_proxy_with(ProxyConfig::new(controller.clone(), cluster.clone()))
+            .await
+    }
+
+    /// Starts a proxy with `config` on a free loopback port, and waits until it is connected.
+    pub async fn start_proxy_with(&self, config: ProxyConfig) -> ProxyHandle {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let proxy = plane_proxy::start(
-            ProxyConfig::new(controller.clone(), cluster.clone()),
-            listener,
-        )
-        .await
-        .expect("start proxy");
+        let proxy = plane_proxy::start(config, listener)
+            .await
+            .expect("start proxy");
         wait_for("the proxy to connect", Duration::from_secs(20), || async {
             proxy.is_connected().then_some(()).ok_or("not yet")
         })

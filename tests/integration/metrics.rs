@@ -211,3 +211,89 @@ async fn plane_dev_serves_every_components_metrics_at_its_controller() {
     .await
     .expect("finished in time");
 }
+
+/// On SQLite only, as above.
+#[tokio::test(flavor = "current_thread")]
+async fn a_proxy_exports_requests_bytes_connections_and_route_lookups() {
+    run_test(
+        "a_proxy_exports_requests_bytes_connections_and_route_lookups",
+        Db::Sqlite,
+        |env: TestEnv| async move {
+            let port = free_port();
+            let mut config =
+                plane_proxy::config::ProxyConfig::new(env.controller().url(), env.cluster.clone());
+            config.metrics_port = Some(port);
+            let proxy = env.start_proxy_with(config).await;
+            let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+            let backend = env.connect_ready("proxied", &env.spawn_config(&[])).await;
+            let base = format!("http://{}/{}", proxy.local_addr(), backend.token);
+
+            let before = Scrape::of(&env.client, &metrics_url).await;
+            for _ in 0..3 {
+                let answer = env
+                    .client
+                    .post(format!("{base}/echo"))
+                    .body(vec![b'x'; 10_000])
+                    .send()
+                    .await
+                    .expect("proxied");
+                assert_eq!(answer.status().as_u16(), 200);
+                answer.bytes().await.expect("body");
+            }
+            let missing = env
+                .client
+                .get(format!("http://{}/no-such-token/", proxy.local_addr()))
+                .send()
+                .await
+                .expect("proxy answers");
+            assert_eq!(missing.status().as_u16(), 404);
+            // A WebSocket stays open while it is counted.
+            let ws_url = format!("ws://{}/{}/ws", proxy.local_addr(), backend.token);
+            let (socket, _) = tokio_tungstenite::connect_async(ws_url)
+                .await
+                .expect("websocket through the proxy");
+
+            let after = Scrape::of(&env.client, &metrics_url).await;
+            let delta = |name: &str, labels: &[(&str, &str)]| {
+                after.value(name, labels) - before.value(name, labels)
+            };
+            let requests = "plane_proxy_requests_total";
+            assert!(delta(requests, &[("status_class", "2xx")]) >= 3.0);
+            assert!(delta(requests, &[("status_class", "4xx")]) >= 1.0);
+            assert!(
+                delta(requests, &[("status_class", "1xx")]) >= 1.0,
+                "the 101"
+            );
+            let relayed = "plane_proxy_relayed_bytes_total";
+            assert!(delta(relayed, &[("direction", "to_backend")]) >= 30_000.0);
+            assert!(
+                delta(relayed, &[("direction", "to_client")]) >= 30_000.0,
+                "the echoes"
+            );
+            let lookups = "plane_proxy_route_cache_lookups_total";
+            assert!(delta(lookups, &[("result", "hit")]) >= 2.0);
+            assert!(delta(lookups, &[("result", "miss")]) >= 1.0);
+            assert!(delta("plane_proxy_upstream_response_duration_seconds_count", &[]) >= 3.0);
+            assert_eq!(after.value("plane_proxy_open_websockets", &[]), 1.0);
+            assert!(after.value("plane_proxy_open_connections", &[]) >= 1.0);
+            drop(socket);
+            wait_for(
+                "the WebSocket to be counted closed",
+                BACKEND_WAIT,
+                || async {
+                    let scrape = Scrape::of(&env.client, &metrics_url).await;
+                    let open = scrape.value("plane_proxy_open_websockets", &[]);
+                    if open == 0.0 {
+                        Ok(())
+                    } else {
+                        Err(open)
+                    }
+                },
+            )
+            .await;
+            proxy.shutdown().await;
+            env
+        },
+    )
+    .await;
+}
