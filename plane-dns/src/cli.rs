@@ -31,6 +31,9 @@ pub struct DnsOpts {
     /// The IP address to listen on.
     #[arg(long, env = "PLANE_LISTEN_IP", default_value = "127.0.0.1")]
     pub listen_ip: IpAddr,
+    /// Serve Prometheus metrics at /metrics on this TCP port of --listen-ip [default: off].
+    #[arg(long, env = "PLANE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
 }
 
 impl DnsOpts {
@@ -43,6 +46,7 @@ impl DnsOpts {
         }
         config.port = self.port;
         config.listen_ip = self.listen_ip;
+        config.metrics_port = self.metrics_port;
         config
     }
 }

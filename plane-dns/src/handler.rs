@@ -10,6 +10,9 @@ use hickory_server::proto::rr::rdata::TXT;
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use plane_protocol::names::ClusterName;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -24,6 +27,13 @@ pub struct Handler {
     zone: LowerName,
     answers: Answers,
     in_flight: Arc<Semaphore>,
+    /// `plane_dns_queries_total{rcode}`.
+    queries: Family<Rcode, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rcode {
+    rcode: String,
 }
 
 /// What a query's name is about.
@@ -38,14 +48,41 @@ enum Subject {
 }
 
 impl Handler {
-    pub fn new(zone: &ClusterName, answers: Answers) -> Result<Self, String> {
+    pub fn new(
+        zone: &ClusterName,
+        answers: Answers,
+        metrics: &plane_metrics::MetricsRegistry,
+    ) -> Result<Self, String> {
         let zone =
             Name::from_ascii(zone.as_str()).map_err(|err| format!("--zone {zone}: {err}"))?;
+        let queries = Family::<Rcode, Counter>::default();
+        metrics.register(|r| {
+            r.register(
+                "plane_dns_queries",
+                "DNS requests answered, by response code (noerror, refused, servfail, ...).",
+                queries.clone(),
+            )
+        });
         Ok(Self {
             zone: LowerName::from(zone),
             answers,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            queries,
         })
+    }
+
+    fn count(&self, code: ResponseCode) {
+        // The mnemonics of RFC 1035 and 2136, lowercased.
+        let rcode = match code {
+            ResponseCode::NoError => "noerror".to_string(),
+            ResponseCode::FormErr => "formerr".to_string(),
+            ResponseCode::ServFail => "servfail".to_string(),
+            ResponseCode::NXDomain => "nxdomain".to_string(),
+            ResponseCode::NotImp => "notimp".to_string(),
+            ResponseCode::Refused => "refused".to_string(),
+            other => u16::from(other).to_string(),
+        };
+        self.queries.get_or_create(&Rcode { rcode }).inc();
     }
 
     fn subject(&self, name: &LowerName) -> Subject {
@@ -139,16 +176,19 @@ impl RequestHandler for Handler {
         if request.message_type() != MessageType::Query {
             // A response sent to us: nothing to answer (answering could start a loop).
             header.set_response_code(ResponseCode::FormErr);
+            self.count(ResponseCode::FormErr);
             return header.into();
         }
         let builder = MessageResponseBuilder::from_message_request(request);
         let sent = match self.answer(request).await {
             Outcome::Error(code) => {
+                self.count(code);
                 response_handle
                     .send_response(builder.error_msg(request.header(), code))
                     .await
             }
             Outcome::Records(records) => {
+                self.count(ResponseCode::NoError);
                 header.set_authoritative(true);
                 let response = builder.build(header, records.iter(), [], [], []);
                 response_handle.send_response(response).await

@@ -36,6 +36,10 @@ pub struct DnsConfig {
     pub listen_ip: IpAddr,
     /// UDP and TCP port.
     pub port: u16,
+    /// Where the server registers its metrics.
+    pub metrics: plane_metrics::MetricsRegistry,
+    /// Serve Prometheus metrics at /metrics on this TCP port of `listen_ip` (off when `None`).
+    pub metrics_port: Option<u16>,
 }
 
 impl DnsConfig {
@@ -48,6 +52,8 @@ impl DnsConfig {
             name: NodeName::new_random("dns"),
             listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 53,
+            metrics: Default::default(),
+            metrics_port: None,
         }
     }
 
@@ -107,7 +113,17 @@ pub async fn start(
     let (answers, mut session) = controller::start(config.name.clone(), config.zone.clone());
     let cancel = CancellationToken::new();
     session.cancel = cancel.clone();
-    let handler = handler::Handler::new(&config.zone, answers).map_err(anyhow::Error::msg)?;
+    let handler = handler::Handler::new(&config.zone, answers, &config.metrics)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(port) = config.metrics_port {
+        plane_metrics::serve_on(
+            config.listen_ip,
+            port,
+            config.metrics.clone(),
+            cancel.child_token(),
+        )
+        .await?;
+    }
     let udp_addr = udp.local_addr().context("reading the UDP address")?;
     let tcp_addr = tcp.local_addr().context("reading the TCP address")?;
     let mut server = ServerFuture::new(handler);

@@ -18,7 +18,13 @@ const ZONE: &str = "dns.plane.test";
 const CLUSTER: &str = "app.plane.test";
 
 async fn start_dns(env: &TestEnv) -> DnsHandle {
-    let config = DnsConfig::new(env.controller().url(), ZONE.parse().expect("zone"));
+    start_dns_with(env, None).await
+}
+
+/// A DNS server for the test's controller, serving its metrics on `metrics_port`.
+async fn start_dns_with(env: &TestEnv, metrics_port: Option<u16>) -> DnsHandle {
+    let mut config = DnsConfig::new(env.controller().url(), ZONE.parse().expect("zone"));
+    config.metrics_port = metrics_port;
     let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
     plane_dns::start(config, udp, tcp).await.expect("start dns")
@@ -122,7 +128,11 @@ async fn wait_until_linked(server: SocketAddr) {
 db_test!(
     dns_answers_challenge_txt_over_udp_and_tcp_and_refuses_the_rest,
     |env: TestEnv| async move {
-        let dns = start_dns(&env).await;
+        let metrics_port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            probe.local_addr().expect("addr").port()
+        };
+        let dns = start_dns_with(&env, Some(metrics_port)).await;
         publish(&env, CLUSTER, "first-value", 60_000).await;
         publish(&env, CLUSTER, "second-value", 60_000).await;
         publish(&env, CLUSTER, "expired-value", -1_000).await;
@@ -176,6 +186,15 @@ db_test!(
         notify.set_op_code(OpCode::Notify);
         let answer = udp(dns.udp_addr(), &notify).await;
         assert_eq!(answer.response_code(), ResponseCode::NotImp);
+
+        // Every answer was counted by its code.
+        let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let scrape = crate::metrics::Scrape::of(&env.client, &metrics).await;
+        let queries = "plane_dns_queries_total";
+        // Those above, and the probes that waited for the link.
+        assert!(scrape.value(queries, &[("rcode", "noerror")]) >= 7.0);
+        assert_eq!(scrape.value(queries, &[("rcode", "refused")]), 2.0);
+        assert_eq!(scrape.value(queries, &[("rcode", "notimp")]), 1.0);
         dns.shutdown().await;
         env
     }
