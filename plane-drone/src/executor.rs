@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How many finished backends the executor remembers, so that a re-sent spawn for one of
 /// them is recognised as a duplicate instead of starting it again.
@@ -470,13 +471,16 @@ impl<R: Runtime> Runner<R> {
         tracing::info!(backend = %backend_id, %address, "re-adopting a backend left running by an earlier run");
         let (requests, receiver) = mpsc::unbounded_channel();
         let lease = self.leases.adopt(&backend_id, kill_by);
-        let task = self.tasks.spawn(adopt_backend(
+        let lifecycle = adopt_backend(
             self.ctx.clone(),
             backend_id.clone(),
             address,
             receiver,
             lease,
-        ));
+        );
+        let task = self
+            .tasks
+            .spawn(lifecycle.instrument(backend_span(&backend_id)));
         self.task_backends.insert(task.id(), backend_id.clone());
         self.running.insert(backend_id, requests);
     }
@@ -492,13 +496,10 @@ impl<R: Runtime> Runner<R> {
         tracing::info!(backend = %backend_id, image = %spawn.executable.image, "spawning backend");
         let (requests, receiver) = mpsc::unbounded_channel();
         let lease = self.leases.track(&backend_id);
-        let task = self.tasks.spawn(run_backend(
-            self.ctx.clone(),
-            backend_id.clone(),
-            spawn,
-            receiver,
-            lease,
-        ));
+        let lifecycle = run_backend(self.ctx.clone(), backend_id.clone(), spawn, receiver, lease);
+        let task = self
+            .tasks
+            .spawn(lifecycle.instrument(backend_span(&backend_id)));
         self.task_backends.insert(task.id(), backend_id.clone());
         self.running.insert(backend_id, requests);
         Ok(())
@@ -593,6 +594,11 @@ impl<R: Runtime> Runner<R> {
             }
         }
     }
+}
+
+/// The span a backend's lifecycle runs in, so every line it logs carries `backend_id`.
+fn backend_span(backend_id: &BackendName) -> tracing::Span {
+    tracing::info_span!("backend", backend_id = %backend_id)
 }
 
 /// A set that forgets its oldest entries beyond a fixed size.

@@ -5,8 +5,12 @@ use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum)]
 pub enum LogFormat {
+    /// Lines for a person (also `pretty`).
     #[default]
+    #[value(alias = "pretty")]
     Human,
+    /// One JSON object per line, with the fields of every enclosing span (a backend's
+    /// lines carry its `backend_id`).
     Json,
 }
 
@@ -18,6 +22,6 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.json().with_span_list(true).init(),
     }
 }

@@ -23,6 +23,11 @@ pub(crate) struct PlaneProcess {
 }
 
 impl PlaneProcess {
+    /// Where the process's stdout and stderr go.
+    pub(crate) fn log_path(&self) -> &std::path::Path {
+        &self.log
+    }
+
     async fn start(args: Vec<String>, log: std::path::PathBuf) -> Self {
         let child = Self::spawn(&args, &log);
         PlaneProcess { child, args, log }

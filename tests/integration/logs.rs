@@ -403,3 +403,70 @@ crate::postgres_test!(
         env
     }
 );
+
+/// On SQLite only, as above: the drone's own log, as an operator collects it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_json_logging_drones_lines_about_a_backend_carry_its_id() {
+    run_test(
+        "a_json_logging_drones_lines_about_a_backend_carry_its_id",
+        Db::Sqlite,
+        |env: TestEnv| async move {
+            let name: plane_protocol::names::NodeName =
+                format!("json-{}", env.drone.name()).parse().expect("name");
+            let controller = env.controller().url();
+            let mut drone = crate::crashes::drone_process_with(
+                &env,
+                &env.cluster,
+                &name,
+                &controller,
+                &["--log-format", "json"],
+            )
+            .await;
+            wait_for("the drone process to connect", BACKEND_WAIT, || {
+                env.drone_state_is(&name, "connected", true)
+            })
+            .await;
+            env.set_draining(env.drone.name(), true).await;
+            let backend = env
+                .connect_ready("json-logged", &env.spawn_config(&[]))
+                .await;
+            assert_eq!(backend.drone.as_ref(), Some(&name));
+            let id = backend.backend_id.to_string();
+            let log = drone.log_path().to_path_buf();
+            wait_for(
+                "a status line carrying the backend's ID",
+                BACKEND_WAIT,
+                || async {
+                    let text = std::fs::read_to_string(&log).map_err(|err| err.to_string())?;
+                    let carries_id = text
+                        .lines()
+                        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                        .any(|line| {
+                            let status_line = line["fields"]["message"] == "backend status";
+                            let spans = line["spans"].as_array().cloned().unwrap_or_default();
+                            status_line
+                                && spans.iter().any(|span| {
+                                    span["name"] == "backend" && span["backend_id"] == id.as_str()
+                                })
+                        });
+                    if carries_id {
+                        Ok(())
+                    } else {
+                        Err(format!("no such line yet in {}", log.display()))
+                    }
+                },
+            )
+            .await;
+            // `pretty` names the human format too.
+            plane(
+                controller.as_str(),
+                &["--log-format", "pretty", "admin", "status"],
+            )
+            .await
+            .succeeded();
+            drone.terminate().await;
+            env
+        },
+    )
+    .await;
+}
