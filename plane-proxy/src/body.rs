@@ -92,11 +92,7 @@ impl Body for ProxyBody {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
             Self::Streamed(streamed) => {
                 let polled = Pin::new(&mut streamed.body).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
-                    if let Some(data) = frame.data_ref() {
-                        streamed.relayed.inc_by(data.len() as u64);
-                    }
-                }
+                count_data(&polled, &streamed.relayed);
                 match &polled {
                     Poll::Ready(None) => streamed.finish(true),
                     Poll::Ready(Some(Err(_))) => streamed.finish(false),
@@ -128,6 +124,15 @@ impl Body for ProxyBody {
     }
 }
 
+/// Adds a polled data frame's length to `relayed`.
+fn count_data<E>(polled: &Poll<Option<Result<Frame<Bytes>, E>>>, relayed: &Counter) {
+    if let Poll::Ready(Some(Ok(frame))) = polled {
+        if let Some(data) = frame.data_ref() {
+            relayed.inc_by(data.len() as u64);
+        }
+    }
+}
+
 /// A client's request body on its way to a backend, counting the bytes it carries.
 pub struct RequestBody {
     body: Incoming,
@@ -150,11 +155,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.relayed.inc_by(data.len() as u64);
-            }
-        }
+        count_data(&polled, &this.relayed);
         polled
     }
 

@@ -3,7 +3,7 @@
 
 use super::body::ApiJson;
 use crate::controller::backends;
-use crate::controller::error::ApiErrorResponse;
+use crate::controller::error::{ApiErrorResponse, ControllerError};
 use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::Json;
@@ -14,28 +14,27 @@ pub async fn handle_connect(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<ConnectRequest>,
 ) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
-    let started = Instant::now();
-    let result = backends::connect(&state, &request)
-        .await
-        .map_err(Into::into);
-    let spawned = |answer: &ConnectResponse| answer.spawned;
-    state
-        .metrics()
-        .request_done("connect", started.elapsed(), &result, spawned);
-    result.map(Json)
+    counted(&state, "connect", backends::connect(&state, &request)).await
 }
 
 pub async fn handle_spawn(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<SpawnRequest>,
 ) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
+    counted(&state, "spawn", backends::spawn_new(&state, &request)).await
+}
+
+/// Runs a connect or spawn, counting and timing it under `endpoint`.
+async fn counted(
+    state: &ControllerState,
+    endpoint: &'static str,
+    work: impl std::future::Future<Output = Result<ConnectResponse, ControllerError>>,
+) -> Result<Json<ConnectResponse>, ApiErrorResponse> {
     let started = Instant::now();
-    let result = backends::spawn_new(&state, &request)
-        .await
-        .map_err(Into::into);
+    let result = work.await.map_err(ApiErrorResponse::from);
     let spawned = |answer: &ConnectResponse| answer.spawned;
     state
         .metrics()
-        .request_done("spawn", started.elapsed(), &result, spawned);
+        .request_done(endpoint, started.elapsed(), &result, spawned);
     result.map(Json)
 }
