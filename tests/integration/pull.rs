@@ -173,6 +173,28 @@ async fn present_locally(image: &str) -> bool {
     docker.inspect_image(image).await.is_ok()
 }
 
+/// Asks `api` to prepull `image` with the registry's credentials; the one drone of the
+/// cluster, the test's, must have pulled it by the answer.
+async fn prepull_pulls_on_the_test_drone(
+    env: &TestEnv,
+    api: &crate::harness::Api,
+    registry: &Registry,
+    image: &str,
+) {
+    let (status, body) = api
+        .post(
+            &format!("/ctrl/c/{}/prepull", env.cluster),
+            &serde_json::json!({ "image": image, "credentials": registry.credentials() }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let drones = body["drones"].as_array().expect("drones");
+    assert_eq!(drones.len(), 1, "{body}");
+    assert_eq!(drones[0]["drone"], env.drone.name().as_str(), "{body}");
+    assert_eq!(drones[0]["outcome"], "pulled", "{body}");
+    assert!(present_locally(image).await, "pulled before the answer");
+}
+
 db_test!(
     prepull_asks_every_drone_to_pull_and_reports_each,
     |env: TestEnv| async move {
@@ -180,18 +202,7 @@ db_test!(
         let image = registry.push_fresh_image().await;
         assert!(!present_locally(&image).await);
         let cluster = env.cluster.clone();
-        let (status, body) = env
-            .post(
-                &format!("/ctrl/c/{cluster}/prepull"),
-                &serde_json::json!({ "image": image, "credentials": registry.credentials() }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let drones = body["drones"].as_array().expect("drones");
-        assert_eq!(drones.len(), 1, "{body}");
-        assert_eq!(drones[0]["drone"], env.drone.name().as_str(), "{body}");
-        assert_eq!(drones[0]["outcome"], "pulled", "{body}");
-        assert!(present_locally(&image).await, "pulled before the answer");
+        prepull_pulls_on_the_test_drone(&env, &env.api(), &registry, &image).await;
 
         // Without the credentials the registry refuses, and the answer says so.
         remove_local(&image).await;
@@ -258,19 +269,7 @@ postgres_test!(
         let registry = registry();
         let image = registry.push_fresh_image().await;
         let other = env.start_controller().await;
-        let (status, body) = env
-            .api_at(&other.url())
-            .post(
-                &format!("/ctrl/c/{}/prepull", env.cluster),
-                &serde_json::json!({ "image": image, "credentials": registry.credentials() }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let drones = body["drones"].as_array().expect("drones");
-        assert_eq!(drones.len(), 1, "{body}");
-        assert_eq!(drones[0]["drone"], env.drone.name().as_str(), "{body}");
-        assert_eq!(drones[0]["outcome"], "pulled", "{body}");
-        assert!(present_locally(&image).await, "pulled before the answer");
+        prepull_pulls_on_the_test_drone(&env, &env.api_at(&other.url()), &registry, &image).await;
         other.shutdown().await;
         env
     }

@@ -5,11 +5,11 @@
 //! disagree about where a drone is cannot pass a request back and forth.
 
 use super::error::ApiErrorResponse;
-use super::store::NodeKind;
+use super::store::NodeRow;
 use super::ControllerState;
 use axum::http::{header, HeaderMap, StatusCode};
 use plane_protocol::api::ApiErrorKind;
-use plane_protocol::names::{ClusterName, NodeName};
+use plane_protocol::names::NodeName;
 use std::collections::HashMap;
 use url::Url;
 
@@ -21,21 +21,20 @@ pub fn was_forwarded(headers: &HeaderMap) -> bool {
     headers.contains_key(FORWARDED_HEADER)
 }
 
-/// The other controllers holding sessions of `cluster`'s drones, with the drones each holds.
-pub async fn drones_elsewhere(
-    state: &ControllerState,
-    cluster: &ClusterName,
-) -> Result<HashMap<String, Vec<NodeName>>, ApiErrorResponse> {
+/// Of `drones` (a cluster's, as the store lists them), the ones with a session on another
+/// controller than `here`, by that controller.
+pub fn drones_elsewhere(here: &str, drones: &[NodeRow]) -> HashMap<String, Vec<NodeName>> {
     let mut elsewhere: HashMap<String, Vec<NodeName>> = HashMap::new();
-    for node in state.store().nodes(cluster, NodeKind::Drone).await? {
-        match node.connected_to {
-            Some(controller) if controller != state.controller_id() => {
-                elsewhere.entry(controller).or_default().push(node.name)
-            }
+    for node in drones {
+        match &node.connected_to {
+            Some(controller) if controller != here => elsewhere
+                .entry(controller.clone())
+                .or_default()
+                .push(node.name.clone()),
             _ => {}
         }
     }
-    Ok(elsewhere)
+    elsewhere
 }
 
 /// A request to `path_and_query` on controller `controller`, with the caller's credentials;

@@ -48,7 +48,7 @@ pub async fn handle_prepull(
     // came from one of them: then only the drones here).
     let mut elsewhere = Vec::new();
     if !peers::was_forwarded(&headers) {
-        for (controller, drones) in peers::drones_elsewhere(&state, &cluster).await? {
+        for (controller, drones) in peers::drones_elsewhere(state.controller_id(), &known) {
             let (state, headers, cluster) = (state.clone(), headers.clone(), cluster.clone());
             let request = PrepullRequest {
                 image: image.to_string(),
