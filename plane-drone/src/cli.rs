@@ -136,6 +136,18 @@ pub struct DroneOpts {
     #[arg(long, env = "PLANE_LOG_MAX_BYTES", default_value_t = crate::config::default_log_max_bytes())]
     pub log_max_bytes: u64,
 
+    /// Pull images only from this registry (repeatable; `docker.io` for Docker Hub, else a
+    /// host with an optional port, as in image references). A backend whose image would
+    /// have to be pulled from another fails to start, saying so; images already on the
+    /// drone run whatever their registry [default: any registry].
+    #[arg(
+        long = "allowed-registry",
+        value_name = "REGISTRY",
+        env = "PLANE_ALLOWED_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub allowed_registries: Vec<String>,
+
     /// Serve Prometheus metrics at /metrics on this port of --ip [default: off].
     #[arg(long, env = "PLANE_METRICS_PORT")]
     pub metrics_port: Option<u16>,
@@ -188,6 +200,8 @@ impl DroneOpts {
             log_retention_seconds: self.log_retention_seconds,
             log_max_bytes: self.log_max_bytes,
             metrics_port: self.metrics_port,
+            allowed_registries: (!self.allowed_registries.is_empty())
+                .then_some(self.allowed_registries),
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),
             ..DroneConfig::new(self.controller_url, self.cluster)
@@ -205,6 +219,13 @@ impl DroneOpts {
             "--log-max-bytes must be at least {MIN_LOG_MAX_BYTES}, got {}",
             config.log_max_bytes
         );
+        for registry in config.allowed_registries.iter().flatten() {
+            anyhow::ensure!(
+                !registry.is_empty() && !registry.contains('/') && !registry.contains("://"),
+                "--allowed-registry {registry:?} must be a registry host (with an optional \
+                 port, e.g. registry.example.com:5000) or docker.io, without a scheme or path"
+            );
+        }
         Ok(config)
     }
 }

@@ -117,6 +117,9 @@ pub struct DroneConfig {
     /// Serve Prometheus metrics at /metrics on this port of `--ip` (off when `None`).
     #[serde(default)]
     pub metrics_port: Option<u16>,
+    /// The only registries images are pulled from (`--allowed-registry`); any when `None`.
+    #[serde(default)]
+    pub allowed_registries: Option<Vec<String>>,
 }
 
 /// What a drone does with its backends when it shuts down.
@@ -226,6 +229,7 @@ impl DroneConfig {
             log_max_bytes: default_log_max_bytes(),
             metrics: Default::default(),
             metrics_port: None,
+            allowed_registries: None,
             mount_base: None,
             prepull: Vec::new(),
             prepull_credentials: None,

@@ -72,6 +72,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
             network: config.docker_network.clone(),
             log_max_bytes: config.log_max_bytes,
             metrics: config.metrics.clone(),
+            allowed_registries: config.allowed_registries.clone(),
         },
         &cancel,
     )

@@ -117,6 +117,7 @@ async fn docker_runtime_runs_signals_and_removes_a_backend() {
 
             log_max_bytes: 1 << 20,
             metrics: Default::default(),
+            allowed_registries: None,
         },
         &cancel,
     )
@@ -264,6 +265,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
 
             log_max_bytes: 1 << 20,
             metrics: Default::default(),
+            allowed_registries: None,
         },
         &cancel,
     )

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// Identifies "the backend for this thing": at most one runs per `(namespace, name)`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// The key itself, e.g. a document ID. 1 to 256 printable characters.
@@ -36,7 +36,7 @@ impl KeyConfig {
 }
 
 /// When the drone pulls the image from its registry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum PullPolicy {
     /// Pull only when the drone does not have the image.
     #[default]
@@ -58,7 +58,7 @@ impl PullPolicy {
 }
 
 /// Registry credentials for pulling a private image.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryCredentials {
     pub username: String,
@@ -66,7 +66,7 @@ pub struct RegistryCredentials {
 }
 
 /// Limits applied to the backend's container.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceLimits {
     /// CPU accounting period, in microseconds (Docker's default is 100000).
@@ -82,9 +82,9 @@ pub struct ResourceLimits {
     /// Memory limit in bytes.
     #[serde(default)]
     pub memory_limit_bytes: Option<i64>,
-    /// Refused: Docker limits a container's disk only on storage drivers that support
-    /// `--storage-opt size` (overlay2 over xfs with project quotas), which drones do not
-    /// detect yet. Must be absent or null.
+    /// The most disk the container's writable layer may use, at least 1 MiB. Only drones
+    /// whose storage driver can enforce it take such a backend (a 400 when the pool has
+    /// none).
     #[serde(default)]
     pub disk_limit_bytes: Option<i64>,
     /// How many processes and threads the container may have at once.
@@ -93,7 +93,7 @@ pub struct ResourceLimits {
 }
 
 /// What to run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorConfig {
     /// Docker image reference, e.g. `ghcr.io/acme/app:1.2`.
@@ -132,7 +132,7 @@ pub struct ExecutorConfig {
 }
 
 /// GPUs for a backend: `3`, or `"all"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Gpus {
     Count(u32),
@@ -140,14 +140,14 @@ pub enum Gpus {
 }
 
 /// The `"all"` of [`Gpus`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AllGpus {
     All,
 }
 
 /// How the proxy speaks to a backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendProtocol {
     /// HTTP/1.1, whatever the browser spoke to the proxy.
@@ -199,7 +199,7 @@ impl ExecutorConfig {
 }
 
 /// How to start a backend when one is needed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnConfig {
     /// Choose the backend's ID yourself (it must be unused). Normally left out.
@@ -257,7 +257,7 @@ impl SpawnConfig {
 }
 
 /// `POST /ctrl/connect`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectRequest {
     /// Reuse the backend holding this key, or start one that holds it.
@@ -283,7 +283,7 @@ pub struct ConnectRequest {
 }
 
 /// `POST /ctrl/spawn`: always starts a new backend, with no key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnRequest {
     pub spawn_config: SpawnConfig,
@@ -297,7 +297,7 @@ pub struct SpawnRequest {
 }
 
 /// The answer to connect and spawn.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConnectResponse {
     pub backend_id: BackendName,
     /// True when this request started the backend; false when it joined a running one.
@@ -318,7 +318,7 @@ pub struct ConnectResponse {
 
 /// A node's name as Plane 0.5 writes it in cluster state: tagged with its kind,
 /// `{"Drone": "dr-..."}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum TaggedNodeName {
     Drone(NodeName),
     Proxy(NodeName),
@@ -335,7 +335,7 @@ impl TaggedNodeName {
 
 /// One node (drone, proxy or DNS server) of a cluster, as `GET /ctrl/c/:cluster/state`
 /// shows it. The first five fields are Plane 0.5's; the rest are ours.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeState {
     pub name: TaggedNodeName,
     pub plane_version: String,
@@ -353,7 +353,7 @@ pub struct NodeState {
 }
 
 /// One drone of a cluster. The first five fields are Plane 0.5's; the rest are ours.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DroneState {
     /// Connected, not lost and not draining: it may be given new backends.
     pub ready: bool,
@@ -374,7 +374,7 @@ pub struct DroneState {
 }
 
 /// `GET /ctrl/c/:cluster/state`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterName>,
@@ -383,7 +383,7 @@ pub struct ClusterState {
 }
 
 /// `POST /ctrl/c/:cluster/prepull`: every drone of the cluster pulls `image` now.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PrepullRequest {
     pub image: String,
@@ -396,13 +396,13 @@ pub struct PrepullRequest {
 }
 
 /// The answer to a [`PrepullRequest`], one entry per drone of the cluster.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PrepullResult {
     pub image: String,
     pub drones: Vec<DronePrepull>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DronePrepull {
     pub drone: crate::names::NodeName,
     pub outcome: PrepullOutcome,
@@ -414,7 +414,7 @@ pub struct DronePrepull {
     pub millis: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PrepullOutcome {
     Pulled,
@@ -429,7 +429,7 @@ pub enum PrepullOutcome {
 }
 
 /// `POST /ctrl/c/:cluster/d/:drone/drain` and `/undrain`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DrainResult {
     /// False when the drone was already in the state asked for.
     pub updated: bool,
@@ -437,7 +437,7 @@ pub struct DrainResult {
 
 /// `POST /ctrl/b/revoke` (also `/ctrl/revoke`): stop every token issued for `backend_id`
 /// to `user`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     pub backend_id: BackendName,
@@ -445,7 +445,7 @@ pub struct RevokeRequest {
 }
 
 /// `GET /ctrl/status` and `GET /pub/health`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ControllerStatus {
     pub status: String,
     pub version: String,
@@ -459,7 +459,7 @@ pub struct ControllerStatus {
 /// What kind of failure an [`ApiError`] reports, serialized by name (`"KeyHeld"`). These
 /// are exactly Plane 0.5's kinds, so its clients can read every error we send; failures it
 /// has no kind for are `Other`, told apart by the HTTP status and the message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum ApiErrorKind {
     /// Plane 0.5 only: the key's lock could not be taken.
     FailedToAcquireKey,
@@ -489,7 +489,7 @@ pub enum ApiErrorKind {
 
 /// The body of every error response: `{id, kind, message}`. `id` correlates the response
 /// with the controller's log line.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiError {
     pub id: String,
     pub kind: ApiErrorKind,
@@ -498,7 +498,7 @@ pub struct ApiError {
 
 /// One line a backend printed, as `GET /ctrl/b/:backend/logs` streams it (one SSE event
 /// each, oldest first).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackendLogLine {
     pub stream: LogStream,
     /// When the container engine received the line.
@@ -507,7 +507,7 @@ pub struct BackendLogLine {
     pub text: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     Stdout,

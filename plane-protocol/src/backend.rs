@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 /// Where a backend is in its life. Statuses only move forward; `number()` gives the order
 /// the store enforces, so a duplicated or reordered report can never move a backend back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendStatus {
     /// Chosen a drone; the drone has not acted yet. Only the controller writes this.
@@ -84,7 +84,7 @@ impl Display for BackendStatus {
 }
 
 /// How a backend was asked to stop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TerminationKind {
     /// SIGTERM, then SIGKILL after the drone's grace period.
@@ -110,7 +110,7 @@ impl TerminationKind {
 
 /// Why Plane stopped a backend. A backend that exits on its own has no reason, only an
 /// exit code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TerminationReason {
     /// Idle longer than `max_idle_seconds`, or older than `lifetime_limit_seconds`.
@@ -161,7 +161,7 @@ impl TerminationReason {
 }
 
 /// What a ready backend's health checks say.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendHealth {
     /// Answering its checks again after failing them.
@@ -234,7 +234,7 @@ impl BackendStateUpdate {
 }
 
 /// One entry of `GET /pub/b/:backend/status` and of the status stream.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackendStatusStreamEntry {
     pub status: BackendStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// `executable.mount`: `false` (none), `true` (a directory of the key's own, kept across its
 /// backends), or a relative path (a directory that backends naming it share).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Mount {
     Enabled(bool),

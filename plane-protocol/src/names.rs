@@ -33,9 +33,23 @@ fn random_mixed(len: usize) -> String {
         .collect()
 }
 
-/// Implements Display, FromStr, `as_str` and string (de)serialization for a validated newtype.
+/// Implements Display, FromStr, `as_str`, string (de)serialization and an OpenAPI string
+/// schema (the same rules as `$validate`, as a pattern and lengths) for a validated newtype.
 macro_rules! validated_string {
-    ($ty:ident, $validate:path) => {
+    ($ty:ident, $validate:path, pattern = $pattern:literal, length = $min:literal..=$max:literal) => {
+        impl utoipa::PartialSchema for $ty {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .pattern(Some($pattern))
+                    .min_length(Some($min))
+                    .max_length(Some($max))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $ty {}
+
         impl $ty {
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -77,7 +91,12 @@ macro_rules! validated_string {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct BackendName(String);
-validated_string!(BackendName, validate_backend_name);
+validated_string!(
+    BackendName,
+    validate_backend_name,
+    pattern = "^[a-z0-9][a-z0-9-]*$",
+    length = 1..=64
+);
 
 impl BackendName {
     pub fn new_random() -> Self {
@@ -119,7 +138,12 @@ pub fn new_instance_id() -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct NodeName(String);
-validated_string!(NodeName, validate_node_name);
+validated_string!(
+    NodeName,
+    validate_node_name,
+    pattern = "^[A-Za-z0-9._-]+$",
+    length = 1..=64
+);
 
 impl NodeName {
     /// A fresh random name with the given prefix (`dr` for drones, `px` for proxies).
@@ -153,7 +177,12 @@ fn validate_node_name(s: &str) -> Result<(), InvalidName> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Subdomain(String);
-validated_string!(Subdomain, validate_subdomain);
+validated_string!(
+    Subdomain,
+    validate_subdomain,
+    pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+    length = 1..=63
+);
 
 fn validate_subdomain(s: &str) -> Result<(), InvalidName> {
     let invalid = |reason| InvalidName {
@@ -181,7 +210,12 @@ fn validate_subdomain(s: &str) -> Result<(), InvalidName> {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PoolName(String);
-validated_string!(PoolName, validate_pool_name);
+validated_string!(
+    PoolName,
+    validate_pool_name,
+    pattern = "^[A-Za-z0-9._-]*$",
+    length = 0..=64
+);
 
 impl PoolName {
     pub fn is_default(&self) -> bool {
@@ -209,7 +243,12 @@ fn validate_pool_name(s: &str) -> Result<(), InvalidName> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ClusterName(String);
-validated_string!(ClusterName, validate_cluster_name);
+validated_string!(
+    ClusterName,
+    validate_cluster_name,
+    pattern = "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?$",
+    length = 1..=259
+);
 
 impl ClusterName {
     /// The cluster's host without its port: the name its certificate is for.
@@ -291,7 +330,12 @@ fn validate_cluster_name(s: &str) -> Result<(), InvalidName> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct BearerToken(String);
-validated_string!(BearerToken, validate_token);
+validated_string!(
+    BearerToken,
+    validate_token,
+    pattern = "^[A-Za-z0-9.]+$",
+    length = 1..=128
+);
 
 /// Lets maps keyed by token be searched with the raw path segment, before it is validated
 /// (hashing and equality are those of the string, as `Borrow` requires).
@@ -322,7 +366,12 @@ impl BearerToken {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SecretToken(String);
-validated_string!(SecretToken, validate_token);
+validated_string!(
+    SecretToken,
+    validate_token,
+    pattern = "^[A-Za-z0-9.]+$",
+    length = 1..=128
+);
 
 impl SecretToken {
     pub fn new_random() -> Self {

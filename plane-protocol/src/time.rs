@@ -6,7 +6,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A point in time, serialized as an integer count of milliseconds since the Unix epoch
 /// (the same shape Plane 0.5 uses for `time` in status entries).
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(transparent)]
 pub struct Millis(pub i64);

@@ -173,6 +173,7 @@ pub(crate) async fn drone_process_with(
     extra: &[&str],
 ) -> PlaneProcess {
     let state_dir = env.scratch.join(format!("state-{name}"));
+    let registry = crate::harness::test_registry();
     let args = [
         "drone",
         "--controller-url",
@@ -189,6 +190,8 @@ pub(crate) async fn drone_process_with(
         "1000",
         "--stop-grace-period-ms",
         "1500",
+        "--allowed-registry",
+        &registry,
     ]
     .into_iter()
     // Stopped containers go at once, so tests leave none behind, unless a test asks

@@ -608,7 +608,14 @@ fn test_drone_config(
     // Stopped containers go at once, so tests leave none behind (the logs tests choose a
     // retention).
     config.log_retention_seconds = 0;
+    config.allowed_registries = Some(vec![test_registry()]);
     config
+}
+
+/// The only registry test drones pull from: the test command's own on loopback, so no
+/// test ever reaches out for an image it lacks.
+pub fn test_registry() -> String {
+    std::env::var("PLANE_TEST_REGISTRY").unwrap_or_else(|_| "localhost".to_string())
 }
 
 /// Polls `check` every 100 ms for all of `during`, panicking at the first failure with what

@@ -136,6 +136,7 @@ async fn engine_limits_disk() -> bool {
         network: None,
         log_max_bytes: 1 << 20,
         metrics: Default::default(),
+        allowed_registries: None,
     };
     let runtime = plane_drone::runtime::docker::DockerRuntime::connect(config, &cancel)
         .await

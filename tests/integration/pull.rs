@@ -149,6 +149,41 @@ db_test!(
     }
 );
 
+/// Test drones pull only from the test registry (`--allowed-registry`): an image of any
+/// other registry fails its start without the engine being asked for it, and one already on
+/// the drone still runs unless its pull policy asks for a pull.
+#[tokio::test(flavor = "current_thread")]
+async fn images_of_registries_the_drone_does_not_allow_are_never_pulled() {
+    crate::harness::run_test(
+        "images_of_registries_the_drone_does_not_allow_are_never_pulled",
+        crate::harness::Db::Sqlite,
+        |env: TestEnv| async move {
+            let local = test_image();
+            for (image, policy) in [
+                ("127.0.0.2:1/plane-test/elsewhere:v1", None),
+                (local, Some(PullPolicy::Always)),
+            ] {
+                let response = env
+                    .connect(
+                        &format!("refused-{}", image.len()),
+                        &config_for(&env, image, policy),
+                    )
+                    .await;
+                let entry = env.wait_terminated(&response.backend_id).await;
+                let message = entry.message.unwrap_or_default();
+                assert!(
+                    message.contains("--allowed-registry") && message.contains(image),
+                    "{image}: {message}"
+                );
+            }
+            env.connect_ready("present", &config_for(&env, local, None))
+                .await;
+            env
+        },
+    )
+    .await;
+}
+
 db_test!(
     wrong_registry_credentials_fail_the_start_with_a_reason,
     |env: TestEnv| async move {

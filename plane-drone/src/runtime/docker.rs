@@ -78,6 +78,9 @@ pub struct DockerRuntimeConfig {
     pub log_max_bytes: u64,
     /// Where `plane_drone_image_pulls_total` is registered.
     pub metrics: plane_metrics::MetricsRegistry,
+    /// The only registries images may be pulled from (`--allowed-registry`); any when
+    /// `None`.
+    pub allowed_registries: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,6 +187,19 @@ impl DockerRuntime {
 
     async fn pull(&self, executable: &ExecutorConfig) -> Result<(), RuntimeError> {
         let image = &executable.image;
+        if let Some(allowed) = &self.inner.config.allowed_registries {
+            let registry = registry_of(image);
+            if !allowed.iter().any(|a| registry_of_host(a) == registry) {
+                return Err(RuntimeError::ImageUnavailable {
+                    image: image.clone(),
+                    message: format!(
+                        "it would be pulled from {registry}, and this drone pulls only from {} \
+                         (--allowed-registry)",
+                        allowed.join(", ")
+                    ),
+                });
+            }
+        }
         let options = CreateImageOptions {
             from_image: image_reference_with_tag(image),
             ..Default::default()
@@ -809,6 +825,25 @@ fn unix_now() -> Duration {
 
 /// Docker pulls every tag of a repository when given a reference without a tag, so make
 /// the implicit `latest` explicit.
+/// The registry an image reference is pulled from, as Docker reads it: its first component
+/// when that names a host (it has a `.` or a `:`, or is `localhost`), else Docker Hub.
+fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => {
+            registry_of_host(first)
+        }
+        _ => "docker.io",
+    }
+}
+
+/// Docker Hub's other names are Docker Hub.
+fn registry_of_host(host: &str) -> &str {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io",
+        host => host,
+    }
+}
+
 fn image_reference_with_tag(image: &str) -> String {
     let last_component = image.rsplit('/').next().unwrap_or(image);
     if image.contains('@') || last_component.contains(':') {
@@ -920,6 +955,23 @@ mod tests {
             image_reference_with_tag("ghcr.io/a/b@sha256:abcd"),
             "ghcr.io/a/b@sha256:abcd"
         );
+    }
+
+    #[test]
+    fn an_image_names_its_registry_as_docker_reads_it() {
+        for (image, registry) in [
+            ("busybox", "docker.io"),
+            ("library/busybox:1.36", "docker.io"),
+            ("acme/app", "docker.io"),
+            ("index.docker.io/acme/app", "docker.io"),
+            ("ghcr.io/a/b@sha256:abcd", "ghcr.io"),
+            ("localhost/app", "localhost"),
+            ("localhost:5000/app:v2", "localhost:5000"),
+            ("127.0.0.1:45999/x/y", "127.0.0.1:45999"),
+            ("", "docker.io"),
+        ] {
+            assert_eq!(registry_of(image), registry, "{image}");
+        }
     }
 
     #[test]

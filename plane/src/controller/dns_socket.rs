@@ -13,6 +13,15 @@ use axum::response::Response;
 use plane_protocol::dns::{MessageFromDns, MessageToDns};
 use plane_protocol::time::Millis;
 
+#[utoipa::path(
+    get,
+    path = "/ctrl/dns-socket",
+    operation_id = "dns_socket",
+    tag = "nodes",
+    responses(
+        (status = 101, description = "A WebSocket for the DNS server's session (see docs/architecture.md); not for API clients."),
+    ),
+)]
 pub async fn handle_dns_socket(
     State(state): State<ControllerState>,
     headers: HeaderMap,

@@ -23,6 +23,16 @@ use tokio::sync::broadcast;
 /// How many stored actions are loaded at a time when replaying them to a drone.
 const REPLAY_PAGE: i64 = 100;
 
+#[utoipa::path(
+    get,
+    path = "/ctrl/c/{cluster}/drone-socket",
+    operation_id = "drone_socket",
+    tag = "nodes",
+    params(("cluster" = plane_protocol::names::ClusterName, Path, description = "The cluster the node serves.")),
+    responses(
+        (status = 101, description = "A WebSocket for the drone's session (see docs/architecture.md); not for API clients."),
+    ),
+)]
 pub async fn handle_drone_socket(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,

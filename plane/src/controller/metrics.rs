@@ -196,6 +196,13 @@ impl ControllerMetrics {
 
 /// `GET /metrics`: the counts read now from the database, and everything else the process
 /// has registered.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "controller",
+    responses((status = 200, description = "Prometheus text exposition format (0.0.4).", content_type = "text/plain; version=0.0.4", body = String)),
+)]
 pub async fn handle_metrics(
     State(state): State<ControllerState>,
 ) -> Result<impl IntoResponse, ApiErrorResponse> {

@@ -24,6 +24,16 @@ use tokio::sync::mpsc;
 /// Assumed for proxies whose hello does not give their report interval.
 const DEFAULT_REPORT_INTERVAL_MS: u64 = 5_000;
 
+#[utoipa::path(
+    get,
+    path = "/ctrl/c/{cluster}/proxy-socket",
+    operation_id = "proxy_socket",
+    tag = "nodes",
+    params(("cluster" = plane_protocol::names::ClusterName, Path, description = "The cluster the node serves.")),
+    responses(
+        (status = 101, description = "A WebSocket for the proxy's session (see docs/architecture.md); not for API clients."),
+    ),
+)]
 pub async fn handle_proxy_socket(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,

@@ -11,6 +11,13 @@ use plane_protocol::time::Millis;
 use plane_protocol::{PLANE_HASH, PLANE_VERSION};
 
 /// Public liveness: no details beyond the version.
+#[utoipa::path(
+    get,
+    path = "/pub/health",
+    operation_id = "health",
+    tag = "controller",
+    responses((status = 200, description = "The controller is up.", body = plane_protocol::api::ControllerStatus)),
+)]
 pub async fn handle_health() -> Json<ControllerStatus> {
     Json(ControllerStatus {
         status: "ok".to_string(),
@@ -21,6 +28,13 @@ pub async fn handle_health() -> Json<ControllerStatus> {
 }
 
 /// Operator status: also names the database in use.
+#[utoipa::path(
+    get,
+    path = "/ctrl/status",
+    operation_id = "controller_status",
+    tag = "controller",
+    responses((status = 200, description = "The controller is up; `database` names its store.", body = plane_protocol::api::ControllerStatus)),
+)]
 pub async fn handle_controller_status(
     State(state): State<ControllerState>,
 ) -> Json<ControllerStatus> {
@@ -33,6 +47,14 @@ pub async fn handle_controller_status(
 }
 
 /// Every drone and proxy that has connected, in Plane 0.5's shape with our fields added.
+#[utoipa::path(
+    get,
+    path = "/ctrl/c/{cluster}/state",
+    operation_id = "cluster_state",
+    tag = "cluster",
+    params(("cluster" = plane_protocol::names::ClusterName, Path, description = "The cluster: the host (and port) its proxies answer on.")),
+    responses((status = 200, description = "Every drone and proxy that has connected to the cluster.", body = plane_protocol::api::ClusterState)),
+)]
 pub async fn handle_cluster_state(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,

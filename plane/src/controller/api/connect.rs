@@ -10,6 +10,18 @@ use axum::Json;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, SpawnRequest};
 use std::time::Instant;
 
+#[utoipa::path(
+    post,
+    path = "/ctrl/connect",
+    operation_id = "connect",
+    tag = "backends",
+    request_body = plane_protocol::api::ConnectRequest,
+    responses(
+        (status = 200, description = "A token for the key's backend, started by this request or already running.", body = plane_protocol::api::ConnectResponse),
+        (status = 409, description = "The key is held by a backend with another tag (`KeyHeld`) or one still terminating (`KeyHeldUnhealthy`), nothing holds it and there is no `spawn_config` (`KeyUnheldNoSpawnConfig`), or `spawn_config.id` is taken.", body = plane_protocol::api::ApiError),
+        (status = 503, description = "No drone can take the backend (`NoDroneAvailable`).", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_connect(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<ConnectRequest>,
@@ -17,6 +29,18 @@ pub async fn handle_connect(
     counted(&state, "connect", backends::connect(&state, &request)).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/ctrl/spawn",
+    operation_id = "spawn",
+    tag = "backends",
+    request_body = plane_protocol::api::SpawnRequest,
+    responses(
+        (status = 200, description = "A new backend, with no key, and a token for it.", body = plane_protocol::api::ConnectResponse),
+        (status = 409, description = "`spawn_config.id` is already in use.", body = plane_protocol::api::ApiError),
+        (status = 503, description = "No drone can take the backend (`NoDroneAvailable`).", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_spawn(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<SpawnRequest>,

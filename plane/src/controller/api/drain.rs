@@ -9,6 +9,20 @@ use axum::Json;
 use plane_protocol::api::DrainResult;
 use plane_protocol::names::{ClusterName, NodeName};
 
+#[utoipa::path(
+    post,
+    path = "/ctrl/c/{cluster}/d/{drone}/drain",
+    operation_id = "drain_drone",
+    tag = "cluster",
+    params(
+        ("cluster" = plane_protocol::names::ClusterName, Path, description = "The drone's cluster."),
+        ("drone" = plane_protocol::names::NodeName, Path, description = "The drone's name."),
+    ),
+    responses(
+        (status = 200, description = "The drone gets no new backends; its own keep serving. `updated` is false when it was already draining.", body = plane_protocol::api::DrainResult),
+        (status = 404, description = "No such drone in the cluster.", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_drain(
     State(state): State<ControllerState>,
     path: DronePath,
@@ -17,6 +31,20 @@ pub async fn handle_drain(
     Ok(Json(DrainResult { updated }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/ctrl/c/{cluster}/d/{drone}/undrain",
+    operation_id = "undrain_drone",
+    tag = "cluster",
+    params(
+        ("cluster" = plane_protocol::names::ClusterName, Path, description = "The drone's cluster."),
+        ("drone" = plane_protocol::names::NodeName, Path, description = "The drone's name."),
+    ),
+    responses(
+        (status = 200, description = "The drone may be given backends again. `updated` is false when it was not draining.", body = plane_protocol::api::DrainResult),
+        (status = 404, description = "No such drone in the cluster.", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_undrain(
     State(state): State<ControllerState>,
     path: DronePath,

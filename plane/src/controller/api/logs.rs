@@ -23,6 +23,23 @@ use tokio_stream::wrappers::ReceiverStream;
 /// The largest `tail` accepted; the drone keeps far fewer lines than this anyway.
 const MAX_TAIL: u64 = 10_000_000;
 
+#[utoipa::path(
+    get,
+    path = "/ctrl/b/{backend}/logs",
+    operation_id = "backend_logs",
+    tag = "backends",
+    params(
+        ("backend" = plane_protocol::names::BackendName, Path, description = "The backend's ID."),
+        ("follow" = Option<bool>, Query, description = "Keep the stream open for new lines until the backend's process exits."),
+        ("tail" = Option<u64>, Query, description = "Start with the last this many lines (at most 10000000) instead of the first."),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events, one `BackendLogLine` as JSON in each event's data, oldest first.", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such backend, or its logs are no longer kept.", body = plane_protocol::api::ApiError),
+        (status = 502, description = "The backend's drone could not read the logs from its container engine.", body = plane_protocol::api::ApiError),
+        (status = 503, description = "The backend's drone is not connected to any controller.", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_logs(
     State(state): State<ControllerState>,
     path: BackendPath,

@@ -17,6 +17,15 @@ use std::time::{Duration, Instant};
 const DEFAULT_TIMEOUT_SECONDS: u64 = 300;
 const MAX_TIMEOUT_SECONDS: u64 = 3600;
 
+#[utoipa::path(
+    post,
+    path = "/ctrl/c/{cluster}/prepull",
+    operation_id = "prepull",
+    tag = "cluster",
+    params(("cluster" = plane_protocol::names::ClusterName, Path, description = "The cluster whose drones pull the image.")),
+    request_body = plane_protocol::api::PrepullRequest,
+    responses((status = 200, description = "How each drone of the cluster fared.", body = plane_protocol::api::PrepullResult)),
+)]
 pub async fn handle_prepull(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,

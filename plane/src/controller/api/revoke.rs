@@ -13,6 +13,17 @@ use plane_protocol::time::Millis;
 const MAX_USER_LENGTH: usize = 256;
 
 /// Answers `null`, as Plane 0.5 does.
+#[utoipa::path(
+    post,
+    path = "/ctrl/b/revoke",
+    operation_id = "revoke",
+    tag = "backends",
+    request_body = plane_protocol::api::RevokeRequest,
+    responses(
+        (status = 200, description = "Every token issued for the backend to the user stops working. Answers `null`.", body = ()),
+        (status = 404, description = "No such backend.", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_revoke(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<RevokeRequest>,

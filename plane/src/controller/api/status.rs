@@ -15,6 +15,17 @@ use std::convert::Infallible;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+#[utoipa::path(
+    get,
+    path = "/pub/b/{backend}/status",
+    operation_id = "backend_status",
+    tag = "public",
+    params(("backend" = plane_protocol::names::BackendName, Path, description = "The backend's ID.")),
+    responses(
+        (status = 200, description = "The backend's latest status.", body = plane_protocol::backend::BackendStatusStreamEntry),
+        (status = 404, description = "No such backend.", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_status(
     State(state): State<ControllerState>,
     path: BackendPath,
@@ -33,6 +44,20 @@ pub async fn handle_status(
 /// The stream ends after `terminated`; a client resuming after that gets a stream that stays
 /// open and silent (keep-alive comments only) rather than one that ends at once. Event IDs are status numbers, so a client that
 /// reconnects with `Last-Event-ID` gets exactly what it missed.
+#[utoipa::path(
+    get,
+    path = "/pub/b/{backend}/status-stream",
+    operation_id = "backend_status_stream",
+    tag = "public",
+    params(
+        ("backend" = plane_protocol::names::BackendName, Path, description = "The backend's ID."),
+        ("Last-Event-ID" = Option<u64>, Header, description = "The last status number seen: the stream starts after it."),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events, one `BackendStatusStreamEntry` as JSON in each, with the status number as event ID; the stream ends after `terminated`.", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such backend.", body = plane_protocol::api::ApiError),
+    ),
+)]
 pub async fn handle_status_stream(
     State(state): State<ControllerState>,
     path: BackendPath,
