@@ -2,9 +2,10 @@
 # Runs Plane's whole test suite: formatting, lints, unit tests and the integration tests
 # on SQLite and PostgreSQL against the local Docker engine, plus a headless-Chromium test.
 #
-# Installs what is missing (apt-get) and starts a throwaway PostgreSQL and a throwaway
-# password-protected image registry on free loopback ports, removed again on exit. Needs: cargo, a running Docker engine, root or sudo for
-# apt-get when packages are missing.
+# Installs what is missing (apt-get; schemathesis from PyPI into a cached virtualenv) and
+# starts a throwaway PostgreSQL and a throwaway password-protected image registry on free
+# loopback ports, removed again on exit. Needs: cargo, python3, a running Docker engine,
+# root or sudo for apt-get when packages are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,8 @@ missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# schemathesis is installed into a virtualenv (see below).
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
@@ -36,6 +39,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable (docker info failed)" >&2; exit 1; }
+
+# --- schemathesis (PyPI), which fuzzes the controller's OpenAPI document ------------------
+# Kept in a virtualenv under the user's cache, so a second run does not reinstall it.
+schemathesis_version=4.32.5
+schemathesis_venv="${XDG_CACHE_HOME:-$HOME/.cache}/plane-test/schemathesis-$schemathesis_version"
+if [ ! -x "$schemathesis_venv/bin/schemathesis" ]; then
+  log "installing schemathesis $schemathesis_version from PyPI"
+  python3 -m venv "$schemathesis_venv"
+  "$schemathesis_venv/bin/pip" install -q "schemathesis==$schemathesis_version"
+fi
+export PLANE_TEST_SCHEMATHESIS="$schemathesis_venv/bin/schemathesis"
 
 # --- Throwaway PostgreSQL on a free loopback port ---------------------------------------
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)

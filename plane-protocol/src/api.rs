@@ -15,13 +15,26 @@ use std::collections::BTreeMap;
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// The key itself, e.g. a document ID. 1 to 256 printable characters.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2069\\ufeff]+$"
+    )]
     pub name: String,
     /// Keys in different namespaces never collide. Empty is the default namespace.
     #[serde(default)]
+    #[schema(
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2069\\ufeff]*$"
+    )]
     pub namespace: String,
     /// A running backend is only reused by a connect with the same tag (e.g. an app
     /// version); a different tag gets `409 KeyHeld`.
     #[serde(default)]
+    #[schema(
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2069\\ufeff]*$"
+    )]
     pub tag: String,
 }
 
@@ -71,24 +84,30 @@ pub struct RegistryCredentials {
 pub struct ResourceLimits {
     /// CPU accounting period, in microseconds (Docker's default is 100000).
     #[serde(default)]
+    #[schema(minimum = 1000, maximum = 1000000)]
     pub cpu_period: Option<i64>,
     /// Percentage of one CPU the container may use per period (1 to 100 per core).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
     pub cpu_period_percent: Option<u8>,
     /// Total CPU time the process may use, in seconds (the `cpu` rlimit: past it the
     /// process is killed with SIGKILL).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub cpu_time_limit: Option<i64>,
     /// Memory limit in bytes.
     #[serde(default)]
+    #[schema(minimum = 6291456)]
     pub memory_limit_bytes: Option<i64>,
     /// The most disk the container's writable layer may use, at least 1 MiB. Only drones
     /// whose storage driver can enforce it take such a backend (a 400 when the pool has
     /// none).
     #[serde(default)]
+    #[schema(minimum = 1048576)]
     pub disk_limit_bytes: Option<i64>,
     /// How many processes and threads the container may have at once.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 4194304)]
     pub pids_limit: Option<i64>,
 }
 
@@ -97,18 +116,19 @@ pub struct ResourceLimits {
 #[serde(deny_unknown_fields)]
 pub struct ExecutorConfig {
     /// Docker image reference, e.g. `ghcr.io/acme/app:1.2`.
+    #[schema(min_length = 1, max_length = 512, pattern = "^[!-~]+$")]
     pub image: String,
     /// Defaults to `IfNotPresent`.
     #[serde(default)]
     pub pull_policy: Option<PullPolicy>,
     /// Credentials for the image's registry, if it is private.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects::optional")]
     pub credentials: Option<RegistryCredentials>,
     /// Extra environment for the process. Names Plane sets itself (`PORT`,
     /// `SESSION_BACKEND_*`) are refused.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects::required")]
     pub resource_limits: ResourceLimits,
     /// A directory on the drone (under its `--mount-base`) bound at `/plane-data`: `true`
     /// for one of the key's own, kept for its next backends; a relative path for one that
@@ -118,10 +138,12 @@ pub struct ExecutorConfig {
     /// A Docker network to attach the backend to, instead of the drone's
     /// (`--docker-network`, else Docker's default bridge). Its port is published as usual.
     #[serde(default)]
+    #[schema(max_length = 128, pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     pub network_name: Option<String>,
     /// The path the drone probes, for readiness at start and for health after (`/` by
     /// default): any answer means ready; after that, no answer or a 5xx is a failed check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024, pattern = "^/[!-~]*$")]
     pub ready_path: Option<String>,
     /// GPUs to give the container (Docker device requests): a count, or `"all"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -132,12 +154,36 @@ pub struct ExecutorConfig {
 }
 
 /// GPUs for a backend: `3`, or `"all"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Gpus {
     Count(u32),
     All(AllGpus),
 }
+
+/// Written by hand: the derived schema cannot say that a count is at least 1.
+impl utoipa::PartialSchema for Gpus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                        utoipa::openapi::KnownFormat::Int32,
+                    )))
+                    .minimum(Some(1))
+                    .maximum(Some(u32::MAX)),
+            )
+            .item(<AllGpus as utoipa::PartialSchema>::schema())
+            .description(Some(
+                "GPUs for a backend: a count of at least 1, or `\"all\"`.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Gpus {}
 
 /// The `"all"` of [`Gpus`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -204,6 +250,7 @@ impl ExecutorConfig {
 pub struct SpawnConfig {
     /// Choose the backend's ID yourself (it must be unused). Normally left out.
     #[serde(default)]
+    #[schema(max_length = 45)]
     pub id: Option<BackendName>,
     /// Cluster to run in; the controller's default cluster when absent.
     #[serde(default)]
@@ -211,18 +258,22 @@ pub struct SpawnConfig {
     /// Drone pool within the cluster; the default pool (empty name) when absent.
     #[serde(default)]
     pub pool: Option<PoolName>,
+    #[serde(deserialize_with = "objects::required")]
     pub executable: ExecutorConfig,
     /// Terminate the backend this many seconds after it was scheduled (at least 1).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub lifetime_limit_seconds: Option<i64>,
     /// Terminate the backend once no connection has been open through a proxy for this
     /// many seconds (at least 1).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub max_idle_seconds: Option<i64>,
     /// Seconds from container start until the backend must answer HTTP, overriding the
     /// drone's `--startup-timeout-ms` (1 to 3600). Past it the backend ends
     /// `terminated{startuptimeout}`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
     pub startup_timeout_seconds: Option<i64>,
     /// Issue one token at spawn and hand the same one to every connect.
     #[serde(default)]
@@ -261,13 +312,18 @@ impl SpawnConfig {
 #[serde(deny_unknown_fields)]
 pub struct ConnectRequest {
     /// Reuse the backend holding this key, or start one that holds it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects::optional")]
     pub key: Option<KeyConfig>,
     /// How to start a backend if one is needed. Without it, connect only reuses.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects::optional")]
     pub spawn_config: Option<SpawnConfig>,
     /// Who the token is for; passed to the backend as `x-verified-username`.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2069\\ufeff]+$"
+    )]
     pub user: Option<String>,
     /// Arbitrary JSON object passed to the backend as `x-verified-user-data`.
     #[serde(default)]
@@ -276,6 +332,7 @@ pub struct ConnectRequest {
     /// the proxy). Without it, a token works as long as its backend runs. Not for static
     /// tokens, which are issued once for every connect.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub token_ttl_seconds: Option<i64>,
     /// Drone pool (Plane 0.5 accepted it here as well as in `spawn_config`).
     #[serde(default)]
@@ -286,13 +343,20 @@ pub struct ConnectRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnRequest {
+    #[serde(deserialize_with = "objects::required")]
     pub spawn_config: SpawnConfig,
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2069\\ufeff]+$"
+    )]
     pub user: Option<String>,
     #[serde(default)]
     pub auth: Map<String, Value>,
     /// As in [`ConnectRequest::token_ttl_seconds`].
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 315360000)]
     pub token_ttl_seconds: Option<i64>,
 }
 
@@ -386,12 +450,14 @@ pub struct ClusterState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PrepullRequest {
+    #[schema(min_length = 1, max_length = 512, pattern = "^[!-~]+$")]
     pub image: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects::optional")]
     pub credentials: Option<RegistryCredentials>,
     /// How long to wait for the drones, in seconds (default 300, at most 3600); drones
     /// still pulling then are reported `pending` and carry on.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
     pub timeout_seconds: Option<u64>,
 }
 
@@ -441,6 +507,11 @@ pub struct DrainResult {
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     pub backend_id: BackendName,
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2069\\ufeff]+$"
+    )]
     pub user: String,
 }
 
@@ -520,5 +591,87 @@ impl LogStream {
             Self::Stdout => "stdout",
             Self::Stderr => "stderr",
         }
+    }
+}
+
+/// Nested request objects that must be JSON objects. Derived structs also accept a JSON
+/// array of their fields in order, which the API's document does not allow and no client
+/// means; these read the field as a map only, through the same deserializer (so an error
+/// still names its full path).
+mod objects {
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    pub fn required<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<T, D::Error> {
+        deserializer.deserialize_map(ObjectVisitor(PhantomData))
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<Option<T>, D::Error> {
+        deserializer.deserialize_option(OptionalVisitor(PhantomData))
+    }
+
+    struct ObjectVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map))
+        }
+    }
+
+    struct OptionalVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for OptionalVisitor<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object or null")
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            required(deserializer).map(Some)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_objects_are_objects_not_arrays() {
+        let as_array =
+            r#"{"spawn_config": {"executable": {"image": "a", "resource_limits": [null, null]}}}"#;
+        let err = serde_json::from_str::<ConnectRequest>(as_array).expect_err("refused");
+        assert!(err.to_string().contains("expected a JSON object"), "{err}");
+        let whole_array = r#"{"spawn_config": ["x"]}"#;
+        assert!(serde_json::from_str::<ConnectRequest>(whole_array).is_err());
+        let fine = r#"{"key": null, "spawn_config": {"executable": {"image": "a", "resource_limits": {"pids_limit": 5}, "credentials": null}}}"#;
+        let request: ConnectRequest = serde_json::from_str(fine).expect("reads");
+        let config = request.spawn_config.expect("spawn config");
+        assert_eq!(config.executable.resource_limits.pids_limit, Some(5));
+        assert!(request.key.is_none() && config.executable.credentials.is_none());
     }
 }

@@ -6,12 +6,42 @@ use serde::{Deserialize, Serialize};
 
 /// `executable.mount`: `false` (none), `true` (a directory of the key's own, kept across its
 /// backends), or a relative path (a directory that backends naming it share).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Mount {
     Enabled(bool),
     Path(String),
 }
+
+/// One component of a [`Mount::Path`] as a regular expression: 1 to 64 letters, digits,
+/// `.`, `_` and `-`, but not `.` or `..`.
+const COMPONENT_PATTERN: &str = "([A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\\.\\.[A-Za-z0-9._-]{1,62})";
+
+/// Written by hand: the derived schema cannot carry the path's pattern.
+impl utoipa::PartialSchema for Mount {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Boolean))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .max_length(Some(MAX_COMPONENTS * (MAX_COMPONENT_LEN + 1)))
+                    .pattern(Some(format!(
+                        "^{COMPONENT_PATTERN}(/{COMPONENT_PATTERN}){{0,{}}}$",
+                        MAX_COMPONENTS - 1
+                    ))),
+            )
+            .description(Some(
+                "`false` (none), `true` (a directory of the key's own, kept across its \
+                 backends; only for a backend with a key), or a relative path (a directory \
+                 that backends naming it share).",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Mount {}
 
 /// Where a mounted directory appears inside the container.
 pub const MOUNT_TARGET: &str = "/plane-data";

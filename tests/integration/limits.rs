@@ -157,10 +157,12 @@ db_test!(
             let size = host.storage_opt.unwrap_or_default().remove("size");
             assert_eq!(size.as_deref(), Some("268435456"));
         } else {
-            // No drone of the cluster can: a 400 that says so, and nothing is started.
+            // No drone of the cluster can: no drone is available for it (503, saying why),
+            // and nothing is started.
             let body = json!({ "key": { "name": "disk" }, "spawn_config": spawn });
             let (status, body) = env.post("/ctrl/connect", &body).await;
-            assert_eq!(status, 400, "{body}");
+            assert_eq!(status, 503, "{body}");
+            assert_eq!(body["kind"], "NoDroneAvailable", "{body}");
             let message = body["message"].as_str().unwrap_or_default();
             assert!(
                 message.contains("disk_limit_bytes cannot be enforced by any drone"),

@@ -23,6 +23,7 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod metrics;
+mod openapi;
 mod placement;
 mod plane_compat;
 mod proxy;

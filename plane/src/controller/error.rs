@@ -35,9 +35,15 @@ pub enum ControllerError {
     KeyUnheldNoSpawnConfig { name: String, namespace: String },
     #[error("spawn_config.cluster is missing and the controller has no default cluster")]
     NoClusterProvided,
-    #[error("no drone is connected for cluster {cluster:?} and pool {pool:?}")]
+    #[error(
+        "no drone that can take a backend is connected for cluster {cluster} and pool {pool:?}"
+    )]
     NoDroneAvailable { cluster: ClusterName, pool: String },
-    #[error("spawn_config.id {0:?} is already in use")]
+    /// Drones are there, but none can give the backend what it asks for; the message says
+    /// what.
+    #[error("{0}")]
+    NoCapableDrone(String),
+    #[error("spawn_config.id {0} is already in use")]
     BackendIdTaken(BackendName),
     #[error("no backend {0}")]
     BackendNotFound(BackendName),
@@ -124,7 +130,7 @@ impl From<ControllerError> for ApiErrorResponse {
             ControllerError::NoClusterProvided => {
                 (StatusCode::BAD_REQUEST, ApiErrorKind::NoClusterProvided)
             }
-            ControllerError::NoDroneAvailable { .. } => (
+            ControllerError::NoDroneAvailable { .. } | ControllerError::NoCapableDrone(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ApiErrorKind::NoDroneAvailable,
             ),

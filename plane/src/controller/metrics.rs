@@ -201,7 +201,7 @@ impl ControllerMetrics {
     path = "/metrics",
     operation_id = "metrics",
     tag = "controller",
-    responses((status = 200, description = "Prometheus text exposition format (0.0.4).", content_type = "text/plain; version=0.0.4", body = String)),
+    responses((status = 200, description = "Every metric, in the OpenMetrics text format (which Prometheus scrapes).", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)),
 )]
 pub async fn handle_metrics(
     State(state): State<ControllerState>,

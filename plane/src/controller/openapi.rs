@@ -8,11 +8,15 @@ use super::{dns_socket, drone_socket, metrics, proxy_socket};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use plane_protocol::api::ApiError;
+use plane_protocol::auth::CLUSTER_SECRET_HEADER;
 use std::sync::OnceLock;
 use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn, PathItem};
 use utoipa::openapi::response::{Response as ApiResponse, ResponseBuilder};
+use utoipa::openapi::schema::{
+    AllOfBuilder, AnyOf, AnyOfBuilder, ObjectBuilder, Schema, SchemaType, Type,
+};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{Content, OpenApi as Document, Ref, Required};
+use utoipa::openapi::{Content, OpenApi as Document, Ref, RefOr, Required};
 use utoipa::{OpenApi, ToSchema};
 
 /// The name of the bearer-token security scheme (the controller's `--ctrl-token`).
@@ -87,6 +91,17 @@ const ALIASES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The event streams: the route, the schema of each event's JSON data, and whether events
+/// are numbered (`id:`).
+const EVENT_STREAMS: &[(&str, &str, bool)] = &[
+    ("/ctrl/b/{backend}/logs", "BackendLogLine", false),
+    (
+        "/pub/b/{backend}/status-stream",
+        "BackendStatusStreamEntry",
+        true,
+    ),
+];
+
 /// The whole document, built once.
 pub fn document() -> &'static Document {
     static DOCUMENT: OnceLock<Document> = OnceLock::new();
@@ -96,6 +111,53 @@ pub fn document() -> &'static Document {
 fn build() -> Document {
     let mut doc = ApiDoc::openapi();
     doc.info.version = plane_protocol::PLANE_VERSION.to_string();
+    for (path, entry, numbered) in EVENT_STREAMS {
+        let operation = doc.paths.paths[*path].get.as_mut().expect("a GET route");
+        describe_events(operation, entry, *numbered);
+    }
+    for item in doc.paths.paths.values_mut() {
+        for operation in operations_mut(item) {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if parameter.parameter_in == ParameterIn::Header {
+                    not_nullable(parameter);
+                }
+            }
+        }
+    }
+    let schemas = &mut doc.components.get_or_insert_with(Default::default).schemas;
+    if let Some(RefOr::T(Schema::Object(executor))) = schemas.get_mut("ExecutorConfig") {
+        executor
+            .properties
+            .insert("env".to_string(), environment().into());
+    }
+    // What connect and spawn refuse that one field's schema cannot say.
+    for (name, rules) in [
+        (
+            "ConnectRequest",
+            vec![
+                needs_key_or_spawn_config(),
+                no_ttl_for_static_tokens(),
+                key_for_own_mount(true),
+            ],
+        ),
+        (
+            "SpawnRequest",
+            vec![no_ttl_for_static_tokens(), key_for_own_mount(false)],
+        ),
+    ] {
+        let derived = schemas.remove(name).expect("a request schema");
+        let description = match &derived {
+            RefOr::T(Schema::Object(object)) => object.description.clone(),
+            _ => None,
+        };
+        let all = rules
+            .into_iter()
+            .fold(AllOfBuilder::new().item(derived), |all, rule| {
+                all.item(Schema::AnyOf(rule))
+            })
+            .description(description);
+        schemas.insert(name.to_string(), all.into());
+    }
     for (alias, original) in ALIASES {
         let mut item = doc.paths.paths[*original].clone();
         for operation in operations_mut(&mut item) {
@@ -130,6 +192,10 @@ fn build() -> Document {
         let takes_body = item.post.is_some();
         for operation in operations_mut(item) {
             add_shared_responses(operation, controlled, takes_body, socket);
+            if socket {
+                let parameters = operation.parameters.get_or_insert_with(Vec::new);
+                parameters.extend(upgrade_headers());
+            }
             if controlled {
                 operation.security = Some(vec![SecurityRequirement::new(
                     CTRL_TOKEN_SCHEME,
@@ -141,6 +207,154 @@ fn build() -> Document {
     doc
 }
 
+/// Describes the server-sent events of an operation's `200`, one event as the schema reads
+/// it: `data` holds one JSON `entry`.
+fn describe_events(operation: &mut Operation, entry: &str, numbered: bool) {
+    let mut data = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(format!(
+            "One `{entry}` (#/components/schemas/{entry}), as JSON."
+        )))
+        .build();
+    data.content_media_type = "application/json".to_string();
+    let mut event = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("data", data)
+        .required("data")
+        .property(
+            "event",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["message"])),
+        );
+    if numbered {
+        event = event
+            .property(
+                "id",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some("^[0-9]+$"))
+                    .description(Some("The status number, for `Last-Event-ID`; absent on an entry that only changes health.")),
+            );
+    }
+    let Some(RefOr::T(response)) = operation.responses.responses.get_mut("200") else {
+        panic!("an event stream answers 200");
+    };
+    let content = response
+        .content
+        .get_mut("text/event-stream")
+        .expect("documented as text/event-stream");
+    content.schema = Some(event.into());
+}
+
+/// A header is text or absent, never `null`.
+fn not_nullable(parameter: &mut Parameter) {
+    if let Some(RefOr::T(Schema::Object(object))) = &mut parameter.schema {
+        if let SchemaType::Array(types) = &object.schema_type {
+            let rest: Vec<Type> = types
+                .iter()
+                .filter(|t| **t != Type::Null)
+                .cloned()
+                .collect();
+            if let [only] = rest.as_slice() {
+                object.schema_type = SchemaType::Type(only.clone());
+            }
+        }
+    }
+}
+
+/// A connect names a key, a spawn config, or both (a 400 otherwise).
+fn needs_key_or_spawn_config() -> AnyOf {
+    let present = |field: &str| {
+        ObjectBuilder::new()
+            .required(field)
+            .property(field, ObjectBuilder::new().schema_type(Type::Object))
+    };
+    AnyOfBuilder::new()
+        .item(present("key"))
+        .item(present("spawn_config"))
+        .build()
+}
+
+/// `executable.mount: true` keeps a directory per key, so it needs one: the request has a key
+/// (a connect may), or the mount is not `true`.
+fn key_for_own_mount(key_allowed: bool) -> AnyOf {
+    let not_own = AnyOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Boolean)
+                .enum_values(Some([false])),
+        );
+    let executable = ObjectBuilder::new().property("mount", not_own);
+    let spawn_config = AnyOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .item(ObjectBuilder::new().property("executable", executable));
+    let mut rule =
+        AnyOfBuilder::new().item(ObjectBuilder::new().property("spawn_config", spawn_config));
+    if key_allowed {
+        rule = rule.item(
+            ObjectBuilder::new()
+                .required("key")
+                .property("key", ObjectBuilder::new().schema_type(Type::Object)),
+        );
+    }
+    rule.build()
+}
+
+/// `executable.env`: variable names as shells take them, values without NUL, and none of
+/// the names Plane sets itself.
+fn environment() -> ObjectBuilder {
+    // No string is 1 character long and empty: a name with this schema cannot be given.
+    let forbidden = || {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(0))
+            .description(Some("Set by Plane; cannot be overridden."))
+    };
+    let mut env = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "Extra environment for the process. Names Plane sets itself (`PORT`, \
+             `SESSION_BACKEND_*`) are refused.",
+        ))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[A-Za-z_][A-Za-z0-9_]*$")),
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[^\\u0000]*$")),
+        ));
+    for name in plane_protocol::RESERVED_ENV_VARS {
+        env = env.property(*name, forbidden());
+    }
+    env
+}
+
+/// `token_ttl_seconds` does not go with `spawn_config.use_static_token` (a 400): one of
+/// them is absent, null or false.
+fn no_ttl_for_static_tokens() -> AnyOf {
+    let null = || ObjectBuilder::new().schema_type(Type::Null);
+    let not_static = ObjectBuilder::new().property(
+        "use_static_token",
+        ObjectBuilder::new()
+            .schema_type(Type::Boolean)
+            .enum_values(Some([false])),
+    );
+    AnyOfBuilder::new()
+        .item(ObjectBuilder::new().property("token_ttl_seconds", null()))
+        .item(ObjectBuilder::new().property(
+            "spawn_config",
+            AnyOfBuilder::new().item(null()).item(not_static),
+        ))
+        .build()
+}
+
 fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
     [
         item.get.as_mut(),
@@ -150,6 +364,57 @@ fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
     ]
     .into_iter()
     .flatten()
+}
+
+/// What makes a request a WebSocket upgrade (RFC 6455), which the socket routes require, and
+/// the cluster secret nodes present.
+fn upgrade_headers() -> Vec<Parameter> {
+    let header = |name: &str, schema: ObjectBuilder, required: bool, description: &str| {
+        ParameterBuilder::new()
+            .name(name)
+            .parameter_in(ParameterIn::Header)
+            .required(if required {
+                Required::True
+            } else {
+                Required::False
+            })
+            .description(Some(description))
+            .schema(Some(schema))
+            .build()
+    };
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    vec![
+        header(
+            "Connection",
+            text().enum_values(Some(["Upgrade"])),
+            true,
+            "A WebSocket upgrade.",
+        ),
+        header(
+            "Upgrade",
+            text().enum_values(Some(["websocket"])),
+            true,
+            "A WebSocket upgrade.",
+        ),
+        header(
+            "Sec-WebSocket-Version",
+            text().enum_values(Some(["13"])),
+            true,
+            "The WebSocket protocol version.",
+        ),
+        header(
+            "Sec-WebSocket-Key",
+            text().pattern(Some("^[A-Za-z0-9+/]{21}[AQgw]==$")),
+            true,
+            "16 random bytes, base64-encoded.",
+        ),
+        header(
+            CLUSTER_SECRET_HEADER,
+            text(),
+            false,
+            "The cluster secret, when the controller runs with --cluster-secret.",
+        ),
+    ]
 }
 
 fn cluster_parameter() -> Parameter {

@@ -60,14 +60,53 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         }
         // The error names the field's path (`spawn_config.executable.pull_policy: ...`).
         let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error::deserialize(&mut deserializer)
-            .map_err(|err| ApiErrorResponse::bad_request(format!("invalid request body: {err}")))?;
-        // Nothing but whitespace may follow the object (`{}{}` or `{} junk` are refused).
-        deserializer
-            .end()
-            .map_err(|err| ApiErrorResponse::bad_request(format!("invalid request body: {err}")))?;
-        Ok(ApiJson(value))
+        match serde_path_to_error::deserialize(&mut deserializer) {
+            Ok(value) => {
+                // Nothing but whitespace may follow the object (`{}{}` or `{} junk` are
+                // refused).
+                deserializer.end().map_err(|err| {
+                    ApiErrorResponse::bad_request(format!("invalid request body: {err}"))
+                })?;
+                Ok(ApiJson(value))
+            }
+            // JSON Schema, which the API's document is written in, counts `5.0` as an integer;
+            // serde does not. Only on this rare path is the body read a second time.
+            Err(err) => match integral_floats_as_integers(&bytes)
+                .and_then(|value| serde_path_to_error::deserialize(value).ok())
+            {
+                Some(value) => Ok(ApiJson(value)),
+                None => Err(ApiErrorResponse::bad_request(format!(
+                    "invalid request body: {err}"
+                ))),
+            },
+        }
     }
+}
+
+/// The body with every number that is a whole float (`5.0`) written as an integer, or
+/// `None` if it has none.
+fn integral_floats_as_integers(bytes: &[u8]) -> Option<serde_json::Value> {
+    fn walk(value: &mut serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::Number(number) => {
+                // Within ±2^53 every integer is exact as a float.
+                match number.as_f64() {
+                    Some(float)
+                        if number.is_f64() && float.fract() == 0.0 && float.abs() <= 9.0e15 =>
+                    {
+                        *value = serde_json::Value::from(float as i64);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().fold(false, |c, v| walk(v) | c),
+            serde_json::Value::Object(map) => map.values_mut().fold(false, |c, v| walk(v) | c),
+            _ => false,
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    walk(&mut value).then_some(value)
 }
 
 fn too_large() -> ApiErrorResponse {

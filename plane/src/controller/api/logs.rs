@@ -31,7 +31,7 @@ const MAX_TAIL: u64 = 10_000_000;
     params(
         ("backend" = plane_protocol::names::BackendName, Path, description = "The backend's ID."),
         ("follow" = Option<bool>, Query, description = "Keep the stream open for new lines until the backend's process exits."),
-        ("tail" = Option<u64>, Query, description = "Start with the last this many lines (at most 10000000) instead of the first."),
+        ("tail" = Option<u64>, Query, maximum = 10000000, description = "Start with the last this many lines (at most 10000000) instead of the first."),
     ),
     responses(
         (status = 200, description = "Server-sent events, one `BackendLogLine` as JSON in each event's data, oldest first.", content_type = "text/event-stream", body = String),

@@ -4,6 +4,7 @@
 
 use super::body::ApiJson;
 use super::paths::ClusterPath;
+use crate::controller::backends::validate::validate_image;
 use crate::controller::error::{ApiErrorResponse, ControllerError};
 use crate::controller::store::NodeKind;
 use crate::controller::{peers, ControllerState};
@@ -32,13 +33,8 @@ pub async fn handle_prepull(
     headers: HeaderMap,
     ApiJson(request): ApiJson<PrepullRequest>,
 ) -> Result<Json<PrepullResult>, ApiErrorResponse> {
-    let image = request.image.trim();
-    if image.is_empty() || image.len() > 1024 || image.chars().any(char::is_whitespace) {
-        return Err(ControllerError::invalid(
-            "image must be an image reference of 1 to 1024 characters without spaces",
-        )
-        .into());
-    }
+    let image = request.image.as_str();
+    validate_image("image", image)?;
     let timeout = request.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS);
     if !(1..=MAX_TIMEOUT_SECONDS).contains(&timeout) {
         return Err(ControllerError::invalid(format!(

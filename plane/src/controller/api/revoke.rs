@@ -2,6 +2,7 @@
 //! tokens for one backend stop working at every proxy, on every controller.
 
 use super::body::ApiJson;
+use crate::controller::backends::validate::validate_text;
 use crate::controller::error::{ApiErrorResponse, ControllerError};
 use crate::controller::ControllerState;
 use axum::extract::State;
@@ -28,11 +29,7 @@ pub async fn handle_revoke(
     State(state): State<ControllerState>,
     ApiJson(request): ApiJson<RevokeRequest>,
 ) -> Result<Json<()>, ApiErrorResponse> {
-    if request.user.is_empty() || request.user.len() > MAX_USER_LENGTH {
-        return Err(ApiErrorResponse::bad_request(format!(
-            "user must be 1 to {MAX_USER_LENGTH} bytes long"
-        )));
-    }
+    validate_text("user", &request.user, 1, MAX_USER_LENGTH)?;
     revoke(&state, &request).await?;
     Ok(Json(()))
 }

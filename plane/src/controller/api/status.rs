@@ -51,7 +51,7 @@ pub async fn handle_status(
     tag = "public",
     params(
         ("backend" = plane_protocol::names::BackendName, Path, description = "The backend's ID."),
-        ("Last-Event-ID" = Option<u64>, Header, description = "The last status number seen: the stream starts after it."),
+        ("Last-Event-ID" = Option<u32>, Header, maximum = 2147483647, description = "The last status number seen: the stream starts after it."),
     ),
     responses(
         (status = 200, description = "Server-sent events, one `BackendStatusStreamEntry` as JSON in each, with the status number as event ID; the stream ends after `terminated`.", content_type = "text/event-stream", body = String),
@@ -70,7 +70,8 @@ pub async fn handle_status_stream(
         Some(value) => value
             .to_str()
             .ok()
-            .and_then(|v| v.trim().parse::<i32>().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .and_then(|v| i32::try_from(v).ok())
             .ok_or_else(|| {
                 ApiErrorResponse::bad_request("Last-Event-ID must be an event id from this stream")
             })?,

@@ -5,7 +5,7 @@
 mod connect;
 mod placement;
 mod terminate;
-mod validate;
+pub(crate) mod validate;
 
 pub use connect::{connect, spawn_new};
 pub use terminate::terminate;

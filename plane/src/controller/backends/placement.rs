@@ -15,8 +15,8 @@ use plane_protocol::time::Millis;
 /// load nearly even ("the power of two choices").
 ///
 /// A backend with a disk limit goes only to a drone whose engine can enforce one; when the
-/// pool has placeable drones but none of those, that is the request's problem (400), never
-/// a limit silently ignored.
+/// pool has placeable drones but none of those, no drone is available for it (503, saying
+/// why), never a limit silently ignored.
 pub(super) async fn pick_drone(
     state: &ControllerState,
     cluster: &ClusterName,
@@ -33,7 +33,7 @@ pub(super) async fn pick_drone(
             .placeable_drones(cluster, pool.as_str(), seen_since, false)
             .await?;
         if !others.is_empty() {
-            return Err(ControllerError::invalid(format!(
+            return Err(ControllerError::NoCapableDrone(format!(
                 "spawn_config.executable.resource_limits.disk_limit_bytes cannot be enforced by any drone of cluster {cluster}{pool}: their Docker storage drivers cannot limit a container's disk (btrfs, zfs, devicemapper and overlay2 on xfs with pquota can); leave it out or null",
                 pool = if pool.is_default() { String::new() } else { format!(", pool {pool}") }
             )));

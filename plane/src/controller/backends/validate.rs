@@ -79,18 +79,7 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
         }
     }
     let executable = &config.executable;
-    if executable.image.is_empty()
-        || executable.image.len() > 512
-        || executable
-            .image
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(ControllerError::invalid(format!(
-            "spawn_config.executable.image {:?} is not a valid image reference",
-            executable.image
-        )));
-    }
+    validate_image("spawn_config.executable.image", &executable.image)?;
     for (name, value) in &executable.env {
         let valid_name = !name.is_empty()
             && !name.starts_with(|c: char| c.is_ascii_digit())
@@ -204,7 +193,22 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
     Ok(())
 }
 
-fn validate_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ControllerError> {
+/// An image reference as Docker reads one: 1 to 512 printable ASCII characters, no spaces.
+pub(crate) fn validate_image(field: &str, image: &str) -> Result<(), ControllerError> {
+    if image.is_empty() || image.len() > 512 || !image.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ControllerError::invalid(format!(
+            "{field} must be an image reference of 1 to 512 printable ASCII characters without spaces, got {image:?}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_text(
+    field: &str,
+    value: &str,
+    min: usize,
+    max: usize,
+) -> Result<(), ControllerError> {
     let length = value.chars().count();
     if length < min || length > max {
         return Err(ControllerError::invalid(format!(

@@ -1,0 +1,234 @@
+//! The OpenAPI document at `/pub/openapi.json`: it describes exactly the routes a real
+//! controller serves, each of them reaches its handler, and schemathesis (the test command
+//! installs it from PyPI) finds no server error and no answer that breaks the document when
+//! it fuzzes every operation of a controller with a drone, auth and a cluster secret on.
+
+use crate::harness::{plane_binary, run_test, test_registry, wait_for, Db, TestEnv};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_served_document_describes_every_route_and_each_reaches_its_handler() {
+    run_test(
+        "the_served_document_describes_every_route_and_each_reaches_its_handler",
+        Db::Sqlite,
+        |env: TestEnv| async move {
+            let answer = env
+                .client
+                .get(env.controller_url("/pub/openapi.json"))
+                .send()
+                .await
+                .expect("document reachable");
+            assert_eq!(answer.status().as_u16(), 200);
+            let document: Value = answer.json().await.expect("JSON");
+            assert_eq!(document["openapi"], "3.1.0");
+
+            let mut documented = BTreeSet::new();
+            for (path, item) in document["paths"].as_object().expect("paths") {
+                for method in item.as_object().expect("path item").keys() {
+                    documented.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+            let served: BTreeSet<(String, String)> = plane::controller::router::served_routes()
+                .into_iter()
+                .map(|(method, path)| (method.to_string(), path))
+                .collect();
+            assert_eq!(documented, served);
+
+            // Each documented operation reaches a handler: whatever it answers, it is not the
+            // router's own 404 or 405.
+            for (method, path) in &documented {
+                let url = env.controller_url(
+                    &path
+                        .replace("{backend}", "ba-none")
+                        .replace("{cluster}", env.cluster.as_str())
+                        .replace("{drone}", "dr-none"),
+                );
+                let request = match method.as_str() {
+                    "GET" => env.client.get(&url),
+                    "POST" => env.client.post(&url).json(&serde_json::json!({})),
+                    other => panic!("{other} {path}: no route takes {other}"),
+                };
+                let answer = request.send().await.expect("answer");
+                let status = answer.status().as_u16();
+                let body = answer.text().await.unwrap_or_default();
+                assert_ne!(status, 405, "{method} {path}: {body}");
+                assert!(
+                    !(status == 404 && body.contains("no such endpoint")),
+                    "{method} {path} is documented but not routed: {body}"
+                );
+            }
+            env
+        },
+    )
+    .await;
+}
+
+/// The schemathesis CLI: `PLANE_TEST_SCHEMATHESIS`, which the test command sets to the one
+/// it installs, or `schemathesis` on the PATH.
+fn schemathesis() -> PathBuf {
+    if let Ok(path) = std::env::var("PLANE_TEST_SCHEMATHESIS") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("schemathesis"))
+                .find(|candidate| candidate.exists())
+        })
+        .expect(
+            "schemathesis is installed (the test command installs it from PyPI and sets \
+             PLANE_TEST_SCHEMATHESIS)",
+        )
+}
+
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    probe.local_addr().expect("addr").port()
+}
+
+fn spawn_plane(args: &[&str], log: &Path) -> tokio::process::Child {
+    let log = std::fs::File::create(log).expect("log file");
+    tokio::process::Command::new(plane_binary())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start plane")
+}
+
+/// What schemathesis is told beyond its defaults. A documented 503 (`NoDroneAvailable`:
+/// the fuzzer asks for clusters and pools that have no drone) is an answer, not a fault;
+/// every other 5xx fails the run.
+const SCHEMATHESIS_CONFIG: &str = r#"
+[checks.not_a_server_error]
+expected-statuses = ["1XX", "2XX", "3XX", "4XX", "503"]
+"#;
+
+#[tokio::test(flavor = "current_thread")]
+async fn schemathesis_finds_no_fault_and_no_answer_that_breaks_the_document() {
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("scratch")
+        .join(format!("schemathesis-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let port = free_port();
+    let cluster = format!("127.0.0.1:{}", free_port());
+    let (token, secret) = ("fuzz-token", "fuzz-secret");
+    let db = format!("sqlite://{}", scratch.join("plane.db").display());
+    let port_arg = port.to_string();
+    let _controller = spawn_plane(
+        &[
+            "controller",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_arg,
+            "--db",
+            &db,
+            "--default-cluster",
+            &cluster,
+            "--ctrl-token",
+            token,
+            "--cluster-secret",
+            secret,
+        ],
+        &scratch.join("controller.log"),
+    );
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for("the controller to answer", Duration::from_secs(30), || {
+        let request = client.get(format!("{base}/pub/health")).send();
+        async move { request.await.map(|_| ()).map_err(|e| e.to_string()) }
+    })
+    .await;
+    let controller_url = format!("http://{token}@127.0.0.1:{port}");
+    let state_dir = scratch.join("drone-state").display().to_string();
+    let registry = test_registry();
+    let _drone = spawn_plane(
+        &[
+            "drone",
+            "--controller-url",
+            &controller_url,
+            "--cluster",
+            &cluster,
+            "--cluster-secret",
+            secret,
+            "--state-dir",
+            &state_dir,
+            "--log-retention-seconds",
+            "0",
+            "--on-shutdown",
+            "terminate",
+            // The fuzzer names arbitrary images: none may be pulled from anywhere.
+            "--allowed-registry",
+            &registry,
+        ],
+        &scratch.join("drone.log"),
+    );
+    wait_for("the drone to connect", Duration::from_secs(30), || {
+        let request = client
+            .get(format!("{base}/ctrl/c/{cluster}/state"))
+            .bearer_auth(token)
+            .send();
+        async move {
+            let state: Value = request
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            match state["drones"].as_array().map(Vec::len) {
+                Some(1) => Ok(()),
+                other => Err(format!("drones: {other:?}")),
+            }
+        }
+    })
+    .await;
+
+    let config = scratch.join("schemathesis.toml");
+    std::fs::write(&config, SCHEMATHESIS_CONFIG).expect("config");
+    let report_dir = scratch.join("report");
+    let examples = std::env::var("PLANE_TEST_SCHEMATHESIS_EXAMPLES").unwrap_or("40".into());
+    let run = tokio::process::Command::new(schemathesis())
+        .current_dir(&scratch)
+        .arg("--config-file")
+        .arg(&config)
+        .args(["run", &format!("{base}/pub/openapi.json")])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
+        .args(["--checks", "all", "--max-examples", &examples])
+        // One worker: concurrent workers trip a CPython 3.11 bug (`AST constructor recursion
+        // depth mismatch`) in schemathesis's own code.
+        .args(["--workers", "1", "--request-timeout", "10", "--no-color"])
+        .args(["--generation-database", "none", "--report", "junit,har"])
+        .arg("--report-dir")
+        .arg(&report_dir)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(15 * 60), run)
+        .await
+        .expect("schemathesis finished within 15 minutes")
+        .expect("schemathesis ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "schemathesis found problems (report, controller and drone logs kept in {}):\n{stdout}\n{}",
+        scratch.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // It ran every operation of the document.
+    let operations = stdout
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Tested: "))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !operations.is_empty() && operations.parse::<u32>().is_ok_and(|n| n >= 20),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+}
