@@ -1,7 +1,7 @@
 //! Bodies of the controller's HTTP API (`/ctrl/*`, `/pub/*`), shaped like Plane 0.5's so
 //! existing clients work unchanged, and the one error body every endpoint returns.
 
-use crate::backend::BackendStatus;
+use crate::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind, TerminationReason};
 use crate::names::{
     BackendName, BearerToken, ClusterName, NodeName, PoolName, SecretToken, Subdomain,
 };
@@ -445,6 +445,59 @@ pub struct ClusterState {
     pub drones: Vec<DroneState>,
     pub proxies: Vec<NodeState>,
 }
+
+/// A backend as `GET /ctrl/b/:backend` and the overview show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackendInfo {
+    pub backend_id: BackendName,
+    pub cluster: ClusterName,
+    /// Its drone's pool (empty: the default pool).
+    pub pool: String,
+    pub drone: NodeName,
+    pub status: BackendStatus,
+    /// When it entered `status`.
+    pub status_time: Millis,
+    /// The key it holds (or held), if it was started by a connect with one.
+    pub key: Option<BackendKey>,
+    pub created_at: Millis,
+    /// When it was last seen in use: it became ready, or a proxy reported a connection.
+    pub last_active_at: Millis,
+    pub termination_kind: Option<TerminationKind>,
+    pub termination_reason: Option<TerminationReason>,
+    pub exit_code: Option<i32>,
+    /// Why it failed, when it did.
+    pub message: Option<String>,
+    pub subdomain: Option<Subdomain>,
+}
+
+/// The key of a [`BackendInfo`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackendKey {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// `GET /ctrl/b/:backend`: the backend and every status it has been in, oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackendDetails {
+    pub backend: BackendInfo,
+    pub history: Vec<BackendStatusStreamEntry>,
+}
+
+/// `GET /ctrl/overview` (and each event of `/ctrl/overview-stream`): every cluster with a
+/// node, and the backends that are live or ended in the last hour, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Overview {
+    pub clusters: Vec<ClusterState>,
+    /// At most [`OVERVIEW_BACKENDS`]; `backends_truncated` says when more matched.
+    pub backends: Vec<BackendInfo>,
+    pub backends_truncated: bool,
+    /// When the controller read it.
+    pub time: Millis,
+}
+
+/// The most backends an [`Overview`] lists.
+pub const OVERVIEW_BACKENDS: usize = 500;
 
 /// `POST /ctrl/c/:cluster/prepull`: every drone of the cluster pulls `image` now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -162,6 +162,10 @@ pub async fn run(opts: DevOpts) -> anyhow::Result<()> {
         executable.display()
     );
     println!("Then open the printed URL in a browser. Stop plane dev with Ctrl-C.");
+    println!(
+        "The dashboard: {}/ctrl/ui/",
+        controller_url.as_str().trim_end_matches('/')
+    );
     tracing::info!(image = %demo_image, "demo image ready");
 
     crate::signals::wait_for_shutdown_signal().await;

@@ -1,6 +1,8 @@
 //! A real browser (headless Chromium driven over WebDriver) opens a backend's URL through
 //! the proxy, runs the demo page, and echoes a message over a WebSocket: over plain HTTP, and
-//! over HTTPS and `wss://` with `plane dev --https`, trusting its CA for that run only.
+//! over HTTPS and `wss://` with `plane dev --https`, trusting its CA for that run only. And
+//! an operator uses the dashboard at `/ctrl/ui/`: signs in, watches a connect turn `ready`
+//! without a reload, reads its history, terminates it and drains a drone.
 
 use crate::harness::{run_test, wait_for, Db, PlaneDev, TestEnv};
 use serde_json::{json, Value};
@@ -103,6 +105,34 @@ impl Browser {
     async fn script(&self, script: &str) -> Value {
         self.command("execute/sync", json!({ "script": script, "args": [] }))
             .await
+    }
+
+    /// Waits until `script` returns `true`, saying what it returned last otherwise.
+    async fn until(&self, what: &str, script: &str) {
+        wait_for(what, Duration::from_secs(30), || async {
+            match self.script(script).await {
+                Value::Bool(true) => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await;
+    }
+
+    /// The page as it looks now, as PNG.
+    async fn screenshot(&self) -> Vec<u8> {
+        let reply: Value = self
+            .client
+            .get(format!("{}/session/{}/screenshot", self.base, self.session))
+            .send()
+            .await
+            .expect("webdriver reachable")
+            .json()
+            .await
+            .expect("webdriver JSON");
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(reply["value"].as_str().unwrap_or_default())
+            .expect("a base64 PNG")
     }
 
     async fn close(mut self) {
@@ -281,4 +311,264 @@ async fn browser_over_https() {
     browser.close().await;
     let status = dev.stop().await;
     assert!(status.success(), "plane dev exit: {status}");
+}
+
+const DASHBOARD_TOKEN: &str = "tok-dashboard";
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_operator_signs_in_watches_a_backend_become_ready_and_terminates_it_from_the_dashboard()
+{
+    run_test("dashboard", Db::Sqlite, |env: TestEnv| async move {
+        let cluster: plane_protocol::names::ClusterName =
+            "dashboard.test:1".parse().expect("cluster");
+        let sqlite = env.scratch.join("dashboard.db").display().to_string();
+        let controller = env
+            .start_controller_with(|config| {
+                config.db = sqlite;
+                config.default_cluster = Some(cluster.clone());
+                config.ctrl_tokens = vec![DASHBOARD_TOKEN.to_string()];
+            })
+            .await;
+        let base = controller.url();
+        let mut drone_config = env.drone_config("dr-dash");
+        drone_config.cluster = cluster.clone();
+        let mut with_token = base.clone();
+        with_token.set_username(DASHBOARD_TOKEN).expect("user-info");
+        drone_config.controller_url = with_token;
+        let drone_name = drone_config.name.clone();
+        let _drone = plane_drone::start(drone_config).await.expect("drone");
+        let api = |path: &str| base.join(path).expect("url");
+        let state_url = api(&format!("/ctrl/c/{cluster}/state"));
+        let cluster_state = || async {
+            env.client
+                .get(state_url.clone())
+                .bearer_auth(DASHBOARD_TOKEN)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json::<plane_protocol::api::ClusterState>()
+                .await
+                .map_err(|e| e.to_string())
+        };
+        wait_for("the drone to connect", Duration::from_secs(20), || async {
+            let state = cluster_state().await?;
+            match state.drones.iter().any(|d| d.ready) {
+                true => Ok(()),
+                false => Err(format!("{state:?}")),
+            }
+        })
+        .await;
+
+        let browser = Browser::start().await;
+        let steps = dashboard_steps(&env, &browser, &base, &cluster, &drone_name, &cluster_state);
+        let outcome =
+            futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(steps)).await;
+        if let Err(panic) = outcome {
+            let shot = browser.screenshot().await;
+            let path = env.scratch.join("dashboard-failure.png");
+            std::fs::write(&path, &shot).expect("write the screenshot");
+            eprintln!(
+                "the dashboard as it was when the test failed: {}",
+                path.display()
+            );
+            std::panic::resume_unwind(panic);
+        }
+        browser.close().await;
+        env
+    })
+    .await;
+}
+
+async fn dashboard_steps<F, Fut>(
+    env: &TestEnv,
+    browser: &Browser,
+    base: &url::Url,
+    cluster: &plane_protocol::names::ClusterName,
+    drone: &plane_protocol::names::NodeName,
+    cluster_state: &F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<plane_protocol::api::ClusterState, String>>,
+{
+    let page = base.join("/ctrl/ui/").expect("url");
+    browser.open(page.as_str()).await;
+    browser
+        .until(
+            "the sign-in form",
+            "return !document.getElementById('login').hidden",
+        )
+        .await;
+    // A wrong token is refused on the form.
+    browser
+        .script("document.getElementById('token').value = 'wrong'; document.getElementById('login-form').requestSubmit();")
+        .await;
+    browser
+        .until(
+            "the refusal",
+            "return document.getElementById('login-error').textContent.includes('does not accept')",
+        )
+        .await;
+    browser
+        .script(&format!("document.getElementById('token').value = '{DASHBOARD_TOKEN}'; document.getElementById('login-form').requestSubmit();"))
+        .await;
+    browser
+        .until(
+            "the overview, live",
+            "return !document.getElementById('overview').hidden && document.getElementById('connection').textContent === 'live'",
+        )
+        .await;
+    // The token is in the tab's session, never in the URL.
+    let href = browser.script("return location.href").await;
+    assert!(
+        !href.as_str().unwrap_or_default().contains(DASHBOARD_TOKEN),
+        "{href}"
+    );
+    let kept = browser
+        .script("return sessionStorage.getItem('plane-ctrl-token')")
+        .await;
+    assert_eq!(kept, DASHBOARD_TOKEN);
+    browser
+        .until(
+            "the drone listed, ready",
+            &format!("const row = document.querySelector('tr[data-drone=\"{drone}\"]'); return !!row && row.querySelector('.state').textContent === 'ready'"),
+        )
+        .await;
+    // Marks this page load: a reload would lose it.
+    browser.script("window.sameLoad = true").await;
+
+    let mut spawn = env.spawn_config(&[]);
+    spawn.cluster = Some(cluster.clone());
+    let connected: Value = env
+        .client
+        .post(base.join("/ctrl/connect").expect("url"))
+        .bearer_auth(DASHBOARD_TOKEN)
+        .json(&json!({ "key": { "name": "dash-doc", "namespace": "team" }, "spawn_config": spawn }))
+        .send()
+        .await
+        .expect("connect")
+        .json()
+        .await
+        .expect("connect JSON");
+    let backend = connected["backend_id"]
+        .as_str()
+        .expect("backend id")
+        .to_string();
+    let row = format!("document.querySelector('tr[data-backend=\"{backend}\"]')");
+    browser
+        .until(
+            "the connect's backend to appear and turn ready on the open page",
+            &format!("const row = {row}; return !!row && row.querySelector('.status').textContent === 'ready' && row.querySelector('.key').textContent === 'team/dash-doc' && window.sameLoad === true"),
+        )
+        .await;
+
+    // Its page shows its history, up to ready.
+    browser
+        .script(&format!("{row}.querySelector('a').click()"))
+        .await;
+    browser
+        .until(
+            "the backend's page with its history",
+            "const statuses = [...document.querySelectorAll('#history tbody tr')].map(r => r.dataset.status); return !document.getElementById('backend').hidden && statuses[0] === 'scheduled' && statuses.includes('ready')",
+        )
+        .await;
+
+    // Terminate asks first; cancelling does nothing.
+    let terminate =
+        "document.querySelector('#backend-actions button[data-action=\"terminate\"]').click()";
+    browser.script(terminate).await;
+    browser
+        .until(
+            "the confirmation",
+            "return document.getElementById('confirm').open",
+        )
+        .await;
+    browser
+        .script("document.getElementById('confirm-cancel').click()")
+        .await;
+    browser
+        .until(
+            "the dialog closed",
+            "return !document.getElementById('confirm').open",
+        )
+        .await;
+    let status_url = base.join(&format!("/pub/b/{backend}/status")).expect("url");
+    let status = || async {
+        let entry: Value = env
+            .client
+            .get(status_url.clone())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<String, String>(entry["status"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(status().await.expect("status"), "ready");
+    browser.script(terminate).await;
+    browser
+        .until(
+            "the confirmation",
+            "return document.getElementById('confirm').open",
+        )
+        .await;
+    browser
+        .script("document.getElementById('confirm-ok').click()")
+        .await;
+    wait_for(
+        "the backend to terminate",
+        Duration::from_secs(30),
+        || async {
+            match status().await?.as_str() {
+                "terminated" => Ok(()),
+                other => Err(other.to_string()),
+            }
+        },
+    )
+    .await;
+    browser
+        .until(
+            "terminated on its page, with the reason",
+            "return document.getElementById('backend-status')?.textContent === 'terminated' && [...document.querySelectorAll('#history tbody tr')].some(r => r.dataset.status === 'terminated')",
+        )
+        .await;
+
+    // Back on the overview: drain the drone, confirmed.
+    browser.script("location.hash = ''").await;
+    browser
+        .until(
+            "the ended backend in the overview",
+            &format!("const row = {row}; return !!row && row.querySelector('.status').textContent === 'terminated' && row.querySelector('.reason').textContent.startsWith('external')"),
+        )
+        .await;
+    browser
+        .script(&format!("document.querySelector('tr[data-drone=\"{drone}\"] button[data-action=\"drain\"]').click()"))
+        .await;
+    browser
+        .until(
+            "the confirmation",
+            "return document.getElementById('confirm').open",
+        )
+        .await;
+    browser
+        .script("document.getElementById('confirm-ok').click()")
+        .await;
+    wait_for(
+        "the drone to be draining",
+        Duration::from_secs(20),
+        || async {
+            let state = cluster_state().await?;
+            match state.drones.iter().any(|d| d.draining) {
+                true => Ok(()),
+                false => Err(format!("{state:?}")),
+            }
+        },
+    )
+    .await;
+    browser
+        .until(
+            "the drone shown draining",
+            &format!("const row = document.querySelector('tr[data-drone=\"{drone}\"]'); return !!row && row.querySelector('.state').textContent === 'draining'"),
+        )
+        .await;
 }

@@ -25,6 +25,7 @@ pub mod router;
 mod state;
 pub mod store;
 mod sweeper;
+mod ui;
 
 pub use self::state::ControllerState;
 

@@ -3,8 +3,8 @@
 //! what every operation shares (its error responses, the control token) and with the
 //! aliases the router serves for the same handlers.
 
-use super::api::{cluster, connect, drain, logs, prepull, revoke, status, terminate};
-use super::{dns_socket, drone_socket, metrics, proxy_socket};
+use super::api::{cluster, connect, drain, logs, overview, prepull, revoke, status, terminate};
+use super::{dns_socket, drone_socket, metrics, proxy_socket, ui};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use plane_protocol::api::ApiError;
@@ -40,6 +40,12 @@ const CTRL_TOKEN_SCHEME: &str = "ctrl_token";
         terminate::handle_soft_terminate,
         terminate::handle_hard_terminate,
         logs::handle_logs,
+        overview::handle_backend,
+        overview::handle_overview,
+        overview::handle_overview_stream,
+        ui::handle_ui_redirect,
+        ui::handle_ui_index,
+        ui::handle_ui_file,
         status::handle_status,
         status::handle_status_stream,
         cluster::handle_health,
@@ -60,6 +66,7 @@ const CTRL_TOKEN_SCHEME: &str = "ctrl_token";
         (name = "cluster", description = "The drones and proxies of a cluster."),
         (name = "controller", description = "The controller itself."),
         (name = "public", description = "What browsers read, without credentials."),
+        (name = "dashboard", description = "The web dashboard's files (they need no token; the page asks for one)."),
         (name = "nodes", description = "The sockets drones, proxies and DNS servers hold to the controller."),
     ),
 )]
@@ -69,6 +76,7 @@ struct ApiDoc;
 /// `/c/{cluster}` forms also check that the backend belongs to that cluster.
 const ALIASES: &[(&str, &str)] = &[
     ("/ctrl/revoke", "/ctrl/b/revoke"),
+    ("/ctrl/c/{cluster}/b/{backend}", "/ctrl/b/{backend}"),
     (
         "/ctrl/c/{cluster}/b/{backend}/soft-terminate",
         "/ctrl/b/{backend}/soft-terminate",
@@ -95,6 +103,7 @@ const ALIASES: &[(&str, &str)] = &[
 /// are numbered (`id:`).
 const EVENT_STREAMS: &[(&str, &str, bool)] = &[
     ("/ctrl/b/{backend}/logs", "BackendLogLine", false),
+    ("/ctrl/overview-stream", "Overview", false),
     (
         "/pub/b/{backend}/status-stream",
         "BackendStatusStreamEntry",
@@ -187,7 +196,7 @@ fn build() -> Document {
         ),
     );
     for (path, item) in doc.paths.paths.iter_mut() {
-        let controlled = !path.starts_with("/pub/");
+        let controlled = !path.starts_with("/pub/") && !path.starts_with("/ctrl/ui");
         let socket = path.ends_with("-socket");
         let takes_body = item.post.is_some();
         for operation in operations_mut(item) {
@@ -563,7 +572,7 @@ mod tests {
                 assert!(
                     responses
                         .keys()
-                        .any(|status| status.starts_with('2') || status == "101"),
+                        .any(|status| status.starts_with(['2', '3']) || status == "101"),
                     "{method} {path} has no success response"
                 );
                 for (status, response) in responses {

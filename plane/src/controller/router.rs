@@ -1,10 +1,10 @@
 //! The controller's routes: which handler serves each path of the HTTP API and the node
 //! sockets. Handlers live in the modules named for what they do.
 
-use super::api::{cluster, connect, drain, logs, prepull, revoke, status, terminate};
+use super::api::{cluster, connect, drain, logs, overview, prepull, revoke, status, terminate};
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
-use super::{auth, dns_socket, drone_socket, metrics, openapi, proxy_socket};
+use super::{auth, dns_socket, drone_socket, metrics, openapi, proxy_socket, ui};
 use axum::http::{Method, StatusCode};
 use axum::middleware;
 use axum::routing::{get, post, MethodRouter};
@@ -18,7 +18,7 @@ const CTRL_BACKEND_PREFIXES: [&str; 2] = ["/ctrl/b/{backend}", "/ctrl/c/{cluster
 const PUB_BACKEND_PREFIXES: [&str; 2] = ["/b/{backend}", "/c/{cluster}/b/{backend}"];
 
 pub fn router(state: ControllerState) -> Router {
-    let (public_routes, control_routes) = routes();
+    let (public_routes, control_routes, dashboard_routes) = routes();
 
     // Browsers read `/pub/*` (status, status streams) from app pages on other origins. A
     // service of its own, not merged routes, so the CORS layer sees every request under
@@ -46,6 +46,8 @@ pub fn router(state: ControllerState) -> Router {
     Router::new()
         .nest_service("/pub", public_routes)
         .merge(control_routes)
+        // The dashboard's files hold no data: the page itself asks for the token.
+        .merge(dashboard_routes.router)
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -54,16 +56,18 @@ pub fn router(state: ControllerState) -> Router {
 /// Every route the API serves, as `(method, path)` in OpenAPI's path syntax: what the
 /// OpenAPI document must describe, no more and no less.
 pub fn served_routes() -> Vec<(Method, String)> {
-    let (public_routes, control_routes) = routes();
+    let (public_routes, control_routes, dashboard_routes) = routes();
     public_routes
         .served
         .into_iter()
         .chain(control_routes.served)
+        .chain(dashboard_routes.served)
         .collect()
 }
 
-/// The routes under `/pub` (without that prefix in their router) and the rest.
-fn routes() -> (Routes, Routes) {
+/// The routes under `/pub` (without that prefix in their router), those that need the
+/// control token, and the dashboard's files.
+fn routes() -> (Routes, Routes, Routes) {
     let mut public = Routes::under("/pub");
     for prefix in PUB_BACKEND_PREFIXES {
         public = public
@@ -92,10 +96,16 @@ fn routes() -> (Routes, Routes) {
                 &format!("{prefix}/hard-terminate"),
                 post(terminate::handle_hard_terminate),
             )
-            .get(&format!("{prefix}/logs"), get(logs::handle_logs));
+            .get(&format!("{prefix}/logs"), get(logs::handle_logs))
+            .get(prefix, get(overview::handle_backend));
     }
     let control = control
         .get("/ctrl/status", get(cluster::handle_controller_status))
+        .get("/ctrl/overview", get(overview::handle_overview))
+        .get(
+            "/ctrl/overview-stream",
+            get(overview::handle_overview_stream),
+        )
         .get("/metrics", get(metrics::handle_metrics))
         .get(
             "/ctrl/c/{cluster}/state",
@@ -119,7 +129,11 @@ fn routes() -> (Routes, Routes) {
             get(proxy_socket::handle_proxy_socket),
         )
         .get("/ctrl/dns-socket", get(dns_socket::handle_dns_socket));
-    (public, control)
+    let dashboard = Routes::under("")
+        .get("/ctrl/ui", get(ui::handle_ui_redirect))
+        .get("/ctrl/ui/", get(ui::handle_ui_index))
+        .get("/ctrl/ui/{file}", get(ui::handle_ui_file));
+    (public, control, dashboard)
 }
 
 /// A router under construction that remembers what it serves. Each route takes one method,

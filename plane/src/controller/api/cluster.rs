@@ -2,11 +2,12 @@
 
 use super::paths::ClusterPath;
 use crate::controller::error::ApiErrorResponse;
-use crate::controller::store::{NodeKind, NodeRow};
+use crate::controller::store::{NodeKind, NodeRow, StoreError};
 use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::Json;
 use plane_protocol::api::{ClusterState, ControllerStatus, DroneState, NodeState, TaggedNodeName};
+use plane_protocol::names::ClusterName;
 use plane_protocol::time::Millis;
 use plane_protocol::{PLANE_HASH, PLANE_VERSION};
 
@@ -59,6 +60,14 @@ pub async fn handle_cluster_state(
     State(state): State<ControllerState>,
     ClusterPath(cluster): ClusterPath,
 ) -> Result<Json<ClusterState>, ApiErrorResponse> {
+    Ok(Json(cluster_state(&state, cluster).await?))
+}
+
+/// The cluster's drones and proxies as the store has them now.
+pub async fn cluster_state(
+    state: &ControllerState,
+    cluster: ClusterName,
+) -> Result<ClusterState, StoreError> {
     let live = state.store().live_backend_counts(&cluster).await?;
     let now = Millis::now();
     let fresh_since = now.minus_millis(state.config().lease_ms);
@@ -103,11 +112,11 @@ pub async fn handle_cluster_state(
             )
         })
         .collect();
-    Ok(Json(ClusterState {
+    Ok(ClusterState {
         cluster: Some(cluster),
         drones,
         proxies,
-    }))
+    })
 }
 
 fn node_state(name: TaggedNodeName, row: &NodeRow, connected: bool, now: Millis) -> NodeState {

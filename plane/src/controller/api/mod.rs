@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod connect;
 pub mod drain;
 pub mod logs;
+pub mod overview;
 pub mod paths;
 pub mod prepull;
 pub mod revoke;

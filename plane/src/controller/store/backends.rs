@@ -32,6 +32,7 @@ pub struct BackendRow {
     pub message: Option<String>,
     pub termination_requested: Option<TerminationKind>,
     pub key_name: Option<String>,
+    pub key_namespace: Option<String>,
     pub static_token: Option<BearerToken>,
     pub subdomain: Option<Subdomain>,
     pub protocol: BackendProtocol,
@@ -132,6 +133,7 @@ impl BackendRow {
                 TerminationKind::parse,
             )?,
             key_name: row.try_get("key_name").map_err(anyhow::Error::from)?,
+            key_namespace: row.try_get("key_namespace").map_err(anyhow::Error::from)?,
             static_token: parse_optional(row, "static_token", |s| s.parse().ok())?,
             subdomain: parse_optional(row, "subdomain", |s| s.parse().ok())?,
             protocol: parse_column(row, "protocol", BackendProtocol::parse)?,
@@ -164,7 +166,7 @@ fn exit_error(status: BackendStatus, exit_code: Option<i64>) -> Option<bool> {
 
 const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \
      termination_kind, termination_reason, exit_code, message, termination_requested, \
-     key_name, static_token, subdomain, protocol, created_at, last_active_at, lease_expires_at";
+     key_name, key_namespace, static_token, subdomain, protocol, created_at, last_active_at, lease_expires_at";
 
 impl Store {
     /// Writes a new backend in `scheduled`, takes its key (if any), records its first
@@ -251,6 +253,20 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(BackendRow::from_row).transpose()
+    }
+
+    /// The backends not yet terminated or terminated since `since`, newest first, at most
+    /// `limit`: what the overview lists.
+    pub async fn recent_backends(&self, since: Millis, limit: i64) -> StoreResult<Vec<BackendRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BACKEND_COLUMNS} FROM backend WHERE status <> 'terminated' OR status_time >= $1 \
+             ORDER BY created_at DESC, id LIMIT $2"
+        ))
+        .bind(since.0)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(BackendRow::from_row).collect()
     }
 
     /// Every status the backend has been in, oldest first.

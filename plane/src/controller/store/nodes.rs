@@ -196,6 +196,16 @@ impl Store {
         rows.iter().map(|row| parse_name(row, "name")).collect()
     }
 
+    /// Every cluster a node has connected to, by name.
+    pub async fn clusters(&self) -> StoreResult<Vec<ClusterName>> {
+        let rows = sqlx::query("SELECT DISTINCT cluster FROM node ORDER BY cluster")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| super::backends::parse_column(row, "cluster", |s| s.parse().ok()))
+            .collect()
+    }
+
     pub async fn nodes(&self, cluster: &ClusterName, kind: NodeKind) -> StoreResult<Vec<NodeRow>> {
         let rows = sqlx::query(
             "SELECT name, pool, version, hash, last_seen, lost_at, connected_to, draining FROM node \
