@@ -59,7 +59,7 @@ impl Handler {
         metrics.register(|r| {
             r.register(
                 "plane_dns_queries",
-                "DNS requests answered, by response code (noerror, refused, servfail, ...).",
+                "DNS requests answered, by response code (noerror, refused, servfail, ...)",
                 queries.clone(),
             )
         });

@@ -120,9 +120,14 @@ mod tests {
     fn registered_metrics_encode_as_openmetrics_text() {
         let registry = MetricsRegistry::new();
         let counter = Counter::<u64>::default();
-        registry.register(|r| r.register("plane_things", "Things done.", counter.clone()));
+        // The encoder ends the help text with its own full stop.
+        registry.register(|r| r.register("plane_things", "Things done", counter.clone()));
         counter.inc();
         let text = registry.encode();
+        assert!(
+            text.contains("# HELP plane_things Things done.\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE plane_things counter"), "{text}");
         assert!(text.contains("plane_things_total 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");

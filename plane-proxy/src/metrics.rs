@@ -72,34 +72,34 @@ impl ProxyMetrics {
         registry.register(|r| {
             r.register(
                 "plane_proxy_requests",
-                "Requests answered, by status class (the proxy's own answers included).",
+                "Requests answered, by status class (the proxy's own answers included)",
                 responses.clone(),
             );
             r.register_with_unit(
                 "plane_proxy_upstream_response_duration",
-                "From sending a request to a backend to its response headers.",
+                "From sending a request to a backend to its response headers",
                 Unit::Seconds,
                 inner.upstream_seconds.clone(),
             );
             r.register(
                 "plane_proxy_open_connections",
-                "Client connections open now.",
+                "Client connections open now",
                 inner.connections.clone(),
             );
             r.register(
                 "plane_proxy_open_websockets",
-                "Upgraded connections (WebSockets and other tunnels) open now.",
+                "Upgraded connections (WebSockets and other tunnels) open now",
                 inner.websockets.clone(),
             );
             r.register_with_unit(
                 "plane_proxy_relayed",
-                "Bytes relayed between clients and backends (bodies and tunnels), by direction.",
+                "Bytes relayed between clients and backends (bodies and tunnels), by direction",
                 Unit::Bytes,
                 bytes.clone(),
             );
             r.register(
                 "plane_proxy_route_cache_lookups",
-                "Token lookups in the route cache, by result (a miss asks the controller).",
+                "Token lookups in the route cache, by result (a miss asks the controller)",
                 lookups.clone(),
             );
         });

@@ -142,6 +142,57 @@ async fn the_controller_and_a_drone_export_metrics_that_move_with_what_happens()
     .await;
 }
 
+/// An action for a drone that is away waits as `pending`, and is gone once the drone is
+/// back and has acknowledged it.
+#[tokio::test(flavor = "current_thread")]
+async fn an_action_for_an_absent_drone_is_counted_pending_until_it_is_acked() {
+    run_test(
+        "an_action_for_an_absent_drone_is_counted_pending_until_it_is_acked",
+        Db::Sqlite,
+        |env: TestEnv| async move {
+            let mut config = env.drone_config("dr-away");
+            // Its backend stays running while it is away, to be re-adopted.
+            config.on_shutdown = plane_drone::OnShutdown::Keep;
+            let name = config.name.clone();
+            let away = env.start_drone(config.clone()).await;
+            env.set_draining(env.drone.name(), true).await;
+            let backend = env.connect_ready("away", &env.spawn_config(&[])).await;
+            assert_eq!(backend.drone.as_ref(), Some(&name));
+            away.shutdown().await;
+            wait_for("the drone gone", BACKEND_WAIT, || {
+                env.drone_state_is(&name, "connected", false)
+            })
+            .await;
+
+            let metrics_url = env.controller_url("/metrics");
+            let unacked = "plane_actions_unacked";
+            env.terminate(
+                &backend.backend_id,
+                plane_protocol::backend::TerminationKind::Hard,
+            )
+            .await;
+            let scrape = Scrape::of(&env.client, &metrics_url).await;
+            assert_eq!(scrape.value(unacked, &[("state", "pending")]), 1.0);
+            assert_eq!(scrape.value(unacked, &[("state", "sent")]), 0.0);
+
+            let back = env.start_drone(config).await;
+            env.wait_terminated(&backend.backend_id).await;
+            wait_for("the action acked", BACKEND_WAIT, || async {
+                let scrape = Scrape::of(&env.client, &metrics_url).await;
+                match scrape.value(unacked, &[]) {
+                    0.0 => Ok(()),
+                    other => Err(other),
+                }
+            })
+            .await;
+            back.shutdown_with(plane_drone::OnShutdown::Terminate).await;
+            env.set_draining(env.drone.name(), false).await;
+            env
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn controller_metrics_need_the_token_on_the_api_port_and_not_on_the_metrics_port() {
     run_test(

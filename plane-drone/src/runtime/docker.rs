@@ -145,7 +145,7 @@ impl DockerRuntime {
         config.metrics.register(|r| {
             r.register(
                 "plane_drone_image_pulls",
-                "Image pulls from a registry, by outcome (pulled or failed).",
+                "Image pulls from a registry, by outcome (pulled or failed)",
                 pulls.clone(),
             )
         });

@@ -48,12 +48,12 @@ impl<R: Runtime> Measured<R> {
         registry.register(|r| {
             r.register(
                 "plane_drone_runtime_calls",
-                "Calls to the container engine, by call and outcome (ok or error).",
+                "Calls to the container engine, by call and outcome (ok or error)",
                 metrics.calls.clone(),
             );
             r.register_with_unit(
                 "plane_drone_runtime_call_duration",
-                "How long calls to the container engine took, by call.",
+                "How long calls to the container engine took, by call",
                 Unit::Seconds,
                 metrics.seconds.clone(),
             );

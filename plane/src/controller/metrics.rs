@@ -43,8 +43,11 @@ struct NodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClusterLabels {
+struct ActionLabels {
     cluster: String,
+    /// `sent` (the drone has a session; the ack is awaited) or `pending` (waiting for the
+    /// drone to reconnect).
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,7 +77,7 @@ pub struct ControllerMetrics {
     startup_seconds: Histogram,
     backends: Family<BackendLabels, Gauge>,
     nodes: Family<NodeLabels, Gauge>,
-    actions_unacked: Family<ClusterLabels, Gauge>,
+    actions_unacked: Family<ActionLabels, Gauge>,
     sweeps: Family<ReasonLabels, Counter>,
     deleted: Family<KindLabels, Counter>,
     registry: MetricsRegistry,
@@ -96,44 +99,44 @@ impl ControllerMetrics {
         registry.register(|r| {
             r.register(
                 "plane_connect_requests",
-                "Connect and spawn requests, by endpoint and outcome (spawned, joined, or the error's kind).",
+                "Connect and spawn requests, by endpoint and outcome (spawned, joined, or the error's kind)",
                 metrics.requests.clone(),
             );
             r.register_with_unit(
                 "plane_connect_request_duration",
-                "How long connect and spawn requests took to answer.",
+                "How long connect and spawn requests took to answer",
                 Unit::Seconds,
                 metrics.request_seconds.clone(),
             );
             r.register_with_unit(
                 "plane_backend_startup_duration",
-                "From a backend's creation (its connect or spawn) to its drone reporting it ready.",
+                "From a backend's creation (its connect or spawn) to its drone reporting it ready",
                 Unit::Seconds,
                 metrics.startup_seconds.clone(),
             );
             r.register(
                 "plane_backends",
-                "Backends not yet terminated, by cluster, drone and status.",
+                "Backends not yet terminated, by cluster, drone and status",
                 metrics.backends.clone(),
             );
             r.register(
                 "plane_nodes_connected",
-                "Nodes with a session on any controller, by cluster and kind.",
+                "Nodes with a session on any controller, by cluster and kind",
                 metrics.nodes.clone(),
             );
             r.register(
                 "plane_actions_unacked",
-                "Actions stored for drones that they have not acknowledged yet, by cluster.",
+                "Actions stored for drones that they have not acknowledged yet, by cluster and state (sent: awaiting the ack; pending: the drone has no session)",
                 metrics.actions_unacked.clone(),
             );
             r.register(
                 "plane_sweeps",
-                "Backends the sweeper ended, by reason.",
+                "Backends the sweeper ended, by reason",
                 metrics.sweeps.clone(),
             );
             r.register(
                 "plane_retention_deleted_rows",
-                "Rows deleted for being past --retention-days, by kind.",
+                "Rows deleted for being past --retention-days, by kind",
                 metrics.deleted.clone(),
             );
         });
@@ -210,7 +213,8 @@ pub async fn handle_metrics(
     let store = state.store();
     let backends = store.live_backend_census().await?;
     let nodes = store.connected_node_census().await?;
-    let actions = store.unacked_action_census().await?;
+    let fresh_since = plane_protocol::time::Millis::now().minus_millis(state.config().lease_ms);
+    let actions = store.unacked_action_census(fresh_since).await?;
     // Cleared first, so a drone with no backends left, or a cluster gone, leaves no series.
     metrics.backends.clear();
     for counted in backends {
@@ -235,9 +239,10 @@ pub async fn handle_metrics(
     }
     metrics.actions_unacked.clear();
     for counted in actions {
-        if let [cluster] = counted.labels.as_slice() {
-            let labels = ClusterLabels {
+        if let [cluster, action_state] = counted.labels.as_slice() {
+            let labels = ActionLabels {
                 cluster: cluster.clone(),
+                state: action_state.clone(),
             };
             metrics
                 .actions_unacked

@@ -3,6 +3,7 @@
 
 use super::{Store, StoreResult};
 use plane_protocol::backend::BackendStatus;
+use plane_protocol::time::Millis;
 use sqlx::Row;
 
 /// One group of a count.
@@ -61,11 +62,18 @@ impl Store {
     }
 
     /// Actions stored for drones and not yet acked, by `[cluster]`.
-    pub async fn unacked_action_census(&self) -> StoreResult<Vec<Counted>> {
+    /// Actions not acked, by `[cluster, state]`: `sent` when their drone has a session
+    /// heard from since `fresh_since` (its controller sent them and waits for the ack),
+    /// `pending` when it has none (they wait for it to reconnect).
+    pub async fn unacked_action_census(&self, fresh_since: Millis) -> StoreResult<Vec<Counted>> {
         self.grouped(
-            "SELECT cluster, COUNT(*) AS n FROM backend_action WHERE acked_at IS NULL GROUP BY cluster",
-            &["cluster"],
-            None,
+            "SELECT a.cluster AS cluster, \
+             CASE WHEN n.connected_to IS NOT NULL AND n.last_seen >= $1 THEN 'sent' ELSE 'pending' END AS state, \
+             COUNT(*) AS n FROM backend_action a \
+             LEFT JOIN node n ON n.cluster = a.cluster AND n.kind = 'drone' AND n.name = a.drone \
+             WHERE a.acked_at IS NULL GROUP BY 1, 2",
+            &["cluster", "state"],
+            Some(fresh_since.0),
         )
         .await
     }
