@@ -30,8 +30,8 @@ pub use status_stream::StatusStream;
 
 use futures_util::stream::{BoxStream, StreamExt};
 use plane_protocol::api::{
-    ApiError, BackendLogLine, ClusterState, ConnectRequest, ConnectResponse, ControllerStatus,
-    DrainResult, RevokeRequest, SpawnRequest,
+    ApiError, BackendDetails, BackendLogLine, ClusterState, ConnectRequest, ConnectResponse,
+    ControllerStatus, DrainResult, Overview, RevokeRequest, SpawnRequest,
 };
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
@@ -263,6 +263,18 @@ impl PlaneClient {
     }
 
     /// `GET /ctrl/c/:cluster/state`: the cluster's drones and proxies.
+    /// `GET /ctrl/b/:backend`: the backend (key, drone, times, why it ended) and every
+    /// status it has been in.
+    pub async fn backend(&self, backend: &BackendName) -> Result<BackendDetails, ClientError> {
+        self.get(&["ctrl", "b", backend.as_str()]).await
+    }
+
+    /// `GET /ctrl/overview`: every cluster's nodes, and the backends live or ended in the
+    /// last hour, newest first.
+    pub async fn overview(&self) -> Result<Overview, ClientError> {
+        self.get(&["ctrl", "overview"]).await
+    }
+
     pub async fn cluster_state(&self, cluster: &ClusterName) -> Result<ClusterState, ClientError> {
         self.get(&["ctrl", "c", cluster.as_str(), "state"]).await
     }

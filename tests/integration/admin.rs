@@ -4,7 +4,7 @@
 
 use crate::harness::{plane_binary, run_test, test_image, wait_for, Db, TestEnv, BACKEND_WAIT};
 use plane_protocol::api::{
-    ClusterState, ConnectResponse, ControllerStatus, DrainResult, RevokeRequest,
+    BackendDetails, ClusterState, ConnectResponse, ControllerStatus, DrainResult, RevokeRequest,
 };
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind};
 use serde::de::DeserializeOwned;
@@ -152,6 +152,36 @@ async fn every_admin_command_works_with_json_output() {
                 .succeeded()
                 .one();
             assert_eq!(entry.status, BackendStatus::Ready);
+
+            // backend: the key, the drone and the history up to ready.
+            let details: BackendDetails = admin_json(&env, &["backend", &backend])
+                .await
+                .succeeded()
+                .one();
+            assert_eq!(details.backend.backend_id, connected.backend_id);
+            assert_eq!(
+                details.backend.key.as_ref().map(|k| k.name.as_str()),
+                Some("doc-1")
+            );
+            assert_eq!(details.backend.drone.as_str(), drone);
+            let history: Vec<BackendStatus> = details.history.iter().map(|e| e.status).collect();
+            assert_eq!(
+                history.first(),
+                Some(&BackendStatus::Scheduled),
+                "{history:?}"
+            );
+            assert_eq!(history.last(), Some(&BackendStatus::Ready), "{history:?}");
+            let text = plane(
+                env.controller().url().as_str(),
+                &["admin", "backend", &backend],
+            )
+            .await
+            .succeeded();
+            assert!(
+                text.stdout.contains("key      doc-1") && text.stdout.contains("scheduled"),
+                "{}",
+                text.stdout
+            );
 
             let state: ClusterState = admin_json(&env, &["cluster-state", "--cluster", &cluster])
                 .await

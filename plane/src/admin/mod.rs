@@ -78,6 +78,12 @@ pub enum AdminCommand {
         #[arg(long, requires = "backend")]
         follow: bool,
     },
+    /// One backend: its key, cluster, drone, times and how it ended, then every status it
+    /// has been in.
+    Backend {
+        /// The backend's ID (`ba-...`).
+        backend: BackendName,
+    },
     /// Stop placing new backends on a drone; its running backends keep serving.
     Drain {
         #[arg(long)]
@@ -229,6 +235,13 @@ pub async fn run(opts: AdminOpts) -> anyhow::Result<()> {
                     .with_context(|| failed("status"))?;
                 out.current_status(&entry);
             }
+        }
+        AdminCommand::Backend { backend } => {
+            let details = client
+                .backend(&backend)
+                .await
+                .with_context(|| failed("reading the backend"))?;
+            out.backend(&details);
         }
         AdminCommand::Drain { cluster, drone } => {
             let result = client

@@ -3,7 +3,7 @@
 
 use futures_util::{Stream, StreamExt};
 use plane_client::ClientError;
-use plane_protocol::api::{BackendLogLine, LogStream};
+use plane_protocol::api::{BackendDetails, BackendLogLine, LogStream};
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry};
 use plane_protocol::time::Millis;
 use serde::Serialize;
@@ -115,6 +115,38 @@ impl Output {
         let age = format!("(for {:.1}s)", seconds_between(entry.time, Millis::now()));
         self.print(entry, |out| {
             format!("{} {}", out.describe(entry), out.paint(Colour::Dim, &age))
+        });
+    }
+
+    /// A backend's facts, then its history, one status per line.
+    pub fn backend(&self, details: &BackendDetails) {
+        self.print(details, |out| {
+            let backend = &details.backend;
+            let key = match &backend.key {
+                Some(key) if key.namespace.is_empty() => key.name.clone(),
+                Some(key) => format!("{}/{}", key.namespace, key.name),
+                None => "(none)".to_string(),
+            };
+            let mut text = format!(
+                "backend {} in cluster {}{} on drone {}\nkey      {key}\ncreated  {}\nactive   {}\n",
+                backend.backend_id,
+                backend.cluster,
+                match backend.pool.as_str() {
+                    "" => String::new(),
+                    pool => format!(" (pool {pool})"),
+                },
+                backend.drone,
+                rfc3339(backend.created_at),
+                rfc3339(backend.last_active_at),
+            );
+            for entry in &details.history {
+                text.push_str(&format!(
+                    "{}  {}\n",
+                    out.paint(Colour::Dim, &rfc3339(entry.time)),
+                    out.describe(entry)
+                ));
+            }
+            text.trim_end().to_string()
         });
     }
 
