@@ -118,6 +118,19 @@ impl Browser {
         .await;
     }
 
+    /// Runs `click` (which must open the page's confirmation dialog) and answers the
+    /// dialog with the button `answer` (`confirm-ok` or `confirm-cancel`).
+    async fn answer(&self, click: &str, answer: &str) {
+        self.script(click).await;
+        self.until(
+            "the confirmation",
+            "return document.getElementById('confirm').open",
+        )
+        .await;
+        self.script(&format!("document.getElementById('{answer}').click()"))
+            .await;
+    }
+
     /// The page as it looks now, as PNG.
     async fn screenshot(&self) -> Vec<u8> {
         let reply: Value = self
@@ -475,16 +488,7 @@ async fn dashboard_steps<F, Fut>(
     // Terminate asks first; cancelling does nothing.
     let terminate =
         "document.querySelector('#backend-actions button[data-action=\"terminate\"]').click()";
-    browser.script(terminate).await;
-    browser
-        .until(
-            "the confirmation",
-            "return document.getElementById('confirm').open",
-        )
-        .await;
-    browser
-        .script("document.getElementById('confirm-cancel').click()")
-        .await;
+    browser.answer(terminate, "confirm-cancel").await;
     browser
         .until(
             "the dialog closed",
@@ -505,16 +509,7 @@ async fn dashboard_steps<F, Fut>(
         Ok::<String, String>(entry["status"].as_str().unwrap_or_default().to_string())
     };
     assert_eq!(status().await.expect("status"), "ready");
-    browser.script(terminate).await;
-    browser
-        .until(
-            "the confirmation",
-            "return document.getElementById('confirm').open",
-        )
-        .await;
-    browser
-        .script("document.getElementById('confirm-ok').click()")
-        .await;
+    browser.answer(terminate, "confirm-ok").await;
     wait_for(
         "the backend to terminate",
         Duration::from_secs(30),
@@ -542,16 +537,10 @@ async fn dashboard_steps<F, Fut>(
         )
         .await;
     browser
-        .script(&format!("document.querySelector('tr[data-drone=\"{drone}\"] button[data-action=\"drain\"]').click()"))
-        .await;
-    browser
-        .until(
-            "the confirmation",
-            "return document.getElementById('confirm').open",
+        .answer(
+            &format!("document.querySelector('tr[data-drone=\"{drone}\"] button[data-action=\"drain\"]').click()"),
+            "confirm-ok",
         )
-        .await;
-    browser
-        .script("document.getElementById('confirm-ok').click()")
         .await;
     wait_for(
         "the drone to be draining",
