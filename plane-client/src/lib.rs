@@ -262,7 +262,6 @@ impl PlaneClient {
         })
     }
 
-    /// `GET /ctrl/c/:cluster/state`: the cluster's drones and proxies.
     /// `GET /ctrl/b/:backend`: the backend (key, drone, times, why it ended) and every
     /// status it has been in.
     pub async fn backend(&self, backend: &BackendName) -> Result<BackendDetails, ClientError> {
@@ -275,6 +274,7 @@ impl PlaneClient {
         self.get(&["ctrl", "overview"]).await
     }
 
+    /// `GET /ctrl/c/:cluster/state`: the cluster's drones and proxies.
     pub async fn cluster_state(&self, cluster: &ClusterName) -> Result<ClusterState, ClientError> {
         self.get(&["ctrl", "c", cluster.as_str(), "state"]).await
     }

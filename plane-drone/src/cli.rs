@@ -200,8 +200,12 @@ impl DroneOpts {
             log_retention_seconds: self.log_retention_seconds,
             log_max_bytes: self.log_max_bytes,
             metrics_port: self.metrics_port,
-            allowed_registries: (!self.allowed_registries.is_empty())
-                .then_some(self.allowed_registries),
+            allowed_registries: (!self.allowed_registries.is_empty()).then(|| {
+                self.allowed_registries
+                    .iter()
+                    .map(|registry| registry.trim().to_ascii_lowercase())
+                    .collect()
+            }),
             // This very binary: `plane drone-fence` guards the leases if the drone dies.
             fence_executable: std::env::current_exe().ok(),
             ..DroneConfig::new(self.controller_url, self.cluster)
@@ -221,7 +225,9 @@ impl DroneOpts {
         );
         for registry in config.allowed_registries.iter().flatten() {
             anyhow::ensure!(
-                !registry.is_empty() && !registry.contains('/') && !registry.contains("://"),
+                !registry.is_empty()
+                    && !registry.contains('/')
+                    && !registry.contains(char::is_whitespace),
                 "--allowed-registry {registry:?} must be a registry host (with an optional \
                  port, e.g. registry.example.com:5000) or docker.io, without a scheme or path"
             );

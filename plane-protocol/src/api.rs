@@ -100,8 +100,8 @@ pub struct ResourceLimits {
     #[schema(minimum = 6291456)]
     pub memory_limit_bytes: Option<i64>,
     /// The most disk the container's writable layer may use, at least 1 MiB. Only drones
-    /// whose storage driver can enforce it take such a backend (a 400 when the pool has
-    /// none).
+    /// whose storage driver can enforce it take such a backend (a 503 `NoDroneAvailable`
+    /// when the pool has none).
     #[serde(default)]
     #[schema(minimum = 1048576)]
     pub disk_limit_bytes: Option<i64>,
@@ -154,11 +154,57 @@ pub struct ExecutorConfig {
 }
 
 /// GPUs for a backend: `3`, or `"all"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Gpus {
     Count(u32),
     All(AllGpus),
+}
+
+/// Read by hand rather than as an untagged enum, so a count written as a whole float
+/// (`2.0`, an integer to JSON Schema) is a count, and a wrong value gets a message that
+/// says what is expected.
+impl<'de> Deserialize<'de> for Gpus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct GpusVisitor;
+
+        impl serde::de::Visitor<'_> for GpusVisitor {
+            type Value = Gpus;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a count of GPUs or \"all\"")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, count: u64) -> Result<Gpus, E> {
+                u32::try_from(count)
+                    .map(Gpus::Count)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(count), &self))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, count: i64) -> Result<Gpus, E> {
+                u64::try_from(count)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(count), &self))
+                    .and_then(|count| self.visit_u64(count))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, count: f64) -> Result<Gpus, E> {
+                if count.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&count) {
+                    Ok(Gpus::Count(count as u32))
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(count), &self))
+                }
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Gpus, E> {
+                match value {
+                    "all" => Ok(Gpus::All(AllGpus::All)),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+
+        deserializer.deserialize_any(GpusVisitor)
+    }
 }
 
 /// Written by hand: the derived schema cannot say that a count is at least 1.
@@ -250,7 +296,8 @@ impl ExecutorConfig {
 pub struct SpawnConfig {
     /// Choose the backend's ID yourself (it must be unused). Normally left out.
     #[serde(default)]
-    #[schema(max_length = 45)]
+    /// (The API takes at most 45 characters, Plane 0.5's limit; `revoke` is taken.)
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 45, pattern = "^[a-z0-9][a-z0-9-]*$")]
     pub id: Option<BackendName>,
     /// Cluster to run in; the controller's default cluster when absent.
     #[serde(default)]
@@ -712,6 +759,23 @@ mod objects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_are_a_count_or_all() {
+        let read = |json: &str| serde_json::from_str::<Gpus>(json);
+        assert_eq!(read("3").expect("count"), Gpus::Count(3));
+        assert_eq!(read("3.0").expect("whole float"), Gpus::Count(3));
+        assert_eq!(read("\"all\"").expect("all"), Gpus::All(AllGpus::All));
+        for wrong in ["-1", "2.5", "4294967296", "\"some\"", "null", "[1]"] {
+            let err = read(wrong).expect_err(wrong).to_string();
+            assert!(err.contains("a count of GPUs or \"all\""), "{wrong}: {err}");
+        }
+        assert_eq!(serde_json::to_string(&Gpus::Count(2)).expect("json"), "2");
+        assert_eq!(
+            serde_json::to_string(&Gpus::All(AllGpus::All)).expect("json"),
+            "\"all\""
+        );
+    }
 
     #[test]
     fn nested_objects_are_objects_not_arrays() {

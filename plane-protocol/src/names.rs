@@ -317,8 +317,10 @@ fn validate_cluster_name(s: &str) -> Result<(), InvalidName> {
         return Err(invalid("host must be a DNS name or IPv4 address"));
     }
     if let Some(port) = port {
+        // Digits only, no leading zero: one spelling per port, so one name per cluster.
+        let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
         match port.parse::<u16>() {
-            Ok(p) if p > 0 => {}
+            Ok(p) if p > 0 && digits && !port.starts_with('0') => {}
             _ => return Err(invalid("port must be a number from 1 to 65535")),
         }
     }
@@ -430,5 +432,9 @@ mod tests {
         assert!("bad host:80".parse::<ClusterName>().is_err());
         assert!("host:0".parse::<ClusterName>().is_err());
         assert!("host:99999".parse::<ClusterName>().is_err());
+        // One spelling per port.
+        assert!("host:0080".parse::<ClusterName>().is_err());
+        assert!("host:+80".parse::<ClusterName>().is_err());
+        assert!("host:".parse::<ClusterName>().is_err());
     }
 }

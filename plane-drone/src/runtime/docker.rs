@@ -823,27 +823,34 @@ fn unix_now() -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-/// Docker pulls every tag of a repository when given a reference without a tag, so make
-/// the implicit `latest` explicit.
-/// The registry an image reference is pulled from, as Docker reads it: its first component
-/// when that names a host (it has a `.` or a `:`, or is `localhost`), else Docker Hub.
-fn registry_of(image: &str) -> &str {
+/// The registry an image reference is pulled from, as Docker reads it (its reference
+/// grammar): the first component when it names a host (it has a `.` or a `:`, is
+/// `localhost`, or has an uppercase letter, which no repository path may), else Docker Hub.
+/// Lowercased, since host names are not case-sensitive.
+fn registry_of(image: &str) -> String {
     match image.split_once('/') {
-        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => {
+        Some((first, _))
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first.chars().any(|c| c.is_ascii_uppercase()) =>
+        {
             registry_of_host(first)
         }
-        _ => "docker.io",
+        _ => "docker.io".to_string(),
     }
 }
 
-/// Docker Hub's other names are Docker Hub.
-fn registry_of_host(host: &str) -> &str {
-    match host {
-        "index.docker.io" | "registry-1.docker.io" => "docker.io",
-        host => host,
+/// A registry host as [`registry_of`] compares it: lowercased, and Docker Hub's other names
+/// are Docker Hub.
+fn registry_of_host(host: &str) -> String {
+    match host.to_ascii_lowercase().as_str() {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        host => host.to_string(),
     }
 }
 
+/// Docker pulls every tag of a repository when given a reference without a tag, so make
+/// the implicit `latest` explicit.
 fn image_reference_with_tag(image: &str) -> String {
     let last_component = image.rsplit('/').next().unwrap_or(image);
     if image.contains('@') || last_component.contains(':') {
@@ -969,6 +976,9 @@ mod tests {
             ("localhost:5000/app:v2", "localhost:5000"),
             ("127.0.0.1:45999/x/y", "127.0.0.1:45999"),
             ("", "docker.io"),
+            // Docker reads a first component with capitals as a host, too.
+            ("Evil/app", "evil"),
+            ("Registry.Example.com:5000/app", "registry.example.com:5000"),
         ] {
             assert_eq!(registry_of(image), registry, "{image}");
         }

@@ -58,55 +58,85 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 "invalid request body: expected a JSON object ({...})",
             ));
         }
-        // The error names the field's path (`spawn_config.executable.pull_policy: ...`).
-        let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(&mut deserializer) {
+        parse(&bytes).map(ApiJson)
+    }
+}
+
+/// How many whole floats (`5.0`) one body may have read as integers.
+const MAX_WHOLE_FLOATS: usize = 64;
+
+/// Reads `T` from a JSON object, every error naming the field's path
+/// (`spawn_config.executable.pull_policy: ...`). JSON Schema, which the API's document is
+/// written in, counts `5.0` as an integer and serde does not: where serde refuses a whole
+/// float for an integer, that number is written as one and the body read again (only on
+/// that rare path, and only at the number refused, so free-form fields keep theirs).
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErrorResponse> {
+    let mut body = std::borrow::Cow::Borrowed(bytes);
+    for _ in 0..=MAX_WHOLE_FLOATS {
+        let mut deserializer = serde_json::Deserializer::from_slice(&body);
+        let err = match serde_path_to_error::deserialize(&mut deserializer) {
             Ok(value) => {
                 // Nothing but whitespace may follow the object (`{}{}` or `{} junk` are
                 // refused).
                 deserializer.end().map_err(|err| {
                     ApiErrorResponse::bad_request(format!("invalid request body: {err}"))
                 })?;
-                Ok(ApiJson(value))
+                return Ok(value);
             }
-            // JSON Schema, which the API's document is written in, counts `5.0` as an integer;
-            // serde does not. Only on this rare path is the body read a second time.
-            Err(err) => match integral_floats_as_integers(&bytes)
-                .and_then(|value| serde_path_to_error::deserialize(value).ok())
-            {
-                Some(value) => Ok(ApiJson(value)),
-                None => Err(ApiErrorResponse::bad_request(format!(
+            Err(err) => err,
+        };
+        match whole_float_as_integer(&body, err.inner()) {
+            Some(rewritten) => body = std::borrow::Cow::Owned(rewritten),
+            None => {
+                return Err(ApiErrorResponse::bad_request(format!(
                     "invalid request body: {err}"
-                ))),
-            },
+                )))
+            }
         }
     }
+    Err(ApiErrorResponse::bad_request(format!(
+        "invalid request body: more than {MAX_WHOLE_FLOATS} integers written as floats"
+    )))
 }
 
-/// The body with every number that is a whole float (`5.0`) written as an integer, or
-/// `None` if it has none.
-fn integral_floats_as_integers(bytes: &[u8]) -> Option<serde_json::Value> {
-    fn walk(value: &mut serde_json::Value) -> bool {
-        match value {
-            serde_json::Value::Number(number) => {
-                // Within ±2^53 every integer is exact as a float.
-                match number.as_f64() {
-                    Some(float)
-                        if number.is_f64() && float.fract() == 0.0 && float.abs() <= 9.0e15 =>
-                    {
-                        *value = serde_json::Value::from(float as i64);
-                        true
-                    }
-                    _ => false,
-                }
-            }
-            serde_json::Value::Array(items) => items.iter_mut().fold(false, |c, v| walk(v) | c),
-            serde_json::Value::Object(map) => map.values_mut().fold(false, |c, v| walk(v) | c),
-            _ => false,
-        }
+/// `body` with the number `error` refused written as an integer, if the error is a float
+/// given for an integer and that float is whole (and exact: within ±2^53).
+fn whole_float_as_integer(body: &[u8], error: &serde_json::Error) -> Option<Vec<u8>> {
+    if !error
+        .to_string()
+        .starts_with("invalid type: floating point")
+    {
+        return None;
     }
-    let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    walk(&mut value).then_some(value)
+    // serde_json places the error at the number's last byte (line and column count from 1).
+    let line_start = if error.line() <= 1 {
+        0
+    } else {
+        body.iter()
+            .enumerate()
+            .filter(|(_, byte)| **byte == b'\n')
+            .nth(error.line() - 2)?
+            .0
+            + 1
+    };
+    let last = (line_start + error.column()).checked_sub(1)?;
+    let in_number = |byte: &u8| byte.is_ascii_digit() || b".eE+-".contains(byte);
+    if !in_number(body.get(last)?) {
+        return None;
+    }
+    let start = body[..last]
+        .iter()
+        .rposition(|byte| !in_number(byte))
+        .map_or(0, |i| i + 1);
+    let end = last + body[last..].iter().take_while(|b| in_number(b)).count();
+    let float: f64 = std::str::from_utf8(&body[start..end]).ok()?.parse().ok()?;
+    if float.fract() != 0.0 || float.abs() > 9.0e15 {
+        return None;
+    }
+    let mut rewritten = body[..start].to_vec();
+    rewritten.extend_from_slice((float as i64).to_string().as_bytes());
+    rewritten.extend_from_slice(&body[end..]);
+    Some(rewritten)
 }
 
 fn too_large() -> ApiErrorResponse {
@@ -115,4 +145,44 @@ fn too_large() -> ApiErrorResponse {
         ApiErrorKind::Other,
         format!("the request body is over the limit of {MAX_BODY_BYTES} bytes"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        small: Option<u8>,
+        #[serde(default)]
+        big: Option<i64>,
+        #[serde(default)]
+        free: serde_json::Map<String, serde_json::Value>,
+    }
+
+    fn read(text: &str) -> Result<Body, String> {
+        parse::<Body>(text.as_bytes()).map_err(|err| err.message)
+    }
+
+    #[test]
+    fn whole_floats_are_integers_and_nothing_else_changes() {
+        let body =
+            read("{\"small\": 5.0,\n \"big\": -7e2, \"free\": {\"x\": 2.0}}").expect("reads");
+        assert_eq!(body.small, Some(5));
+        assert_eq!(body.big, Some(-700));
+        // Free-form values keep what was sent.
+        assert_eq!(body.free["x"], serde_json::json!(2.0));
+        assert!(read("{\"small\": 5.5}").unwrap_err().contains("small"));
+        assert!(read("{\"small\": 300.0}").unwrap_err().contains("small"));
+        assert!(read("{\"big\": 1e300}").unwrap_err().contains("big"));
+        // A duplicate key is still refused, floats or not.
+        assert!(read("{\"small\": 1.0, \"small\": 2}")
+            .unwrap_err()
+            .contains("duplicate"));
+        assert!(read("{\"small\": 1.0, \"other\": 2}")
+            .unwrap_err()
+            .contains("unknown field"));
+    }
 }

@@ -94,12 +94,15 @@ async fn overview(state: &ControllerState) -> Result<Overview, StoreError> {
     for cluster in store.clusters().await? {
         clusters.push(cluster_state(state, cluster).await?);
     }
-    let mut rows = store
+    // Live backends first, so ended ones never push a live one out.
+    let (live, ended) = store
         .recent_backends(
             now.minus_millis(RECENTLY_ENDED_MS),
             OVERVIEW_BACKENDS as i64 + 1,
         )
         .await?;
+    let mut rows = live;
+    rows.extend(ended);
     let backends_truncated = rows.len() > OVERVIEW_BACKENDS;
     rows.truncate(OVERVIEW_BACKENDS);
     Ok(Overview {

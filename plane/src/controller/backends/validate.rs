@@ -71,6 +71,13 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
     // Plane 0.5's tools take backend IDs of at most 45 characters; IDs stored by earlier
     // versions (up to 64) stay readable.
     if let Some(id) = &config.id {
+        // `/ctrl/b/revoke` is the revoke endpoint, so a backend of that name could not be
+        // read at `/ctrl/b/:backend`.
+        if id.as_str() == "revoke" {
+            return Err(ControllerError::invalid(
+                "spawn_config.id \"revoke\" is reserved (it is an endpoint's name)",
+            ));
+        }
         if id.as_str().len() > MAX_BACKEND_ID_INPUT {
             return Err(ControllerError::invalid(format!(
                 "spawn_config.id must be at most {MAX_BACKEND_ID_INPUT} characters, got {}",

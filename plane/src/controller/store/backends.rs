@@ -255,18 +255,35 @@ impl Store {
         row.as_ref().map(BackendRow::from_row).transpose()
     }
 
-    /// The backends not yet terminated or terminated since `since`, newest first, at most
-    /// `limit`: what the overview lists.
-    pub async fn recent_backends(&self, since: Millis, limit: i64) -> StoreResult<Vec<BackendRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {BACKEND_COLUMNS} FROM backend WHERE status <> 'terminated' OR status_time >= $1 \
+    /// What the overview lists: the backends not yet terminated, newest first, then those
+    /// terminated since `since`, latest ended first; at most `limit` of each.
+    pub async fn recent_backends(
+        &self,
+        since: Millis,
+        limit: i64,
+    ) -> StoreResult<(Vec<BackendRow>, Vec<BackendRow>)> {
+        let terminated = i64::from(BackendStatus::Terminated.number());
+        let live = sqlx::query(&format!(
+            "SELECT {BACKEND_COLUMNS} FROM backend WHERE status_number < $1 \
              ORDER BY created_at DESC, id LIMIT $2"
         ))
+        .bind(terminated)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let ended = sqlx::query(&format!(
+            "SELECT {BACKEND_COLUMNS} FROM backend WHERE status_number = $1 AND status_time >= $2 \
+             ORDER BY status_time DESC, id LIMIT $3"
+        ))
+        .bind(terminated)
         .bind(since.0)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(BackendRow::from_row).collect()
+        let rows = |rows: Vec<AnyRow>| -> StoreResult<Vec<BackendRow>> {
+            rows.iter().map(BackendRow::from_row).collect()
+        };
+        Ok((rows(live)?, rows(ended)?))
     }
 
     /// Every status the backend has been in, oldest first.

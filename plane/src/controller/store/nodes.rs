@@ -196,11 +196,14 @@ impl Store {
         rows.iter().map(|row| parse_name(row, "name")).collect()
     }
 
-    /// Every cluster a node has connected to, by name.
+    /// Every cluster a drone or proxy has connected to, by name (a DNS server's "cluster"
+    /// is its zone).
     pub async fn clusters(&self) -> StoreResult<Vec<ClusterName>> {
-        let rows = sqlx::query("SELECT DISTINCT cluster FROM node ORDER BY cluster")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT DISTINCT cluster FROM node WHERE kind IN ('drone', 'proxy') ORDER BY cluster",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| super::backends::parse_column(row, "cluster", |s| s.parse().ok()))
             .collect()

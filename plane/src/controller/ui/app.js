@@ -13,7 +13,9 @@ const state = {
   stream: null,
   statusEvents: null,
   backendId: null,
-  details: null,
+  // Each read of the backend's page gets a number; only the latest one is shown.
+  backendReads: 0,
+  backendTimer: null,
 };
 
 function token() {
@@ -292,19 +294,30 @@ function render() {
   if (state.backendId) refreshBackend();
 }
 
+/** Reads the backend's page again soon: many reasons to within 100 ms cost one read. */
+function refreshBackend() {
+  if (state.backendTimer) return;
+  state.backendTimer = setTimeout(() => {
+    state.backendTimer = null;
+    readBackend().catch(() => {}); // signed out, or unreachable: the stream's retry shows it
+  }, 100);
+}
+
 // --- One backend ---------------------------------------------------------------------------
 
-async function refreshBackend() {
+async function readBackend() {
   const id = state.backendId;
+  const read = ++state.backendReads;
   const response = await api(`/ctrl/b/${encodeURIComponent(id)}`);
-  if (state.backendId !== id) return;
+  // A later read (or another page) has taken over.
+  if (state.backendId !== id || read !== state.backendReads) return;
   if (!response.ok) {
     $("#backend-title").textContent = `Backend ${id}`;
     $("#backend-facts").replaceChildren(el("dd", { class: "error" }, await apiError(response)));
     return;
   }
   const details = await response.json();
-  state.details = details;
+  if (state.backendId !== id || read !== state.backendReads) return;
   const backend = details.backend;
   $("#backend-title").replaceChildren("Backend ", el("span", { class: "mono" }, backend.backend_id), " ",
     el("span", { class: `pill status-${backend.status}`, id: "backend-status" }, backend.status));
