@@ -4,6 +4,7 @@ container, an nginx reverse proxy to the same container, and reading RSS and loa
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -332,6 +333,27 @@ def remove_backends(stack):
             subprocess.run(["docker", "rm", "-f", *out], capture_output=True)
     except OSError:
         pass
+
+
+WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(output):
+    """(requests/s, p50 ms, p99 ms, errors) from `wrk --latency` output."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+
+    def percentile(p):
+        value, unit = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M).groups()
+        return float(value) * WRK_UNITS[unit]
+
+    errors = 0
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if match:
+        errors += sum(int(g) for g in match.groups())
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if match:
+        errors += int(match.group(1))
+    return rps, percentile(50), percentile(99), errors
 
 
 def median(values):

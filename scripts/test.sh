@@ -51,6 +51,15 @@ if [ ! -x "$schemathesis_venv/bin/schemathesis" ]; then
 fi
 export PLANE_TEST_SCHEMATHESIS="$schemathesis_venv/bin/schemathesis"
 
+# --- Plane 0.5.5 (crates.io), bench/connect's reference ------------------------------------
+# Built once (several minutes) into the user's cache.
+plane055_root="${XDG_CACHE_HOME:-$HOME/.cache}/plane-test/plane-0.5.5"
+plane055="$plane055_root/bin/plane"
+if [ ! -x "$plane055" ]; then
+  log "building Plane 0.5.5 from crates.io (once)"
+  RUSTFLAGS="--cfg tracing_unstable" cargo install --quiet plane --version 0.5.5 --locked --root "$plane055_root"
+fi
+
 # --- Throwaway PostgreSQL on a free loopback port ---------------------------------------
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 pg_dir=$(mktemp -d /tmp/plane-test-pg.XXXXXX)
@@ -132,3 +141,5 @@ log "bench/idle-ws --short"
 bench/idle-ws --short --debug --no-build
 log "bench/spawn --short"
 bench/spawn --short --debug --no-build
+log "bench/connect --short"
+bench/connect --short --debug --no-build --plane055 "$plane055"

@@ -5,6 +5,7 @@ mod harness;
 
 mod acme;
 mod admin;
+mod admission;
 mod auth;
 mod backup;
 mod browser;

@@ -59,6 +59,15 @@ pub struct ControllerOpts {
     /// Keys are never deleted (their fencing tokens must keep growing).
     #[arg(long, env = "PLANE_RETENTION_DAYS", default_value_t = 7)]
     pub retention_days: u64,
+    /// At most this many backends of a cluster may be starting (between scheduled and
+    /// ready) at once; past it a connect or spawn that would start one gets 429 with
+    /// Retry-After, and joining a running backend is still served [default: no limit].
+    #[arg(long, env = "PLANE_MAX_CONCURRENT_SPAWNS")]
+    pub max_concurrent_spawns: Option<u32>,
+    /// At most this many live backends may hold keys of one namespace; past it a connect
+    /// that would start one gets 429 with Retry-After [default: no limit].
+    #[arg(long, env = "PLANE_MAX_BACKENDS_PER_NAMESPACE")]
+    pub max_backends_per_namespace: Option<u32>,
     /// Serve Prometheus metrics at /metrics on this port too, without a token (they are also
     /// at /metrics on the API port, behind --ctrl-token when it is set).
     #[arg(long, env = "PLANE_METRICS_PORT")]
@@ -89,6 +98,8 @@ impl ControllerOpts {
             cluster_secret: self.cluster_secret,
             placement_best_of: self.placement_best_of,
             retention_ms: self.retention_days.saturating_mul(super::config::DAY_MS),
+            max_concurrent_spawns: self.max_concurrent_spawns,
+            max_backends_per_namespace: self.max_backends_per_namespace,
             metrics_port: self.metrics_port,
             https_clusters: self.https_clusters,
             ..ControllerConfig::new(self.db)

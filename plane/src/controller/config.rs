@@ -62,6 +62,14 @@ pub struct ControllerConfig {
     /// `--retention-days` (default 7).
     #[serde(default = "default_retention_ms")]
     pub retention_ms: u64,
+    /// Backends of one cluster that may be starting (scheduled to ready) at once; a spawn
+    /// past it gets 429. No limit when `None`.
+    #[serde(default)]
+    pub max_concurrent_spawns: Option<u32>,
+    /// Live backends one key namespace may hold; a spawn past it gets 429. No limit when
+    /// `None`.
+    #[serde(default)]
+    pub max_backends_per_namespace: Option<u32>,
     /// How often the controller holding the sweeper's lease deletes what is past retention.
     #[serde(default = "default_retention_interval_ms")]
     pub retention_interval_ms: u64,
@@ -111,6 +119,8 @@ impl ControllerConfig {
             placement_best_of: default_placement_best_of(),
             retention_ms: default_retention_ms(),
             retention_interval_ms: default_retention_interval_ms(),
+            max_concurrent_spawns: None,
+            max_backends_per_namespace: None,
             metrics: Default::default(),
             metrics_port: None,
             https_clusters: Vec::new(),
@@ -157,6 +167,14 @@ impl ControllerConfig {
             self.placement_best_of >= 1,
             "--placement-best-of must be at least 1"
         );
+        anyhow::ensure!(
+            self.max_concurrent_spawns != Some(0),
+            "--max-concurrent-spawns must be at least 1 (leave it out for no limit)"
+        );
+        anyhow::ensure!(
+            self.max_backends_per_namespace != Some(0),
+            "--max-backends-per-namespace must be at least 1 (leave it out for no limit)"
+        );
         for token in &self.ctrl_tokens {
             anyhow::ensure!(
                 !token.is_empty() && !token.chars().any(char::is_whitespace),
@@ -187,5 +205,28 @@ mod tests {
         let message = config.validate().expect_err("refused").to_string();
         assert!(message.contains("--lost-window-ms") && message.contains("--lease-ms"));
         assert!(ControllerConfig::new("plane.db").validate().is_ok());
+    }
+
+    #[test]
+    fn a_zero_admission_limit_is_refused_naming_its_flag() {
+        for (config, flag) in [
+            (
+                ControllerConfig {
+                    max_concurrent_spawns: Some(0),
+                    ..ControllerConfig::new("plane.db")
+                },
+                "--max-concurrent-spawns",
+            ),
+            (
+                ControllerConfig {
+                    max_backends_per_namespace: Some(0),
+                    ..ControllerConfig::new("plane.db")
+                },
+                "--max-backends-per-namespace",
+            ),
+        ] {
+            let message = config.validate().expect_err("refused").to_string();
+            assert!(message.contains(flag), "{message}");
+        }
     }
 }

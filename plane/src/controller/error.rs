@@ -39,6 +39,10 @@ pub enum ControllerError {
         "no drone that can take a backend is connected for cluster {cluster} and pool {pool:?}"
     )]
     NoDroneAvailable { cluster: ClusterName, pool: String },
+    /// An admission limit (`--max-concurrent-spawns`, `--max-backends-per-namespace`)
+    /// refused a new backend (429 with Retry-After).
+    #[error(transparent)]
+    NotAdmitted(super::store::Refusal),
     /// Drones are there, but none can give the backend what it asks for; the message says
     /// what.
     #[error("{0}")]
@@ -70,6 +74,8 @@ pub struct ApiErrorResponse {
     pub status: StatusCode,
     pub kind: ApiErrorKind,
     pub message: String,
+    /// Seconds for a `Retry-After` header (with 429 and 503).
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl ApiErrorResponse {
@@ -78,6 +84,7 @@ impl ApiErrorResponse {
             status,
             kind,
             message: message.into(),
+            retry_after_seconds: None,
         }
     }
 
@@ -111,7 +118,13 @@ impl IntoResponse for ApiErrorResponse {
             kind: self.kind,
             message,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_seconds {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -135,6 +148,15 @@ impl From<ControllerError> for ApiErrorResponse {
                 ApiErrorKind::NoDroneAvailable,
             ),
             ControllerError::BackendIdTaken(_) => (StatusCode::CONFLICT, ApiErrorKind::Other),
+            ControllerError::NotAdmitted(refusal) => {
+                let mut response = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ApiErrorKind::Other,
+                    refusal.message.clone(),
+                );
+                response.retry_after_seconds = Some(refusal.retry_after_seconds);
+                return response;
+            }
             ControllerError::BackendNotFound(_) | ControllerError::DroneNotFound { .. } => {
                 (StatusCode::NOT_FOUND, ApiErrorKind::NotFound)
             }
@@ -156,6 +178,7 @@ impl From<StoreError> for ApiErrorResponse {
                 ApiErrorKind::DatabaseError,
                 anyhow::anyhow!("already exists: {what}"),
             ),
+            StoreError::Refused(refusal) => ControllerError::NotAdmitted(refusal).into(),
             StoreError::Other(err) => Self::internal(ApiErrorKind::DatabaseError, err),
         }
     }

@@ -19,6 +19,8 @@ use std::time::Instant;
     responses(
         (status = 200, description = "A token for the key's backend, started by this request or already running.", body = plane_protocol::api::ConnectResponse),
         (status = 409, description = "The key is held by a backend with another tag (`KeyHeld`) or one still terminating (`KeyHeldUnhealthy`), nothing holds it and there is no `spawn_config` (`KeyUnheldNoSpawnConfig`), or `spawn_config.id` is taken.", body = plane_protocol::api::ApiError),
+        (status = 429, description = "Starting a backend would pass `--max-concurrent-spawns` or `--max-backends-per-namespace`; nothing was written. Joining a running backend is never refused so.", body = plane_protocol::api::ApiError,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))),
         (status = 503, description = "No drone can take the backend (`NoDroneAvailable`).", body = plane_protocol::api::ApiError),
     ),
 )]
@@ -38,6 +40,8 @@ pub async fn handle_connect(
     responses(
         (status = 200, description = "A new backend, with no key, and a token for it.", body = plane_protocol::api::ConnectResponse),
         (status = 409, description = "`spawn_config.id` is already in use.", body = plane_protocol::api::ApiError),
+        (status = 429, description = "Starting a backend would pass `--max-concurrent-spawns` or `--max-backends-per-namespace`; nothing was written. Joining a running backend is never refused so.", body = plane_protocol::api::ApiError,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again."))),
         (status = 503, description = "No drone can take the backend (`NoDroneAvailable`).", body = plane_protocol::api::ApiError),
     ),
 )]

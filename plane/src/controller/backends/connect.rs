@@ -7,7 +7,7 @@ use super::validate::{
 };
 use crate::controller::bus::ChangeBus;
 use crate::controller::error::ControllerError;
-use crate::controller::store::{NewBackend, NewToken, StoreError};
+use crate::controller::store::{Admission, NewBackend, NewToken, StoreError};
 use crate::controller::ControllerState;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
 use plane_protocol::backend::{BackendStatus, TerminationReason};
@@ -270,6 +270,10 @@ async fn spawn(
         },
         now: Millis::now(),
         lease_ms: state.config().lease_ms,
+        admission: Admission {
+            max_concurrent_spawns: state.config().max_concurrent_spawns,
+            max_backends_per_namespace: state.config().max_backends_per_namespace,
+        },
     };
     let created = state
         .store()
@@ -292,6 +296,7 @@ async fn spawn(
         Err(StoreError::AlreadyExists(_)) => {
             return Err(ControllerError::BackendIdTaken(backend_id))
         }
+        Err(StoreError::Refused(refusal)) => return Err(ControllerError::NotAdmitted(refusal)),
         Err(err) => return Err(err.into()),
     };
     // The stored spawn action reaches the drone through the change bus, from whichever

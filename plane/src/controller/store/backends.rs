@@ -57,6 +57,25 @@ pub struct NewBackend<'a> {
     /// The first lease, in milliseconds from now (the database's now): the drone must
     /// renew it before then.
     pub lease_ms: u64,
+    /// The limits the new backend must fit, checked in the same transaction.
+    pub admission: Admission,
+}
+
+/// Admission limits (`--max-concurrent-spawns`, `--max-backends-per-namespace`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Admission {
+    /// Backends of the cluster between `scheduled` and `ready`, this one included.
+    pub max_concurrent_spawns: Option<u32>,
+    /// Live backends whose key is in the new backend's namespace, this one included.
+    pub max_backends_per_namespace: Option<u32>,
+}
+
+/// Why a new backend was not admitted, and when to try again.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub message: String,
+    pub retry_after_seconds: u64,
 }
 
 /// The result of a successful [`Store::create_backend`].
@@ -210,6 +229,11 @@ impl Store {
         .bind(new.spawn_config.executable.protocol.as_str())
         .execute(&mut *tx)
         .await?;
+        // Counted after the insert, so the count includes this backend; on SQLite the insert
+        // took the write lock, on PostgreSQL the cluster's lock below orders the spawns.
+        if let Some(refusal) = self.admit(&mut tx, &new).await? {
+            return Err(StoreError::Refused(refusal)); // dropping the transaction rolls it back
+        }
         // The key first: a connect that loses the race rolls back before taking a number
         // in `backend_status`, which would otherwise leave a gap the change bus must wait out.
         let fencing_token = match new.key {
@@ -253,6 +277,63 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(BackendRow::from_row).transpose()
+    }
+
+    /// Checks the new backend against its admission limits, inside its transaction.
+    async fn admit(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        new: &NewBackend<'_>,
+    ) -> StoreResult<Option<Refusal>> {
+        let limits = new.admission;
+        if limits.max_concurrent_spawns.is_none() && limits.max_backends_per_namespace.is_none() {
+            return Ok(None);
+        }
+        if self.kind() == super::DatabaseKind::Postgres {
+            // Read committed would let two concurrent spawns each count without the other:
+            // one lock per cluster, held to the end of the transaction, orders them.
+            sqlx::query("SELECT CAST(pg_advisory_xact_lock(hashtext($1)) AS TEXT)")
+                .bind(format!("plane-admission:{}", new.cluster))
+                .fetch_one(&mut *tx)
+                .await?;
+        }
+        if let Some(max) = limits.max_concurrent_spawns {
+            let starting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM backend WHERE cluster = $1 AND status_number < $2",
+            )
+            .bind(new.cluster.as_str())
+            .bind(i64::from(BackendStatus::Ready.number()))
+            .fetch_one(&mut *tx)
+            .await?;
+            if starting > i64::from(max) {
+                return Ok(Some(Refusal {
+                    message: format!(
+                        "cluster {} already has {max} backends starting (--max-concurrent-spawns); retry shortly",
+                        new.cluster
+                    ),
+                    retry_after_seconds: 1,
+                }));
+            }
+        }
+        if let (Some(max), Some(key)) = (limits.max_backends_per_namespace, new.key) {
+            let live: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM backend WHERE key_namespace = $1 AND status_number < $2",
+            )
+            .bind(&key.namespace)
+            .bind(i64::from(BackendStatus::Terminated.number()))
+            .fetch_one(&mut *tx)
+            .await?;
+            if live > i64::from(max) {
+                return Ok(Some(Refusal {
+                    message: format!(
+                        "namespace {:?} already has {max} live backends (--max-backends-per-namespace)",
+                        key.namespace
+                    ),
+                    retry_after_seconds: 5,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     /// What the overview lists: the backends not yet terminated, newest first, then those

@@ -15,7 +15,7 @@ mod nodes;
 mod retention;
 mod tokens;
 
-pub use backends::{BackendRow, CreatedBackend, NewBackend, StatusChange};
+pub use backends::{Admission, BackendRow, CreatedBackend, NewBackend, Refusal, StatusChange};
 pub use census::Counted;
 pub use keys::KeyHolder;
 pub use nodes::{NodeKind, NodeRow, NodeSession};
@@ -52,6 +52,9 @@ pub enum StoreError {
     /// A unique constraint refused the write (e.g. a backend ID already in use).
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// An admission limit refused a new backend; nothing was written.
+    #[error("{0}")]
+    Refused(Refusal),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
