@@ -323,17 +323,28 @@ db_test!(
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let (known, values) = env
-            .controller()
-            .state()
-            .store()
-            .acme_txt(
-                &host.parse().expect("host"),
-                plane_protocol::time::Millis::now(),
-            )
-            .await
-            .expect("txt");
-        assert!(known && values.is_empty(), "{values:?}");
+        // Withdrawn when the lease is released, just after the certificate is stored.
+        crate::harness::wait_for(
+            "the challenge values withdrawn",
+            std::time::Duration::from_secs(10),
+            || async {
+                let (known, values) = env
+                    .controller()
+                    .state()
+                    .store()
+                    .acme_txt(
+                        &host.parse().expect("host"),
+                        plane_protocol::time::Millis::now(),
+                    )
+                    .await
+                    .expect("txt");
+                match known && values.is_empty() {
+                    true => Ok(()),
+                    false => Err(format!("known {known}, values {values:?}")),
+                }
+            },
+        )
+        .await;
 
         // Plain HTTP redirects to HTTPS, except the proxy's own /ready.
         let plain = reqwest::Client::builder()
