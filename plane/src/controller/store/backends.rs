@@ -274,7 +274,7 @@ impl Store {
             "SELECT {BACKEND_COLUMNS} FROM backend WHERE id = $1"
         ))
         .bind(id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.readers)
         .await?;
         row.as_ref().map(BackendRow::from_row).transpose()
     }
@@ -377,7 +377,7 @@ impl Store {
              time FROM backend_status WHERE backend_id = $1 ORDER BY status_number, id",
         )
         .bind(id.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter().map(entry_from_row).collect()
     }

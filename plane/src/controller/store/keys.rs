@@ -31,7 +31,7 @@ impl Store {
         .bind(namespace)
         .bind(name)
         .bind(i64::from(BackendStatus::Terminated.number()))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.readers)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let backend_id: String = row.try_get("backend_id").map_err(anyhow::Error::from)?;

@@ -132,10 +132,18 @@ pub const STATUS_CHANNEL: &str = "plane_status";
 pub const ACTIONS_CHANNEL: &str = "plane_actions";
 pub const REVOCATIONS_CHANNEL: &str = "plane_revocations";
 
-/// Cheap to clone: the pool and the signal channel are reference-counted.
+/// Read-only connections to a SQLite database, beside its one writer.
+const SQLITE_READERS: u32 = 4;
+
+/// Cheap to clone: the pools and the signal channel are reference-counted.
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where the hot reads go (a connect's key holder, backend and token). On SQLite,
+    /// connections of their own: in WAL mode readers neither wait for the one writer nor
+    /// hold it up, while everything on `pool` queues on its single connection. On
+    /// PostgreSQL, `pool` itself.
+    readers: AnyPool,
     kind: DatabaseKind,
     /// The database URL, for connections outside the pool (PostgreSQL's LISTEN).
     url: String,
@@ -227,9 +235,28 @@ impl Store {
             .run(&pool)
             .await
             .context("applying database migrations")?;
+        let readers = match kind {
+            // Opened after the migrations, which put the file in WAL mode for good.
+            DatabaseKind::Sqlite => AnyPoolOptions::new()
+                .max_connections(SQLITE_READERS)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        use sqlx::Executor;
+                        conn.execute("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&url)
+                .await
+                .context("opening the SQLite read connections")?,
+            DatabaseKind::Postgres => pool.clone(),
+        };
         let (signals, _) = broadcast::channel(4096);
         Ok(Store {
             pool,
+            readers,
             kind,
             url,
             signals,
@@ -296,6 +323,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.readers.close().await;
         self.pool.close().await;
     }
 }

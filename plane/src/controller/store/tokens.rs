@@ -146,7 +146,7 @@ impl Store {
              WHERE token = $1 AND revoked_at IS NULL",
         )
         .bind(token.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.readers)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let backend_id: String = row.try_get("backend_id").map_err(anyhow::Error::from)?;
