@@ -7,7 +7,9 @@ use super::validate::{
 };
 use crate::controller::bus::ChangeBus;
 use crate::controller::error::ControllerError;
-use crate::controller::store::{Admission, NewBackend, NewToken, StoreError};
+use crate::controller::store::{
+    Admission, BackendRow, NewBackend, NewToken, StatusChange, StoreError,
+};
 use crate::controller::ControllerState;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
 use plane_protocol::backend::{BackendStatus, TerminationReason};
@@ -53,6 +55,9 @@ pub async fn connect(
     };
 
     for _ in 0..KEY_RACE_RETRIES {
+        // Subscribed before reading, so a change between the read and a wait for the holder
+        // to let go is not missed.
+        let changes = state.bus().subscribe_status();
         if let Some(holder) = state.store().key_holder(&key.namespace, &key.name).await? {
             if holder.lease_expired {
                 // The holder's drone did not renew in time, so by protocol it has stopped
@@ -84,7 +89,7 @@ pub async fn connect(
                     requested_tag: key.tag.clone(),
                 });
             }
-            if let Some(response) = join_existing(state, &holder.backend_id, caller).await? {
+            if let Some(response) = join_existing(state, holder.backend, changes, caller).await? {
                 return Ok(response);
             }
             // The holder has terminated (or just finished terminating); try again.
@@ -147,14 +152,11 @@ impl Caller<'_> {
 /// Issues a token for a running backend. `None` if it terminated meanwhile.
 async fn join_existing(
     state: &ControllerState,
-    backend_id: &BackendName,
+    backend: BackendRow,
+    mut changes: tokio::sync::broadcast::Receiver<std::sync::Arc<StatusChange>>,
     caller: Caller<'_>,
 ) -> Result<Option<ConnectResponse>, ControllerError> {
-    // Subscribe before reading, so a change between the read and the wait is not missed.
-    let mut changes = state.bus().subscribe_status();
-    let Some(backend) = state.store().backend(backend_id).await? else {
-        return Ok(None);
-    };
+    let backend_id = &backend.id;
     if backend.status.is_terminating() {
         // A terminating backend keeps its key until its process is gone, so that two never
         // run at once. Wait for it to let go, then the caller starts a fresh one.

@@ -124,7 +124,7 @@ fn parse_optional<T>(
 }
 
 impl BackendRow {
-    fn from_row(row: &AnyRow) -> StoreResult<BackendRow> {
+    pub(super) fn from_row(row: &AnyRow) -> StoreResult<BackendRow> {
         let get_i64 = |column: &str| -> StoreResult<i64> {
             row.try_get::<i64, _>(column)
                 .map_err(|e| StoreError::Other(e.into()))
@@ -181,6 +181,15 @@ pub(super) fn entry_from_row(row: &AnyRow) -> StoreResult<BackendStatusStreamEnt
 /// Plane 0.5's `exit_error`: set only on `terminated`, true for a non-zero exit code.
 fn exit_error(status: BackendStatus, exit_code: Option<i64>) -> Option<bool> {
     (status == BackendStatus::Terminated).then_some(matches!(exit_code, Some(code) if code != 0))
+}
+
+/// [`BACKEND_COLUMNS`], each qualified by `table` (for a query that joins `backend`).
+pub(super) fn backend_columns_of(table: &str) -> String {
+    BACKEND_COLUMNS
+        .split(", ")
+        .map(|column| format!("{table}.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \

@@ -16,6 +16,8 @@ pub struct KeyHolder {
     pub fencing_token: i64,
     /// The holder's lease has run out (on the database's clock): the key may be taken over.
     pub lease_expired: bool,
+    /// The holder's row, read in the same query, so a join needs no second read.
+    pub backend: super::BackendRow,
 }
 
 impl Store {
@@ -23,10 +25,12 @@ impl Store {
     pub async fn key_holder(&self, namespace: &str, name: &str) -> StoreResult<Option<KeyHolder>> {
         let row = sqlx::query(&format!(
             "SELECT k.backend_id, k.tag, k.fencing_token, \
-             CAST(CASE WHEN b.lease_expires_at <= {now} THEN 1 ELSE 0 END AS BIGINT) AS lease_expired \
+             CAST(CASE WHEN b.lease_expires_at <= {now} THEN 1 ELSE 0 END AS BIGINT) AS lease_expired, \
+             {columns} \
              FROM backend_key k JOIN backend b ON b.id = k.backend_id \
              WHERE k.namespace = $1 AND k.name = $2 AND b.status_number < $3",
-            now = self.now_sql()
+            now = self.now_sql(),
+            columns = super::backends::backend_columns_of("b"),
         ))
         .bind(namespace)
         .bind(name)
@@ -43,6 +47,7 @@ impl Store {
                 .try_get::<i64, _>("lease_expired")
                 .map_err(anyhow::Error::from)?
                 == 1,
+            backend: super::BackendRow::from_row(&row)?,
         }))
     }
 }
