@@ -25,16 +25,20 @@ pub async fn wait_for_shutdown_signal() {
     }
 }
 
-/// Calls `reload` on every SIGHUP, until the returned task is aborted.
-pub fn on_hangup(reload: impl Fn() + Send + 'static) -> tokio::task::JoinHandle<()> {
+/// Starts catching SIGHUP, from now on. Take it before serving: until a process catches
+/// SIGHUP, the signal's default action ends it.
+pub fn catch_hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// Calls `reload` on every SIGHUP caught by `hangups`, until the returned task is aborted.
+pub fn on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    reload: impl Fn() + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut signal) => {
-                while signal.recv().await.is_some() {
-                    reload();
-                }
-            }
-            Err(err) => tracing::error!(%err, "cannot listen for SIGHUP"),
+        while hangups.recv().await.is_some() {
+            reload();
         }
     })
 }

@@ -188,8 +188,11 @@ pub async fn run(config: ControllerConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the controller to {listen} (--host, --port)"))?;
+    // Caught before the controller serves: an operator's SIGHUP right after it answers must
+    // reload the tokens, not end the process.
+    let hangups = crate::signals::catch_hangups().context("catching SIGHUP")?;
     let handle = start(config, listener).await?;
-    let reload = crate::signals::on_hangup({
+    let reload = crate::signals::on_hangup(hangups, {
         let state = handle.state.clone();
         move || match state.ctrl_tokens().reload() {
             Ok(count) => tracing::info!(tokens = count, "SIGHUP: reloaded --ctrl-token-file"),
