@@ -4,6 +4,7 @@
 //! connection, one order for two proxies, and external account binding.
 
 use crate::db_test;
+use crate::harness::{free_port, which};
 use crate::harness::{holds_for, wait_for, TestEnv};
 use futures_util::{SinkExt, StreamExt};
 use plane_dns::{DnsConfig, DnsHandle};
@@ -34,11 +35,6 @@ struct Pebble {
     tls_ca_file: PathBuf,
     tls_ca_pem: String,
     log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    probe.local_addr().expect("addr").port()
 }
 
 impl Pebble {
@@ -182,14 +178,6 @@ impl Drop for Pebble {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(program))
-            .find(|candidate| candidate.is_file())
-    })
 }
 
 /// A cluster with a DNS name of its own (certificates are for names, not `127.0.0.1:port`).

@@ -28,7 +28,7 @@ impl PlaneProcess {
         &self.log
     }
 
-    async fn start(args: Vec<String>, log: std::path::PathBuf) -> Self {
+    pub(crate) async fn start(args: Vec<String>, log: std::path::PathBuf) -> Self {
         let child = Self::spawn(&args, &log);
         PlaneProcess { child, args, log }
     }

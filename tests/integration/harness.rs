@@ -768,6 +768,21 @@ impl Api {
     }
 }
 
+/// A loopback port free now (for a process that binds it itself).
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    probe.local_addr().expect("addr").port()
+}
+
+/// Where `program` is on the PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `within` with what was
 /// awaited and the last thing seen.
 pub async fn wait_for<T, E, F, Fut>(what: &str, within: Duration, mut check: F) -> T

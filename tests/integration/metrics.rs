@@ -3,7 +3,7 @@
 //! at its `--metrics-port`, and `plane dev`'s components all at its controller's `/metrics`.
 //! The named families move when the matching thing happens.
 
-use crate::harness::{run_test, wait_for, Db, PlaneDev, TestEnv, BACKEND_WAIT};
+use crate::harness::{free_port, run_test, wait_for, Db, PlaneDev, TestEnv, BACKEND_WAIT};
 use plane_protocol::api::ConnectRequest;
 use std::collections::HashMap;
 
@@ -49,11 +49,6 @@ impl Scrape {
         }
         names
     }
-}
-
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    probe.local_addr().expect("addr").port()
 }
 
 /// On SQLite only: what is counted does not depend on the database.

@@ -3,11 +3,11 @@
 //! installs it from PyPI) finds no server error and no answer that breaks the document when
 //! it fuzzes every operation of a controller with a drone, auth and a cluster secret on.
 
-use crate::harness::{plane_binary, run_test, test_registry, wait_for, Db, TestEnv};
+use crate::crashes::PlaneProcess;
+use crate::harness::{free_port, run_test, test_registry, wait_for, which, Db, TestEnv};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[tokio::test(flavor = "current_thread")]
@@ -77,32 +77,14 @@ fn schemathesis() -> PathBuf {
     if let Ok(path) = std::env::var("PLANE_TEST_SCHEMATHESIS") {
         return PathBuf::from(path);
     }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("schemathesis"))
-                .find(|candidate| candidate.exists())
-        })
-        .expect(
-            "schemathesis is installed (the test command installs it from PyPI and sets \
+    which("schemathesis").expect(
+        "schemathesis is installed (the test command installs it from PyPI and sets \
              PLANE_TEST_SCHEMATHESIS)",
-        )
+    )
 }
 
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    probe.local_addr().expect("addr").port()
-}
-
-fn spawn_plane(args: &[&str], log: &Path) -> tokio::process::Child {
-    let log = std::fs::File::create(log).expect("log file");
-    tokio::process::Command::new(plane_binary())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start plane")
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| arg.to_string()).collect()
 }
 
 /// What schemathesis is told beyond its defaults. A documented 503 (`NoDroneAvailable`:
@@ -125,8 +107,8 @@ async fn schemathesis_finds_no_fault_and_no_answer_that_breaks_the_document() {
     let (token, secret) = ("fuzz-token", "fuzz-secret");
     let db = format!("sqlite://{}", scratch.join("plane.db").display());
     let port_arg = port.to_string();
-    let _controller = spawn_plane(
-        &[
+    let _controller = PlaneProcess::start(
+        strings(&[
             "controller",
             "--host",
             "127.0.0.1",
@@ -140,9 +122,10 @@ async fn schemathesis_finds_no_fault_and_no_answer_that_breaks_the_document() {
             token,
             "--cluster-secret",
             secret,
-        ],
-        &scratch.join("controller.log"),
-    );
+        ]),
+        scratch.join("controller.log"),
+    )
+    .await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     wait_for("the controller to answer", Duration::from_secs(30), || {
@@ -153,8 +136,8 @@ async fn schemathesis_finds_no_fault_and_no_answer_that_breaks_the_document() {
     let controller_url = format!("http://{token}@127.0.0.1:{port}");
     let state_dir = scratch.join("drone-state").display().to_string();
     let registry = test_registry();
-    let _drone = spawn_plane(
-        &[
+    let _drone = PlaneProcess::start(
+        strings(&[
             "drone",
             "--controller-url",
             &controller_url,
@@ -171,9 +154,10 @@ async fn schemathesis_finds_no_fault_and_no_answer_that_breaks_the_document() {
             // The fuzzer names arbitrary images: none may be pulled from anywhere.
             "--allowed-registry",
             &registry,
-        ],
-        &scratch.join("drone.log"),
-    );
+        ]),
+        scratch.join("drone.log"),
+    )
+    .await;
     wait_for("the drone to connect", Duration::from_secs(30), || {
         let request = client
             .get(format!("{base}/ctrl/c/{cluster}/state"))

@@ -183,13 +183,17 @@ fn exit_error(status: BackendStatus, exit_code: Option<i64>) -> Option<bool> {
     (status == BackendStatus::Terminated).then_some(matches!(exit_code, Some(code) if code != 0))
 }
 
-/// [`BACKEND_COLUMNS`], each qualified by `table` (for a query that joins `backend`).
-pub(super) fn backend_columns_of(table: &str) -> String {
-    BACKEND_COLUMNS
-        .split(", ")
-        .map(|column| format!("{table}.{column}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// [`BACKEND_COLUMNS`], each qualified by `b.` (for a query that joins `backend b`). Built
+/// once: a connect's key lookup uses it.
+pub(super) fn backend_columns_of_b() -> &'static str {
+    static COLUMNS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COLUMNS.get_or_init(|| {
+        BACKEND_COLUMNS
+            .split(", ")
+            .map(|column| format!("b.{column}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \

@@ -30,7 +30,7 @@ impl Store {
              FROM backend_key k JOIN backend b ON b.id = k.backend_id \
              WHERE k.namespace = $1 AND k.name = $2 AND b.status_number < $3",
             now = self.now_sql(),
-            columns = super::backends::backend_columns_of("b"),
+            columns = super::backends::backend_columns_of_b(),
         ))
         .bind(namespace)
         .bind(name)
