@@ -31,10 +31,11 @@ pub use status_stream::StatusStream;
 use futures_util::stream::{BoxStream, StreamExt};
 use plane_protocol::api::{
     ApiError, BackendDetails, BackendLogLine, ClusterState, ConnectRequest, ConnectResponse,
-    ControllerStatus, DrainResult, Overview, RevokeRequest, SpawnRequest,
+    ControllerStatus, DrainResult, ExecutorConfig, Overview, RevokeRequest, SpawnRequest,
+    WarmPoolRequest, WarmPoolState,
 };
 use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry, TerminationKind};
-use plane_protocol::names::{BackendName, ClusterName, NodeName};
+use plane_protocol::names::{BackendName, ClusterName, NodeName, PoolName};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
@@ -277,6 +278,36 @@ impl PlaneClient {
     /// `GET /ctrl/c/:cluster/state`: the cluster's drones and proxies.
     pub async fn cluster_state(&self, cluster: &ClusterName) -> Result<ClusterState, ClientError> {
         self.get(&["ctrl", "c", cluster.as_str(), "state"]).await
+    }
+
+    /// `POST /ctrl/c/:cluster/pools/:pool/warm` (`/ctrl/c/:cluster/warm` for the default
+    /// pool): keep `size` backends of `executable` started and waiting for a claim; 0
+    /// removes them.
+    pub async fn set_warm_pool(
+        &self,
+        cluster: &ClusterName,
+        pool: &PoolName,
+        executable: ExecutorConfig,
+        size: u32,
+    ) -> Result<WarmPoolState, ClientError> {
+        let request = WarmPoolRequest { executable, size };
+        if pool.is_default() {
+            self.post(&["ctrl", "c", cluster.as_str(), "warm"], &request)
+                .await
+        } else {
+            self.post(
+                &[
+                    "ctrl",
+                    "c",
+                    cluster.as_str(),
+                    "pools",
+                    pool.as_str(),
+                    "warm",
+                ],
+                &request,
+            )
+            .await
+        }
     }
 
     /// `POST /ctrl/c/:cluster/d/:drone/drain`: the drone gets no new backends; its own keep

@@ -272,6 +272,7 @@ impl Connection {
         } = action;
         let accepted = match action {
             ActionKind::Spawn(spawn) => self.executor.spawn(backend_id, spawn).await,
+            ActionKind::Claim(claim) => self.executor.claim(backend_id, claim).await,
             ActionKind::Terminate { kind, reason } => {
                 self.executor.terminate(backend_id, kind, reason).await
             }
@@ -618,6 +619,7 @@ mod tests {
             static_token: None,
             startup_timeout_ms: None,
             mount_dir: None,
+            warm: false,
         };
         send_to_drone(
             &mut socket,
@@ -751,6 +753,7 @@ mod tests {
                     static_token: None,
                     startup_timeout_ms: None,
                     mount_dir: None,
+                    warm: false,
                 }),
             }),
         )

@@ -7,7 +7,7 @@
 use crate::event_queue::EventQueue;
 use crate::leases::Leases;
 use crate::lifecycle::{
-    adopt_backend, remove_until_gone, run_backend, stop_for_good, BackendContext,
+    adopt_backend, remove_until_gone, run_backend, stop_for_good, BackendContext, BackendRequest,
     LifecycleSettings, TerminateRequest,
 };
 use crate::runtime::Runtime;
@@ -18,7 +18,7 @@ use plane_protocol::api::{BackendLogLine, ExecutorConfig, PullPolicy, RegistryCr
 use plane_protocol::backend::{
     BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
 };
-use plane_protocol::drone::SpawnAction;
+use plane_protocol::drone::{ClaimAction, SpawnAction};
 use plane_protocol::names::BackendName;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -66,6 +66,11 @@ enum Command {
     Terminate {
         backend_id: BackendName,
         request: TerminateRequest,
+        reply: oneshot::Sender<Result<(), ExecutorError>>,
+    },
+    Claim {
+        backend_id: BackendName,
+        claim: ClaimAction,
         reply: oneshot::Sender<Result<(), ExecutorError>>,
     },
     Running {
@@ -121,6 +126,21 @@ impl ExecutorHandle {
         self.request(|reply| Command::Spawn {
             backend_id,
             spawn: Box::new(spawn),
+            reply,
+        })
+        .await?
+    }
+
+    /// Hands a claim to a warm backend. One not running here is reported `terminated` at
+    /// once (the connect that claimed it then starts a backend of its own).
+    pub async fn claim(
+        &self,
+        backend_id: BackendName,
+        claim: ClaimAction,
+    ) -> Result<(), ExecutorError> {
+        self.request(|reply| Command::Claim {
+            backend_id,
+            claim,
             reply,
         })
         .await?
@@ -359,7 +379,7 @@ struct Runner<R> {
     ctx: Arc<BackendContext<R>>,
     leases: Leases,
     /// Backends whose task runs, with the channel to ask them to stop.
-    running: HashMap<BackendName, mpsc::UnboundedSender<TerminateRequest>>,
+    running: HashMap<BackendName, mpsc::UnboundedSender<BackendRequest>>,
     /// Which backend each task runs, to clean up after a task that panicked.
     task_backends: HashMap<tokio::task::Id, BackendName>,
     finished: RecentSet,
@@ -419,6 +439,14 @@ impl<R: Runtime> Runner<R> {
                 reply,
             } => {
                 self.terminate(backend_id, request).await;
+                let _ = reply.send(Ok(()));
+            }
+            Command::Claim {
+                backend_id,
+                claim,
+                reply,
+            } => {
+                self.claim(backend_id, claim).await;
                 let _ = reply.send(Ok(()));
             }
             Command::Running { reply } => {
@@ -505,11 +533,24 @@ impl<R: Runtime> Runner<R> {
         Ok(())
     }
 
+    async fn claim(&mut self, backend_id: BackendName, claim: ClaimAction) {
+        if let Some(requests) = self.running.get(&backend_id) {
+            let _ = requests.send(BackendRequest::Claim(claim));
+            return;
+        }
+        // Gone, or never here: the same as a terminate for it.
+        let request = TerminateRequest {
+            kind: TerminationKind::Hard,
+            reason: TerminationReason::Lost,
+        };
+        self.terminate(backend_id, request).await;
+    }
+
     async fn terminate(&mut self, backend_id: BackendName, request: TerminateRequest) {
         if let Some(requests) = self.running.get(&backend_id) {
             // The task holds the receiver until it has reported `terminated`; a send that
             // fails means it is finishing on its own.
-            let _ = requests.send(request);
+            let _ = requests.send(BackendRequest::Terminate(request));
         } else if self.finished.contains(&backend_id) {
             tracing::debug!(backend = %backend_id, "terminate for a finished backend; nothing to do");
         } else {
@@ -539,10 +580,10 @@ impl<R: Runtime> Runner<R> {
                 "terminating every backend for shutdown"
             );
             for requests in self.running.values() {
-                let _ = requests.send(TerminateRequest {
+                let _ = requests.send(BackendRequest::Terminate(TerminateRequest {
                     kind: TerminationKind::Soft,
                     reason: TerminationReason::Lost,
-                });
+                }));
             }
         }
         self.shutdown_waiters
@@ -740,6 +781,7 @@ mod tests {
             static_token: None,
             startup_timeout_ms: None,
             mount_dir: None,
+            warm: false,
         }
     }
 

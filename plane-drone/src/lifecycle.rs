@@ -11,7 +11,7 @@ use crate::runtime::{BackendSpec, Runtime, RuntimeError, Signal};
 use plane_protocol::backend::{
     BackendHealth, BackendStateUpdate, BackendStatus, TerminationKind, TerminationReason,
 };
-use plane_protocol::drone::SpawnAction;
+use plane_protocol::drone::{ClaimAction, ClaimBody, SpawnAction};
 use plane_protocol::names::BackendName;
 use plane_protocol::{BACKEND_CONTAINER_PORT, RESERVED_ENV_VARS};
 use std::net::SocketAddr;
@@ -32,6 +32,8 @@ const PROBE_LONGEST_PAUSE: Duration = Duration::from_millis(100);
 /// How long to wait for the exit after SIGKILL before reporting `terminated` anyway, so a
 /// wedged engine cannot keep a backend (and its key) from being released forever.
 const KILL_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a warm backend has to answer its claim (`POST /.plane/claim`).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff between attempts to remove a container the engine would not remove.
 const REMOVE_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -95,6 +97,14 @@ pub(crate) struct TerminateRequest {
     pub reason: TerminationReason,
 }
 
+/// What the executor asks of a running backend's task.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum BackendRequest {
+    Terminate(TerminateRequest),
+    /// Hand a warm backend to the connect that claimed it.
+    Claim(ClaimAction),
+}
+
 /// The environment of a backend's process: the user's variables, minus any that would
 /// override the ones Plane sets, plus Plane's own.
 pub(crate) fn backend_env(backend_id: &BackendName, spawn: &SpawnAction) -> Vec<(String, String)> {
@@ -127,6 +137,9 @@ pub(crate) fn backend_env(backend_id: &BackendName, spawn: &SpawnAction) -> Vec<
     if let Some(token) = &spawn.static_token {
         env.push(("SESSION_BACKEND_STATIC_TOKEN".into(), token.to_string()));
     }
+    if spawn.warm {
+        env.push(("SESSION_BACKEND_WARM".into(), "1".into()));
+    }
     env
 }
 
@@ -144,7 +157,7 @@ pub(crate) async fn run_backend<R: Runtime>(
     ctx: std::sync::Arc<BackendContext<R>>,
     backend_id: BackendName,
     spawn: SpawnAction,
-    mut requests: mpsc::UnboundedReceiver<TerminateRequest>,
+    mut requests: mpsc::UnboundedReceiver<BackendRequest>,
     lease: LeaseWatch,
 ) {
     let startup_timeout = spawn
@@ -162,6 +175,7 @@ pub(crate) async fn run_backend<R: Runtime>(
             .ready_path
             .clone()
             .unwrap_or_else(|| "/".to_string()),
+        warm: spawn.warm,
         termination_message: None,
     };
     backend.run(spawn, &mut requests).await;
@@ -176,14 +190,13 @@ pub(crate) async fn adopt_backend<R: Runtime>(
     ctx: std::sync::Arc<BackendContext<R>>,
     backend_id: BackendName,
     address: SocketAddr,
-    mut requests: mpsc::UnboundedReceiver<TerminateRequest>,
+    mut requests: mpsc::UnboundedReceiver<BackendRequest>,
     lease: LeaseWatch,
 ) {
     // Recorded with the container when it was created (absent on older containers).
-    let ready_path = ctx
-        .runtime
-        .ready_path(&backend_id)
-        .await
+    let recorded = ctx.runtime.recorded(&backend_id).await;
+    let ready_path = recorded
+        .ready_path
         .filter(|path| path.starts_with('/') && path.chars().all(|c| c.is_ascii_graphic()))
         .unwrap_or_else(|| "/".to_string());
     let mut backend = Backend {
@@ -194,6 +207,9 @@ pub(crate) async fn adopt_backend<R: Runtime>(
         // Not known to a later run of the drone.
         memory_limit: None,
         ready_path,
+        // Whether it was claimed is the controller's to say: a warm one waits for a claim
+        // again, which the controller re-sends if it made one.
+        warm: recorded.warm,
         termination_message: None,
     };
     backend.readopt(address, &mut requests).await;
@@ -214,6 +230,8 @@ struct Backend<'a, R> {
     memory_limit: Option<i64>,
     /// The path probed for readiness and health (`/` unless the spawn names one).
     ready_path: String,
+    /// A warm-pool backend: once it answers, it waits for a claim before it is `ready`.
+    warm: bool,
     /// Said in the `terminated` report of a stop the drone decided itself (a failed
     /// health check), when there is more to say than the reason.
     termination_message: Option<String>,
@@ -239,7 +257,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     async fn run(
         &mut self,
         spawn: SpawnAction,
-        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
     ) {
         let runtime = &self.ctx.runtime;
         let image = &spawn.executable.image;
@@ -308,6 +326,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
             gpus: spawn.executable.gpus,
             mount,
             ready_path: self.ready_path.clone(),
+            warm: spawn.warm,
         };
         // Not raced against terminate requests: dropping a create request midway could
         // leave a container the engine finishes creating after we stopped looking. A
@@ -361,6 +380,9 @@ impl<'a, R: Runtime> Backend<'a, R> {
                 return self.terminate(request, requests).await;
             }
         }
+        if self.warm && !self.claimed(address, requests).await {
+            return;
+        }
 
         self.report(BackendStateUpdate {
             address: Some(address),
@@ -370,6 +392,78 @@ impl<'a, R: Runtime> Backend<'a, R> {
         self.serve(address, requests).await;
     }
 
+    /// A warm backend that answers HTTP: reports that it waits for a claim, then hands the
+    /// claim to it. True once it accepted one (a 2xx to `POST /.plane/claim`); false when
+    /// it ended meanwhile or refused the claim (then it is terminated, and the connect that
+    /// claimed it starts a backend of its own).
+    async fn claimed(
+        &mut self,
+        address: SocketAddr,
+        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
+    ) -> bool {
+        self.report(BackendStateUpdate::warm(address)).await;
+        let exit = self.wait_exit();
+        tokio::pin!(exit);
+        let claim = loop {
+            tokio::select! {
+                biased;
+                request = requests.recv() => match request {
+                    Some(BackendRequest::Claim(claim)) => break claim,
+                    Some(BackendRequest::Terminate(request)) => {
+                        self.terminate(request, requests).await;
+                        return false;
+                    }
+                    None => std::future::pending().await,
+                },
+                _ = self.lease.lapsing() => {
+                    tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the warm backend");
+                    self.terminate(FENCE, requests).await;
+                    return false;
+                }
+                exit_code = &mut exit => {
+                    self.finish(exit_code, None, None).await;
+                    return false;
+                }
+            }
+        };
+        let body = ClaimBody {
+            backend_id: self.id.clone(),
+            key: claim.key,
+            fencing_token: claim.fencing_token,
+            static_token: claim.static_token,
+        };
+        let url = format!("http://{address}/.plane/claim");
+        let answer = tokio::select! {
+            biased;
+            request = next_request(requests) => {
+                self.terminate(request, requests).await;
+                return false;
+            }
+            answer = self.ctx.http.post(&url).json(&body).timeout(CLAIM_TIMEOUT).send() => answer,
+        };
+        let refusal = match answer {
+            Ok(response) if response.status().is_success() => None,
+            Ok(response) => Some(format!("answered {}", response.status())),
+            Err(err) if err.is_timeout() => Some(format!(
+                "did not answer within {} s",
+                CLAIM_TIMEOUT.as_secs()
+            )),
+            Err(err) => Some(format!("could not be asked: {err}")),
+        };
+        let Some(refusal) = refusal else {
+            tracing::info!(backend = %self.id, key = ?body.key, "warm backend accepted its claim");
+            return true;
+        };
+        tracing::warn!(backend = %self.id, %refusal, "warm backend refused its claim; terminating it");
+        self.termination_message = Some(format!("refused its claim: POST /.plane/claim {refusal}"));
+        let request = TerminateRequest {
+            kind: TerminationKind::Hard,
+            reason: TerminationReason::InternalError,
+        };
+        self.terminate(request, requests).await;
+        false
+    }
+
     /// A ready backend: until it is asked to stop, its lease lapses, or it exits. Meanwhile
     /// it is checked every interval: failures in a row past the settings' thresholds are
     /// reported (`unhealthy`, then `healthy` again when it recovers) and, past the last,
@@ -377,7 +471,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     async fn serve(
         &mut self,
         address: SocketAddr,
-        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
     ) {
         let health = self.ctx.settings.health;
         let url = format!("http://{address}{}", self.ready_path);
@@ -454,7 +548,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     async fn readopt(
         &mut self,
         address: SocketAddr,
-        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
     ) {
         let exit = self.wait_exit();
         let answering = tokio::select! {
@@ -475,6 +569,9 @@ impl<'a, R: Runtime> Backend<'a, R> {
             return self.terminate(request, requests).await;
         }
         tracing::info!(backend = %self.id, %address, "re-adopted backend answers");
+        if self.warm && !self.claimed(address, requests).await {
+            return;
+        }
         self.report(BackendStateUpdate {
             address: Some(address),
             ..BackendStateUpdate::status(BackendStatus::Ready)
@@ -499,7 +596,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     async fn terminate(
         &mut self,
         request: TerminateRequest,
-        requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
+        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
     ) {
         let TerminateRequest { kind, reason } = request;
         let runtime = &self.ctx.runtime;
@@ -689,14 +786,19 @@ pub(crate) async fn stop_for_good<R: Runtime>(runtime: &R, id: &BackendName, kee
     remove_until_gone(runtime, id).await;
 }
 
-/// The next terminate request. If the executor has gone away (sender dropped) this never
-/// resolves: the executor aborts its tasks when it stops.
-async fn next_request(
-    requests: &mut mpsc::UnboundedReceiver<TerminateRequest>,
-) -> TerminateRequest {
-    match requests.recv().await {
-        Some(request) => request,
-        None => std::future::pending().await,
+/// The next terminate request; a claim arriving meanwhile is a repeat of one already
+/// handled (or meant for a backend that is not warm) and is dropped. If the executor has
+/// gone away (sender dropped) this never resolves: the executor aborts its tasks when it
+/// stops.
+async fn next_request(requests: &mut mpsc::UnboundedReceiver<BackendRequest>) -> TerminateRequest {
+    loop {
+        match requests.recv().await {
+            Some(BackendRequest::Terminate(request)) => return request,
+            Some(BackendRequest::Claim(_)) => {
+                tracing::debug!("claim for a backend not waiting for one; ignored")
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -813,6 +915,7 @@ mod tests {
             static_token: None,
             startup_timeout_ms: None,
             mount_dir: None,
+            warm: false,
         }
     }
 

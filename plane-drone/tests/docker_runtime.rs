@@ -186,6 +186,7 @@ async fn exercise(
         gpus: None,
         mount: None,
         ready_path: "/".to_string(),
+        warm: true,
     };
     let address = runtime.start_backend(&spec).await.expect("backend starts");
     assert_eq!(address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -199,7 +200,9 @@ async fn exercise(
     assert_eq!(labels.get(BACKEND_LABEL), Some(&backend_id.to_string()));
     assert_eq!(labels.get(DRONE_LABEL), Some(&drone.to_string()));
     // Kept with the container, for a later run of the drone that re-adopts it.
-    assert_eq!(runtime.ready_path(backend_id).await.as_deref(), Some("/"));
+    let recorded = runtime.recorded(backend_id).await;
+    assert_eq!(recorded.ready_path.as_deref(), Some("/"));
+    assert!(recorded.warm, "the warm mark is kept with the container");
     assert_eq!(
         runtime.list_backends().await.expect("list"),
         vec![backend_id.clone()]
@@ -294,6 +297,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             )),
             mount: None,
             ready_path: "/".to_string(),
+            warm: false,
         };
         let name = format!("plane-{inspected}");
         docker
@@ -377,6 +381,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             gpus: None,
             mount: None,
             ready_path: "/".to_string(),
+            warm: false,
         };
         let address = runtime
             .start_backend(&spec)

@@ -491,6 +491,38 @@ pub struct ClusterState {
     pub cluster: Option<ClusterName>,
     pub drones: Vec<DroneState>,
     pub proxies: Vec<NodeState>,
+    /// The cluster's warm pools and how full each is.
+    #[serde(default)]
+    pub warm_pools: Vec<WarmPoolState>,
+}
+
+/// `POST /ctrl/c/:cluster/warm` (the default pool) and
+/// `POST /ctrl/c/:cluster/pools/:pool/warm`: keep `size` backends of `executable` started
+/// and waiting for a claim. Setting it again for the same executable changes the size; 0
+/// removes the pool's warm backends of that executable.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WarmPoolRequest {
+    /// What to keep warm. A connect or spawn claims one when its executable is exactly
+    /// this one. A `mount` is refused: a warm backend has no key to mount for.
+    #[serde(deserialize_with = "objects::required")]
+    pub executable: ExecutorConfig,
+    /// How many unclaimed backends to keep, 0 to 1000.
+    #[schema(minimum = 0, maximum = 1000)]
+    pub size: u32,
+}
+
+/// One warm pool: its executable, the size asked for, and how many unclaimed backends it
+/// has (`idle` ones can be claimed now; `starting` ones are on their way).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WarmPoolState {
+    /// The drone pool (empty: the default pool).
+    pub pool: PoolName,
+    pub image: String,
+    /// What connects are matched on: the SHA-256 of the executable's JSON.
+    pub fingerprint: String,
+    pub size: u32,
+    pub idle: u32,
+    pub starting: u32,
 }
 
 /// A backend as `GET /ctrl/b/:backend` and the overview show it.

@@ -208,6 +208,11 @@ pub struct BackendStateUpdate {
     /// On `ready` only: a change of health (the status itself does not change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<BackendHealth>,
+    /// On `waiting` only: this warm backend answers HTTP and waits for its claim (the
+    /// status itself does not change). A drone that re-adopts a warm backend after a
+    /// restart says this again, and the controller re-sends a claim it already made.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm: bool,
 }
 
 impl BackendStateUpdate {
@@ -220,6 +225,16 @@ impl BackendStateUpdate {
             exit_code: None,
             message: None,
             health: None,
+            warm: false,
+        }
+    }
+
+    /// A warm backend answers HTTP and waits for a claim.
+    pub fn warm(address: SocketAddr) -> Self {
+        Self {
+            address: Some(address),
+            warm: true,
+            ..Self::status(BackendStatus::Waiting)
         }
     }
 

@@ -179,6 +179,10 @@ pub struct BackendAction {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ActionKind {
     Spawn(SpawnAction),
+    /// Hand a warm backend (spawned with [`SpawnAction::warm`]) to the connect that claimed
+    /// it: POST the claim to its `/.plane/claim`, report `ready` on a 2xx and terminate it
+    /// otherwise. May arrive more than once; a backend already claimed ignores a repeat.
+    Claim(ClaimAction),
     Terminate {
         kind: TerminationKind,
         reason: TerminationReason,
@@ -207,4 +211,33 @@ pub struct SpawnAction {
     /// [`crate::mount`]), when the spawn asked for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_dir: Option<String>,
+    /// A warm-pool backend: started without a key, it is probed like any other but then
+    /// reported `waiting` with [`BackendStateUpdate::warm`] set, and waits for a
+    /// [`ActionKind::Claim`] before it is `ready`. Given as `SESSION_BACKEND_WARM=1`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm: bool,
+}
+
+/// What a warm backend is told when a connect claims it; the drone POSTs it as JSON
+/// ([`ClaimBody`]) to the backend's `/.plane/claim`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimAction {
+    /// The key the backend now holds (absent for a keyless spawn).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The key's fencing token, taken at the claim.
+    #[serde(default)]
+    pub fencing_token: Option<i64>,
+    /// The backend's static token, when the claiming spawn asked for one.
+    #[serde(default)]
+    pub static_token: Option<BearerToken>,
+}
+
+/// The body of `POST /.plane/claim`, as a backend author sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimBody {
+    pub backend_id: BackendName,
+    pub key: Option<String>,
+    pub fencing_token: Option<i64>,
+    pub static_token: Option<BearerToken>,
 }

@@ -20,6 +20,7 @@ pub const RESERVED_ENV_VARS: &[&str] = &[
     "SESSION_BACKEND_KEY",
     "SESSION_BACKEND_FENCING_TOKEN",
     "SESSION_BACKEND_STATIC_TOKEN",
+    "SESSION_BACKEND_WARM",
 ];
 
 /// The port a backend container listens on inside its network namespace (`PORT`).

@@ -6,12 +6,16 @@
 //! - `POST /exit/{code}` makes the process exit with that code.
 //! - `POST /print/{count}` prints that many numbered lines to stdout (`?stream=stderr`:
 //!   to stderr), for tests of logs.
+//! - `POST /.plane/claim` takes a warm-pool claim (`{backend_id, key, fencing_token,
+//!   static_token}`): the first is kept, a repeat of it is accepted again, a different one
+//!   is refused (409), as the claim protocol asks; `GET /.plane/claim` shows the one kept.
 //! - Any other path answers with a JSON echo of the request (method, path, query, headers,
 //!   body), so callers can see exactly what reached the backend.
 //!
 //! Behaviour knobs for tests, read from the environment:
 //! `DEMO_IGNORE_SIGTERM=1` ignores SIGTERM; `DEMO_EXIT_AFTER_MS=n` exits after n ms with
-//! `DEMO_EXIT_CODE` (default 0); `DEMO_STARTUP_DELAY_MS=n` waits before listening.
+//! `DEMO_EXIT_CODE` (default 0); `DEMO_STARTUP_DELAY_MS=n` waits before listening;
+//! `DEMO_REFUSE_CLAIM=1` refuses every claim.
 
 use anyhow::Context;
 use axum::body::Bytes;
@@ -57,6 +61,7 @@ pub async fn run() -> anyhow::Result<()> {
         .route("/threads/{count}", post(start_threads))
         .route("/print/{count}", post(print_lines))
         .route("/data/{name}", get(read_data).put(write_data))
+        .route("/.plane/claim", get(show_claim).post(take_claim))
         .fallback(echo);
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
         .await
@@ -85,9 +90,53 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The warm-pool claim this backend accepted, if it was started warm and claimed.
+static CLAIM: std::sync::Mutex<Option<serde_json::Value>> = std::sync::Mutex::new(None);
+
+async fn take_claim(Json(claim): Json<serde_json::Value>) -> impl IntoResponse {
+    use axum::http::StatusCode;
+    if env_flag("DEMO_REFUSE_CLAIM") {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "this backend refuses claims (DEMO_REFUSE_CLAIM)"})),
+        );
+    }
+    let mut kept = CLAIM.lock().unwrap_or_else(|e| e.into_inner());
+    match kept.as_ref() {
+        Some(existing) if *existing != claim => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "already claimed", "claim": existing})),
+        ),
+        _ => {
+            println!("claimed: {claim}");
+            *kept = Some(claim.clone());
+            (StatusCode::OK, Json(json!({"accepted": true})))
+        }
+    }
+}
+
+async fn show_claim() -> Json<serde_json::Value> {
+    Json(
+        CLAIM
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default(),
+    )
+}
+
 async fn page() -> Html<String> {
     let backend = std::env::var("SESSION_BACKEND_ID").unwrap_or_else(|_| "(unknown)".into());
-    let key = std::env::var("SESSION_BACKEND_KEY").unwrap_or_else(|_| "(none)".into());
+    // A warm backend learns its key from its claim, not its environment.
+    let claimed_key = CLAIM
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|claim| claim["key"].as_str().map(str::to_string));
+    let key = claimed_key
+        .or_else(|| std::env::var("SESSION_BACKEND_KEY").ok())
+        .unwrap_or_else(|| "(none)".into());
+    let (backend, key) = (escape_html(&backend), escape_html(&key));
     Html(format!(
         r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>Plane demo backend</title></head>
@@ -108,6 +157,14 @@ async fn page() -> Html<String> {
 </script>
 </body></html>"#
     ))
+}
+
+/// The text as HTML text: keys are the app's to choose and may hold markup.
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 async fn websocket_echo(upgrade: WebSocketUpgrade) -> impl IntoResponse {

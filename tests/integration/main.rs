@@ -35,3 +35,4 @@ mod retention;
 mod sweep;
 mod volumes;
 mod walkthrough;
+mod warm;

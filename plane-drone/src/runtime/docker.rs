@@ -44,6 +44,8 @@ pub const DRONE_LABEL: &str = "dev.plane.drone";
 pub const CLUSTER_LABEL: &str = "dev.plane.cluster";
 /// The path the backend is probed on, for a later run of the drone that re-adopts it.
 pub const READY_PATH_LABEL: &str = "dev.plane.ready-path";
+/// Set (to `1`) on a warm-pool backend's container.
+pub const WARM_LABEL: &str = "dev.plane.warm";
 
 /// Docker's default CPU accounting period, in microseconds, used when a backend asks for a
 /// CPU percentage without a period.
@@ -347,12 +349,15 @@ impl DockerRuntime {
     pub fn container_config(&self, spec: &BackendSpec) -> Config<String> {
         let config = &self.inner.config;
         let port_key = format!("{BACKEND_CONTAINER_PORT}/tcp");
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (BACKEND_LABEL.to_string(), spec.backend_id.to_string()),
             (DRONE_LABEL.to_string(), config.drone.to_string()),
             (CLUSTER_LABEL.to_string(), config.cluster.to_string()),
             (READY_PATH_LABEL.to_string(), spec.ready_path.clone()),
         ]);
+        if spec.warm {
+            labels.insert(WARM_LABEL.to_string(), "1".to_string());
+        }
         let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let limits = &spec.resource_limits;
         let (cpu_period, cpu_quota) = cpu_limits(limits);
@@ -569,14 +574,20 @@ impl Runtime for DockerRuntime {
         self.our_containers(&[]).await
     }
 
-    async fn ready_path(&self, backend_id: &BackendName) -> Option<String> {
+    async fn recorded(&self, backend_id: &BackendName) -> super::Recorded {
         let info = self
             .inner
             .docker
             .inspect_container(&Self::container_name(backend_id), None)
-            .await
-            .ok()?;
-        info.config?.labels?.remove(READY_PATH_LABEL)
+            .await;
+        let mut labels = info
+            .ok()
+            .and_then(|info| info.config?.labels)
+            .unwrap_or_default();
+        super::Recorded {
+            ready_path: labels.remove(READY_PATH_LABEL),
+            warm: labels.get(WARM_LABEL).is_some_and(|v| v == "1"),
+        }
     }
 
     async fn oom_killed(&self, backend_id: &BackendName) -> bool {

@@ -222,8 +222,8 @@ impl Runtime for FakeRuntime {
         stream::iter([line]).boxed()
     }
 
-    async fn ready_path(&self, _backend_id: &BackendName) -> Option<String> {
-        None
+    async fn recorded(&self, _backend_id: &BackendName) -> super::Recorded {
+        super::Recorded::default()
     }
 
     async fn oom_killed(&self, _backend_id: &BackendName) -> bool {

@@ -116,8 +116,8 @@ impl<R: Runtime> Runtime for Measured<R> {
         self.inner.oom_killed(backend_id).await
     }
 
-    async fn ready_path(&self, backend_id: &BackendName) -> Option<String> {
-        self.inner.ready_path(backend_id).await
+    async fn recorded(&self, backend_id: &BackendName) -> super::Recorded {
+        self.inner.recorded(backend_id).await
     }
 
     fn supports_disk_limits(&self) -> bool {

@@ -30,6 +30,18 @@ pub struct BackendSpec {
     /// The path its readiness and health are probed on, kept with the container so a later
     /// run of the drone that re-adopts it probes the same one.
     pub ready_path: String,
+    /// A warm-pool backend waiting for its claim; kept with the container so a later run
+    /// of the drone that re-adopts it waits for (or is re-sent) its claim.
+    pub warm: bool,
+}
+
+/// What a backend's container records about it, for a later run of the drone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// [`BackendSpec::ready_path`] (absent on older containers).
+    pub ready_path: Option<String>,
+    /// [`BackendSpec::warm`].
+    pub warm: bool,
 }
 
 /// A signal the drone sends to a backend's process.
@@ -122,8 +134,8 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     /// it exited, before its container is removed).
     fn oom_killed(&self, backend_id: &BackendName) -> impl Future<Output = bool> + Send;
 
-    /// The ready path recorded with the backend's container, if any.
-    fn ready_path(&self, backend_id: &BackendName) -> impl Future<Output = Option<String>> + Send;
+    /// What was recorded with the backend's container (nothing if it has none).
+    fn recorded(&self, backend_id: &BackendName) -> impl Future<Output = Recorded> + Send;
 
     /// Whether containers can be given a disk limit (`disk_limit_bytes`).
     fn supports_disk_limits(&self) -> bool;

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use output::{Colour, Output};
 use plane_client::PlaneClient;
-use plane_protocol::api::{ClusterState, ConnectResponse, NodeState, RevokeRequest};
+use plane_protocol::api::{ClusterState, ConnectResponse, NodeState, RevokeRequest, WarmPoolState};
 use plane_protocol::backend::{BackendStatus, TerminationKind};
 use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use serde::Serialize;
@@ -131,6 +131,9 @@ pub enum AdminCommand {
         #[arg(long)]
         to: std::path::PathBuf,
     },
+    /// Keep a number of backends of an image started and waiting for a claim, so that
+    /// connects for it need not wait for a cold start.
+    Warm(request::WarmArgs),
     /// The drones and proxies of a cluster.
     ClusterState {
         /// The cluster's name (its proxies' host, e.g. `localhost:9090`).
@@ -311,6 +314,14 @@ pub async fn run(opts: AdminOpts) -> anyhow::Result<()> {
                 )
             });
         }
+        AdminCommand::Warm(args) => {
+            let pool = args.pool.clone().unwrap_or_default();
+            let warm = client
+                .set_warm_pool(&args.cluster, &pool, args.executable(), args.size)
+                .await
+                .with_context(|| failed("warm"))?;
+            out.print(&warm, |_| warm_table(std::slice::from_ref(&warm)));
+        }
         AdminCommand::ClusterState { cluster } => {
             let state = client
                 .cluster_state(&cluster)
@@ -432,7 +443,35 @@ fn cluster_table(out: &Output, cluster: &ClusterName, state: &ClusterState) -> S
     }
     text.push('\n');
     text.push_str(&table(&proxies));
+    if !state.warm_pools.is_empty() {
+        text.push('\n');
+        text.push_str(&warm_table(&state.warm_pools));
+    }
     text
+}
+
+fn warm_table(pools: &[WarmPoolState]) -> String {
+    let mut rows = vec![vec![
+        "WARM POOL".to_string(),
+        "IMAGE".to_string(),
+        "SIZE".to_string(),
+        "IDLE".to_string(),
+        "STARTING".to_string(),
+    ]];
+    for pool in pools {
+        rows.push(vec![
+            if pool.pool.is_default() {
+                "-".to_string()
+            } else {
+                pool.pool.to_string()
+            },
+            pool.image.clone(),
+            pool.size.to_string(),
+            pool.idle.to_string(),
+            pool.starting.to_string(),
+        ]);
+    }
+    table(&rows)
 }
 
 fn controller_of(node: &NodeState) -> String {

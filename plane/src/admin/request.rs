@@ -87,6 +87,40 @@ pub struct SpawnArgs {
     pub token_ttl_seconds: Option<i64>,
 }
 
+/// `plane admin warm`: a warm pool's executable and size.
+#[derive(Args, Debug, Clone)]
+pub struct WarmArgs {
+    /// The cluster whose pool keeps the warm backends.
+    #[arg(long)]
+    pub cluster: ClusterName,
+    /// Drone pool within the cluster (the default pool if omitted).
+    #[arg(long)]
+    pub pool: Option<PoolName>,
+    /// Image to keep warm. A connect claims one only when its executable is exactly this
+    /// one: the same image, pull policy and environment.
+    #[arg(long)]
+    pub image: String,
+    /// When to pull the image: IfNotPresent, Always or Never.
+    #[arg(long, value_parser = parse_pull_policy)]
+    pub pull_policy: Option<PullPolicy>,
+    /// Extra environment variable for the backends, NAME=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// How many started, unclaimed backends to keep (0 removes them).
+    #[arg(long)]
+    pub size: u32,
+}
+
+impl WarmArgs {
+    pub fn executable(&self) -> ExecutorConfig {
+        ExecutorConfig {
+            pull_policy: self.pull_policy,
+            env: self.env.iter().cloned().collect(),
+            ..ExecutorConfig::of_image(&self.image)
+        }
+    }
+}
+
 impl ConnectArgs {
     pub fn request(&self) -> anyhow::Result<ConnectRequest> {
         if self.key.is_none() && self.image.is_none() {

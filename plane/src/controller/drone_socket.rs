@@ -344,6 +344,25 @@ async fn apply_event(
     drone: &NodeName,
     event: BackendEvent,
 ) -> Option<MessageToDrone> {
+    if event.update.warm {
+        // Not a status change: the warm backend waits for a claim.
+        match state
+            .store()
+            .warm_report(&event.backend_id, cluster, drone)
+            .await
+        {
+            Ok(report) => {
+                tracing::debug!(backend = %event.backend_id, ?report, "warm backend waits for a claim")
+            }
+            Err(err) => {
+                tracing::error!(backend = %event.backend_id, error = %err, "could not record a warm backend");
+                return None;
+            }
+        }
+        return Some(MessageToDrone::EventAck {
+            event_id: event.event_id,
+        });
+    }
     let result = state
         .store()
         .apply_status(
@@ -361,7 +380,13 @@ async fn apply_event(
             let first_ready =
                 event.update.status == BackendStatus::Ready && event.update.health.is_none();
             if first_ready {
+                // A warm backend's start was paid before anyone waited for it.
                 if let Ok(Some(row)) = state.store().backend(&event.backend_id).await {
+                    if row.warm_fingerprint.is_some() {
+                        return Some(MessageToDrone::EventAck {
+                            event_id: event.event_id,
+                        });
+                    }
                     let took = change.time.0.saturating_sub(row.created_at.0).max(0);
                     state
                         .metrics()

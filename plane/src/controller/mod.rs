@@ -26,6 +26,7 @@ mod state;
 pub mod store;
 mod sweeper;
 mod ui;
+mod warm;
 
 pub use self::state::ControllerState;
 
@@ -50,6 +51,7 @@ pub struct ControllerHandle {
     local_addr: SocketAddr,
     server: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    warm_keeper: JoinHandle<()>,
     bus: JoinHandle<()>,
 }
 
@@ -85,6 +87,7 @@ impl ControllerHandle {
             server.abort();
         }
         self.sweeper.abort();
+        self.warm_keeper.abort();
         self.bus.abort();
         if let Err(err) = self
             .state
@@ -172,12 +175,14 @@ pub async fn start(
         });
     }
     let sweeper = tokio::spawn(sweeper::run(state.clone()));
+    let warm_keeper = tokio::spawn(warm::run(state.clone()));
     tracing::info!(%local_addr, database = state.store().kind().as_str(), "controller listening");
     Ok(ControllerHandle {
         state,
         local_addr,
         server,
         sweeper,
+        warm_keeper,
         bus: bus_task,
     })
 }

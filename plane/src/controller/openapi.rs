@@ -3,7 +3,9 @@
 //! what every operation shares (its error responses, the control token) and with the
 //! aliases the router serves for the same handlers.
 
-use super::api::{cluster, connect, drain, logs, overview, prepull, revoke, status, terminate};
+use super::api::{
+    cluster, connect, drain, logs, overview, prepull, revoke, status, terminate, warm,
+};
 use super::{dns_socket, drone_socket, metrics, proxy_socket, ui};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
@@ -52,6 +54,8 @@ const CTRL_TOKEN_SCHEME: &str = "ctrl_token";
         cluster::handle_controller_status,
         cluster::handle_cluster_state,
         prepull::handle_prepull,
+        warm::handle_set_default_warm_pool,
+        warm::handle_set_warm_pool,
         drain::handle_drain,
         drain::handle_undrain,
         metrics::handle_metrics,

@@ -1,7 +1,9 @@
 //! The controller's routes: which handler serves each path of the HTTP API and the node
 //! sockets. Handlers live in the modules named for what they do.
 
-use super::api::{cluster, connect, drain, logs, overview, prepull, revoke, status, terminate};
+use super::api::{
+    cluster, connect, drain, logs, overview, prepull, revoke, status, terminate, warm,
+};
 use super::error::ApiErrorResponse;
 use super::state::ControllerState;
 use super::{auth, dns_socket, drone_socket, metrics, openapi, proxy_socket, ui};
@@ -112,6 +114,14 @@ fn routes() -> (Routes, Routes, Routes) {
             get(cluster::handle_cluster_state),
         )
         .post("/ctrl/c/{cluster}/prepull", post(prepull::handle_prepull))
+        .post(
+            "/ctrl/c/{cluster}/warm",
+            post(warm::handle_set_default_warm_pool),
+        )
+        .post(
+            "/ctrl/c/{cluster}/pools/{pool}/warm",
+            post(warm::handle_set_warm_pool),
+        )
         .post(
             "/ctrl/c/{cluster}/d/{drone}/drain",
             post(drain::handle_drain),

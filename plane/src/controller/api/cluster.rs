@@ -6,7 +6,9 @@ use crate::controller::store::{NodeKind, NodeRow, StoreError};
 use crate::controller::ControllerState;
 use axum::extract::State;
 use axum::Json;
-use plane_protocol::api::{ClusterState, ControllerStatus, DroneState, NodeState, TaggedNodeName};
+use plane_protocol::api::{
+    ClusterState, ControllerStatus, DroneState, NodeState, TaggedNodeName, WarmPoolState,
+};
 use plane_protocol::names::ClusterName;
 use plane_protocol::time::Millis;
 use plane_protocol::{PLANE_HASH, PLANE_VERSION};
@@ -112,10 +114,31 @@ pub async fn cluster_state(
             )
         })
         .collect();
+    let mut counts = state.store().warm_counts(Some(&cluster)).await?;
+    let warm_pools = state
+        .store()
+        .warm_pools(Some(&cluster))
+        .await?
+        .into_iter()
+        .map(|pool| {
+            let count = counts
+                .remove(&(cluster.clone(), pool.pool.clone(), pool.fingerprint.clone()))
+                .unwrap_or_default();
+            WarmPoolState {
+                pool: pool.pool.parse().unwrap_or_default(),
+                image: pool.executable.image,
+                fingerprint: pool.fingerprint,
+                size: pool.size,
+                idle: count.idle,
+                starting: count.starting,
+            }
+        })
+        .collect();
     Ok(ClusterState {
         cluster: Some(cluster),
         drones,
         proxies,
+        warm_pools,
     })
 }
 

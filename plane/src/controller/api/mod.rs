@@ -13,3 +13,4 @@ pub mod prepull;
 pub mod revoke;
 pub mod status;
 pub mod terminate;
+pub mod warm;

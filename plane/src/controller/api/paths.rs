@@ -8,7 +8,7 @@ use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use plane_protocol::api::ApiErrorKind;
-use plane_protocol::names::{BackendName, ClusterName, InvalidName, NodeName};
+use plane_protocol::names::{BackendName, ClusterName, InvalidName, NodeName, PoolName};
 use std::collections::HashMap;
 
 /// The `{backend}` segment of `/b/{backend}/...` routes, and `{cluster}` for the
@@ -97,6 +97,39 @@ impl<S: Send + Sync> FromRequestParts<S> for DronePath {
             .parse()
             .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?;
         Ok(DronePath { cluster, drone })
+    }
+}
+
+/// The `{cluster}` and (when present) `{pool}` segments of `/c/{cluster}/warm` and
+/// `/c/{cluster}/pools/{pool}/warm`; without a pool segment, the cluster's default pool.
+pub struct PoolPath {
+    pub cluster: ClusterName,
+    pub pool: PoolName,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PoolPath {
+    type Rejection = ApiErrorResponse;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(params) =
+            Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
+        let cluster = params
+            .get("cluster")
+            .ok_or_else(|| ApiErrorResponse::bad_request("missing cluster in path"))?
+            .parse()
+            .map_err(invalid_cluster)?;
+        let pool = match params.get("pool") {
+            None => PoolName::default(),
+            Some(raw) if raw.is_empty() => {
+                return Err(ApiErrorResponse::bad_request(
+                    "an empty pool segment; the default pool's warm pools are at /ctrl/c/{cluster}/warm",
+                ))
+            }
+            Some(raw) => raw
+                .parse()
+                .map_err(|err| ApiErrorResponse::bad_request(format!("{err}")))?,
+        };
+        Ok(PoolPath { cluster, pool })
     }
 }
 

@@ -1,5 +1,6 @@
-//! Connect and spawn: join the backend holding a key (with a fresh token), or place a new
-//! one on a drone and store it with its spawn action, in one transaction.
+//! Connect and spawn: join the backend holding a key (with a fresh token), claim a warm
+//! backend of a matching pool, or place a new one on a drone and store it with its spawn
+//! action, in one transaction.
 
 use super::placement::pick_drone;
 use super::validate::{
@@ -8,7 +9,8 @@ use super::validate::{
 use crate::controller::bus::ChangeBus;
 use crate::controller::error::ControllerError;
 use crate::controller::store::{
-    Admission, BackendRow, NewBackend, NewToken, StatusChange, StoreError,
+    Admission, BackendRow, ClaimOutcome, ClaimRequest, NewBackend, NewToken, StatusChange,
+    StoreError,
 };
 use crate::controller::ControllerState;
 use plane_protocol::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig, SpawnRequest};
@@ -25,6 +27,19 @@ const KEY_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(30)
 
 /// How often a connect retries after losing a race for a key to another connect.
 const KEY_RACE_RETRIES: usize = 5;
+
+/// How long a connect that claimed a warm backend waits for the backend to accept the
+/// claim (the drone gives it 10 s) before answering with the status it has.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// What [`spawn`] did.
+enum Spawned {
+    Response(ConnectResponse),
+    /// The key was taken by a concurrent connect; nothing was written.
+    KeyTaken,
+    /// The warm backend it claimed refused the claim (and was terminated): start cold.
+    ClaimRefused,
+}
 
 /// Get-or-create by key: joins the backend holding the key (with a fresh token), or starts
 /// one that takes it. Without a key, always starts a new backend.
@@ -49,11 +64,10 @@ pub async fn connect(
         let spawn_config = request.spawn_config.as_ref().ok_or_else(|| {
             ControllerError::invalid("a connect needs a `key`, a `spawn_config`, or both")
         })?;
-        return spawn(state, spawn_config, &pool, None, caller)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("spawn without a key lost a key race").into());
+        return spawn_keyless(state, spawn_config, &pool, caller).await;
     };
 
+    let mut allow_warm = true;
     for _ in 0..KEY_RACE_RETRIES {
         // Subscribed before reading, so a change between the read and a wait for the holder
         // to let go is not missed.
@@ -101,10 +115,12 @@ pub async fn connect(
                 namespace: key.namespace.clone(),
             });
         };
-        if let Some(response) = spawn(state, spawn_config, &pool, Some(key), caller).await? {
-            return Ok(response);
+        match spawn(state, spawn_config, &pool, Some(key), caller, allow_warm).await? {
+            Spawned::Response(response) => return Ok(response),
+            // Another connect took the key first; join its backend on the next pass.
+            Spawned::KeyTaken => {}
+            Spawned::ClaimRefused => allow_warm = false,
         }
-        // Another connect took the key first; join its backend on the next pass.
     }
     Err(anyhow::anyhow!(
         "gave up after {KEY_RACE_RETRIES} races for key {:?}",
@@ -127,9 +143,25 @@ pub async fn spawn_new(
         auth: &request.auth,
         token_ttl_seconds: request.token_ttl_seconds,
     };
-    spawn(state, &request.spawn_config, &pool, None, caller)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("spawn without a key lost a key race").into())
+    spawn_keyless(state, &request.spawn_config, &pool, caller).await
+}
+
+/// A new backend without a key: a warm one if its pool has one idle that accepts the
+/// claim, else a cold one.
+async fn spawn_keyless(
+    state: &ControllerState,
+    spawn_config: &SpawnConfig,
+    pool: &PoolName,
+    caller: Caller<'_>,
+) -> Result<ConnectResponse, ControllerError> {
+    let mut allow_warm = true;
+    loop {
+        match spawn(state, spawn_config, pool, None, caller, allow_warm).await? {
+            Spawned::Response(response) => return Ok(response),
+            Spawned::ClaimRefused if allow_warm => allow_warm = false,
+            _ => return Err(anyhow::anyhow!("a spawn without a key lost a key race").into()),
+        }
+    }
 }
 
 /// Who a token is issued to.
@@ -214,14 +246,16 @@ async fn join_existing(
     )))
 }
 
-/// Starts a new backend. `None` when `key` was taken by a concurrent connect.
+/// Starts a new backend: claims a warm one when `allow_warm` and the pool keeps warm
+/// backends of this executable, else places a cold one.
 async fn spawn(
     state: &ControllerState,
     spawn_config: &SpawnConfig,
     pool: &PoolName,
     key: Option<&KeyConfig>,
     caller: Caller<'_>,
-) -> Result<Option<ConnectResponse>, ControllerError> {
+    allow_warm: bool,
+) -> Result<Spawned, ControllerError> {
     let mount_dir = plane_protocol::mount::mount_dir(
         spawn_config.executable.mount.as_ref(),
         key.map(|key| (key.namespace.as_str(), key.name.as_str())),
@@ -232,6 +266,13 @@ async fn spawn(
         .clone()
         .or_else(|| state.config().default_cluster.clone())
         .ok_or(ControllerError::NoClusterProvided)?;
+    // A chosen backend ID or a key's own mount is not something a warm backend can have.
+    let claimable = spawn_config.id.is_none() && mount_dir.is_none();
+    if allow_warm && claimable {
+        if let Some(spawned) = claim_warm(state, spawn_config, &cluster, pool, key, caller).await? {
+            return Ok(spawned);
+        }
+    }
     let needs_disk_limits = spawn_config
         .executable
         .resource_limits
@@ -263,13 +304,14 @@ async fn spawn(
         spawn_config,
         key,
         static_token: static_token.as_ref(),
-        token: NewToken {
+        token: Some(NewToken {
             token: &token,
             secret: &secret,
             user: caller.user,
             auth: caller.auth,
             expires_at: caller.token_expires_at(),
-        },
+        }),
+        warm: None,
         now: Millis::now(),
         lease_ms: state.config().lease_ms,
         admission: Admission {
@@ -289,12 +331,13 @@ async fn spawn(
                     .startup_timeout_seconds
                     .map(|seconds| seconds.unsigned_abs().saturating_mul(1000)),
                 mount_dir: mount_dir.clone(),
+                warm: false,
             })
         })
         .await;
     let created = match created {
         Ok(Some(created)) => created,
-        Ok(None) => return Ok(None),
+        Ok(None) => return Ok(Spawned::KeyTaken),
         Err(StoreError::AlreadyExists(_)) => {
             return Err(ControllerError::BackendIdTaken(backend_id))
         }
@@ -305,7 +348,7 @@ async fn spawn(
     // controller holds its session.
     tracing::debug!(action_id = created.action_id, fencing_token = ?created.fencing_token, "spawn action stored");
     tracing::info!(backend = %backend_id, %drone, %cluster, key = ?key.map(|k| &k.name), "backend scheduled");
-    Ok(Some(response(
+    Ok(Spawned::Response(response(
         state,
         backend_id,
         true,
@@ -316,6 +359,86 @@ async fn spawn(
         secret,
         drone,
     )))
+}
+
+/// Claims an idle warm backend of the pool whose executable is this spawn's, and waits
+/// (up to [`CLAIM_WAIT`]) for it to accept the claim. `None` when the pool has none idle.
+async fn claim_warm(
+    state: &ControllerState,
+    spawn_config: &SpawnConfig,
+    cluster: &ClusterName,
+    pool: &PoolName,
+    key: Option<&KeyConfig>,
+    caller: Caller<'_>,
+) -> Result<Option<Spawned>, ControllerError> {
+    let fingerprint = crate::controller::store::fingerprint(&spawn_config.executable);
+    let token = if spawn_config.use_static_token {
+        BearerToken::new_random_static()
+    } else {
+        BearerToken::new_random()
+    };
+    let secret = SecretToken::new_random();
+    let static_token = spawn_config.use_static_token.then(|| token.clone());
+    // Subscribed before claiming, so the backend's answer cannot slip past.
+    let mut changes = state.bus().subscribe_status();
+    let claim = ClaimRequest {
+        cluster,
+        pool: pool.as_str(),
+        fingerprint: &fingerprint,
+        key,
+        static_token: static_token.as_ref(),
+        token: NewToken {
+            token: &token,
+            secret: &secret,
+            user: caller.user,
+            auth: caller.auth,
+            expires_at: caller.token_expires_at(),
+        },
+        max_idle_seconds: spawn_config.max_idle_seconds,
+        lifetime_limit_seconds: spawn_config.lifetime_limit_seconds,
+        subdomain: spawn_config.subdomain.as_ref(),
+        max_backends_per_namespace: state.config().max_backends_per_namespace,
+        now: Millis::now(),
+    };
+    let claimed = match state.store().claim_warm(claim).await {
+        Ok(ClaimOutcome::Claimed(claimed)) => claimed,
+        Ok(ClaimOutcome::NoneIdle) => return Ok(None),
+        Ok(ClaimOutcome::KeyTaken) => return Ok(Some(Spawned::KeyTaken)),
+        Err(StoreError::Refused(refusal)) => return Err(ControllerError::NotAdmitted(refusal)),
+        Err(err) => return Err(err.into()),
+    };
+    let backend_id = claimed.backend_id;
+    tracing::info!(backend = %backend_id, drone = %claimed.drone, %cluster, key = ?key.map(|k| &k.name), fencing_token = ?claimed.fencing_token, "warm backend claimed");
+    let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+    let status = loop {
+        let status = state
+            .store()
+            .backend(&backend_id)
+            .await?
+            .map_or(BackendStatus::Terminated, |b| b.status);
+        if status == BackendStatus::Ready || status.is_terminating() {
+            break status;
+        }
+        if !ChangeBus::wait_for_change_of(&mut changes, &backend_id, deadline).await {
+            // Slow to answer: the caller follows its status like any other backend's.
+            break status;
+        }
+    };
+    if status.is_terminating() {
+        tracing::warn!(backend = %backend_id, "the claimed warm backend did not accept its claim; starting one cold");
+        return Ok(Some(Spawned::ClaimRefused));
+    }
+    Ok(Some(Spawned::Response(response(
+        state,
+        backend_id,
+        true,
+        status,
+        cluster,
+        spawn_config.subdomain.clone(),
+        token,
+        secret,
+        claimed.drone,
+    ))))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -8,4 +8,5 @@ mod terminate;
 pub(crate) mod validate;
 
 pub use connect::{connect, spawn_new};
+pub(crate) use placement::pick_drone;
 pub use terminate::terminate;

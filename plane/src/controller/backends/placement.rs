@@ -17,7 +17,7 @@ use plane_protocol::time::Millis;
 /// A backend with a disk limit goes only to a drone whose engine can enforce one; when the
 /// pool has placeable drones but none of those, no drone is available for it (503, saying
 /// why), never a limit silently ignored.
-pub(super) async fn pick_drone(
+pub(crate) async fn pick_drone(
     state: &ControllerState,
     cluster: &ClusterName,
     pool: &PoolName,

@@ -2,7 +2,7 @@
 //! token lifetimes, checked before anything is stored, each refusal naming the field.
 
 use crate::controller::error::ControllerError;
-use plane_protocol::api::{ConnectRequest, SpawnConfig};
+use plane_protocol::api::{ConnectRequest, ExecutorConfig, SpawnConfig};
 use plane_protocol::RESERVED_ENV_VARS;
 use serde_json::{Map, Value};
 
@@ -85,96 +85,7 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
             )));
         }
     }
-    let executable = &config.executable;
-    validate_image("spawn_config.executable.image", &executable.image)?;
-    for (name, value) in &executable.env {
-        let valid_name = !name.is_empty()
-            && !name.starts_with(|c: char| c.is_ascii_digit())
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid_name {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.env: {name:?} is not a valid variable name (letters, digits and '_', not starting with a digit)"
-            )));
-        }
-        if RESERVED_ENV_VARS.contains(&name.as_str()) {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.env: {name:?} is set by Plane and cannot be overridden"
-            )));
-        }
-        if value.contains('\0') {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.env.{name} contains a NUL byte"
-            )));
-        }
-    }
-    let limits = &executable.resource_limits;
-    if let Some(seconds) = limits.cpu_time_limit {
-        if !(1..=MAX_LIMIT_SECONDS).contains(&seconds) {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.resource_limits.cpu_time_limit must be 1 to {MAX_LIMIT_SECONDS} seconds, got {seconds}"
-            )));
-        }
-    }
-    if let Some(pids) = limits.pids_limit {
-        if !(1..=4_194_304).contains(&pids) {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.resource_limits.pids_limit must be 1 to 4194304, got {pids}"
-            )));
-        }
-    }
-    if let Some(bytes) = limits.disk_limit_bytes {
-        // Whether a drone can enforce it is settled at placement.
-        if bytes < 1024 * 1024 {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.resource_limits.disk_limit_bytes must be at least 1048576 (1 MiB), got {bytes}"
-            )));
-        }
-    }
-    if let Some(bytes) = limits.memory_limit_bytes {
-        if bytes < 6 * 1024 * 1024 {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.resource_limits.memory_limit_bytes must be at least 6291456 (6 MiB), got {bytes}"
-            )));
-        }
-    }
-    if let Some(percent) = limits.cpu_period_percent {
-        if !(1..=100).contains(&percent) {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.resource_limits.cpu_period_percent must be 1 to 100, got {percent}"
-            )));
-        }
-    }
-    if let Some(period) = limits.cpu_period {
-        if !(1000..=1_000_000).contains(&period) {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.resource_limits.cpu_period must be 1000 to 1000000 microseconds, got {period}"
-            )));
-        }
-    }
-    // `true` needs the key, which the spawn checks (see `connect::spawn`).
-    if let Some(mount @ plane_protocol::mount::Mount::Path(_)) = &executable.mount {
-        plane_protocol::mount::mount_dir(Some(mount), None).map_err(ControllerError::invalid)?;
-    }
-    if let Some(network) = &executable.network_name {
-        if !is_docker_name(network) {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.network_name {network:?} is not a Docker network name (1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit)"
-            )));
-        }
-    }
-    if let Some(path) = &executable.ready_path {
-        let printable = path.chars().all(|c| c.is_ascii_graphic());
-        if !path.starts_with('/') || !printable || path.len() > 1024 {
-            return Err(ControllerError::invalid(format!(
-                "spawn_config.executable.ready_path {path:?} must be a URL path starting with '/', of at most 1024 printable ASCII characters without spaces"
-            )));
-        }
-    }
-    if let Some(plane_protocol::api::Gpus::Count(0)) = executable.gpus {
-        return Err(ControllerError::invalid(
-            "spawn_config.executable.gpus must be a positive count or \"all\", got 0",
-        ));
-    }
+    validate_executable("spawn_config.executable", &config.executable)?;
     for (field, value) in [
         ("spawn_config.max_idle_seconds", config.max_idle_seconds),
         (
@@ -196,6 +107,104 @@ pub(super) fn validate_spawn_config(config: &SpawnConfig) -> Result<(), Controll
                 "spawn_config.startup_timeout_seconds must be 1 to {MAX_STARTUP_TIMEOUT_SECONDS}, got {seconds}"
             )));
         }
+    }
+    Ok(())
+}
+
+/// An executable's own limits (`prefix` names it in messages: `spawn_config.executable`, or
+/// `executable` for a warm pool).
+pub(crate) fn validate_executable(
+    prefix: &str,
+    executable: &ExecutorConfig,
+) -> Result<(), ControllerError> {
+    validate_image(&format!("{prefix}.image"), &executable.image)?;
+    for (name, value) in &executable.env {
+        let valid_name = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.env: {name:?} is not a valid variable name (letters, digits and '_', not starting with a digit)"
+            )));
+        }
+        if RESERVED_ENV_VARS.contains(&name.as_str()) {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.env: {name:?} is set by Plane and cannot be overridden"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.env.{name} contains a NUL byte"
+            )));
+        }
+    }
+    let limits = &executable.resource_limits;
+    if let Some(seconds) = limits.cpu_time_limit {
+        if !(1..=MAX_LIMIT_SECONDS).contains(&seconds) {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.resource_limits.cpu_time_limit must be 1 to {MAX_LIMIT_SECONDS} seconds, got {seconds}"
+            )));
+        }
+    }
+    if let Some(pids) = limits.pids_limit {
+        if !(1..=4_194_304).contains(&pids) {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.resource_limits.pids_limit must be 1 to 4194304, got {pids}"
+            )));
+        }
+    }
+    if let Some(bytes) = limits.disk_limit_bytes {
+        // Whether a drone can enforce it is settled at placement.
+        if bytes < 1024 * 1024 {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.resource_limits.disk_limit_bytes must be at least 1048576 (1 MiB), got {bytes}"
+            )));
+        }
+    }
+    if let Some(bytes) = limits.memory_limit_bytes {
+        if bytes < 6 * 1024 * 1024 {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.resource_limits.memory_limit_bytes must be at least 6291456 (6 MiB), got {bytes}"
+            )));
+        }
+    }
+    if let Some(percent) = limits.cpu_period_percent {
+        if !(1..=100).contains(&percent) {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.resource_limits.cpu_period_percent must be 1 to 100, got {percent}"
+            )));
+        }
+    }
+    if let Some(period) = limits.cpu_period {
+        if !(1000..=1_000_000).contains(&period) {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.resource_limits.cpu_period must be 1000 to 1000000 microseconds, got {period}"
+            )));
+        }
+    }
+    // `true` needs the key, which the spawn checks (see `connect::spawn`).
+    if let Some(mount @ plane_protocol::mount::Mount::Path(_)) = &executable.mount {
+        plane_protocol::mount::mount_dir(Some(mount), None).map_err(ControllerError::invalid)?;
+    }
+    if let Some(network) = &executable.network_name {
+        if !is_docker_name(network) {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.network_name {network:?} is not a Docker network name (1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit)"
+            )));
+        }
+    }
+    if let Some(path) = &executable.ready_path {
+        let printable = path.chars().all(|c| c.is_ascii_graphic());
+        if !path.starts_with('/') || !printable || path.len() > 1024 {
+            return Err(ControllerError::invalid(format!(
+                "{prefix}.ready_path {path:?} must be a URL path starting with '/', of at most 1024 printable ASCII characters without spaces"
+            )));
+        }
+    }
+    if let Some(plane_protocol::api::Gpus::Count(0)) = executable.gpus {
+        return Err(ControllerError::invalid(format!(
+            "{prefix}.gpus must be a positive count or \"all\", got 0"
+        )));
     }
     Ok(())
 }

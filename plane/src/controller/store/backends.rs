@@ -40,6 +40,8 @@ pub struct BackendRow {
     pub last_active_at: Millis,
     /// Until when its drone may keep it running without renewing (controller clock).
     pub lease_expires_at: Millis,
+    /// The warm pool it was started for, if it was started warm (claimed or not).
+    pub warm_fingerprint: Option<String>,
 }
 
 /// What [`Store::create_backend`] writes in one transaction.
@@ -51,14 +53,24 @@ pub struct NewBackend<'a> {
     pub spawn_config: &'a SpawnConfig,
     pub key: Option<&'a KeyConfig>,
     pub static_token: Option<&'a BearerToken>,
-    /// The first connection token, issued with the backend.
-    pub token: tokens::NewToken<'a>,
+    /// The first connection token, issued with the backend (none for a warm one, which
+    /// gets its first at its claim).
+    pub token: Option<tokens::NewToken<'a>>,
+    /// A warm-pool backend: counted against its pool's size in the same transaction.
+    pub warm: Option<WarmSpawn<'a>>,
     pub now: Millis,
     /// The first lease, in milliseconds from now (the database's now): the drone must
     /// renew it before then.
     pub lease_ms: u64,
     /// The limits the new backend must fit, checked in the same transaction.
     pub admission: Admission,
+}
+
+/// Which warm pool a new warm backend fills, and how many unclaimed it may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct WarmSpawn<'a> {
+    pub fingerprint: &'a str,
+    pub size: u32,
 }
 
 /// Admission limits (`--max-concurrent-spawns`, `--max-backends-per-namespace`).
@@ -108,7 +120,7 @@ pub(super) fn parse_column<T>(
         .map_err(StoreError::Other)
 }
 
-fn parse_optional<T>(
+pub(super) fn parse_optional<T>(
     row: &AnyRow,
     column: &str,
     parse: impl Fn(&str) -> Option<T>,
@@ -159,6 +171,9 @@ impl BackendRow {
             created_at: Millis(get_i64("created_at")?),
             last_active_at: Millis(get_i64("last_active_at")?),
             lease_expires_at: Millis(get_i64("lease_expires_at")?),
+            warm_fingerprint: row
+                .try_get("warm_fingerprint")
+                .map_err(anyhow::Error::from)?,
         })
     }
 }
@@ -198,7 +213,8 @@ pub(super) fn backend_columns_of_b() -> &'static str {
 
 const BACKEND_COLUMNS: &str = "id, cluster, pool, drone, status, status_time, address, \
      termination_kind, termination_reason, exit_code, message, termination_requested, \
-     key_name, key_namespace, static_token, subdomain, protocol, created_at, last_active_at, lease_expires_at";
+     key_name, key_namespace, static_token, subdomain, protocol, created_at, last_active_at, lease_expires_at, \
+     warm_fingerprint";
 
 impl Store {
     /// Writes a new backend in `scheduled`, takes its key (if any), records its first
@@ -219,8 +235,10 @@ impl Store {
         sqlx::query(&format!(
             "INSERT INTO backend (id, cluster, pool, drone, status, status_number, status_time, \
              spawn_config, key_namespace, key_name, static_token, max_idle_seconds, created_at, \
-             last_active_at, expires_at, lease_expires_at, subdomain, protocol) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, {} + $15, $16, $17)",
+             last_active_at, expires_at, lease_expires_at, subdomain, protocol, warm_fingerprint, \
+             warm_state) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, {} + $15, $16, $17, \
+             $18, $19)",
             self.now_sql()
         ))
         .bind(new.id.as_str())
@@ -240,6 +258,8 @@ impl Store {
         .bind(i64::try_from(new.lease_ms).unwrap_or(i64::MAX))
         .bind(new.spawn_config.subdomain.as_ref().map(|s| s.to_string()))
         .bind(new.spawn_config.executable.protocol.as_str())
+        .bind(new.warm.map(|warm| warm.fingerprint.to_string()))
+        .bind(new.warm.map(|_| super::warm::STARTING))
         .execute(&mut *tx)
         .await?;
         // Counted after the insert, so the count includes this backend; on SQLite the insert
@@ -263,7 +283,9 @@ impl Store {
             new.now,
         )
         .await?;
-        tokens::insert(&mut tx, new.id, &new.token, new.now).await?;
+        if let Some(token) = &new.token {
+            tokens::insert(&mut tx, new.id, token, new.now).await?;
+        }
         let action = make_action(fencing_token);
         let action_id =
             actions::insert(&mut tx, new.id, new.cluster, new.drone, &action, new.now).await?;
@@ -299,7 +321,10 @@ impl Store {
         new: &NewBackend<'_>,
     ) -> StoreResult<Option<Refusal>> {
         let limits = new.admission;
-        if limits.max_concurrent_spawns.is_none() && limits.max_backends_per_namespace.is_none() {
+        if limits.max_concurrent_spawns.is_none()
+            && limits.max_backends_per_namespace.is_none()
+            && new.warm.is_none()
+        {
             return Ok(None);
         }
         if self.kind() == super::DatabaseKind::Postgres {
@@ -328,25 +353,20 @@ impl Store {
                 }));
             }
         }
-        if let (Some(max), Some(key)) = (limits.max_backends_per_namespace, new.key) {
-            let live: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM backend WHERE key_namespace = $1 AND status_number < $2",
-            )
-            .bind(&key.namespace)
-            .bind(i64::from(BackendStatus::Terminated.number()))
-            .fetch_one(&mut *tx)
-            .await?;
-            if live > i64::from(max) {
+        if let Some(warm) = new.warm {
+            let unclaimed =
+                super::warm::count_unclaimed(tx, new.cluster, new.pool, warm.fingerprint).await?;
+            if unclaimed > i64::from(warm.size) {
                 return Ok(Some(Refusal {
-                    message: format!(
-                        "namespace {:?} already has {max} live backends (--max-backends-per-namespace)",
-                        key.namespace
-                    ),
-                    retry_after_seconds: 5,
+                    message: format!("the warm pool already holds its {} backends", warm.size),
+                    retry_after_seconds: 1,
                 }));
             }
         }
-        Ok(None)
+        match (limits.max_backends_per_namespace, new.key) {
+            (Some(max), Some(key)) => namespace_refusal(tx, &key.namespace, max).await,
+            _ => Ok(None),
+        }
     }
 
     /// What the overview lists: the backends not yet terminated, newest first, then those
@@ -417,7 +437,8 @@ impl Store {
              termination_reason = COALESCE($6, termination_reason), \
              exit_code = COALESCE($7, exit_code), message = COALESCE($8, message), \
              last_active_at = CASE WHEN $1 = 'ready' THEN $3 ELSE last_active_at END \
-             WHERE id = $9 AND cluster = $10 AND drone = $11 AND status_number < $2",
+             WHERE id = $9 AND cluster = $10 AND drone = $11 AND status_number < $2 \
+             AND ($1 <> 'ready' OR warm_state IS NULL OR warm_state = 'claimed')",
         )
         .bind(update.status.as_str())
         .bind(i64::from(update.status.number()))
@@ -684,6 +705,28 @@ impl Store {
         }
         Ok(counts)
     }
+}
+
+/// Refuses when `namespace` has more than `max` live backends (the new one included, since
+/// it is counted after it took its key).
+pub(super) async fn namespace_refusal(
+    tx: &mut sqlx::AnyConnection,
+    namespace: &str,
+    max: u32,
+) -> StoreResult<Option<Refusal>> {
+    let live: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM backend WHERE key_namespace = $1 AND status_number < $2",
+    )
+    .bind(namespace)
+    .bind(i64::from(BackendStatus::Terminated.number()))
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok((live > i64::from(max)).then(|| Refusal {
+        message: format!(
+            "namespace {namespace:?} already has {max} live backends (--max-backends-per-namespace)"
+        ),
+        retry_after_seconds: 5,
+    }))
 }
 
 async fn insert_history(

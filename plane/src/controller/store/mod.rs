@@ -14,13 +14,20 @@ mod keys;
 mod nodes;
 mod retention;
 mod tokens;
+mod warm;
 
-pub use backends::{Admission, BackendRow, CreatedBackend, NewBackend, Refusal, StatusChange};
+pub use backends::{
+    Admission, BackendRow, CreatedBackend, NewBackend, Refusal, StatusChange, WarmSpawn,
+};
 pub use census::Counted;
 pub use keys::KeyHolder;
 pub use nodes::{NodeKind, NodeRow, NodeSession};
 pub use retention::Purged;
 pub use tokens::{NewToken, Revocation, TokenRow};
+pub use warm::{
+    fingerprint, ClaimOutcome, ClaimRequest, Claimed, UnclaimedWarm, WarmCounts, WarmPoolRow,
+    WarmReport,
+};
 
 use anyhow::Context;
 use plane_protocol::names::{ClusterName, NodeName};

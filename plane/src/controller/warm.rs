@@ -1,0 +1,232 @@
+//! The warm-pool keeper: keeps every warm pool at its size. It starts warm backends where a
+//! pool has too few unclaimed ones (spread over the pool's drones by the usual placement),
+//! stops the newest where it has too many, and stops unclaimed ones that no pool wants any
+//! more or whose drone is draining or lost. One controller at a time keeps the pools (a
+//! leader lease); the count that decides a refill is checked again in the transaction that
+//! writes the new backend, so even two keepers never overfill a pool.
+
+use super::backends::pick_drone;
+use super::store::{Admission, NewBackend, StoreError, UnclaimedWarm, WarmPoolRow, WarmSpawn};
+use super::ControllerState;
+use plane_protocol::api::SpawnConfig;
+use plane_protocol::drone::{ActionKind, SpawnAction};
+use plane_protocol::names::{BackendName, PoolName};
+use plane_protocol::time::Millis;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// The keeper's leader lease in `controller_lease`.
+const KEEPER_LEASE: &str = "warm-keeper";
+const KEEPER_LEASE_MS: u64 = 3_000;
+/// A pass at least this often; status changes (a claim, a backend that became idle or
+/// ended) bring the next pass forward.
+const PASS_INTERVAL: Duration = Duration::from_millis(500);
+/// After a change, wait this long for more before the pass, so a burst of claims costs one.
+const CHANGE_SETTLE: Duration = Duration::from_millis(20);
+/// At most this many warm backends are started per pool and pass, so a large pool fills
+/// at a pace the drones' engines can take.
+const MAX_STARTS_PER_PASS: u32 = 32;
+/// Refills of a pool whose backends fail to start back off from this, doubling, to
+/// [`MAX_BACKOFF`]; one backend that reaches idle resets it.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+type PoolKey = (plane_protocol::names::ClusterName, String, String);
+
+/// Backoff of one pool whose warm backends fail to start.
+struct Backoff {
+    delay: Duration,
+    until: tokio::time::Instant,
+}
+
+pub async fn run(state: ControllerState) {
+    let mut changes = state.bus().subscribe_status();
+    let mut backoffs: HashMap<PoolKey, Backoff> = HashMap::new();
+    let mut last_pass = Millis::now();
+    loop {
+        tokio::select! {
+            _ = state.shutdown_token().cancelled() => return,
+            _ = tokio::time::sleep(PASS_INTERVAL) => {}
+            _ = changes.recv() => {
+                tokio::time::sleep(CHANGE_SETTLE).await;
+                // Whatever else arrived meanwhile is covered by this pass.
+                while changes.try_recv().is_ok() {}
+            }
+        }
+        if !is_leader(&state).await {
+            continue;
+        }
+        let started = Millis::now();
+        if let Err(err) = pass(&state, &mut backoffs, last_pass).await {
+            tracing::warn!(error = %err, "warm pool pass failed; retrying");
+        }
+        last_pass = started;
+    }
+}
+
+async fn is_leader(state: &ControllerState) -> bool {
+    let now = Millis::now();
+    state
+        .store()
+        .hold_controller_lease(
+            KEEPER_LEASE,
+            state.controller_id(),
+            now,
+            now.plus_millis(KEEPER_LEASE_MS),
+        )
+        .await
+        .unwrap_or(false)
+}
+
+/// One look at every pool: stop what is unwanted, then fill what is short.
+async fn pass(
+    state: &ControllerState,
+    backoffs: &mut HashMap<PoolKey, Backoff>,
+    since: Millis,
+) -> Result<(), StoreError> {
+    let pools = state.store().warm_pools(None).await?;
+    let unclaimed = state.store().unclaimed_warm_backends().await?;
+    let wanted: HashMap<PoolKey, &WarmPoolRow> = pools
+        .iter()
+        .map(|p| {
+            (
+                (p.cluster.clone(), p.pool.clone(), p.fingerprint.clone()),
+                p,
+            )
+        })
+        .collect();
+    let mut stopped = HashSet::new();
+    // Grouped by pool, newest first (the store's order).
+    let mut by_pool: HashMap<PoolKey, Vec<&UnclaimedWarm>> = HashMap::new();
+    for backend in &unclaimed {
+        let key = (
+            backend.cluster.clone(),
+            backend.pool.clone(),
+            backend.fingerprint.clone(),
+        );
+        if !wanted.contains_key(&key) || backend.on_unplaceable_drone {
+            stop(state, &backend.id, &mut stopped).await;
+            continue;
+        }
+        by_pool.entry(key).or_default().push(backend);
+    }
+    for (key, pool) in &wanted {
+        let backends = by_pool.remove(key).unwrap_or_default();
+        let have = backends.len() as u32;
+        if have > pool.size {
+            // The starting ones go first (they serve nobody yet), newest first.
+            let mut extra: Vec<&&UnclaimedWarm> = backends.iter().collect();
+            extra.sort_by_key(|b| (b.idle, std::cmp::Reverse(b.created_at)));
+            for backend in extra.into_iter().take((have - pool.size) as usize) {
+                stop(state, &backend.id, &mut stopped).await;
+            }
+            continue;
+        }
+        if have == pool.size {
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        let failed = state
+            .store()
+            .failed_warm_starts(&pool.fingerprint, since)
+            .await?;
+        if failed > 0 {
+            let delay = backoffs
+                .get(key)
+                .map_or(FIRST_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
+            tracing::warn!(cluster = %pool.cluster, pool = %pool.pool, image = %pool.executable.image, failed, backoff = ?delay, "warm backends failed to start; backing off");
+            backoffs.insert(
+                key.clone(),
+                Backoff {
+                    delay,
+                    until: now + delay,
+                },
+            );
+        } else if backends.iter().any(|b| b.idle) {
+            backoffs.remove(key);
+        }
+        if backoffs.get(key).is_some_and(|b| b.until > now) {
+            continue;
+        }
+        fill(state, pool, (pool.size - have).min(MAX_STARTS_PER_PASS)).await;
+    }
+    Ok(())
+}
+
+async fn stop(state: &ControllerState, id: &BackendName, stopped: &mut HashSet<BackendName>) {
+    if !stopped.insert(id.clone()) {
+        return;
+    }
+    match state.store().stop_unclaimed_warm(id).await {
+        Ok(true) => tracing::info!(backend = %id, "stopping an unclaimed warm backend"),
+        Ok(false) => {}
+        Err(err) => tracing::warn!(backend = %id, error = %err, "could not stop a warm backend"),
+    }
+}
+
+/// Starts up to `count` warm backends of `pool`.
+async fn fill(state: &ControllerState, pool: &WarmPoolRow, count: u32) {
+    let pool_name: PoolName = match pool.pool.parse() {
+        Ok(name) => name,
+        Err(_) => return,
+    };
+    let spawn_config = SpawnConfig {
+        cluster: Some(pool.cluster.clone()),
+        pool: (!pool_name.is_default()).then(|| pool_name.clone()),
+        ..SpawnConfig::of(pool.executable.clone())
+    };
+    let needs_disk_limits = pool.executable.resource_limits.disk_limit_bytes.is_some();
+    for _ in 0..count {
+        let drone = match pick_drone(state, &pool.cluster, &pool_name, needs_disk_limits).await {
+            Ok(Some(drone)) => drone,
+            // No drone can take one now; the next pass tries again.
+            Ok(None) | Err(_) => return,
+        };
+        let id = BackendName::new_random();
+        let new = NewBackend {
+            id: &id,
+            cluster: &pool.cluster,
+            pool: &pool.pool,
+            drone: &drone,
+            spawn_config: &spawn_config,
+            key: None,
+            static_token: None,
+            token: None,
+            warm: Some(WarmSpawn {
+                fingerprint: &pool.fingerprint,
+                size: pool.size,
+            }),
+            now: Millis::now(),
+            lease_ms: state.config().lease_ms,
+            admission: Admission {
+                max_concurrent_spawns: state.config().max_concurrent_spawns,
+                max_backends_per_namespace: None,
+            },
+        };
+        let created = state
+            .store()
+            .create_backend(new, |_| {
+                ActionKind::Spawn(SpawnAction {
+                    executable: pool.executable.clone(),
+                    key: None,
+                    fencing_token: None,
+                    static_token: None,
+                    startup_timeout_ms: None,
+                    mount_dir: None,
+                    warm: true,
+                })
+            })
+            .await;
+        match created {
+            Ok(_) => {
+                tracing::info!(backend = %id, %drone, cluster = %pool.cluster, pool = %pool.pool, image = %pool.executable.image, "warm backend scheduled")
+            }
+            // Full (another keeper filled it), or the cluster's spawn limit: next pass.
+            Err(StoreError::Refused(_)) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not start a warm backend");
+                return;
+            }
+        }
+    }
+}
