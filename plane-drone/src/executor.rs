@@ -829,6 +829,100 @@ mod tests {
 
     use BackendStatus::*;
 
+    fn claim_for(key: &str) -> ClaimAction {
+        ClaimAction {
+            key: Some(key.to_string()),
+            fencing_token: Some(3),
+            static_token: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_warm_backend_waits_for_its_claim_and_is_ready_once_it_accepts_it() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        let spawn = SpawnAction {
+            warm: true,
+            ..spawn_action("app")
+        };
+        h.executor.spawn(id.clone(), spawn).await.expect("accepted");
+        let mut changed = h.events.subscribe();
+        let waiting = loop {
+            let updates = updates_for(&h.events, &id);
+            if updates.iter().any(|u| u.warm) {
+                break updates;
+            }
+            tokio::time::timeout(Duration::from_secs(10), changed.changed())
+                .await
+                .expect("a warm report within 10 s")
+                .expect("queue alive");
+        };
+        // Answering, and reported waiting for a claim: not ready until claimed.
+        assert_eq!(
+            statuses(&waiting),
+            vec![Loading, Starting, Waiting, Waiting]
+        );
+        assert!(last(&waiting).warm && last(&waiting).address.is_some());
+
+        h.executor
+            .claim(id.clone(), claim_for("doc"))
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Ready).await;
+        assert_eq!(
+            statuses(&updates),
+            vec![Loading, Starting, Waiting, Waiting, Ready]
+        );
+        // A repeat of the claim is dropped; the backend keeps serving.
+        h.executor
+            .claim(id.clone(), claim_for("doc"))
+            .await
+            .expect("accepted");
+        assert_eq!(
+            h.executor.running().await.expect("running"),
+            vec![id.clone()]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_claim_terminates_the_warm_backend_saying_why() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        let spawn = SpawnAction {
+            warm: true,
+            ..spawn_action("refuses-claims")
+        };
+        h.executor.spawn(id.clone(), spawn).await.expect("accepted");
+        h.executor
+            .claim(id.clone(), claim_for("doc"))
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert!(!statuses(&updates).contains(&Ready), "{updates:?}");
+        let end = last(&updates);
+        assert_eq!(
+            end.termination_reason,
+            Some(TerminationReason::InternalError)
+        );
+        let message = end.message.clone().unwrap_or_default();
+        assert!(
+            message.contains("refused its claim") && message.contains("409"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_for_a_backend_not_here_reports_it_terminated() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .claim(id.clone(), claim_for("doc"))
+            .await
+            .expect("accepted");
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        assert_eq!(statuses(&updates), vec![Terminated]);
+    }
+
     #[tokio::test]
     async fn soft_terminate_walks_the_whole_lifecycle_and_removes_the_container() {
         let h = harness(&[]).await;

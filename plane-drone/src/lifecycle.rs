@@ -157,7 +157,7 @@ pub(crate) async fn run_backend<R: Runtime>(
     ctx: std::sync::Arc<BackendContext<R>>,
     backend_id: BackendName,
     spawn: SpawnAction,
-    mut requests: mpsc::UnboundedReceiver<BackendRequest>,
+    requests: mpsc::UnboundedReceiver<BackendRequest>,
     lease: LeaseWatch,
 ) {
     let startup_timeout = spawn
@@ -178,7 +178,7 @@ pub(crate) async fn run_backend<R: Runtime>(
         warm: spawn.warm,
         termination_message: None,
     };
-    backend.run(spawn, &mut requests).await;
+    backend.run(spawn, &mut Requests::new(requests)).await;
 }
 
 /// Runs a backend an earlier run of the drone left running (see `executor::reconcile`): once
@@ -190,7 +190,7 @@ pub(crate) async fn adopt_backend<R: Runtime>(
     ctx: std::sync::Arc<BackendContext<R>>,
     backend_id: BackendName,
     address: SocketAddr,
-    mut requests: mpsc::UnboundedReceiver<BackendRequest>,
+    requests: mpsc::UnboundedReceiver<BackendRequest>,
     lease: LeaseWatch,
 ) {
     // Recorded with the container when it was created (absent on older containers).
@@ -212,7 +212,7 @@ pub(crate) async fn adopt_backend<R: Runtime>(
         warm: recorded.warm,
         termination_message: None,
     };
-    backend.readopt(address, &mut requests).await;
+    backend.readopt(address, &mut Requests::new(requests)).await;
 }
 
 /// How long a re-adopted backend has to answer HTTP before it is stopped.
@@ -254,11 +254,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         self.report(BackendStateUpdate::status(status)).await;
     }
 
-    async fn run(
-        &mut self,
-        spawn: SpawnAction,
-        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
-    ) {
+    async fn run(&mut self, spawn: SpawnAction, requests: &mut Requests) {
         let runtime = &self.ctx.runtime;
         let image = &spawn.executable.image;
         let startup_timeout = self.startup_timeout;
@@ -266,7 +262,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         self.report_status(BackendStatus::Loading).await;
         let prepared = tokio::select! {
             biased;
-            request = next_request(requests) => {
+            request = requests.terminate() => {
                 // Nothing exists yet; dropping the preparation cancels any pull.
                 self.report(BackendStateUpdate {
                     termination_kind: Some(request.kind),
@@ -287,7 +283,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         // that reached us late (after its lease ran out and its key moved on) never runs.
         let confirmed = tokio::select! {
             biased;
-            request = next_request(requests) => Err(request),
+            request = requests.terminate() => Err(request),
             _ = self.lease.confirmed() => Ok(()),
             _ = tokio::time::sleep(startup_timeout) => Err(TerminateRequest {
                 kind: TerminationKind::Hard,
@@ -355,7 +351,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         let exit = self.wait_exit();
         let startup = tokio::select! {
             biased;
-            request = next_request(requests) => Startup::Terminate(request),
+            request = requests.terminate() => Startup::Terminate(request),
             _ = self.lease.lapsing() => {
                 tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the backend");
                 Startup::Terminate(FENCE)
@@ -396,34 +392,26 @@ impl<'a, R: Runtime> Backend<'a, R> {
     /// claim to it. True once it accepted one (a 2xx to `POST /.plane/claim`); false when
     /// it ended meanwhile or refused the claim (then it is terminated, and the connect that
     /// claimed it starts a backend of its own).
-    async fn claimed(
-        &mut self,
-        address: SocketAddr,
-        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
-    ) -> bool {
+    async fn claimed(&mut self, address: SocketAddr, requests: &mut Requests) -> bool {
         self.report(BackendStateUpdate::warm(address)).await;
         let exit = self.wait_exit();
-        tokio::pin!(exit);
-        let claim = loop {
-            tokio::select! {
-                biased;
-                request = requests.recv() => match request {
-                    Some(BackendRequest::Claim(claim)) => break claim,
-                    Some(BackendRequest::Terminate(request)) => {
-                        self.terminate(request, requests).await;
-                        return false;
-                    }
-                    None => std::future::pending().await,
-                },
-                _ = self.lease.lapsing() => {
-                    tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the warm backend");
-                    self.terminate(FENCE, requests).await;
-                    return false;
-                }
-                exit_code = &mut exit => {
-                    self.finish(exit_code, None, None).await;
-                    return false;
-                }
+        let request = tokio::select! {
+            biased;
+            request = requests.claim_or_terminate() => request,
+            _ = self.lease.lapsing() => {
+                tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the warm backend");
+                BackendRequest::Terminate(FENCE)
+            }
+            exit_code = exit => {
+                self.finish(exit_code, None, None).await;
+                return false;
+            }
+        };
+        let claim = match request {
+            BackendRequest::Claim(claim) => claim,
+            BackendRequest::Terminate(request) => {
+                self.terminate(request, requests).await;
+                return false;
             }
         };
         let body = ClaimBody {
@@ -435,7 +423,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         let url = format!("http://{address}/.plane/claim");
         let answer = tokio::select! {
             biased;
-            request = next_request(requests) => {
+            request = requests.terminate() => {
                 self.terminate(request, requests).await;
                 return false;
             }
@@ -468,11 +456,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     /// it is checked every interval: failures in a row past the settings' thresholds are
     /// reported (`unhealthy`, then `healthy` again when it recovers) and, past the last,
     /// end it. A check runs beside everything else, so it never delays a stop.
-    async fn serve(
-        &mut self,
-        address: SocketAddr,
-        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
-    ) {
+    async fn serve(&mut self, address: SocketAddr, requests: &mut Requests) {
         let health = self.ctx.settings.health;
         let url = format!("http://{address}{}", self.ready_path);
         let exit = self.wait_exit();
@@ -487,7 +471,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
         loop {
             tokio::select! {
                 biased;
-                request = next_request(requests) => return self.terminate(request, requests).await,
+                request = requests.terminate() => return self.terminate(request, requests).await,
                 _ = self.lease.lapsing() => {
                     tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the backend");
                     return self.terminate(FENCE, requests).await;
@@ -545,15 +529,11 @@ impl<'a, R: Runtime> Backend<'a, R> {
         }
     }
 
-    async fn readopt(
-        &mut self,
-        address: SocketAddr,
-        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
-    ) {
+    async fn readopt(&mut self, address: SocketAddr, requests: &mut Requests) {
         let exit = self.wait_exit();
         let answering = tokio::select! {
             biased;
-            request = next_request(requests) => return self.terminate(request, requests).await,
+            request = requests.terminate() => return self.terminate(request, requests).await,
             exit_code = exit => return self.finish(exit_code, None, None).await,
             answered = tokio::time::timeout(
                 ADOPT_PROBE_TIMEOUT,
@@ -593,11 +573,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     /// Stops a started backend: SIGTERM and the grace period for a soft request (a hard
     /// request arriving meanwhile, or the lease nearing its end, cuts it short), then
     /// SIGKILL.
-    async fn terminate(
-        &mut self,
-        request: TerminateRequest,
-        requests: &mut mpsc::UnboundedReceiver<BackendRequest>,
-    ) {
+    async fn terminate(&mut self, request: TerminateRequest, requests: &mut Requests) {
         let TerminateRequest { kind, reason } = request;
         let runtime = &self.ctx.runtime;
         let exit = self.wait_exit();
@@ -634,7 +610,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
                             tracing::warn!(backend = %self.id, "lease about to end during the grace period; killing");
                             break None;
                         }
-                        next = next_request(requests) => {
+                        next = requests.terminate() => {
                             if next.kind == TerminationKind::Hard {
                                 break None;
                             }
@@ -786,18 +762,48 @@ pub(crate) async fn stop_for_good<R: Runtime>(runtime: &R, id: &BackendName, kee
     remove_until_gone(runtime, id).await;
 }
 
-/// The next terminate request; a claim arriving meanwhile is a repeat of one already
-/// handled (or meant for a backend that is not warm) and is dropped. If the executor has
-/// gone away (sender dropped) this never resolves: the executor aborts its tasks when it
-/// stops.
-async fn next_request(requests: &mut mpsc::UnboundedReceiver<BackendRequest>) -> TerminateRequest {
-    loop {
-        match requests.recv().await {
-            Some(BackendRequest::Terminate(request)) => return request,
-            Some(BackendRequest::Claim(_)) => {
-                tracing::debug!("claim for a backend not waiting for one; ignored")
-            }
+/// A backend task's end of the executor's requests. A claim that arrives before the backend
+/// waits for one (a repeat re-sent on reconnection, say) is kept for when it does; one that
+/// arrives after it accepted a claim is a repeat and is never used.
+pub(crate) struct Requests {
+    receiver: mpsc::UnboundedReceiver<BackendRequest>,
+    claim: Option<ClaimAction>,
+}
+
+impl Requests {
+    fn new(receiver: mpsc::UnboundedReceiver<BackendRequest>) -> Self {
+        Self {
+            receiver,
+            claim: None,
+        }
+    }
+
+    /// The next request, a kept claim first. If the executor has gone away (sender
+    /// dropped) this never resolves: the executor aborts its tasks when it stops.
+    async fn next(&mut self) -> BackendRequest {
+        match self.receiver.recv().await {
+            Some(request) => request,
             None => std::future::pending().await,
+        }
+    }
+
+    /// The next terminate request; claims meanwhile are kept.
+    async fn terminate(&mut self) -> TerminateRequest {
+        loop {
+            match self.next().await {
+                BackendRequest::Terminate(request) => return request,
+                BackendRequest::Claim(claim) => {
+                    self.claim.get_or_insert(claim);
+                }
+            }
+        }
+    }
+
+    /// A kept claim, else the next request of either kind.
+    async fn claim_or_terminate(&mut self) -> BackendRequest {
+        match self.claim.take() {
+            Some(claim) => BackendRequest::Claim(claim),
+            None => self.next().await,
         }
     }
 }

@@ -28,6 +28,8 @@ pub(crate) struct FakeRuntime {
     /// When each exited container's process exited.
     exit_times: Arc<Mutex<HashMap<BackendName, SystemTime>>>,
     answering: SocketAddr,
+    /// Answers every request with 409: ready by the probe, but refuses a claim.
+    refusing: SocketAddr,
     silent: SocketAddr,
     _silent_listener: Arc<TcpListener>,
 }
@@ -43,6 +45,17 @@ impl FakeRuntime {
                     .await;
             }
         });
+        let refusing = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let refusing_addr = refusing.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = refusing.accept().await {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 409 Conflict\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+            }
+        });
         // Bound but never accepted from: connections queue up and no answer ever comes.
         let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         Self {
@@ -50,6 +63,7 @@ impl FakeRuntime {
             started: Arc::default(),
             exit_times: Arc::default(),
             answering: answering_addr,
+            refusing: refusing_addr,
             silent: silent.local_addr().expect("addr"),
             _silent_listener: Arc::new(silent),
         }
@@ -123,10 +137,10 @@ impl Runtime for FakeRuntime {
                 },
             );
         });
-        Ok(if spec.image == "silent" {
-            self.silent
-        } else {
-            self.answering
+        Ok(match spec.image.as_str() {
+            "silent" => self.silent,
+            "refuses-claims" => self.refusing,
+            _ => self.answering,
         })
     }
 
