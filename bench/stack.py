@@ -362,3 +362,98 @@ def median(values):
     if len(ordered) % 2:
         return ordered[middle]
     return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+class ConnectController:
+    """A controller and `drones` drones of its own, from `binary`, with the connect
+    benchmark's key's backend running (bench/connect, bench/scale)."""
+
+    def __init__(self, name, binary, db, scratch, ours, drones=1):
+        self.name = name
+        self.processes = []
+        self.backend = None
+        try:
+            self._start(binary, db, scratch, ours, drones)
+        except BaseException:
+            # Not yet in the caller's list, so nothing else would stop what did start.
+            self.stop()
+            raise
+
+    def _start(self, binary, db, scratch, ours, drones):
+        name = self.name
+        port = free_port()
+        self.cluster = f"localhost:{free_port()}"
+        self.url = f"http://127.0.0.1:{port}"
+        logs = os.path.join(scratch, name)
+        os.makedirs(logs)
+        self._spawn([binary, "controller", "--db", db, "--port", str(port), "--default-cluster", self.cluster],
+                    os.path.join(logs, "controller.log"))
+        wait_until(f"{name}'s controller", lambda: http_json("GET", f"{self.url}/pub/health"), within=60)
+        for i in range(drones):
+            suffix = "" if drones == 1 else f"-{i}"
+            drone = [binary, "drone", "--controller-url", self.url, "--cluster", self.cluster,
+                     "--name", "dr-" + name.replace(".", "") + suffix]
+            if ours:
+                drone += ["--state-dir", os.path.join(logs, f"drone-state{suffix}"), "--log-retention-seconds", "0",
+                          "--on-shutdown", "terminate"]
+            self._spawn(drone, os.path.join(logs, f"drone{suffix}.log"))
+        wait_until(f"{name}'s drones", lambda: sum(
+            1 for d in http_json("GET", f"{self.url}/ctrl/c/{self.cluster}/state")["drones"] if d.get("ready")
+        ) == drones, within=60)
+        response = http_json("POST", f"{self.url}/ctrl/connect", self.body())
+        self.backend = response["backend_id"]
+        wait_until(f"{name}'s backend to be ready", lambda: http_json(
+            "GET", f"{self.url}/pub/b/{self.backend}/status")["status"] == "ready", within=120)
+
+    @staticmethod
+    def body():
+        return {"key": {"name": CONNECT_KEY}, "spawn_config": {"executable": {"image": DEMO_IMAGE}}}
+
+    def _spawn(self, argv, log):
+        env = dict(os.environ, RUST_LOG="warn")
+        with open(log, "w") as out:
+            self.processes.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                                   stdin=subprocess.DEVNULL))
+
+    def pids(self):
+        return [p.pid for p in self.processes]
+
+    def stop(self):
+        try:
+            if self.backend is None:
+                raise RuntimeError("no backend was started")
+            http_json("POST", f"{self.url}/ctrl/b/{self.backend}/hard-terminate")
+            wait_until(f"{self.name}'s backend to stop", lambda: http_json(
+                "GET", f"{self.url}/pub/b/{self.backend}/status")["status"] == "terminated", within=30)
+        except Exception as err:  # noqa: BLE001 - best effort; the drone is stopped next anyway
+            log(f"{self.name}: could not stop its backend: {err}")
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+CONNECT_KEY = "bench-connect"
+CONNECT_CONNECTIONS = 16
+DEMO_IMAGE = "plane/demo:latest"
+
+
+def connect_script(scratch):
+    """A wrk script that POSTs the connect benchmark's connect; its path."""
+    script = os.path.join(scratch, "connect.lua")
+    body = json.dumps(ConnectController.body(), separators=(",", ":"))
+    with open(script, "w") as f:
+        f.write(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = '{body}'\n")
+    return script
+
+
+def connect_wrk(controller, seconds, script):
+    """(requests/s, p50 ms, p99 ms, errors) of `seconds` of connects at 16 connections."""
+    argv = ["wrk", "-t2", f"-c{CONNECT_CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", script,
+            f"{controller.url}/ctrl/connect"]
+    output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return parse_wrk(output)

@@ -143,3 +143,5 @@ log "bench/spawn --short"
 bench/spawn --short --debug --no-build
 log "bench/connect --short"
 bench/connect --short --debug --no-build --plane055 "$plane055"
+log "bench/scale --short"
+bench/scale --short --debug --no-build
