@@ -23,9 +23,10 @@ const KEEPER_LEASE_MS: u64 = 3_000;
 const PASS_INTERVAL: Duration = Duration::from_millis(500);
 /// After a change, wait this long for more before the pass, so a burst of claims costs one.
 const CHANGE_SETTLE: Duration = Duration::from_millis(20);
-/// At most this many warm backends are started per pool and pass, so a large pool fills
-/// at a pace the drones' engines can take.
-const MAX_STARTS_PER_PASS: u32 = 32;
+/// At most this many of a pool's warm backends are starting at once, so that refilling a
+/// pool after a burst of claims does not flood the drones' engines (and their CPUs) while
+/// the claimed backends serve; the rest follow as these become idle.
+const MAX_STARTING_PER_POOL: u32 = 8;
 /// Refills of a pool whose backends fail to start back off from this, doubling, to
 /// [`MAX_BACKOFF`]; one backend that reaches idle resets it.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -131,9 +132,7 @@ async fn pass(
             .failed_warm_starts(&pool.fingerprint, since)
             .await?;
         if failed > 0 {
-            let delay = backoffs
-                .get(key)
-                .map_or(FIRST_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
+            let delay = next_backoff(backoffs.get(key).map(|b| b.delay));
             tracing::warn!(cluster = %pool.cluster, pool = %pool.pool, image = %pool.executable.image, failed, backoff = ?delay, "warm backends failed to start; backing off");
             backoffs.insert(
                 key.clone(),
@@ -148,9 +147,17 @@ async fn pass(
         if backoffs.get(key).is_some_and(|b| b.until > now) {
             continue;
         }
-        fill(state, pool, (pool.size - have).min(MAX_STARTS_PER_PASS)).await;
+        let starting = backends.iter().filter(|b| !b.idle).count() as u32;
+        let room = MAX_STARTING_PER_POOL.saturating_sub(starting);
+        fill(state, pool, (pool.size - have).min(room)).await;
     }
     Ok(())
+}
+
+/// The pause before the next refill of a pool whose backends just failed to start, after
+/// `previous` (none: the first failure since one reached idle).
+fn next_backoff(previous: Option<Duration>) -> Duration {
+    previous.map_or(FIRST_BACKOFF, |delay| (delay * 2).min(MAX_BACKOFF))
 }
 
 async fn stop(state: &ControllerState, id: &BackendName, stopped: &mut HashSet<BackendName>) {
@@ -228,5 +235,22 @@ async fn fill(state: &ControllerState, pool: &WarmPoolRow, count: u32) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refills_of_failing_pools_back_off_doubling_to_a_minute() {
+        let mut delays = Vec::new();
+        let mut delay = None;
+        for _ in 0..9 {
+            let next = next_backoff(delay);
+            delays.push(next.as_secs());
+            delay = Some(next);
+        }
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
 }
