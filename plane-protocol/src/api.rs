@@ -501,6 +501,7 @@ pub struct ClusterState {
 /// and waiting for a claim. Setting it again for the same executable changes the size; 0
 /// removes the pool's warm backends of that executable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct WarmPoolRequest {
     /// What to keep warm. A connect or spawn claims one when its executable is exactly
     /// this one. A `mount` is refused: a warm backend has no key to mount for.

@@ -357,3 +357,34 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    concurrent_joins_each_get_a_token_of_their_own_that_works,
+    |env: TestEnv| async move {
+        // Joins share commits of their tokens (group commit): every one must still be
+        // stored, distinct, and accepted by the proxy.
+        let spawn = env.spawn_config(&[]);
+        let first = env.connect_ready("joined-at-once", &spawn).await;
+        let joins = (0..64).map(|_| {
+            let api = env.api();
+            let spawn = spawn.clone();
+            async move { api.try_connect("joined-at-once", &spawn).await }
+        });
+        let answers = futures_util::future::join_all(joins).await;
+        let mut tokens = std::collections::HashSet::new();
+        for answer in answers {
+            let joined = answer.expect("a join is answered");
+            assert_eq!(joined.backend_id, first.backend_id);
+            assert!(!joined.spawned);
+            assert!(
+                tokens.insert(joined.token.to_string()),
+                "a token given twice"
+            );
+        }
+        for token in &tokens {
+            let (code, body) = env.get_via_proxy(token, "/").await;
+            assert_eq!(code, 200, "{token}: {body}");
+        }
+        env
+    }
+);

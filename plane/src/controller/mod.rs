@@ -15,6 +15,7 @@ pub mod config;
 mod dns_socket;
 mod drone_socket;
 mod error;
+mod holders;
 pub mod metrics;
 mod node_session;
 mod nodes;
@@ -132,6 +133,12 @@ pub async fn start(
         ctrl_tokens,
     });
 
+    // Subscribed before serving, so the cache's first entry already has its keeper.
+    tokio::spawn(holders::keep_true(
+        state.holders().clone(),
+        state.bus().subscribe_status(),
+        state.shutdown_token().clone(),
+    ));
     let app = router::router(state.clone());
     let shutdown = state.shutdown_token().clone();
     let server = tokio::spawn(async move {

@@ -31,6 +31,7 @@ struct Inner {
     /// For requests passed to other controllers.
     peer_http: reqwest::Client,
     metrics: super::metrics::ControllerMetrics,
+    holders: Arc<super::holders::HolderCache>,
 }
 
 /// What [`ControllerState::new`] puts together.
@@ -61,6 +62,7 @@ impl ControllerState {
                 bus: parts.bus,
                 shutdown: parts.shutdown,
                 ctrl_tokens: parts.ctrl_tokens,
+                holders: Default::default(),
                 peer_http: reqwest::Client::builder()
                     .no_proxy()
                     .connect_timeout(std::time::Duration::from_secs(5))
@@ -77,6 +79,11 @@ impl ControllerState {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Key holders cached for joins (see [`super::holders`]).
+    pub fn holders(&self) -> &Arc<super::holders::HolderCache> {
+        &self.inner.holders
     }
 
     pub fn config(&self) -> &ControllerConfig {

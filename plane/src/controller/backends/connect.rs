@@ -71,8 +71,8 @@ pub async fn connect(
     for _ in 0..KEY_RACE_RETRIES {
         // Subscribed before reading, so a change between the read and a wait for the holder
         // to let go is not missed.
-        let changes = state.bus().subscribe_status();
-        if let Some(holder) = state.store().key_holder(&key.namespace, &key.name).await? {
+        let mut changes = state.bus().subscribe_status();
+        if let Some(holder) = key_holder(state, key, &mut changes).await? {
             if holder.lease_expired {
                 // The holder's drone did not renew in time, so by protocol it has stopped
                 // the backend on its own clock: record that, and the key is free.
@@ -127,6 +127,37 @@ pub async fn connect(
         key.name
     )
     .into())
+}
+
+/// The key's holder: from the holder cache when a join read it recently and no status has
+/// changed since, else from the database (and then cached, unless the bus delivered a change
+/// of it since `changes` was subscribed, which was before the read).
+async fn key_holder(
+    state: &ControllerState,
+    key: &KeyConfig,
+    changes: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<StatusChange>>,
+) -> Result<Option<crate::controller::store::KeyHolder>, ControllerError> {
+    let cache = state.holders();
+    let epoch = state.store().status_epoch();
+    if let Some(holder) = cache.get(&key.namespace, &key.name, epoch) {
+        return Ok(Some(holder));
+    }
+    let read_at = tokio::time::Instant::now();
+    let holder = state.store().key_holder(&key.namespace, &key.name).await?;
+    if let Some(holder) = &holder {
+        let mut changed = false;
+        loop {
+            match changes.try_recv() {
+                Ok(change) => changed |= change.backend_id == holder.backend_id,
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => changed = true,
+                Err(_) => break,
+            }
+        }
+        if !changed {
+            cache.insert(&key.namespace, &key.name, holder, read_at, epoch);
+        }
+    }
+    Ok(holder)
 }
 
 /// `POST /ctrl/spawn`: always a new backend, with no key.

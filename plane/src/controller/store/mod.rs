@@ -151,6 +151,10 @@ pub struct Store {
     /// hold it up, while everything on `pool` queues on its single connection. On
     /// PostgreSQL, `pool` itself.
     readers: AnyPool,
+    /// Joins' tokens, written in shared commits (see [`Store::add_token`]).
+    token_batch: std::sync::Arc<tokens::TokenBatch>,
+    /// See [`Store::status_epoch`].
+    status_epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
     kind: DatabaseKind,
     /// The database URL, for connections outside the pool (PostgreSQL's LISTEN).
     url: String,
@@ -264,6 +268,8 @@ impl Store {
         Ok(Store {
             pool,
             readers,
+            token_batch: Default::default(),
+            status_epoch: Default::default(),
             kind,
             url,
             signals,
@@ -317,6 +323,12 @@ impl Store {
                     .await?;
             }
         }
+        if signals.contains(&Signal::Status) {
+            // Before the commit: whoever sees the change in the database sees the new
+            // epoch too, so nothing read before it is taken as current (the holder cache).
+            self.status_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         tx.commit().await?;
         for signal in signals {
             // Nobody listening (no bus yet, or shutting down) is fine.
@@ -327,6 +339,11 @@ impl Store {
 
     pub fn kind(&self) -> DatabaseKind {
         self.kind
+    }
+
+    /// Grows before every commit through this store that changes a backend's status.
+    pub fn status_epoch(&self) -> u64 {
+        self.status_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub async fn close(&self) {

@@ -1,7 +1,7 @@
 //! The `token` table: connection tokens and what the proxy tells the backend about them; and
 //! `token_revocation`, the log of revocations the change bus passes on to proxies.
 
-use super::{Signal, Store, StoreResult};
+use super::{Signal, Store, StoreError, StoreResult};
 use anyhow::Context;
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, SecretToken};
 use plane_protocol::time::Millis;
@@ -133,10 +133,95 @@ impl Store {
         Ok(row.try_get("latest").map_err(anyhow::Error::from)?)
     }
 
-    /// Records another token for an existing backend.
+    /// Records another token for an existing backend. Concurrent calls share a commit:
+    /// the tokens that arrive while one batch is written go in the next, as one
+    /// multi-row insert (group commit), so a burst of joins costs a few writes, not one each.
     pub async fn add_token(&self, backend: &BackendName, token: &NewToken<'_>) -> StoreResult<()> {
-        let mut conn = self.pool.acquire().await?;
-        insert(&mut conn, backend, token, Millis::now()).await
+        let row = TokenInsert {
+            token: token.token.to_string(),
+            backend: backend.to_string(),
+            user: token.user.map(str::to_string),
+            auth: serde_json::to_string(token.auth).context("serializing auth")?,
+            secret: token.secret.to_string(),
+            created_at: Millis::now().0,
+            expires_at: token.expires_at.map(|at| at.0),
+        };
+        let (done, mut answer) = tokio::sync::oneshot::channel();
+        self.token_batch
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((row, done));
+        let _writer = self.token_batch.writing.lock().await;
+        // A batch written while this one waited for the lock may have taken it already.
+        if let Ok(result) = answer.try_recv() {
+            return result.map_err(StoreError::Other);
+        }
+        let batch = std::mem::take(
+            &mut *self
+                .token_batch
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        self.write_tokens(batch).await;
+        match answer.try_recv() {
+            Ok(result) => result.map_err(StoreError::Other),
+            Err(_) => Err(anyhow::anyhow!("the token batch lost this token").into()),
+        }
+    }
+
+    /// Writes a batch in one transaction, answering each caller; if it fails, each token
+    /// is written alone, so one bad row fails only its own connect.
+    async fn write_tokens(&self, batch: Vec<(TokenInsert, TokenAnswer)>) {
+        let rows: Vec<&TokenInsert> = batch.iter().map(|(row, _)| row).collect();
+        match self.insert_tokens(&rows).await {
+            Ok(()) => {
+                for (_, done) in batch {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(_) if batch.len() > 1 => {
+                for (row, done) in batch {
+                    let result = self.insert_tokens(&[&row]).await;
+                    let _ = done.send(result.map_err(|err| anyhow::anyhow!("{err}")));
+                }
+            }
+            Err(err) => {
+                for (_, done) in batch {
+                    let _ = done.send(Err(anyhow::anyhow!("{err}")));
+                }
+            }
+        }
+    }
+
+    async fn insert_tokens(&self, rows: &[&TokenInsert]) -> StoreResult<()> {
+        const COLUMNS: usize = 7;
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(super::MAX_LIST_PARAMETERS / COLUMNS) {
+            let values = (0..chunk.len())
+                .map(|i| format!("({})", super::placeholders(i * COLUMNS + 1, COLUMNS)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at, \
+                 expires_at) VALUES {values}"
+            );
+            let mut query = sqlx::query(&sql);
+            for row in chunk {
+                query = query
+                    .bind(row.token.as_str())
+                    .bind(row.backend.as_str())
+                    .bind(row.user.as_deref())
+                    .bind(row.auth.as_str())
+                    .bind(row.secret.as_str())
+                    .bind(row.created_at)
+                    .bind(row.expires_at);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// A token that has not been revoked.
@@ -164,6 +249,26 @@ impl Store {
                 .map(Millis),
         }))
     }
+}
+
+/// A token waiting in [`TokenBatch`], owned so it can outlive its caller's borrow.
+pub(super) struct TokenInsert {
+    token: String,
+    backend: String,
+    user: Option<String>,
+    auth: String,
+    secret: String,
+    created_at: i64,
+    expires_at: Option<i64>,
+}
+
+type TokenAnswer = tokio::sync::oneshot::Sender<Result<(), anyhow::Error>>;
+
+/// Tokens of joins waiting to be written, and the lock the one writing a batch holds.
+#[derive(Default)]
+pub(super) struct TokenBatch {
+    pending: std::sync::Mutex<Vec<(TokenInsert, TokenAnswer)>>,
+    writing: tokio::sync::Mutex<()>,
 }
 
 pub(super) async fn insert(

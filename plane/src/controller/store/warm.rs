@@ -178,7 +178,7 @@ impl Store {
              WHERE $1 IS NULL OR cluster = $1 ORDER BY cluster, pool, fingerprint",
         )
         .bind(cluster.map(|c| c.to_string()))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter()
             .map(|row| {
@@ -212,7 +212,7 @@ impl Store {
         .bind(IDLE)
         .bind(i64::from(BackendStatus::Terminating.number()))
         .bind(cluster.map(|c| c.to_string()))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         let mut counts = std::collections::HashMap::new();
         for row in &rows {
@@ -246,7 +246,7 @@ impl Store {
         .bind(STARTING)
         .bind(i64::from(BackendStatus::Terminated.number()))
         .bind(since.0)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.readers)
         .await?)
     }
 
@@ -264,7 +264,7 @@ impl Store {
         .bind(STARTING)
         .bind(IDLE)
         .bind(i64::from(BackendStatus::Terminating.number()))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter()
             .map(|row| {
