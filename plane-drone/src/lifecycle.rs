@@ -395,6 +395,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
     async fn claimed(&mut self, address: SocketAddr, requests: &mut Requests) -> bool {
         self.report(BackendStateUpdate::warm(address)).await;
         let exit = self.wait_exit();
+        tokio::pin!(exit);
         let request = tokio::select! {
             biased;
             request = requests.claim_or_terminate() => request,
@@ -402,7 +403,7 @@ impl<'a, R: Runtime> Backend<'a, R> {
                 tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the warm backend");
                 BackendRequest::Terminate(FENCE)
             }
-            exit_code = exit => {
+            exit_code = &mut exit => {
                 self.finish(exit_code, None, None).await;
                 return false;
             }
@@ -421,10 +422,20 @@ impl<'a, R: Runtime> Backend<'a, R> {
             static_token: claim.static_token,
         };
         let url = format!("http://{address}/.plane/claim");
+        // Raced like every other phase: a stop, a lapsing lease or an exit ends the wait.
         let answer = tokio::select! {
             biased;
             request = requests.terminate() => {
                 self.terminate(request, requests).await;
+                return false;
+            }
+            _ = self.lease.lapsing() => {
+                tracing::warn!(backend = %self.id, "lease not renewed in time; stopping the backend being claimed");
+                self.terminate(FENCE, requests).await;
+                return false;
+            }
+            exit_code = &mut exit => {
+                self.finish(exit_code, None, None).await;
                 return false;
             }
             answer = self.ctx.http.post(&url).json(&body).timeout(CLAIM_TIMEOUT).send() => answer,

@@ -284,3 +284,25 @@ db_test!(
         env
     }
 );
+
+db_test!(
+    idle_warm_backends_do_not_count_as_spawns_in_progress,
+    |mut env: TestEnv| async move {
+        env.restart_controller_with(|config| config.max_concurrent_spawns = Some(2))
+            .await;
+        // The pool fills past the limit, two at a time, since idle ones are not starting.
+        let spawn = env.spawn_config(&[]);
+        set_pool(&env, &spawn, 3).await;
+        wait_for_idle(&env, 3).await;
+        // And a cold start of another executable is still admitted.
+        let other = env.spawn_config(&[("SOMETHING", "else")]);
+        let cold = env.connect("doc-cold", &other).await;
+        assert!(cold.spawned);
+        assert!(!unclaimed(&env)
+            .await
+            .iter()
+            .any(|(id, _)| *id == cold.backend_id));
+        set_pool(&env, &spawn, 0).await;
+        env
+    }
+);

@@ -18,8 +18,8 @@ use std::time::Duration;
 /// The keeper's leader lease in `controller_lease`.
 const KEEPER_LEASE: &str = "warm-keeper";
 const KEEPER_LEASE_MS: u64 = 3_000;
-/// A pass at least this often; status changes (a claim, a backend that became idle or
-/// ended) bring the next pass forward.
+/// A pass at least this often; status changes (a claimed backend becoming ready, a backend
+/// ending) bring the next pass forward.
 const PASS_INTERVAL: Duration = Duration::from_millis(500);
 /// After a change, wait this long for more before the pass, so a burst of claims costs one.
 const CHANGE_SETTLE: Duration = Duration::from_millis(20);
@@ -129,7 +129,7 @@ async fn pass(
         let now = tokio::time::Instant::now();
         let failed = state
             .store()
-            .failed_warm_starts(&pool.fingerprint, since)
+            .failed_warm_starts(&pool.cluster, &pool.pool, &pool.fingerprint, since)
             .await?;
         if failed > 0 {
             let delay = next_backoff(backoffs.get(key).map(|b| b.delay));

@@ -139,7 +139,7 @@ async fn key_holder(
 ) -> Result<Option<crate::controller::store::KeyHolder>, ControllerError> {
     let cache = state.holders();
     let epoch = state.store().status_epoch();
-    if let Some(holder) = cache.get(&key.namespace, &key.name, epoch) {
+    if let Some(holder) = epoch.and_then(|epoch| cache.get(&key.namespace, &key.name, epoch)) {
         return Ok(Some(holder));
     }
     let read_at = tokio::time::Instant::now();
@@ -153,7 +153,7 @@ async fn key_holder(
                 Err(_) => break,
             }
         }
-        if !changed {
+        if let (false, Some(epoch)) = (changed, epoch) {
             cache.insert(&key.namespace, &key.name, holder, read_at, epoch);
         }
     }

@@ -314,6 +314,22 @@ impl Store {
         row.as_ref().map(BackendRow::from_row).transpose()
     }
 
+    /// On PostgreSQL, takes the cluster's admission lock to the end of the transaction: read
+    /// committed would let two concurrent spawns (or claims) each count without the other.
+    pub(super) async fn lock_admission(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        cluster: &ClusterName,
+    ) -> StoreResult<()> {
+        if self.kind() == super::DatabaseKind::Postgres {
+            sqlx::query("SELECT CAST(pg_advisory_xact_lock(hashtext($1)) AS TEXT)")
+                .bind(format!("plane-admission:{cluster}"))
+                .fetch_one(&mut *tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Checks the new backend against its admission limits, inside its transaction.
     async fn admit(
         &self,
@@ -327,17 +343,12 @@ impl Store {
         {
             return Ok(None);
         }
-        if self.kind() == super::DatabaseKind::Postgres {
-            // Read committed would let two concurrent spawns each count without the other:
-            // one lock per cluster, held to the end of the transaction, orders them.
-            sqlx::query("SELECT CAST(pg_advisory_xact_lock(hashtext($1)) AS TEXT)")
-                .bind(format!("plane-admission:{}", new.cluster))
-                .fetch_one(&mut *tx)
-                .await?;
-        }
+        self.lock_admission(tx, new.cluster).await?;
         if let Some(max) = limits.max_concurrent_spawns {
             let starting: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM backend WHERE cluster = $1 AND status_number < $2",
+                // An idle warm backend waits for a claim, it is not starting.
+                "SELECT COUNT(*) FROM backend WHERE cluster = $1 AND status_number < $2 \
+                 AND (warm_state IS NULL OR warm_state <> 'idle')",
             )
             .bind(new.cluster.as_str())
             .bind(i64::from(BackendStatus::Ready.number()))

@@ -34,8 +34,16 @@ use plane_protocol::names::{ClusterName, NodeName};
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 use tokio::sync::broadcast;
+
+/// Status-changing commits started and finished (see [`Store::status_epoch`]).
+#[derive(Default)]
+struct StatusEpoch {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
 
 /// Which database a [`Store`] runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,7 +162,7 @@ pub struct Store {
     /// Joins' tokens, written in shared commits (see [`Store::add_token`]).
     token_batch: std::sync::Arc<tokens::TokenBatch>,
     /// See [`Store::status_epoch`].
-    status_epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    status_epoch: std::sync::Arc<StatusEpoch>,
     kind: DatabaseKind,
     /// The database URL, for connections outside the pool (PostgreSQL's LISTEN).
     url: String,
@@ -323,13 +331,16 @@ impl Store {
                     .await?;
             }
         }
-        if signals.contains(&Signal::Status) {
-            // Before the commit: whoever sees the change in the database sees the new
-            // epoch too, so nothing read before it is taken as current (the holder cache).
-            self.status_epoch
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let changes_status = signals.contains(&Signal::Status);
+        if changes_status {
+            self.status_epoch.started.fetch_add(1, SeqCst);
         }
-        tx.commit().await?;
+        let committed = tx.commit().await;
+        if changes_status {
+            // Also when the commit failed: the count of writes in flight must come back.
+            self.status_epoch.finished.fetch_add(1, SeqCst);
+        }
+        committed?;
         for signal in signals {
             // Nobody listening (no bus yet, or shutting down) is fine.
             let _ = self.signals.send(signal.clone());
@@ -341,9 +352,16 @@ impl Store {
         self.kind
     }
 
-    /// Grows before every commit through this store that changes a backend's status.
-    pub fn status_epoch(&self) -> u64 {
-        self.status_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    /// A number that grows with every status change committed through this store, or
+    /// `None` while one is being committed. What is read from the database after a `Some(n)`
+    /// is current for as long as the epoch is still `Some(n)` (the holder cache relies on
+    /// it): a commit counts as started before it can land and as finished only after.
+    pub fn status_epoch(&self) -> Option<u64> {
+        // Finished first: a write that starts and finishes between the two loads makes
+        // them differ, never look equal.
+        let finished = self.status_epoch.finished.load(SeqCst);
+        let started = self.status_epoch.started.load(SeqCst);
+        (started == finished).then_some(started)
     }
 
     pub async fn close(&self) {

@@ -1,7 +1,7 @@
 //! The `token` table: connection tokens and what the proxy tells the backend about them; and
 //! `token_revocation`, the log of revocations the change bus passes on to proxies.
 
-use super::{Signal, Store, StoreError, StoreResult};
+use super::{Signal, Store, StoreResult};
 use anyhow::Context;
 use plane_protocol::names::{BackendName, BearerToken, ClusterName, SecretToken};
 use plane_protocol::time::Millis;
@@ -147,28 +147,26 @@ impl Store {
             expires_at: token.expires_at.map(|at| at.0),
         };
         let (done, mut answer) = tokio::sync::oneshot::channel();
-        self.token_batch
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((row, done));
-        let _writer = self.token_batch.writing.lock().await;
+        self.token_batch.pending().push((row, done));
+        let writing = self.token_batch.writing.clone().lock_owned().await;
         // A batch written while this one waited for the lock may have taken it already.
         if let Ok(result) = answer.try_recv() {
-            return result.map_err(StoreError::Other);
+            return result;
         }
-        let batch = std::mem::take(
-            &mut *self
-                .token_batch
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        self.write_tokens(batch).await;
-        match answer.try_recv() {
-            Ok(result) => result.map_err(StoreError::Other),
-            Err(_) => Err(anyhow::anyhow!("the token batch lost this token").into()),
-        }
+        let batch = std::mem::take(&mut *self.token_batch.pending());
+        // Written by a task of its own, which holds the lock until it is done: a caller
+        // that goes away (its client hung up) cannot leave the others unanswered.
+        let store = self.clone();
+        tokio::spawn(async move {
+            store.write_tokens(batch).await;
+            drop(writing);
+        });
+        answer.await.unwrap_or_else(|_| {
+            Err(
+                anyhow::anyhow!("the task writing this token's batch ended without answering")
+                    .into(),
+            )
+        })
     }
 
     /// Writes a batch in one transaction, answering each caller; if it fails, each token
@@ -181,15 +179,15 @@ impl Store {
                     let _ = done.send(Ok(()));
                 }
             }
+            // One bad row fails only its own connect.
             Err(_) if batch.len() > 1 => {
                 for (row, done) in batch {
-                    let result = self.insert_tokens(&[&row]).await;
-                    let _ = done.send(result.map_err(|err| anyhow::anyhow!("{err}")));
+                    let _ = done.send(self.insert_tokens(&[&row]).await);
                 }
             }
             Err(err) => {
-                for (_, done) in batch {
-                    let _ = done.send(Err(anyhow::anyhow!("{err}")));
+                if let Some((_, done)) = batch.into_iter().next() {
+                    let _ = done.send(Err(err));
                 }
             }
         }
@@ -262,13 +260,20 @@ pub(super) struct TokenInsert {
     expires_at: Option<i64>,
 }
 
-type TokenAnswer = tokio::sync::oneshot::Sender<Result<(), anyhow::Error>>;
+type TokenAnswer = tokio::sync::oneshot::Sender<StoreResult<()>>;
 
-/// Tokens of joins waiting to be written, and the lock the one writing a batch holds.
+/// Tokens of joins waiting to be written, and the lock the task writing a batch holds.
 #[derive(Default)]
 pub(super) struct TokenBatch {
     pending: std::sync::Mutex<Vec<(TokenInsert, TokenAnswer)>>,
-    writing: tokio::sync::Mutex<()>,
+    writing: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl TokenBatch {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(TokenInsert, TokenAnswer)>> {
+        // Every use is a push or a take, which cannot leave the list half-changed.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 pub(super) async fn insert(

@@ -235,17 +235,27 @@ impl Store {
         Ok(counts)
     }
 
-    /// Warm backends of `fingerprint` that ended before they ever waited for a claim
-    /// (a failed start) since `since`: the keeper backs off refilling on these.
-    pub async fn failed_warm_starts(&self, fingerprint: &str, since: Millis) -> StoreResult<i64> {
+    /// Warm backends of the pool that ended since `since` before they ever waited for a
+    /// claim, with nobody having asked them to stop (a failed start): the keeper backs off
+    /// refilling on these.
+    pub async fn failed_warm_starts(
+        &self,
+        cluster: &ClusterName,
+        pool: &str,
+        fingerprint: &str,
+        since: Millis,
+    ) -> StoreResult<i64> {
         Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM backend WHERE warm_fingerprint = $1 AND warm_state = $2 \
-             AND status_number = $3 AND status_time >= $4",
+            "SELECT COUNT(*) FROM backend WHERE cluster = $5 AND pool = $6 \
+             AND warm_fingerprint = $1 AND warm_state = $2 AND status_number = $3 \
+             AND status_time >= $4 AND termination_requested IS NULL",
         )
         .bind(fingerprint)
         .bind(STARTING)
         .bind(i64::from(BackendStatus::Terminated.number()))
         .bind(since.0)
+        .bind(cluster.as_str())
+        .bind(pool)
         .fetch_one(&self.readers)
         .await?)
     }
@@ -349,6 +359,7 @@ impl Store {
         let fencing_token = match claim.key {
             Some(key) => {
                 if let Some(max) = claim.max_backends_per_namespace {
+                    self.lock_admission(&mut tx, claim.cluster).await?;
                     if let Some(refusal) = namespace_refusal(&mut tx, &key.namespace, max).await? {
                         return Err(StoreError::Refused(refusal));
                     }
