@@ -224,6 +224,8 @@ db_test!(
         assert_eq!(claimed.status, BackendStatus::Ready);
         assert_eq!(claimed.drone.as_ref(), Some(second.name()));
         set_pool(&env, &spawn, 0).await;
+        // Stops its backends, so no container outlives the test.
+        second.shutdown().await;
         env
     }
 );
