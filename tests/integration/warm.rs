@@ -237,9 +237,10 @@ db_test!(
         set_pool(&env, &spawn, 5).await;
         wait_for_idle(&env, 5).await;
         let warm: HashSet<BackendName> = unclaimed(&env).await.into_iter().map(|b| b.0).collect();
-        // 200 connects at once for 20 keys: five keys can be served warm, the rest cold,
-        // and every connect of a key must name the same backend.
-        let keys: Vec<String> = (0..20).map(|i| format!("race-{i}")).collect();
+        // 200 connects at once for 10 keys: five keys can be served warm, the rest cold,
+        // and every connect of a key must name the same backend. (Ten keys, not more: each
+        // cold one is a container start, and this runs beside the rest of the suite.)
+        let keys: Vec<String> = (0..10).map(|i| format!("race-{i}")).collect();
         let attempts = (0..200).map(|i| {
             let key = keys[i % keys.len()].clone();
             let api = env.api();
@@ -261,9 +262,9 @@ db_test!(
                 .or_insert(response.backend_id.clone());
             assert_eq!(*first, response.backend_id, "two backends for {key}");
         }
-        assert_eq!(backend_of.len(), 20);
+        assert_eq!(backend_of.len(), 10);
         let distinct: HashSet<&BackendName> = backend_of.values().collect();
-        assert_eq!(distinct.len(), 20, "one backend per key, none shared");
+        assert_eq!(distinct.len(), 10, "one backend per key, none shared");
         // Claims really raced the cold spawns: some keys were served from the pool.
         let served_warm = distinct.iter().filter(|b| warm.contains(**b)).count();
         assert!((1..=5).contains(&served_warm), "{served_warm} served warm");
