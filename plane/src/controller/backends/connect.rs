@@ -320,13 +320,7 @@ async fn spawn(
         .id
         .clone()
         .unwrap_or_else(BackendName::new_random);
-    let token = if spawn_config.use_static_token {
-        BearerToken::new_random_static()
-    } else {
-        BearerToken::new_random()
-    };
-    let secret = SecretToken::new_random();
-    let static_token = spawn_config.use_static_token.then(|| token.clone());
+    let (token, secret, static_token) = first_token(spawn_config);
     let new = NewBackend {
         id: &backend_id,
         cluster: &cluster,
@@ -403,13 +397,7 @@ async fn claim_warm(
     caller: Caller<'_>,
 ) -> Result<Option<Spawned>, ControllerError> {
     let fingerprint = crate::controller::store::fingerprint(&spawn_config.executable);
-    let token = if spawn_config.use_static_token {
-        BearerToken::new_random_static()
-    } else {
-        BearerToken::new_random()
-    };
-    let secret = SecretToken::new_random();
-    let static_token = spawn_config.use_static_token.then(|| token.clone());
+    let (token, secret, static_token) = first_token(spawn_config);
     // Subscribed before claiming, so the backend's answer cannot slip past.
     let mut changes = state.bus().subscribe_status();
     let claim = ClaimRequest {
@@ -470,6 +458,18 @@ async fn claim_warm(
         secret,
         claimed.drone,
     ))))
+}
+
+/// A new backend's first token and secret, and the token again if it is the backend's
+/// one static token.
+fn first_token(spawn_config: &SpawnConfig) -> (BearerToken, SecretToken, Option<BearerToken>) {
+    let token = if spawn_config.use_static_token {
+        BearerToken::new_random_static()
+    } else {
+        BearerToken::new_random()
+    };
+    let static_token = spawn_config.use_static_token.then(|| token.clone());
+    (token, SecretToken::new_random(), static_token)
 }
 
 #[allow(clippy::too_many_arguments)]
