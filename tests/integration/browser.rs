@@ -2,9 +2,12 @@
 //! the proxy, runs the demo page, and echoes a message over a WebSocket: over plain HTTP, and
 //! over HTTPS and `wss://` with `plane dev --https`, trusting its CA for that run only. And
 //! an operator uses the dashboard at `/ctrl/ui/`: signs in, watches a connect turn `ready`
-//! without a reload, reads its history, terminates it and drains a drone.
+//! without a reload, reads its history, terminates it and drains a drone. The browser runs
+//! in a network namespace of its own, so that the container interfaces other tests add on
+//! the host do not make it drop its connections.
 
 use crate::harness::{run_test, wait_for, Db, PlaneDev, TestEnv};
+use crate::netns::Netns;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +17,7 @@ use tokio::process::{Child, Command};
 /// A chromedriver process and one browser session in it; both end on drop.
 struct Browser {
     driver: Child,
+    netns: Netns,
     base: String,
     session: String,
     client: reqwest::Client,
@@ -26,33 +30,48 @@ impl Browser {
 
     /// With `home`, Chromium runs with that home directory, whose NSS database
     /// (`.pki/nssdb`) is where it looks for CAs to trust besides the system's.
+    ///
+    /// Chromedriver and Chromium run in a network namespace of their own (see
+    /// [`Netns`]), and [`Browser::open`] relays the port of each URL it opens into it.
     async fn start_with_home(home: Option<&Path>) -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut driver = Command::new("chromedriver");
+        // The namespace is new, so any port is free in it.
+        const DRIVER_PORT: u16 = 9515;
+        let mut driver = Command::new("unshare");
         if let Some(home) = home {
             driver.env("HOME", home);
         }
         let driver = driver
-            .arg(format!("--port={port}"))
+            .args(["--net", "--", "sh", "-c"])
+            .arg(format!(
+                "ip link set lo up && exec chromedriver --port={DRIVER_PORT}"
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("chromedriver is installed (scripts/test.sh installs chromium-driver)");
+            .expect(
+                "unshare and chromedriver are installed (scripts/test.sh installs chromium-driver)",
+            );
+        let netns = Netns::of_process(driver.id().expect("chromedriver runs")).await;
+        let port = netns.forward_out_of(DRIVER_PORT).await;
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
         wait_for(
             "chromedriver to answer",
             Duration::from_secs(20),
             || async {
-                client
+                let status: Value = client
                     .get(format!("{base}/status"))
                     .send()
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match status["value"]["ready"].as_bool() {
+                    Some(true) => Ok(()),
+                    _ => Err(status.to_string()),
+                }
             },
         )
         .await;
@@ -78,6 +97,7 @@ impl Browser {
             .to_string();
         Browser {
             driver,
+            netns,
             base,
             session,
             client,
@@ -98,7 +118,13 @@ impl Browser {
         reply["value"].clone()
     }
 
+    /// Loads `url` (on the host's loopback), relaying its port into the browser's namespace.
     async fn open(&self, url: &str) {
+        let parsed = url::Url::parse(url).unwrap_or_else(|err| panic!("{url}: {err}"));
+        let port = parsed
+            .port_or_known_default()
+            .unwrap_or_else(|| panic!("{url} has no port"));
+        self.netns.forward_into(port).await;
         self.command("url", json!({ "url": url })).await;
     }
 
@@ -262,69 +288,36 @@ async fn browser_over_https() {
     // trust would show its interstitial page instead, which has no #log.
     let log = "return document.getElementById('log') ? document.getElementById('log').textContent : document.title";
     let logs = scratch.join("dev.log");
-    // Under the full suite the browser has been seen to close the page's connections a
-    // second after they opened (the proxy's log shows the client going without a TLS
-    // goodbye), most likely Chromium dropping its sockets on a network change: the other
-    // tests start containers, each a new network interface, all the time. So a page whose
-    // load failed (Chromium's error page, titled with the host) or whose socket closed
-    // before the echo is loaded again, up to three times.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        browser.open(&url).await;
-        let what = format!(
-            "the page's wss:// WebSocket to connect (plane dev's log: {})",
-            logs.display()
-        );
-        let loaded = wait_for(&what, Duration::from_secs(60), || async {
-            let text = browser.script(log).await;
-            let text = text.as_str().unwrap_or("").to_string();
-            let has_log = browser
-                .script("return !!document.getElementById('log')")
-                .await;
-            if text.contains("connected") {
-                Ok(true)
-            } else if has_log == json!(false) && text == "localhost" && attempt < 3 {
-                Ok(false)
-            } else if text.contains("closed") && attempt < 3 {
-                // The socket failed before it opened (seen once under a loaded full run):
-                // load the page again, as for a socket closed after opening, below.
-                Ok(false)
-            } else {
-                Err(text)
-            }
-        })
-        .await;
-        if !loaded {
-            eprintln!("the browser could not load the page (attempt {attempt}); loading it again");
-            continue;
+    browser.open(&url).await;
+    let what = format!(
+        "the page's wss:// WebSocket to connect (plane dev's log: {})",
+        logs.display()
+    );
+    wait_for(&what, Duration::from_secs(60), || async {
+        let text = browser.script(log).await;
+        match text.as_str().unwrap_or("").contains("connected") {
+            true => Ok(()),
+            false => Err(text),
         }
-        let protocol = browser.script("return location.protocol").await;
-        assert_eq!(protocol, json!("https:"));
-        browser
-            .script("document.getElementById('message').value = 'hi over wss'; document.getElementById('send').click();")
-            .await;
-        let what = format!(
-            "the echo to come back (plane dev's log: {})",
-            logs.display()
-        );
-        let outcome = wait_for(&what, Duration::from_secs(20), || async {
-            let text = browser.script(log).await;
-            let text = text.as_str().unwrap_or("").to_string();
-            if text.contains("echo: hi over wss") {
-                Ok(true)
-            } else if text.contains("closed") && attempt < 3 {
-                Ok(false)
-            } else {
-                Err(text)
-            }
-        })
+    })
+    .await;
+    let protocol = browser.script("return location.protocol").await;
+    assert_eq!(protocol, json!("https:"));
+    browser
+        .script("document.getElementById('message').value = 'hi over wss'; document.getElementById('send').click();")
         .await;
-        if outcome {
-            break;
+    let what = format!(
+        "the echo to come back (plane dev's log: {})",
+        logs.display()
+    );
+    wait_for(&what, Duration::from_secs(20), || async {
+        let text = browser.script(log).await;
+        match text.as_str().unwrap_or("").contains("echo: hi over wss") {
+            true => Ok(()),
+            false => Err(text),
         }
-        eprintln!("the browser closed the page's WebSocket (attempt {attempt}); loading it again");
-    }
+    })
+    .await;
     browser.close().await;
     let status = dev.stop().await;
     assert!(status.success(), "plane dev exit: {status}");

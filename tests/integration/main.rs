@@ -2,6 +2,7 @@
 //! Docker engine, and both databases. One module per feature.
 
 mod harness;
+mod netns;
 
 mod acme;
 mod admin;
