@@ -5,7 +5,9 @@
 //! and a lost window of 5 s.
 
 use crate::db_test;
-use crate::harness::{containers_of, holds_for, wait_for, DockerEvents, TestEnv, BACKEND_WAIT};
+use crate::harness::{
+    containers_of, holds_for, run_test, wait_for, Db, DockerEvents, TestEnv, BACKEND_WAIT,
+};
 use crate::relay::Relay;
 use plane_protocol::api::ConnectResponse;
 use plane_protocol::backend::{BackendStatus, TerminationReason};
@@ -138,3 +140,89 @@ db_test!(
         env
     }
 );
+
+/// Whether Docker runs `backend`'s container now.
+async fn running(backend: &plane_protocol::names::BackendName) -> Result<(), String> {
+    let docker = bollard::Docker::connect_with_local_defaults().map_err(|e| e.to_string())?;
+    let ids = containers_of(backend).await;
+    let id = ids
+        .first()
+        .ok_or_else(|| format!("{backend} has no container"))?;
+    let inspected = docker
+        .inspect_container(id, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    match inspected.state.and_then(|state| state.running) {
+        Some(true) => Ok(()),
+        state => Err(format!("{backend}'s container runs: {state:?}")),
+    }
+}
+
+/// A drone's status reports wait on the database (a lock the test holds on the status
+/// history) for three leases, and its heartbeats are answered meanwhile: its other backend
+/// keeps its lease and runs on. A renewal that queued behind the reports would come late,
+/// and the drone would stop that backend.
+#[tokio::test(flavor = "current_thread")]
+async fn heartbeats_are_answered_while_a_drones_status_reports_wait() {
+    run_test("renewals-apart", Db::Postgres, |env: TestEnv| async move {
+        use sqlx::Connection;
+        let steady = env.connect_ready("steady", &env.spawn_config(&[])).await;
+        let exits = env
+            .connect_ready(
+                "exits",
+                &env.spawn_config(&[("DEMO_EXIT_AFTER_MS", "5000")]),
+            )
+            .await;
+        let mut lock = sqlx::PgConnection::connect(env.db_url())
+            .await
+            .expect("a connection of the test's own");
+        sqlx::query("BEGIN")
+            .execute(&mut lock)
+            .await
+            .expect("begin");
+        // Reads go on; every status change (an insert here) waits.
+        sqlx::query("LOCK TABLE backend_status IN EXCLUSIVE MODE")
+            .execute(&mut lock)
+            .await
+            .expect("lock the status history");
+        wait_for(
+            "the second backend to exit, its report held up by the lock",
+            BACKEND_WAIT,
+            || async {
+                match running(&exits.backend_id).await {
+                    Ok(()) => Err("still running".to_string()),
+                    Err(_) => Ok(()),
+                }
+            },
+        )
+        .await;
+        assert_ne!(
+            env.status(&exits.backend_id).await.status,
+            BackendStatus::Terminated,
+            "the exit cannot have been recorded under the lock"
+        );
+        holds_for(
+            "the steady backend to run on through three leases",
+            Duration::from_secs(12),
+            || running(&steady.backend_id),
+        )
+        .await;
+        sqlx::query("COMMIT")
+            .execute(&mut lock)
+            .await
+            .expect("unlock");
+        let entry = env.wait_terminated(&exits.backend_id).await;
+        assert_eq!(entry.exit_code, Some(0), "{entry:?}");
+        running(&steady.backend_id).await.expect("still running");
+        let entry = env.status(&steady.backend_id).await;
+        assert_eq!(entry.status, BackendStatus::Ready, "{entry:?}");
+        env.terminate(
+            &steady.backend_id,
+            plane_protocol::backend::TerminationKind::Hard,
+        )
+        .await;
+        env.wait_terminated(&steady.backend_id).await;
+        env
+    })
+    .await;
+}

@@ -93,8 +93,8 @@ impl NodeHandler for DnsHandler {
         std::future::pending().await
     }
 
-    async fn on_event(&mut self, (): (), _sink: &mut NodeSink<MessageToDns>) -> Result<(), Gone> {
-        Ok(())
+    async fn on_event(&mut self, (): (), _sink: &mut NodeSink<MessageToDns>) -> Result<Flow, Gone> {
+        Ok(Flow::Continue)
     }
 
     async fn on_message(

@@ -18,7 +18,8 @@ use plane_protocol::names::{BackendName, ClusterName, NodeName};
 use plane_protocol::time::Millis;
 use std::collections::HashSet;
 use std::time::Duration;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 /// How many stored actions are loaded at a time when replaying them to a drone.
 const REPLAY_PAGE: i64 = 100;
@@ -91,16 +92,7 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
     let _registration = state
         .nodes()
         .register_drone(cluster.clone(), name.clone(), sender);
-    let mut handler = DroneHandler {
-        outbox,
-        state: state.clone(),
-        cluster: cluster.clone(),
-        name: name.clone(),
-        generation,
-        // Subscribed before the first read, so an action stored meanwhile is not missed.
-        waiting: state.bus().subscribe_actions(),
-        sent: HashSet::new(),
-    };
+    let mut handler = DroneHandler::new(&state, &cluster, &name, generation, outbox);
     // `last_seen` stays at the last heartbeat: the lost window counts from there.
     node_session::serve(
         &state,
@@ -114,29 +106,61 @@ async fn drone_session(state: ControllerState, cluster: ClusterName, socket: Web
     .await;
 }
 
+/// How many of a drone's status reports and acks may wait for the applier before the
+/// session stops reading the socket.
+const ORDERED_BACKLOG: usize = 256;
+
 /// A drone's session: sends it every stored action it has not acked (first all that are
 /// waiting, then new ones as the change bus announces them), and handles what it sends.
+///
+/// What the drone sends is handled off the socket's loop, by two tasks of the session, so
+/// that reading never waits for the database:
+/// - the **applier** records status reports and acks one at a time, in the drone's order;
+/// - the **renewer** answers heartbeats. A heartbeat must not queue behind a burst of status
+///   reports: the drone counts its leases down from the moment it sent it, and a late
+///   answer makes it stop healthy backends. Only the newest heartbeat waiting is answered,
+///   since it names every backend the drone still runs and was sent last.
 struct DroneHandler {
     /// Messages for the drone that are not backend actions (prepulls, log reads).
-    outbox: tokio::sync::mpsc::UnboundedReceiver<MessageToDrone>,
+    outbox: mpsc::UnboundedReceiver<MessageToDrone>,
     state: ControllerState,
     cluster: ClusterName,
     name: NodeName,
-    /// This session's number among all sessions of the drone; only the newest renews.
-    generation: i64,
     waiting: broadcast::Receiver<ActionsWaiting>,
     /// Actions sent in this session and not yet acked; a new session sends them again.
     sent: HashSet<i64>,
+    /// To the renewer: the newest heartbeat not yet answered.
+    heartbeats: watch::Sender<Option<Heartbeat>>,
+    /// To the applier.
+    ordered: mpsc::Sender<MessageFromDrone>,
+    /// From the applier and the renewer: what to send the drone.
+    replies: mpsc::UnboundedReceiver<Reply>,
+    _workers: [AbortOnDropHandle<()>; 2],
+}
+
+/// A heartbeat: the backends the drone runs, and its number.
+#[derive(Clone)]
+struct Heartbeat {
+    backends: Vec<BackendName>,
+    seq: u64,
 }
 
 type DroneSink = NodeSink<MessageToDrone>;
 
+/// Something for the session's loop to do.
+enum DroneEvent {
+    /// A message that is not a backend action.
+    Outbox(MessageToDrone),
+    /// An action was stored for this drone (or notices were missed, so one may have been).
+    ActionsWaiting,
+    /// The applier's or the renewer's answer.
+    Reply(Reply),
+}
+
 impl NodeHandler for DroneHandler {
     type FromNode = MessageFromDrone;
     type ToNode = MessageToDrone;
-    /// An action was stored for this drone (or notices were missed, so one may have been).
-    /// Actions are waiting (`None`), or a message to send.
-    type Event = Option<MessageToDrone>;
+    type Event = DroneEvent;
 
     async fn start(&mut self, sink: &mut DroneSink) -> Result<(), Gone> {
         self.send_pending_actions(sink).await
@@ -145,57 +169,128 @@ impl NodeHandler for DroneHandler {
     async fn next_event(&mut self) -> Option<Self::Event> {
         loop {
             tokio::select! {
-                Some(message) = self.outbox.recv() => return Some(Some(message)),
+                Some(message) = self.outbox.recv() => return Some(DroneEvent::Outbox(message)),
+                Some(reply) = self.replies.recv() => return Some(DroneEvent::Reply(reply)),
                 waiting = self.waiting.recv() => match waiting {
-                    Ok(notice) if notice.concerns(&self.cluster, &self.name) => return Some(None),
+                    Ok(notice) if notice.concerns(&self.cluster, &self.name) => return Some(DroneEvent::ActionsWaiting),
                     Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(None),
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(DroneEvent::ActionsWaiting),
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
             }
         }
     }
 
-    async fn on_event(&mut self, event: Self::Event, sink: &mut DroneSink) -> Result<(), Gone> {
+    async fn on_event(&mut self, event: Self::Event, sink: &mut DroneSink) -> Result<Flow, Gone> {
         match event {
-            Some(message) => sink.send(&message).await,
-            None => self.send_pending_actions(sink).await,
+            DroneEvent::Outbox(message) | DroneEvent::Reply(Reply::Send(message)) => {
+                sink.send(&message).await?;
+            }
+            DroneEvent::ActionsWaiting => self.send_pending_actions(sink).await?,
+            // Forgotten only once its ack is recorded: until then a catch-up would still load
+            // it, and must not send it again.
+            DroneEvent::Reply(Reply::AckHandled(action_id)) => {
+                self.sent.remove(&action_id);
+            }
+            DroneEvent::Reply(Reply::Close(message)) => {
+                let _ = sink.send(&message).await;
+                return Ok(Flow::Close);
+            }
         }
+        Ok(Flow::Continue)
     }
 
     async fn on_message(
         &mut self,
         message: MessageFromDrone,
-        sink: &mut DroneSink,
+        _sink: &mut DroneSink,
     ) -> Result<Flow, Gone> {
-        if let MessageFromDrone::ActionAck { action_id } = &message {
-            self.sent.remove(action_id);
-        }
-        match self.handle_message(message).await {
-            Reply::Nothing => Ok(Flow::Continue),
-            Reply::Send(reply) => sink.send(&reply).await.map(|()| Flow::Continue),
-            Reply::Close(reply) => {
-                let _ = sink.send(&reply).await;
-                Ok(Flow::Close)
+        let (state, drone) = (&self.state, &self.name);
+        match message {
+            MessageFromDrone::Hello { .. } => {
+                tracing::warn!(%drone, "duplicate hello ignored");
+            }
+            MessageFromDrone::Heartbeat { backends, seq } => {
+                self.heartbeats
+                    .send_replace(Some(Heartbeat { backends, seq }));
+            }
+            ordered @ (MessageFromDrone::ActionAck { .. } | MessageFromDrone::BackendEvent(_)) => {
+                self.apply_in_order(ordered).await?;
+            }
+            MessageFromDrone::PrepullDone { request_id, error } => {
+                state.nodes().prepull_done(request_id, drone.clone(), error);
+            }
+            MessageFromDrone::LogLines { request_id, lines } => {
+                state.nodes().log_event(request_id, LogEvent::Lines(lines));
+            }
+            MessageFromDrone::LogsEnd {
+                request_id,
+                outcome,
+            } => {
+                state.nodes().log_event(request_id, LogEvent::End(outcome));
             }
         }
+        Ok(Flow::Continue)
     }
 
     async fn finish(&mut self) {}
 }
 
-/// Sends every stored, unacked action of the drone not yet sent in this session, oldest
-/// first. In pages, so a drone with a huge backlog neither holds a big result in memory nor
-/// keeps the database busy with one long read. `Err` when the socket failed.
-/// What to do after handling a message.
+/// What the applier or the renewer has done.
 enum Reply {
-    Nothing,
+    /// This is to be sent to the drone.
     Send(MessageToDrone),
+    /// The drone's ack of this action is recorded, or failed to be (then a catch-up sends
+    /// the action again, and the drone acks it again).
+    AckHandled(i64),
     /// Send this, then end the session.
     Close(MessageToDrone),
 }
 
 impl DroneHandler {
+    fn new(
+        state: &ControllerState,
+        cluster: &ClusterName,
+        name: &NodeName,
+        generation: i64,
+        outbox: mpsc::UnboundedReceiver<MessageToDrone>,
+    ) -> DroneHandler {
+        let (replies_to_session, replies) = mpsc::unbounded_channel();
+        let (heartbeats, newest_heartbeat) = watch::channel(None);
+        let (ordered, in_order) = mpsc::channel(ORDERED_BACKLOG);
+        let session = DroneSession {
+            state: state.clone(),
+            cluster: cluster.clone(),
+            name: name.clone(),
+            generation,
+            replies: replies_to_session,
+        };
+        let renewer =
+            AbortOnDropHandle::new(tokio::spawn(session.clone().renew_leases(newest_heartbeat)));
+        let applier = AbortOnDropHandle::new(tokio::spawn(session.apply_in_order(in_order)));
+        DroneHandler {
+            outbox,
+            state: state.clone(),
+            cluster: cluster.clone(),
+            name: name.clone(),
+            // Subscribed before the first read, so an action stored meanwhile is not missed.
+            waiting: state.bus().subscribe_actions(),
+            sent: HashSet::new(),
+            heartbeats,
+            ordered,
+            replies,
+            _workers: [renewer, applier],
+        }
+    }
+
+    /// Hands a status report or ack to the applier; waits only when it is far behind.
+    async fn apply_in_order(&self, message: MessageFromDrone) -> Result<(), Gone> {
+        self.ordered.send(message).await.map_err(|_| Gone)
+    }
+
+    /// Sends every stored, unacked action of the drone not yet sent in this session, oldest
+    /// first. In pages, so a drone with a huge backlog neither holds a big result in memory
+    /// nor keeps the database busy with one long read. `Err` when the socket failed.
     async fn send_pending_actions(&mut self, sink: &mut DroneSink) -> Result<(), Gone> {
         let (state, cluster, name) = (&self.state, &self.cluster, &self.name);
         let mut after = 0;
@@ -223,42 +318,49 @@ impl DroneHandler {
             }
         }
     }
+}
 
-    /// Handles one message.
-    async fn handle_message(&self, message: MessageFromDrone) -> Reply {
+/// What the session's applier and renewer share.
+#[derive(Clone)]
+struct DroneSession {
+    state: ControllerState,
+    cluster: ClusterName,
+    name: NodeName,
+    /// This session's number among all sessions of the drone; only the newest renews.
+    generation: i64,
+    replies: mpsc::UnboundedSender<Reply>,
+}
+
+impl DroneSession {
+    /// The applier: records the drone's status reports and acks in the order it sent them.
+    async fn apply_in_order(self, mut in_order: mpsc::Receiver<MessageFromDrone>) {
         let (state, cluster, drone) = (&self.state, &self.cluster, &self.name);
-        match message {
-            MessageFromDrone::Hello { .. } => {
-                tracing::warn!(%drone, "duplicate hello ignored");
-                Reply::Nothing
-            }
-            MessageFromDrone::Heartbeat { backends, seq } => self.renew_leases(backends, seq).await,
-            MessageFromDrone::ActionAck { action_id } => {
-                if let Err(err) = state.store().ack_action(cluster, drone, action_id).await {
-                    tracing::warn!(%drone, action_id, error = %err, "could not record action ack");
+        while let Some(message) = in_order.recv().await {
+            match message {
+                MessageFromDrone::ActionAck { action_id } => {
+                    if let Err(err) = state.store().ack_action(cluster, drone, action_id).await {
+                        tracing::warn!(%drone, action_id, error = %err, "could not record action ack");
+                    }
+                    let _ = self.replies.send(Reply::AckHandled(action_id));
                 }
-                Reply::Nothing
-            }
-            MessageFromDrone::BackendEvent(event) => {
-                match apply_event(state, cluster, drone, event).await {
-                    Some(ack) => Reply::Send(ack),
-                    None => Reply::Nothing,
+                MessageFromDrone::BackendEvent(event) => {
+                    if let Some(ack) = apply_event(state, cluster, drone, event).await {
+                        let _ = self.replies.send(Reply::Send(ack));
+                    }
                 }
+                _ => {}
             }
-            MessageFromDrone::PrepullDone { request_id, error } => {
-                state.nodes().prepull_done(request_id, drone.clone(), error);
-                Reply::Nothing
-            }
-            MessageFromDrone::LogLines { request_id, lines } => {
-                state.nodes().log_event(request_id, LogEvent::Lines(lines));
-                Reply::Nothing
-            }
-            MessageFromDrone::LogsEnd {
-                request_id,
-                outcome,
-            } => {
-                state.nodes().log_event(request_id, LogEvent::End(outcome));
-                Reply::Nothing
+        }
+    }
+
+    /// The renewer: answers the newest heartbeat, each time one arrives.
+    async fn renew_leases(self, mut newest: watch::Receiver<Option<Heartbeat>>) {
+        while newest.changed().await.is_ok() {
+            let Some(heartbeat) = newest.borrow_and_update().clone() else {
+                continue;
+            };
+            if let Some(reply) = self.renewal(heartbeat).await {
+                let _ = self.replies.send(reply);
             }
         }
     }
@@ -268,7 +370,7 @@ impl DroneHandler {
     /// clock, which is what keeps a key from running twice. A session that a newer one of the
     /// same drone has replaced renews nothing and is closed: two drones claiming one name must
     /// never both hold leases.
-    async fn renew_leases(&self, backends: Vec<BackendName>, seq: u64) -> Reply {
+    async fn renewal(&self, Heartbeat { backends, seq }: Heartbeat) -> Option<Reply> {
         let (state, drone) = (&self.state, &self.name);
         let lease_ms = state.config().lease_ms;
         let renewed = match state
@@ -286,13 +388,13 @@ impl DroneHandler {
             Ok(Some(renewed)) => renewed,
             Ok(None) => {
                 tracing::warn!(%drone, generation = self.generation, "a newer session of this drone replaced this one; closing it");
-                return Reply::Close(MessageToDrone::Refused {
+                return Some(Reply::Close(MessageToDrone::Refused {
                 reason: "a newer session of a drone with this name has replaced this one; is another drone using the same --name?".into(),
-            });
+            }));
             }
             Err(err) => {
                 tracing::warn!(%drone, error = %err, "could not renew leases");
-                return Reply::Nothing;
+                return None;
             }
         };
         let renewed_set: HashSet<&BackendName> = renewed.iter().collect();
@@ -304,12 +406,12 @@ impl DroneHandler {
         if !gone.is_empty() {
             tracing::warn!(%drone, ?gone, "drone runs backends whose leases are gone; telling it to stop them");
         }
-        Reply::Send(MessageToDrone::LeaseRenewal {
+        Some(Reply::Send(MessageToDrone::LeaseRenewal {
             seq,
             lease_ms,
             renewed,
             gone,
-        })
+        }))
     }
 }
 

@@ -135,7 +135,7 @@ pub async fn register<Out: Serialize>(
     }
 }
 
-/// Whether the session goes on after a message.
+/// Whether the session goes on after a message or event.
 pub enum Flow {
     Continue,
     /// End the session (the handler has sent what it had to say).
@@ -163,7 +163,7 @@ pub trait NodeHandler: Send {
         &mut self,
         event: Self::Event,
         sink: &mut NodeSink<Self::ToNode>,
-    ) -> impl Future<Output = Result<(), Gone>> + Send;
+    ) -> impl Future<Output = Result<Flow, Gone>> + Send;
 
     fn on_message(
         &mut self,
@@ -201,7 +201,7 @@ pub async fn serve<H: NodeHandler>(
                     break;
                 }
                 event = handler.next_event() => match event {
-                    Some(event) => handler.on_event(event, sink).await.map(|()| Flow::Continue),
+                    Some(event) => handler.on_event(event, sink).await,
                     None => break,
                 },
                 incoming = stream.receive() => {

@@ -148,11 +148,11 @@ impl NodeHandler for ProxyHandler {
         }
     }
 
-    async fn on_event(&mut self, event: Self::Event, sink: &mut ProxySink) -> Result<(), Gone> {
-        match event {
-            Some(message) => sink.send(&message).await,
-            None => Ok(()),
+    async fn on_event(&mut self, event: Self::Event, sink: &mut ProxySink) -> Result<Flow, Gone> {
+        if let Some(message) = event {
+            sink.send(&message).await?;
         }
+        Ok(Flow::Continue)
     }
 
     async fn on_message(

@@ -524,7 +524,7 @@ impl Store {
         lease_ms: u64,
     ) -> StoreResult<Option<Vec<BackendName>>> {
         let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.liveness.begin().await?;
         let current = sqlx::query(
             "UPDATE node SET last_seen = $1, lost_at = NULL \
              WHERE cluster = $2 AND kind = 'drone' AND name = $3 AND generation = $4",

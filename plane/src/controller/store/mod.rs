@@ -150,6 +150,10 @@ pub const REVOCATIONS_CHANNEL: &str = "plane_revocations";
 /// Read-only connections to a SQLite database, beside its one writer.
 const SQLITE_READERS: u32 = 4;
 
+/// PostgreSQL connections kept for lease renewals alone (see [`Store::renew_leases`]): each
+/// is one short transaction per drone heartbeat.
+const LIVENESS_CONNECTIONS: u32 = 2;
+
 /// Cheap to clone: the pools and the signal channel are reference-counted.
 #[derive(Clone)]
 pub struct Store {
@@ -159,6 +163,10 @@ pub struct Store {
     /// hold it up, while everything on `pool` queues on its single connection. On
     /// PostgreSQL, `pool` itself.
     readers: AnyPool,
+    /// Where drones' lease renewals go. On PostgreSQL, connections of their own: a renewal
+    /// that queues behind a burst of connects arrives late, and a drone whose renewals are
+    /// late stops its healthy backends. On SQLite, `pool`: there is one writer either way.
+    liveness: AnyPool,
     /// Joins' tokens, written in shared commits (see [`Store::add_token`]).
     token_batch: std::sync::Arc<tokens::TokenBatch>,
     /// See [`Store::status_epoch`].
@@ -272,10 +280,20 @@ impl Store {
                 .context("opening the SQLite read connections")?,
             DatabaseKind::Postgres => pool.clone(),
         };
+        let liveness = match kind {
+            DatabaseKind::Sqlite => pool.clone(),
+            DatabaseKind::Postgres => AnyPoolOptions::new()
+                .max_connections(LIVENESS_CONNECTIONS)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&url)
+                .await
+                .context("opening the PostgreSQL connections for lease renewals")?,
+        };
         let (signals, _) = broadcast::channel(4096);
         Ok(Store {
             pool,
             readers,
+            liveness,
             token_batch: Default::default(),
             status_epoch: Default::default(),
             kind,
