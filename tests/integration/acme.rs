@@ -25,6 +25,9 @@ use tokio_tungstenite::tungstenite::Message;
 const EAB_KID: &str = "kid-1";
 const EAB_HMAC_KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
 
+/// How many times pebble is started before a test gives up on it.
+const PEBBLE_ATTEMPTS: u32 = 5;
+
 /// A pebble process on free loopback ports, serving HTTPS with a certificate from a CA of
 /// the test's own, resolving challenges through `dns`. Killed when dropped.
 struct Pebble {
@@ -39,9 +42,6 @@ struct Pebble {
 
 impl Pebble {
     async fn start(dir: &Path, dns: SocketAddr, require_eab: bool) -> Pebble {
-        let binary = which("pebble").expect(
-            "Debian's pebble is installed (the test command installs it: apt-get install pebble)",
-        );
         std::fs::create_dir_all(dir).expect("pebble dir");
         let ca_key = rcgen::KeyPair::generate().expect("key");
         let mut ca_params = rcgen::CertificateParams::new(vec![]).expect("params");
@@ -58,6 +58,34 @@ impl Pebble {
         std::fs::write(dir.join("pebble-cert.pem"), leaf.pem()).expect("write cert");
         std::fs::write(dir.join("pebble-key.pem"), key.serialize_pem()).expect("write key");
 
+        // The ports are free when chosen but pebble binds them itself, so a test running
+        // beside this one may take one first; pebble then exits, and is started again on
+        // others.
+        let mut attempt = 1;
+        loop {
+            match Self::spawn(dir, dns, require_eab, &ca, &tls_ca_file).await {
+                Ok(pebble) => return pebble,
+                Err(lost) if attempt < PEBBLE_ATTEMPTS => {
+                    eprintln!("pebble exited at start ({lost}); again on other ports");
+                    attempt += 1;
+                }
+                Err(lost) => panic!("pebble exited at start {attempt} times; last: {lost}"),
+            }
+        }
+    }
+
+    /// Starts pebble on ports free now and waits for its directory. `Err` (with its log)
+    /// if it exits first.
+    async fn spawn(
+        dir: &Path,
+        dns: SocketAddr,
+        require_eab: bool,
+        ca: &rcgen::Certificate,
+        tls_ca_file: &Path,
+    ) -> Result<Pebble, String> {
+        let binary = which("pebble").expect(
+            "Debian's pebble is installed (the test command installs it: apt-get install pebble)",
+        );
         let (port, management) = (free_port(), free_port());
         let config = serde_json::json!({
             "pebble": {
@@ -96,39 +124,44 @@ impl Pebble {
             .kill_on_drop(true)
             .spawn()
             .expect("start pebble");
-        let pebble = Pebble {
+        let mut pebble = Pebble {
             child,
             directory: format!("https://127.0.0.1:{port}/dir")
                 .parse()
                 .expect("url"),
             management: format!("127.0.0.1:{management}").parse().expect("addr"),
-            tls_ca_file,
+            tls_ca_file: tls_ca_file.to_path_buf(),
             tls_ca_pem: ca.pem(),
             log,
         };
         let client = pebble.client();
         let directory = pebble.directory.clone();
-        wait_for(
-            "pebble to serve its directory",
-            Duration::from_secs(20),
-            || {
-                let (client, directory) = (client.clone(), directory.clone());
-                async move {
-                    let answer = client
-                        .get(directory)
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(exit)) = pebble.child.try_wait() {
+                let log = std::fs::read_to_string(&pebble.log).unwrap_or_default();
+                return Err(format!("{exit}: {}", log.lines().last().unwrap_or("")));
+            }
+            let served = client
+                .get(directory.clone())
+                .send()
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|answer| {
                     answer
                         .status()
                         .is_success()
                         .then_some(())
-                        .ok_or("not yet".to_string())
+                        .ok_or(format!("answered {}", answer.status()))
+                });
+            match served {
+                Ok(()) => return Ok(pebble),
+                Err(last) if tokio::time::Instant::now() >= deadline => {
+                    panic!("timed out after 20s waiting for pebble to serve its directory; last seen: {last}")
                 }
-            },
-        )
-        .await;
-        pebble
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     fn client(&self) -> reqwest::Client {

@@ -125,6 +125,16 @@ where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    // Leases long enough to outlast what comes between the backup and the restored
+    // controller's first renewal (more connects, a cold start, a restart): the copy holds
+    // the leases as they were at the backup, and one that has run out there is rightly
+    // never renewed, so under the harness's 4 s lease a loaded machine would see the
+    // restored backends declared lost, which is not what this test is about.
+    env.restart_controller_with(|config| {
+        config.lease_ms = 60_000;
+        config.lost_window_ms = 60_000;
+    })
+    .await;
     let spawn = env.spawn_config(&[]);
     for k in 0..KEYS {
         env.connect_ready(&format!("k{k}"), &spawn).await;
