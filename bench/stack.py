@@ -95,6 +95,55 @@ def cpu_seconds(pids):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds():
+    """CPU time the whole machine has spent busy (every core, everything but idle and
+    I/O wait), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds():
+    """CPU time of every live process, by pid: (command, own seconds, seconds of the
+    children it has reaped). A window's figure counts processes started within it in full."""
+    found = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        found[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / tick,
+                             (int(fields[13]) + int(fields[14])) / tick)
+    return found
+
+
+# The Docker engine's processes: the daemons, one shim per container (and runc, which it
+# runs: its time is the shim's once the shim has reaped it).
+ENGINE_COMMANDS = ("dockerd", "containerd", "docker-proxy")
+
+
+def cpu_by_command(before, after):
+    """CPU seconds per command between two `process_cpu_seconds()` readings, the Docker
+    engine's processes (with what they reaped) under one name, most first."""
+    spent = {}
+    for pid, (name, own, reaped) in after.items():
+        _, own_before, reaped_before = before.get(pid, (name, 0.0, 0.0))
+        seconds = own - own_before
+        if name.startswith(ENGINE_COMMANDS):
+            name = "docker engine"
+            seconds += reaped - reaped_before
+        if seconds > 0:
+            spent[name] = spent.get(name, 0.0) + seconds
+    return sorted(spent.items(), key=lambda item: -item[1])
+
+
 def raise_fd_limit(wanted):
     """Raises this process's open-file limit (inherited by what it starts) towards `wanted`,
     the hard limit too where allowed; returns the soft limit now in force."""
