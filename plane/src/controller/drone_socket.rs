@@ -311,10 +311,15 @@ impl DroneHandler {
                 return Ok(());
             };
             after = last.action_id;
+            let whole_page = page.len() as i64 == REPLAY_PAGE;
             for action in page {
                 if self.sent.insert(action.action_id) {
                     sink.send(&MessageToDrone::Action(action)).await?;
                 }
+            }
+            if !whole_page {
+                // That was the last page: no read that can only come back empty.
+                return Ok(());
             }
         }
     }
@@ -477,23 +482,21 @@ async fn apply_event(
         .await;
     match result {
         // The change bus carries it to streams, route waits and proxies.
-        Ok(Some(change)) => {
+        Ok(Some(applied)) => {
             tracing::info!(backend = %event.backend_id, status = %event.update.status, "backend status");
             let first_ready =
                 event.update.status == BackendStatus::Ready && event.update.health.is_none();
-            if first_ready {
-                // A warm backend's start was paid before anyone waited for it.
-                if let Ok(Some(row)) = state.store().backend(&event.backend_id).await {
-                    if row.warm_fingerprint.is_some() {
-                        return Some(MessageToDrone::EventAck {
-                            event_id: event.event_id,
-                        });
-                    }
-                    let took = change.time.0.saturating_sub(row.created_at.0).max(0);
-                    state
-                        .metrics()
-                        .backend_ready(Duration::from_millis(took as u64));
-                }
+            // A warm backend's start was paid before anyone waited for it.
+            if first_ready && !applied.warm {
+                let took = applied
+                    .entry
+                    .time
+                    .0
+                    .saturating_sub(applied.created_at.0)
+                    .max(0);
+                state
+                    .metrics()
+                    .backend_ready(Duration::from_millis(took as u64));
             }
         }
         Ok(None) => {

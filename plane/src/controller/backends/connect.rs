@@ -6,7 +6,7 @@ use super::placement::pick_drone;
 use super::validate::{
     validate_caller, validate_connect, validate_spawn_config, validate_token_ttl,
 };
-use crate::controller::bus::ChangeBus;
+use crate::controller::bus::{ChangeBus, NextStatus};
 use crate::controller::error::ControllerError;
 use crate::controller::store::{
     Admission, BackendRow, ClaimOutcome, ClaimRequest, NewBackend, NewToken, StatusChange,
@@ -429,20 +429,21 @@ async fn claim_warm(
     let backend_id = claimed.backend_id;
     tracing::info!(backend = %backend_id, drone = %claimed.drone, %cluster, key = ?key.map(|k| &k.name), fencing_token = ?claimed.fencing_token, "warm backend claimed");
     let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
-    let status = loop {
-        let status = state
-            .store()
-            .backend(&backend_id)
-            .await?
-            .map_or(BackendStatus::Terminated, |b| b.status);
-        if status == BackendStatus::Ready || status.is_terminating() {
-            break status;
-        }
-        if !ChangeBus::wait_for_change_of(&mut changes, &backend_id, deadline).await {
+    // What changes after the claim comes on the bus (subscribed before it); the backend is
+    // read again only if this receiver missed some.
+    let mut status = claimed.status;
+    while status != BackendStatus::Ready && !status.is_terminating() {
+        status = match ChangeBus::next_status_of(&mut changes, &backend_id, deadline).await {
+            NextStatus::Changed(next) => next,
+            NextStatus::Missed => state
+                .store()
+                .backend(&backend_id)
+                .await?
+                .map_or(BackendStatus::Terminated, |b| b.status),
             // Slow to answer: the caller follows its status like any other backend's.
-            break status;
-        }
-    };
+            NextStatus::TimedOut => break,
+        };
+    }
     if status.is_terminating() {
         tracing::warn!(backend = %backend_id, "the claimed warm backend did not accept its claim; starting one cold");
         return Ok(Some(Spawned::ClaimRefused));

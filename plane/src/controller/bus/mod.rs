@@ -68,6 +68,27 @@ impl ChangeBus {
         self.actions.subscribe()
     }
 
+    /// The next status of `backend` that `changes` delivers, taken from the change itself,
+    /// so a waiter that follows one backend needs no read per change.
+    pub async fn next_status_of(
+        changes: &mut broadcast::Receiver<Arc<StatusChange>>,
+        backend: &plane_protocol::names::BackendName,
+        deadline: tokio::time::Instant,
+    ) -> NextStatus {
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => return NextStatus::TimedOut,
+                Ok(Ok(change)) if &change.backend_id == backend => {
+                    return NextStatus::Changed(change.entry.status)
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => return NextStatus::Missed,
+                // The bus has stopped (the controller is shutting down): nothing more comes.
+                Ok(Err(broadcast::error::RecvError::Closed)) => return NextStatus::TimedOut,
+            }
+        }
+    }
+
     /// Waits until `changes` delivers a change of `backend` (or reports lag, after which
     /// the caller should re-read). Returns false if `deadline` passes first.
     pub async fn wait_for_change_of(
@@ -83,6 +104,17 @@ impl ChangeBus {
             }
         }
     }
+}
+
+/// What [`ChangeBus::next_status_of`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextStatus {
+    /// The backend changed to this status.
+    Changed(plane_protocol::backend::BackendStatus),
+    /// The receiver lagged and changes were lost: read the backend again.
+    Missed,
+    /// The deadline passed first.
+    TimedOut,
 }
 
 /// Starts the bus: it runs until `cancel` fires. Status changes that are already stored

@@ -27,7 +27,8 @@ impl Store {
         .bind(drone.as_str())
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        // Looked for once the writing commit signalled, so a read connection sees them.
+        .fetch_all(&self.readers)
         .await?;
         rows.iter()
             .map(|row| {

@@ -109,6 +109,29 @@ pub struct StatusChange {
     pub entry: BackendStatusStreamEntry,
 }
 
+/// A drone's report as [`Store::apply_status`] recorded it, with what the session needs
+/// of the backend to account for it (read in the same statement, not after).
+#[derive(Clone, Debug)]
+pub struct AppliedStatus {
+    pub entry: BackendStatusStreamEntry,
+    pub created_at: Millis,
+    /// Started for a warm pool: its start was paid before anyone waited for it.
+    pub warm: bool,
+}
+
+impl AppliedStatus {
+    fn of(entry: BackendStatusStreamEntry, backend: &AnyRow) -> StoreResult<AppliedStatus> {
+        let warm_fingerprint: Option<String> = backend
+            .try_get("warm_fingerprint")
+            .map_err(anyhow::Error::from)?;
+        Ok(AppliedStatus {
+            entry,
+            created_at: Millis(backend.try_get("created_at").map_err(anyhow::Error::from)?),
+            warm: warm_fingerprint.is_some(),
+        })
+    }
+}
+
 pub(super) fn parse_column<T>(
     row: &AnyRow,
     column: &str,
@@ -436,12 +459,12 @@ impl Store {
         drone: &NodeName,
         update: &BackendStateUpdate,
         now: Millis,
-    ) -> StoreResult<Option<BackendStatusStreamEntry>> {
+    ) -> StoreResult<Option<AppliedStatus>> {
         if update.health.is_some() {
             return self.apply_health(id, cluster, drone, update, now).await;
         }
         let mut tx = self.pool.begin().await?;
-        let result = sqlx::query(
+        let moved = sqlx::query(
             "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
              address = COALESCE($4, address), \
              termination_kind = COALESCE($5, termination_kind), \
@@ -449,7 +472,8 @@ impl Store {
              exit_code = COALESCE($7, exit_code), message = COALESCE($8, message), \
              last_active_at = CASE WHEN $1 = 'ready' THEN $3 ELSE last_active_at END \
              WHERE id = $9 AND cluster = $10 AND drone = $11 AND status_number < $2 \
-             AND ($1 <> 'ready' OR warm_state IS NULL OR warm_state = 'claimed')",
+             AND ($1 <> 'ready' OR warm_state IS NULL OR warm_state = 'claimed') \
+             RETURNING created_at, warm_fingerprint",
         )
         .bind(update.status.as_str())
         .bind(i64::from(update.status.number()))
@@ -462,17 +486,17 @@ impl Store {
         .bind(id.as_str())
         .bind(cluster.as_str())
         .bind(drone.as_str())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if result.rows_affected() == 0 {
+        let Some(moved) = moved else {
             return Ok(None);
-        }
+        };
         let entry = insert_history(&mut tx, id, update, now).await?;
         if update.status == BackendStatus::Terminated {
             keys::release(&mut tx, id).await?;
         }
         self.commit_and_signal(tx, &[Signal::Status]).await?;
-        Ok(Some(entry))
+        AppliedStatus::of(entry, &moved).map(Some)
     }
 
     /// Records a change of a ready backend's health as an entry of its history (status
@@ -484,23 +508,23 @@ impl Store {
         drone: &NodeName,
         update: &BackendStateUpdate,
         now: Millis,
-    ) -> StoreResult<Option<BackendStatusStreamEntry>> {
+    ) -> StoreResult<Option<AppliedStatus>> {
         let mut tx = self.pool.begin().await?;
         let ready = sqlx::query(
-            "SELECT 1 AS one FROM backend WHERE id = $1 AND cluster = $2 AND drone = $3 \
-             AND status = 'ready'",
+            "SELECT created_at, warm_fingerprint FROM backend \
+             WHERE id = $1 AND cluster = $2 AND drone = $3 AND status = 'ready'",
         )
         .bind(id.as_str())
         .bind(cluster.as_str())
         .bind(drone.as_str())
         .fetch_optional(&mut *tx)
         .await?;
-        if ready.is_none() {
+        let Some(ready) = ready else {
             return Ok(None);
-        }
+        };
         let entry = insert_history(&mut tx, id, update, now).await?;
         self.commit_and_signal(tx, &[Signal::Status]).await?;
-        Ok(Some(entry))
+        AppliedStatus::of(entry, &ready).map(Some)
     }
 
     /// Renews the leases of the backends `drone` says it runs, for `lease_ms` from now on

@@ -20,7 +20,8 @@ impl Store {
         )
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        // Read after the writing commit signalled, so a read connection sees it.
+        .fetch_all(&self.readers)
         .await?;
         rows.iter()
             .map(|row| {

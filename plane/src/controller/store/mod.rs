@@ -17,7 +17,8 @@ mod tokens;
 mod warm;
 
 pub use backends::{
-    Admission, BackendRow, CreatedBackend, NewBackend, Refusal, StatusChange, WarmSpawn,
+    Admission, AppliedStatus, BackendRow, CreatedBackend, NewBackend, Refusal, StatusChange,
+    WarmSpawn,
 };
 pub use census::Counted;
 pub use keys::KeyHolder;

@@ -76,6 +76,9 @@ pub struct Claimed {
     pub backend_id: BackendName,
     pub drone: NodeName,
     pub fencing_token: Option<i64>,
+    /// Its status when claimed: neither `ready` (a warm backend becomes ready only once
+    /// claimed) nor terminating.
+    pub status: BackendStatus,
 }
 
 /// How a claim ended.
@@ -309,7 +312,7 @@ impl Store {
             super::DatabaseKind::Sqlite => "",
         };
         let candidate = sqlx::query(&format!(
-            "SELECT b.id, b.drone FROM backend b JOIN node n \
+            "SELECT b.id, b.drone, b.status FROM backend b JOIN node n \
                ON n.cluster = b.cluster AND n.kind = 'drone' AND n.name = b.drone \
              WHERE b.cluster = $1 AND b.pool = $2 AND b.warm_fingerprint = $3 \
              AND b.warm_state = $4 AND b.status_number < $5 AND b.termination_requested IS NULL \
@@ -330,6 +333,7 @@ impl Store {
         };
         let backend_id: BackendName = parse_column(&candidate, "id", |s| s.parse().ok())?;
         let drone: NodeName = parse_column(&candidate, "drone", |s| s.parse().ok())?;
+        let status = parse_column(&candidate, "status", BackendStatus::parse)?;
         let expires_at = claim
             .lifetime_limit_seconds
             .map(|seconds| claim.now.plus_seconds(seconds).0);
@@ -395,6 +399,7 @@ impl Store {
             backend_id,
             drone,
             fencing_token,
+            status,
         }))
     }
 
