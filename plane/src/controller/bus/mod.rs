@@ -276,3 +276,73 @@ impl Runner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plane_protocol::backend::{BackendStatus, BackendStatusStreamEntry};
+    use plane_protocol::names::BackendName;
+    use plane_protocol::time::Millis;
+
+    fn change(backend: &BackendName, status: BackendStatus) -> Arc<StatusChange> {
+        Arc::new(StatusChange {
+            sequence: 1,
+            backend_id: backend.clone(),
+            cluster: "plane.test".parse().expect("cluster"),
+            entry: BackendStatusStreamEntry {
+                status,
+                termination_reason: None,
+                termination_kind: None,
+                exit_error: None,
+                exit_code: None,
+                message: None,
+                health: None,
+                time: Millis(0),
+            },
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_status_of_skips_other_backends_and_says_when_changes_were_missed() {
+        let (ours, other) = (BackendName::new_random(), BackendName::new_random());
+        let (sender, mut changes) = broadcast::channel(2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+
+        sender
+            .send(change(&other, BackendStatus::Ready))
+            .expect("send");
+        sender
+            .send(change(&ours, BackendStatus::Ready))
+            .expect("send");
+        assert_eq!(
+            ChangeBus::next_status_of(&mut changes, &ours, deadline).await,
+            NextStatus::Changed(BackendStatus::Ready)
+        );
+
+        // Three changes into a channel of two: the oldest is lost, and the waiter is told
+        // to read the backend again rather than trust what it saw.
+        for _ in 0..3 {
+            sender
+                .send(change(&other, BackendStatus::Waiting))
+                .expect("send");
+        }
+        assert_eq!(
+            ChangeBus::next_status_of(&mut changes, &ours, deadline).await,
+            NextStatus::Missed
+        );
+
+        // Nothing more for ours: the deadline (paused time moves on to it).
+        assert_eq!(
+            ChangeBus::next_status_of(&mut changes, &ours, deadline).await,
+            NextStatus::TimedOut
+        );
+
+        // A bus that has stopped delivers nothing more, so the waiter does not spin.
+        drop(sender);
+        let later = tokio::time::Instant::now() + Duration::from_secs(10);
+        assert_eq!(
+            ChangeBus::next_status_of(&mut changes, &ours, later).await,
+            NextStatus::TimedOut
+        );
+    }
+}
