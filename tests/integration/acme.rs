@@ -136,32 +136,35 @@ impl Pebble {
         };
         let client = pebble.client();
         let directory = pebble.directory.clone();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(exit)) = pebble.child.try_wait() {
-                let log = std::fs::read_to_string(&pebble.log).unwrap_or_default();
-                return Err(format!("{exit}: {}", log.lines().last().unwrap_or("")));
-            }
-            let served = client
-                .get(directory.clone())
-                .send()
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|answer| {
-                    answer
-                        .status()
-                        .is_success()
-                        .then_some(())
-                        .ok_or(format!("answered {}", answer.status()))
-                });
-            match served {
-                Ok(()) => return Ok(pebble),
-                Err(last) if tokio::time::Instant::now() >= deadline => {
-                    panic!("timed out after 20s waiting for pebble to serve its directory; last seen: {last}")
+        let log = pebble.log.clone();
+        let child = &mut pebble.child;
+        // Served (`Ok(Ok)`), or exited at start (`Ok(Err)`, to start again elsewhere).
+        let started = wait_for(
+            "pebble to serve its directory",
+            Duration::from_secs(20),
+            || {
+                let exited = child.try_wait().ok().flatten();
+                let (client, directory, log) = (client.clone(), directory.clone(), log.clone());
+                async move {
+                    if let Some(exit) = exited {
+                        let log = std::fs::read_to_string(&log).unwrap_or_default();
+                        return Ok(Err(format!("{exit}: {}", log.lines().last().unwrap_or(""))));
+                    }
+                    let answer = client
+                        .get(directory)
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if answer.status().is_success() {
+                        Ok(Ok(()))
+                    } else {
+                        Err(format!("answered {}", answer.status()))
+                    }
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+            },
+        )
+        .await;
+        started.map(|()| pebble)
     }
 
     fn client(&self) -> reqwest::Client {

@@ -90,19 +90,14 @@ impl ChangeBus {
     }
 
     /// Waits until `changes` delivers a change of `backend` (or reports lag, after which
-    /// the caller should re-read). Returns false if `deadline` passes first.
+    /// the caller should re-read). Returns false if `deadline` passes first, or the bus
+    /// has stopped.
     pub async fn wait_for_change_of(
         changes: &mut broadcast::Receiver<Arc<StatusChange>>,
         backend: &plane_protocol::names::BackendName,
         deadline: tokio::time::Instant,
     ) -> bool {
-        loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Err(_) => return false,
-                Ok(Ok(change)) if &change.backend_id != backend => continue,
-                Ok(_) => return true,
-            }
-        }
+        Self::next_status_of(changes, backend, deadline).await != NextStatus::TimedOut
     }
 }
 
