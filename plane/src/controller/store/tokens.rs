@@ -193,30 +193,23 @@ impl Store {
         }
     }
 
+    /// Inserts `rows`: one statement when they fit in one, which commits on its own (a
+    /// transaction would cost two more round trips per batch), else a transaction of several.
     async fn insert_tokens(&self, rows: &[&TokenInsert]) -> StoreResult<()> {
-        const COLUMNS: usize = 7;
+        const ROWS_PER_STATEMENT: usize = super::MAX_LIST_PARAMETERS / TokenInsert::COLUMNS;
+        if rows.len() <= ROWS_PER_STATEMENT {
+            let sql = TokenInsert::statement(rows.len());
+            TokenInsert::bind_all(sqlx::query(&sql), rows)
+                .execute(&self.pool)
+                .await?;
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(super::MAX_LIST_PARAMETERS / COLUMNS) {
-            let values = (0..chunk.len())
-                .map(|i| format!("({})", super::placeholders(i * COLUMNS + 1, COLUMNS)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at, \
-                 expires_at) VALUES {values}"
-            );
-            let mut query = sqlx::query(&sql);
-            for row in chunk {
-                query = query
-                    .bind(row.token.as_str())
-                    .bind(row.backend.as_str())
-                    .bind(row.user.as_deref())
-                    .bind(row.auth.as_str())
-                    .bind(row.secret.as_str())
-                    .bind(row.created_at)
-                    .bind(row.expires_at);
-            }
-            query.execute(&mut *tx).await?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = TokenInsert::statement(chunk.len());
+            TokenInsert::bind_all(sqlx::query(&sql), chunk)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -258,6 +251,45 @@ pub(super) struct TokenInsert {
     secret: String,
     created_at: i64,
     expires_at: Option<i64>,
+}
+
+impl TokenInsert {
+    const COLUMNS: usize = 7;
+
+    /// The multi-row insert of `rows` tokens.
+    fn statement(rows: usize) -> String {
+        let values = (0..rows)
+            .map(|i| {
+                format!(
+                    "({})",
+                    super::placeholders(i * Self::COLUMNS + 1, Self::COLUMNS)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at, \
+             expires_at) VALUES {values}"
+        )
+    }
+
+    /// Binds `rows`' columns, in [`Self::statement`]'s order.
+    fn bind_all<'q>(
+        mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        rows: &'q [&TokenInsert],
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        for row in rows {
+            query = query
+                .bind(row.token.as_str())
+                .bind(row.backend.as_str())
+                .bind(row.user.as_deref())
+                .bind(row.auth.as_str())
+                .bind(row.secret.as_str())
+                .bind(row.created_at)
+                .bind(row.expires_at);
+        }
+        query
+    }
 }
 
 type TokenAnswer = tokio::sync::oneshot::Sender<StoreResult<()>>;
