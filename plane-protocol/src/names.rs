@@ -328,7 +328,8 @@ fn validate_cluster_name(s: &str) -> Result<(), InvalidName> {
 }
 
 /// A connection token: the first path segment of a backend URL. Unguessable (32 random
-/// alphanumerics); whoever holds it may reach the backend as the user it was issued for.
+/// alphanumerics after a time prefix, see [`BearerToken::new_random`]); whoever holds it may
+/// reach the backend as the user it was issued for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct BearerToken(String);
@@ -348,8 +349,31 @@ impl std::borrow::Borrow<str> for BearerToken {
 }
 
 impl BearerToken {
+    /// A fresh token: the time of issue, then 32 random alphanumerics (about 190 bits, all
+    /// the unguessability). The prefix makes tokens sort in the order they were issued, so
+    /// the stored tokens' index grows at its end instead of at random places: a batch of
+    /// tokens then changes a few index pages instead of one per token. On SQLite that cut
+    /// the data written per join about threefold (docs/performance.md).
     pub fn new_random() -> Self {
-        Self(random_mixed(32))
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_micros());
+        Self::issued_at(micros)
+    }
+
+    /// A token issued `micros` after the epoch: 11 base-36 digits (lowercase, zero-padded:
+    /// over 4,000 years from 1970), so byte order and PostgreSQL's collations agree with
+    /// time order; then the random part.
+    fn issued_at(micros: u128) -> Self {
+        const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut prefix = [b'0'; TOKEN_TIME_DIGITS];
+        let mut rest = micros;
+        for digit in prefix.iter_mut().rev() {
+            *digit = DIGITS[(rest % 36) as usize];
+            rest /= 36;
+        }
+        let prefix = std::str::from_utf8(&prefix).expect("base-36 digits are ASCII");
+        Self(format!("{prefix}{}", random_mixed(32)))
     }
 
     /// A backend's one static token. The `s.` prefix marks it static, as in Plane 0.5
@@ -362,6 +386,9 @@ impl BearerToken {
         self.0.starts_with("s.")
     }
 }
+
+/// Width of a token's time prefix (36^11 microseconds is about 4,100 years).
+const TOKEN_TIME_DIGITS: usize = 11;
 
 /// A secret handed to the app alongside a token and passed to the backend as
 /// `x-verified-secret`, so the backend can tell requests that came through Plane.
@@ -395,6 +422,31 @@ fn validate_token(s: &str) -> Result<(), InvalidName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_sort_in_the_order_they_were_issued() {
+        let times = [
+            0,
+            35,
+            36,
+            1_796_400_000_000_000,
+            1_796_400_000_000_001,
+            36u128.pow(11) - 1,
+        ];
+        let tokens: Vec<BearerToken> = times.iter().map(|&t| BearerToken::issued_at(t)).collect();
+        for pair in tokens.windows(2) {
+            assert!(pair[0].as_str() < pair[1].as_str(), "{pair:?}");
+        }
+        for token in &tokens {
+            assert_eq!(token.as_str().len(), TOKEN_TIME_DIGITS + 32);
+            assert!(token.as_str().parse::<BearerToken>().is_ok(), "{token:?}");
+            assert!(!token.is_static());
+        }
+        assert_eq!(&tokens[1].as_str()[..TOKEN_TIME_DIGITS], "0000000000z");
+        // The random part differs between tokens issued in the same microsecond.
+        assert_ne!(BearerToken::issued_at(7), BearerToken::issued_at(7));
+        assert!(BearerToken::new_random().as_str() > tokens[3].as_str());
+    }
 
     #[test]
     fn backend_names_are_docker_safe() {
