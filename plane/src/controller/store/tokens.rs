@@ -136,6 +136,11 @@ impl Store {
     /// Records another token for an existing backend. Concurrent calls share a commit:
     /// the tokens that arrive while one batch is written go in the next, as one
     /// multi-row insert (group commit), so a burst of joins costs a few writes, not one each.
+    ///
+    /// On PostgreSQL the commit does not wait for the server's disk (`synchronous_commit =
+    /// off` on the token connection): a crash of the server itself can lose the tokens of the
+    /// last fraction of a second, which then lead nowhere and are asked for again. Nothing
+    /// the guarantees rest on is written this way (docs/architecture.md).
     pub async fn add_token(&self, backend: &BackendName, token: &NewToken<'_>) -> StoreResult<()> {
         let row = TokenInsert {
             token: token.token.to_string(),
@@ -200,11 +205,11 @@ impl Store {
         if rows.len() <= ROWS_PER_STATEMENT {
             let sql = TokenInsert::statement(rows.len());
             TokenInsert::bind_all(sqlx::query(&sql), rows)
-                .execute(&self.pool)
+                .execute(&self.token_writer)
                 .await?;
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.token_writer.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let sql = TokenInsert::statement(chunk.len());
             TokenInsert::bind_all(sqlx::query(&sql), chunk)
