@@ -352,8 +352,10 @@ impl BearerToken {
     /// A fresh token: the time of issue, then 32 random alphanumerics (about 190 bits, all
     /// the unguessability). The prefix makes tokens sort in the order they were issued, so
     /// the stored tokens' index grows at its end instead of at random places: a batch of
-    /// tokens then changes a few index pages instead of one per token. On SQLite that cut
-    /// the data written per join about threefold (docs/performance.md).
+    /// tokens then changes a few index pages instead of one per token. On SQLite that took
+    /// joins from about 14k to 22k a second and their p99 from about 11 to 5 ms, by writing
+    /// less and so checkpointing less often (docs/performance.md). Anyone who sees the
+    /// token learns when it was issued, and nothing else.
     pub fn new_random() -> Self {
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

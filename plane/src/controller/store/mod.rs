@@ -309,20 +309,22 @@ impl Store {
         };
         let token_writer = match kind {
             DatabaseKind::Sqlite => pool.clone(),
-            // One batch is written at a time (see `add_token`), so one connection.
-            DatabaseKind::Postgres => AnyPoolOptions::new()
-                .max_connections(1)
-                .after_connect(|conn, _meta| {
-                    Box::pin(async move {
-                        use sqlx::Executor;
-                        conn.execute("SET synchronous_commit = off").await?;
-                        Ok(())
-                    })
-                })
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&url)
-                .await
-                .context("opening the PostgreSQL connection for tokens")?,
+            // One batch is written at a time (see `add_token`), so one connection. The
+            // setting is a startup parameter, not a `SET`: behind a pooler that shares
+            // server connections, a session's `SET` could reach connections whose writes
+            // must wait for the disk, while a parameter it cannot pass refuses the start.
+            DatabaseKind::Postgres => {
+                let mut token_url = url::Url::parse(&url).context("reading the database URL")?;
+                token_url
+                    .query_pairs_mut()
+                    .append_pair("options", "-c synchronous_commit=off");
+                AnyPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(token_url.as_str())
+                    .await
+                    .context("opening the PostgreSQL connection for tokens")?
+            }
         };
         let (signals, _) = broadcast::channel(4096);
         Ok(Store {
@@ -418,9 +420,11 @@ impl Store {
         (started == finished).then_some(started)
     }
 
+    /// Closes every pool (on SQLite, `token_writer` and `liveness` are `pool` itself).
     pub async fn close(&self) {
-        self.token_writer.close().await;
         self.readers.close().await;
+        self.token_writer.close().await;
+        self.liveness.close().await;
         self.pool.close().await;
     }
 }
