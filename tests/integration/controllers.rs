@@ -311,3 +311,26 @@ crate::db_test!(
         env
     }
 );
+
+crate::db_test!(
+    a_controller_that_shuts_down_records_its_node_sessions_ended,
+    |mut env: TestEnv| async move {
+        use plane::controller::store::{NodeKind, Store};
+        env.stop_controller().await;
+        // Read after the controller closed its store: its sessions' last writes are in.
+        let store = Store::open(env.db_url()).await.expect("open the store");
+        for kind in [NodeKind::Drone, NodeKind::Proxy] {
+            let nodes = store.nodes(&env.cluster, kind).await.expect("nodes");
+            assert!(!nodes.is_empty(), "the {kind:?} nodes were recorded");
+            for node in nodes {
+                assert_eq!(
+                    node.connected_to, None,
+                    "{kind:?} {} is still recorded as connected to the stopped controller",
+                    node.name
+                );
+            }
+        }
+        store.close().await;
+        env
+    }
+);

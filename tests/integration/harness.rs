@@ -309,6 +309,12 @@ impl TestEnv {
         self.restart_controller().await;
     }
 
+    /// Stops the controller (the drone and proxy keep running, trying to reconnect).
+    pub async fn stop_controller(&mut self) {
+        let controller = self.controller.take().expect("controller is running");
+        controller.shutdown().await;
+    }
+
     /// Stops the controller and starts a new one on the same address and database, then
     /// waits for the drone and proxy to reconnect to it.
     pub async fn restart_controller(&mut self) {

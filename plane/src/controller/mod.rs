@@ -77,7 +77,8 @@ impl ControllerHandle {
     }
 
     /// Stops accepting, lets in-flight requests finish for up to [`SHUTDOWN_GRACE`], then
-    /// aborts the rest and closes the database.
+    /// aborts the rest; gives the node sessions as long again to record their end; then
+    /// closes the database.
     pub async fn shutdown(self) {
         self.state.shutdown_token().cancel();
         let mut server = self.server;
@@ -86,6 +87,16 @@ impl ControllerHandle {
             .is_err()
         {
             server.abort();
+        }
+        // Node sessions run on upgraded connections, which the server does not wait for.
+        // They end on the shutdown token; let them record their disconnection first.
+        let sessions = self.state.node_sessions();
+        sessions.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("node sessions still running after {SHUTDOWN_GRACE:?}; closing the database under them");
         }
         self.sweeper.abort();
         self.warm_keeper.abort();

@@ -187,6 +187,7 @@ pub async fn serve<H: NodeHandler>(
     sink: &mut NodeSink<H::ToNode>,
     stream: &mut NodeStream<H::FromNode>,
 ) {
+    let _running = state.node_sessions().token();
     let (kind, name, cluster) = (session.kind.as_str(), session.name, session.cluster);
     tracing::info!(%kind, %name, %cluster, version = session.version, generation, "node connected");
     if handler.start(sink).await.is_ok() {

@@ -32,6 +32,9 @@ struct Inner {
     peer_http: reqwest::Client,
     metrics: super::metrics::ControllerMetrics,
     holders: Arc<super::holders::HolderCache>,
+    /// The node sessions running, so that shutdown can let them record their
+    /// disconnection before the store closes.
+    node_sessions: tokio_util::task::TaskTracker,
 }
 
 /// What [`ControllerState::new`] puts together.
@@ -63,6 +66,7 @@ impl ControllerState {
                 shutdown: parts.shutdown,
                 ctrl_tokens: parts.ctrl_tokens,
                 holders: Default::default(),
+                node_sessions: tokio_util::task::TaskTracker::new(),
                 peer_http: reqwest::Client::builder()
                     .no_proxy()
                     .connect_timeout(std::time::Duration::from_secs(5))
@@ -113,6 +117,12 @@ impl ControllerState {
 
     pub fn bus(&self) -> &ChangeBus {
         &self.inner.bus
+    }
+
+    /// Every node session holds one of its tokens while it runs (see
+    /// [`super::ControllerHandle::shutdown`]).
+    pub(super) fn node_sessions(&self) -> &tokio_util::task::TaskTracker {
+        &self.inner.node_sessions
     }
 
     pub(super) fn shutdown_token(&self) -> &CancellationToken {
