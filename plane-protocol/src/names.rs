@@ -431,8 +431,8 @@ mod tests {
             0,
             35,
             36,
-            1_796_400_000_000_000,
-            1_796_400_000_000_001,
+            1_700_000_000_000_000,
+            1_700_000_000_000_001,
             36u128.pow(11) - 1,
         ];
         let tokens: Vec<BearerToken> = times.iter().map(|&t| BearerToken::issued_at(t)).collect();

@@ -237,8 +237,8 @@ impl Store {
             // The writer checkpoints the WAL inside the commit that grows it past
             // `wal_autocheckpoint` pages, and every write queues meanwhile. Under a burst of
             // joins those pauses were the latency's tail; 300 pages (SQLite's default is
-            // 1,000) makes them shorter and more frequent: p99 lower in each of four A/B
-            // runs, throughput 5-25% lower (docs/performance.md). Checkpointing from a
+            // 1,000) makes them shorter and more frequent: p99 lower in six of seven A/B
+            // runs, throughput lower by 5-33% (docs/performance.md). Checkpointing from a
             // connection of its own was tried and was worse (same document).
             DatabaseKind::Sqlite => {
                 AnyPoolOptions::new()

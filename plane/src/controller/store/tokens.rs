@@ -138,9 +138,9 @@ impl Store {
     /// multi-row insert (group commit), so a burst of joins costs a few writes, not one each.
     ///
     /// On PostgreSQL the commit does not wait for the server's disk (`synchronous_commit =
-    /// off` on the token connection): a crash of the server itself can lose the tokens of the
-    /// last fraction of a second, which then lead nowhere and are asked for again. Nothing
-    /// the guarantees rest on is written this way (docs/architecture.md).
+    /// off` on the token connection): a crash restart or failover of the server can lose the
+    /// tokens of the last fraction of a second, which then lead nowhere and are asked for
+    /// again. Nothing the guarantees rest on is written this way (docs/architecture.md).
     pub async fn add_token(&self, backend: &BackendName, token: &NewToken<'_>) -> StoreResult<()> {
         let row = TokenInsert {
             token: token.token.to_string(),
