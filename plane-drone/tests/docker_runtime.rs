@@ -416,3 +416,134 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
     cancel.cancel();
     outcome.expect("finished within 60 s");
 }
+
+/// A followed read has every line the backend printed after it was asked for, though the
+/// engine only gets the request when the stream is first read: here, after the line is
+/// already in the engine's log. A tail is the last lines as of the engine's read, and no
+/// line comes twice.
+#[tokio::test]
+async fn a_followed_read_has_every_line_printed_after_it_was_asked_for() {
+    let cancel = CancellationToken::new();
+    let runtime = DockerRuntime::connect(
+        DockerRuntimeConfig {
+            drone: NodeName::new_random("dr-test"),
+            cluster: "localhost:9090".parse().expect("valid cluster"),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            pull_timeout: Duration::from_secs(30),
+            runtime: None,
+            network: None,
+            log_max_bytes: 1 << 20,
+            metrics: Default::default(),
+            allowed_registries: None,
+        },
+        &cancel,
+    )
+    .await
+    .expect("Docker engine reachable");
+    let docker = runtime.docker().clone();
+    let tag = format!("plane-drone-test:{}", BackendName::new_random());
+    let backend_id = BackendName::new_random();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        build_image(&docker, &tag).await;
+        let spec = BackendSpec {
+            backend_id: backend_id.clone(),
+            image: tag.clone(),
+            env: vec![],
+            resource_limits: Default::default(),
+            network: None,
+            gpus: None,
+            mount: None,
+            ready_path: "/".to_string(),
+            warm: false,
+        };
+        let address = runtime.start_backend(&spec).await.expect("backend starts");
+        wait_for_http(address, Duration::from_secs(10)).await;
+
+        print_line(&docker, &backend_id, "before").await;
+        until_logged(&runtime, &backend_id, "before").await;
+        let followed = runtime.logs(&backend_id, true, Some(0));
+        let last_one = runtime.logs(&backend_id, true, Some(1));
+        let last_two = runtime.logs(&backend_id, true, Some(2));
+        print_line(&docker, &backend_id, "after").await;
+        until_logged(&runtime, &backend_id, "after").await;
+        runtime
+            .signal(&backend_id, Signal::Term)
+            .await
+            .expect("SIGTERM delivered");
+
+        assert_eq!(texts(followed).await, ["after"]);
+        assert_eq!(texts(last_one).await, ["after"]);
+        assert_eq!(texts(last_two).await, ["before", "after"]);
+    })
+    .await;
+    let _ = runtime.remove(&backend_id).await;
+    let _ = docker
+        .remove_image(
+            &tag,
+            Some(RemoveImageOptions {
+                force: true,
+                ..Default::default()
+            }),
+            None,
+        )
+        .await;
+    cancel.cancel();
+    outcome.expect("finished within 60 s");
+}
+
+/// Writes `text` to the container's log, as its main process printing it would.
+async fn print_line(docker: &Docker, backend_id: &BackendName, text: &str) {
+    let exec = docker
+        .create_exec(
+            &format!("plane-{backend_id}"),
+            bollard::exec::CreateExecOptions {
+                cmd: Some(vec![
+                    "/bin/busybox".to_string(),
+                    "sh".to_string(),
+                    "-c".to_string(),
+                    format!("echo {text} > /proc/1/fd/1"),
+                ]),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec created");
+    // Attached: its output ends when it exits; the engine records the exit just after.
+    if let bollard::exec::StartExecResults::Attached { mut output, .. } = docker
+        .start_exec(&exec.id, None)
+        .await
+        .expect("exec started")
+    {
+        while output.next().await.is_some() {}
+    }
+    loop {
+        let state = docker.inspect_exec(&exec.id).await.expect("exec inspected");
+        if state.running == Some(false) {
+            assert_eq!(state.exit_code, Some(0), "printing {text:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the whole log until a line reads `text`.
+async fn until_logged(runtime: &DockerRuntime, backend_id: &BackendName, text: &str) {
+    while !texts(runtime.logs(backend_id, false, None))
+        .await
+        .iter()
+        .any(|line| line == text)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn texts(
+    lines: impl futures_util::Stream<Item = Result<plane_protocol::api::BackendLogLine, RuntimeError>>,
+) -> Vec<String> {
+    lines
+        .map(|line| line.expect("a log line").text)
+        .collect()
+        .await
+}

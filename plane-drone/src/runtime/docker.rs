@@ -183,6 +183,44 @@ impl DockerRuntime {
         &self.inner.docker
     }
 
+    /// One read of the engine's log of a backend's container, each line with its stamp;
+    /// `since_seconds` 0 for no lower bound.
+    fn read_logs(
+        &self,
+        backend_id: &BackendName,
+        follow: bool,
+        tail: String,
+        since_seconds: i64,
+    ) -> impl futures_util::Stream<Item = Result<BackendLogLine, RuntimeError>> + 'static {
+        let options = LogsOptions {
+            follow,
+            stdout: true,
+            stderr: true,
+            timestamps: true,
+            since: since_seconds,
+            tail,
+            ..Default::default()
+        };
+        let backend_id = backend_id.clone();
+        self.inner
+            .docker
+            .logs(&Self::container_name(&backend_id), Some(options))
+            .filter_map(move |item| {
+                let line = match item {
+                    Ok(LogOutput::StdOut { message }) => {
+                        Some(Ok(log_line(LogStream::Stdout, &message)))
+                    }
+                    Ok(LogOutput::StdErr { message }) => {
+                        Some(Ok(log_line(LogStream::Stderr, &message)))
+                    }
+                    // Containers without a TTY or stdin produce neither.
+                    Ok(LogOutput::Console { .. } | LogOutput::StdIn { .. }) => None,
+                    Err(err) => Some(Err(not_found_or(err, &backend_id, "reading logs"))),
+                };
+                std::future::ready(line)
+            })
+    }
+
     pub(crate) fn container_name(backend_id: &BackendName) -> String {
         format!("plane-{backend_id}")
     }
@@ -644,33 +682,30 @@ impl Runtime for DockerRuntime {
         follow: bool,
         tail: Option<u64>,
     ) -> BoxStream<'static, Result<BackendLogLine, RuntimeError>> {
-        let options = LogsOptions {
-            follow,
-            stdout: true,
-            stderr: true,
-            timestamps: true,
-            tail: tail.map_or_else(|| "all".to_string(), |n| n.to_string()),
-            ..Default::default()
+        let Some(tail) = tail.filter(|_| follow) else {
+            let tail = tail.map_or_else(|| "all".to_string(), |n| n.to_string());
+            return self.read_logs(backend_id, follow, tail, 0).boxed();
         };
-        let backend_id = backend_id.clone();
-        self.inner
-            .docker
-            .logs(&Self::container_name(&backend_id), Some(options))
-            .filter_map(move |item| {
-                let line = match item {
-                    Ok(LogOutput::StdOut { message }) => {
-                        Some(Ok(log_line(LogStream::Stdout, &message)))
-                    }
-                    Ok(LogOutput::StdErr { message }) => {
-                        Some(Ok(log_line(LogStream::Stderr, &message)))
-                    }
-                    // Containers without a TTY or stdin produce neither.
-                    Ok(LogOutput::Console { .. } | LogOutput::StdIn { .. }) => None,
-                    Err(err) => Some(Err(not_found_or(err, &backend_id, "reading logs"))),
-                };
-                std::future::ready(line)
-            })
-            .boxed()
+        // The engine fixes where a followed read starts when its request arrives, which is
+        // when the stream is first polled: after this returns, and after the reader was told
+        // the logs are there. Lines printed in between would be neither in the tail nor
+        // followed. So this call's time is the boundary, by the engine's stamps (on this
+        // host's clock): of the last `tail` lines when the engine reads them, those stamped
+        // before it, then every line stamped since. Each line comes once; the tail is short
+        // by what was printed between this call and the engine's read, which comes after.
+        let asked_at = Millis::now();
+        let before = match tail {
+            0 => futures_util::stream::empty().boxed(),
+            n => self
+                .read_logs(backend_id, false, n.to_string(), 0)
+                .filter(move |line| stamped(line, |time| time < asked_at))
+                .boxed(),
+        };
+        let since_seconds = asked_at.0.div_euclid(1_000);
+        let since = self
+            .read_logs(backend_id, true, "all".to_string(), since_seconds)
+            .filter(move |line| stamped(line, |time| time >= asked_at));
+        before.chain(since).boxed()
     }
 
     async fn running_address(
@@ -721,6 +756,14 @@ impl StorageDriver {
             disk_limits,
         }
     }
+}
+
+/// Whether `item` is kept by a filter on its time; errors always are.
+fn stamped(
+    item: &Result<BackendLogLine, RuntimeError>,
+    keep: impl Fn(Millis) -> bool,
+) -> std::future::Ready<bool> {
+    std::future::ready(item.as_ref().map_or(true, |line| keep(line.time)))
 }
 
 /// One line as the engine sends it with timestamps on: `<RFC 3339 time> <text>\n`.

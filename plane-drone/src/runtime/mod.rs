@@ -153,8 +153,9 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<(BackendName, SystemTime)>, RuntimeError>> + Send;
 
     /// What the backend printed (stdout and stderr, oldest first): the last `tail` lines or
-    /// all of them, and with `follow` every new line until the process exits. Pulled as it
-    /// is read, so a slow reader holds the engine back rather than filling memory.
+    /// all of them, and with `follow` every line printed after this call (even before the
+    /// stream is first read), once, until the process exits. Pulled as it is read, so a
+    /// slow reader holds the engine back rather than filling memory.
     /// [`RuntimeError::NotFound`] (as the first item) when the container is gone.
     fn logs(
         &self,
