@@ -118,6 +118,14 @@ def process_cpu_seconds():
         except OSError:
             continue  # exited meanwhile
         name = raw[raw.index("(") + 1:raw.rindex(")")]
+        if name == "plane":
+            # Which part: `plane controller`, `plane drone`, the demo backends' `plane demo`...
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                name = f"plane {args[1].decode()}" if len(args) > 1 and args[1] else name
+            except OSError:
+                pass
         fields = raw.rsplit(")", 1)[1].split()
         found[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / tick,
                              (int(fields[13]) + int(fields[14])) / tick)
