@@ -102,27 +102,28 @@ fn executable(image: &str, pull_policy: PullPolicy) -> ExecutorConfig {
     }
 }
 
+/// A runtime for `drone` on the local engine, publishing on loopback.
+fn runtime_config(drone: &NodeName) -> DockerRuntimeConfig {
+    DockerRuntimeConfig {
+        drone: drone.clone(),
+        cluster: "localhost:9090".parse().expect("valid cluster"),
+        ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        pull_timeout: Duration::from_secs(30),
+        runtime: None,
+        network: None,
+        log_max_bytes: 1 << 20,
+        metrics: Default::default(),
+        allowed_registries: None,
+    }
+}
+
 #[tokio::test]
 async fn docker_runtime_runs_signals_and_removes_a_backend() {
     let cancel = CancellationToken::new();
     let drone = NodeName::new_random("dr-test");
-    let runtime = DockerRuntime::connect(
-        DockerRuntimeConfig {
-            drone: drone.clone(),
-            cluster: "localhost:9090".parse().expect("valid cluster"),
-            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            pull_timeout: Duration::from_secs(30),
-            runtime: None,
-            network: None,
-
-            log_max_bytes: 1 << 20,
-            metrics: Default::default(),
-            allowed_registries: None,
-        },
-        &cancel,
-    )
-    .await
-    .expect("Docker engine reachable");
+    let runtime = DockerRuntime::connect(runtime_config(&drone), &cancel)
+        .await
+        .expect("Docker engine reachable");
     let docker = runtime.docker().clone();
     let tag = format!("plane-drone-test:{}", BackendName::new_random());
     let backend_id = BackendName::new_random();
@@ -256,24 +257,15 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
             .await
             .expect("create network");
     }
-    let runtime = DockerRuntime::connect(
-        DockerRuntimeConfig {
-            drone: NodeName::new_random("dr-test"),
-            cluster: "localhost:9090".parse().expect("valid cluster"),
-            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            pull_timeout: Duration::from_secs(30),
-            // Present in every Docker engine, unlike runsc.
-            runtime: Some("runc".to_string()),
-            network: Some(drone_network.clone()),
-
-            log_max_bytes: 1 << 20,
-            metrics: Default::default(),
-            allowed_registries: None,
-        },
-        &cancel,
-    )
-    .await
-    .expect("Docker engine reachable");
+    let config = DockerRuntimeConfig {
+        // Present in every Docker engine, unlike runsc.
+        runtime: Some("runc".to_string()),
+        network: Some(drone_network.clone()),
+        ..runtime_config(&NodeName::new_random("dr-test"))
+    };
+    let runtime = DockerRuntime::connect(config, &cancel)
+        .await
+        .expect("Docker engine reachable");
     let tag = format!("plane-drone-test:{}", BackendName::new_random());
     let (inspected, started) = (BackendName::new_random(), BackendName::new_random());
     let outcome = tokio::time::timeout(Duration::from_secs(60), async {
@@ -424,22 +416,9 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
 #[tokio::test]
 async fn a_followed_read_has_every_line_printed_after_it_was_asked_for() {
     let cancel = CancellationToken::new();
-    let runtime = DockerRuntime::connect(
-        DockerRuntimeConfig {
-            drone: NodeName::new_random("dr-test"),
-            cluster: "localhost:9090".parse().expect("valid cluster"),
-            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            pull_timeout: Duration::from_secs(30),
-            runtime: None,
-            network: None,
-            log_max_bytes: 1 << 20,
-            metrics: Default::default(),
-            allowed_registries: None,
-        },
-        &cancel,
-    )
-    .await
-    .expect("Docker engine reachable");
+    let runtime = DockerRuntime::connect(runtime_config(&NodeName::new_random("dr-test")), &cancel)
+        .await
+        .expect("Docker engine reachable");
     let docker = runtime.docker().clone();
     let tag = format!("plane-drone-test:{}", BackendName::new_random());
     let backend_id = BackendName::new_random();
