@@ -102,6 +102,15 @@ fn executable(image: &str, pull_policy: PullPolicy) -> ExecutorConfig {
     }
 }
 
+/// Removes a test's image, whatever the test got to.
+async fn remove_image(docker: &Docker, tag: &str) {
+    let options = RemoveImageOptions {
+        force: true,
+        ..Default::default()
+    };
+    let _ = docker.remove_image(tag, Some(options), None).await;
+}
+
 /// A runtime for `drone` on the local engine, publishing on loopback.
 fn runtime_config(drone: &NodeName) -> DockerRuntimeConfig {
     DockerRuntimeConfig {
@@ -136,16 +145,7 @@ async fn docker_runtime_runs_signals_and_removes_a_backend() {
 
     // Clean up whatever the test got to, even when it failed.
     let _ = runtime.remove(&backend_id).await;
-    let _ = docker
-        .remove_image(
-            &tag,
-            Some(RemoveImageOptions {
-                force: true,
-                ..Default::default()
-            }),
-            None,
-        )
-        .await;
+    remove_image(&docker, &tag).await;
     cancel.cancel();
     outcome.expect("test finished within 60 s");
 }
@@ -395,16 +395,7 @@ async fn limits_runtime_network_and_gpus_reach_the_container() {
     for name in [&drone_network, &spawn_network] {
         let _ = docker.remove_network(name).await;
     }
-    let _ = docker
-        .remove_image(
-            &tag,
-            Some(RemoveImageOptions {
-                force: true,
-                ..Default::default()
-            }),
-            None,
-        )
-        .await;
+    remove_image(&docker, &tag).await;
     cancel.cancel();
     outcome.expect("finished within 60 s");
 }
@@ -456,16 +447,7 @@ async fn a_followed_read_has_every_line_printed_after_it_was_asked_for() {
     })
     .await;
     let _ = runtime.remove(&backend_id).await;
-    let _ = docker
-        .remove_image(
-            &tag,
-            Some(RemoveImageOptions {
-                force: true,
-                ..Default::default()
-            }),
-            None,
-        )
-        .await;
+    remove_image(&docker, &tag).await;
     cancel.cancel();
     outcome.expect("finished within 60 s");
 }
