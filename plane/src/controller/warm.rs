@@ -14,6 +14,7 @@ use plane_protocol::names::{BackendName, PoolName};
 use plane_protocol::time::Millis;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// The keeper's leader lease in `controller_lease`.
 const KEEPER_LEASE: &str = "warm-keeper";
@@ -23,6 +24,11 @@ const KEEPER_LEASE_MS: u64 = 3_000;
 const PASS_INTERVAL: Duration = Duration::from_millis(500);
 /// After a change, wait this long for more before the pass, so a burst of claims costs one.
 const CHANGE_SETTLE: Duration = Duration::from_millis(20);
+/// Passes are at least this far apart however often statuses change: each one writes the
+/// leader lease and reads every unclaimed backend, and under a steady stream of changes
+/// (a burst of claims, or a big cluster's churn) a pass every settle would cost more than
+/// the claims themselves.
+const MIN_PASS_GAP: Duration = Duration::from_millis(200);
 /// At most this many of a pool's warm backends are starting at once, so that refilling a
 /// pool after a burst of claims does not flood the drones' engines (and their CPUs) while
 /// the claimed backends serve; the rest follow as these become idle.
@@ -44,16 +50,22 @@ pub async fn run(state: ControllerState) {
     let mut changes = state.bus().subscribe_status();
     let mut backoffs: HashMap<PoolKey, Backoff> = HashMap::new();
     let mut last_pass = Millis::now();
+    let mut last_pass_at = Instant::now();
     loop {
         tokio::select! {
             _ = state.shutdown_token().cancelled() => return,
             _ = tokio::time::sleep(PASS_INTERVAL) => {}
             _ = changes.recv() => {
-                tokio::time::sleep(CHANGE_SETTLE).await;
+                let at = pass_after_change(last_pass_at, Instant::now());
+                tokio::select! {
+                    _ = state.shutdown_token().cancelled() => return,
+                    _ = tokio::time::sleep_until(at) => {}
+                }
                 // Whatever else arrived meanwhile is covered by this pass.
                 while changes.try_recv().is_ok() {}
             }
         }
+        last_pass_at = Instant::now();
         if !is_leader(&state).await {
             continue;
         }
@@ -63,6 +75,12 @@ pub async fn run(state: ControllerState) {
         }
         last_pass = started;
     }
+}
+
+/// When the pass that a status change at `changed` brings forward runs: once the rest of its
+/// burst had time to arrive, and no sooner than [`MIN_PASS_GAP`] after the previous one.
+fn pass_after_change(previous_pass: Instant, changed: Instant) -> Instant {
+    (changed + CHANGE_SETTLE).max(previous_pass + MIN_PASS_GAP)
 }
 
 async fn is_leader(state: &ControllerState) -> bool {
@@ -241,6 +259,35 @@ async fn fill(state: &ControllerState, pool: &WarmPoolRow, count: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_after_a_quiet_spell_brings_the_pass_forward_to_its_settle() {
+        let start = Instant::now();
+        let changed = start + Duration::from_secs(5);
+        assert_eq!(pass_after_change(start, changed), changed + CHANGE_SETTLE);
+    }
+
+    /// A change every millisecond for two seconds, each pass starting when the last one asked
+    /// for it: one pass per gap, not one per settle.
+    #[test]
+    fn a_steady_stream_of_changes_gets_a_pass_per_gap() {
+        let start = Instant::now();
+        let (mut previous, mut passes) = (start, Vec::new());
+        let mut now = start;
+        while now < start + Duration::from_secs(2) {
+            let at = pass_after_change(previous, now);
+            passes.push(at);
+            previous = at;
+            // The next change the loop sees is the first one at or after the pass.
+            now = at.max(now + Duration::from_millis(1));
+        }
+        assert!(
+            passes.windows(2).all(|w| w[1] - w[0] == MIN_PASS_GAP),
+            "{passes:?}"
+        );
+        // A pass had just run at the start; then one per 200 ms.
+        assert_eq!(passes.len(), 10);
+    }
 
     #[test]
     fn refills_of_failing_pools_back_off_doubling_to_a_minute() {
