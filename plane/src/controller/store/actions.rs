@@ -28,7 +28,7 @@ impl Store {
         .bind(after)
         .bind(limit)
         // Looked for once the writing commit signalled, so a read connection sees them.
-        .fetch_all(&self.readers)
+        .fetch_all(self.session_reads())
         .await?;
         rows.iter()
             .map(|row| {

@@ -151,9 +151,10 @@ pub const REVOCATIONS_CHANNEL: &str = "plane_revocations";
 /// Read-only connections to a SQLite database, beside its one writer.
 const SQLITE_READERS: u32 = 4;
 
-/// PostgreSQL connections kept for lease renewals alone (see [`Store::renew_leases`]): each
-/// is one short transaction per drone heartbeat.
-const LIVENESS_CONNECTIONS: u32 = 2;
+/// PostgreSQL connections kept for drone sessions (see [`Store::renew_leases`] and
+/// [`Store::pending_actions`]): one short transaction per drone heartbeat, and one read per
+/// batch of actions stored for a drone.
+const LIVENESS_CONNECTIONS: u32 = 4;
 
 /// Cheap to clone: the pools and the signal channel are reference-counted.
 #[derive(Clone)]
@@ -164,9 +165,12 @@ pub struct Store {
     /// hold it up, while everything on `pool` queues on its single connection. On
     /// PostgreSQL, `pool` itself.
     readers: AnyPool,
-    /// Where drones' lease renewals go. On PostgreSQL, connections of their own: a renewal
-    /// that queues behind a burst of connects arrives late, and a drone whose renewals are
-    /// late stops its healthy backends. On SQLite, `pool`: there is one writer either way.
+    /// Where drones' lease renewals go, and on PostgreSQL the reads of the actions their
+    /// sessions send. On PostgreSQL, connections of their own: a renewal that queues behind
+    /// a burst of connects arrives late, and a drone whose renewals are late stops its
+    /// healthy backends. A session's action read must not queue there either, since the
+    /// session's loop also carries the renewals' answers to the drone. On SQLite, `pool`:
+    /// there is one writer either way.
     liveness: AnyPool,
     /// Where joins' tokens are written. On PostgreSQL, a connection of its own whose commits
     /// do not wait for the server's disk (`synchronous_commit = off`): see
@@ -418,6 +422,15 @@ impl Store {
         let finished = self.status_epoch.finished.load(SeqCst);
         let started = self.status_epoch.started.load(SeqCst);
         (started == finished).then_some(started)
+    }
+
+    /// Where a drone session reads the actions it sends (see `liveness`); on SQLite the read
+    /// connections, which never wait for the writer.
+    fn session_reads(&self) -> &AnyPool {
+        match self.kind {
+            DatabaseKind::Sqlite => &self.readers,
+            DatabaseKind::Postgres => &self.liveness,
+        }
     }
 
     /// Closes every pool (on SQLite, `token_writer` and `liveness` are `pool` itself).
