@@ -430,12 +430,12 @@ async fn a_followed_read_has_every_line_printed_after_it_was_asked_for() {
         wait_for_http(address, Duration::from_secs(10)).await;
 
         print_line(&docker, &backend_id, "before").await;
-        until_logged(&runtime, &backend_id, "before").await;
+        until_logged(&docker, &backend_id, "before").await;
         let followed = runtime.logs(&backend_id, true, Some(0));
         let last_one = runtime.logs(&backend_id, true, Some(1));
         let last_two = runtime.logs(&backend_id, true, Some(2));
         print_line(&docker, &backend_id, "after").await;
-        until_logged(&runtime, &backend_id, "after").await;
+        until_logged(&docker, &backend_id, "after").await;
         runtime
             .signal(&backend_id, Signal::Term)
             .await
@@ -471,7 +471,8 @@ async fn print_line(docker: &Docker, backend_id: &BackendName, text: &str) {
         )
         .await
         .expect("exec created");
-    // Attached: its output ends when it exits; the engine records the exit just after.
+    // Attached: its output ends when it exits. Whether the line got into the log is for
+    // `until_logged` to see.
     if let bollard::exec::StartExecResults::Attached { mut output, .. } = docker
         .start_exec(&exec.id, None)
         .await
@@ -479,25 +480,24 @@ async fn print_line(docker: &Docker, backend_id: &BackendName, text: &str) {
     {
         while output.next().await.is_some() {}
     }
-    loop {
-        let state = docker.inspect_exec(&exec.id).await.expect("exec inspected");
-        if state.running == Some(false) {
-            assert_eq!(state.exit_code, Some(0), "printing {text:?}");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
-/// Polls the whole log until a line reads `text`.
-async fn until_logged(runtime: &DockerRuntime, backend_id: &BackendName, text: &str) {
-    while !texts(runtime.logs(backend_id, false, None))
-        .await
-        .iter()
-        .any(|line| line == text)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits until the engine's log holds a line reading `text`, by following it from the
+/// engine itself (not through the runtime under test).
+async fn until_logged(docker: &Docker, backend_id: &BackendName, text: &str) {
+    let options = bollard::container::LogsOptions::<String> {
+        follow: true,
+        stdout: true,
+        tail: "all".to_string(),
+        ..Default::default()
+    };
+    let mut lines = docker.logs(&format!("plane-{backend_id}"), Some(options));
+    while let Some(line) = lines.next().await {
+        if line.expect("a log line").to_string().trim_end() == text {
+            return;
+        }
     }
+    panic!("the log of {backend_id} ended without {text:?}");
 }
 
 async fn texts(
