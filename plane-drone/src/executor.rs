@@ -1003,6 +1003,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_oom_kill_the_engine_hears_of_after_the_exit_is_reported_as_out_of_memory() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        let mut spawn = spawn_action("app");
+        spawn.executable.resource_limits.memory_limit_bytes = Some(32 << 20);
+        h.executor.spawn(id.clone(), spawn).await.expect("accepted");
+        wait_for_status(&h.events, &id, Ready).await;
+        h.runtime.oom_kill(&id, 3);
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        let done = last(&updates);
+        assert_eq!(done.exit_code, Some(137));
+        assert_eq!(
+            done.message.as_deref(),
+            Some("out of memory: killed for exceeding its memory limit of 33554432 bytes")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sigkill_that_was_no_oom_kill_ends_without_an_oom_message() {
+        let h = harness(&[]).await;
+        let id = BackendName::new_random();
+        h.executor
+            .spawn(id.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &id, Ready).await;
+        h.runtime.exit(&id, 137);
+        let updates = wait_for_status(&h.events, &id, Terminated).await;
+        let done = last(&updates);
+        assert_eq!((done.exit_code, done.message.as_deref()), (Some(137), None));
+    }
+
+    #[tokio::test]
     async fn an_unloadable_image_fails_the_start_with_a_message() {
         let h = harness(&[]).await;
         let id = BackendName::new_random();

@@ -39,6 +39,12 @@ const REMOVE_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Pause before asking the engine again when waiting for an exit failed.
 const WAIT_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How long a SIGKILL that the drone did not send is taken as a possible OOM kill while
+/// the engine does not (yet) say it was one.
+const OOM_FLAG_GRACE: Duration = Duration::from_secs(2);
+const OOM_FLAG_POLL: Duration = Duration::from_millis(50);
+/// The exit code of a process ended by SIGKILL (128 + 9), as the OOM killer ends one.
+const SIGKILL_EXIT_CODE: i32 = 137;
 
 /// Timings of the lifecycle, from the drone's configuration.
 #[derive(Clone, Debug)]
@@ -681,7 +687,9 @@ impl<'a, R: Runtime> Backend<'a, R> {
         // Asked before the container (and what the engine knows of it) is gone.
         let message = match message {
             Some(message) => Some(message),
-            None if self.ctx.runtime.oom_killed(self.id).await => Some(self.out_of_memory()),
+            None if self.oom_killed(exit_code, request.is_some()).await => {
+                Some(self.out_of_memory())
+            }
             None => None,
         };
         if self.ctx.settings.log_retention.is_zero() {
@@ -695,6 +703,26 @@ impl<'a, R: Runtime> Backend<'a, R> {
             ..BackendStateUpdate::status(BackendStatus::Terminated)
         })
         .await;
+    }
+
+    /// Whether the kernel's OOM killer ended the process (always by SIGKILL). When the drone
+    /// did not send that SIGKILL, the engine is asked again for a moment: it reports the
+    /// exit (its `die` event) before it stores the exited state, and may hear of the OOM
+    /// kill after the exit.
+    async fn oom_killed(&self, exit_code: Option<i32>, drone_ended_it: bool) -> bool {
+        if exit_code != Some(SIGKILL_EXIT_CODE) {
+            return false;
+        }
+        let give_up = Instant::now() + OOM_FLAG_GRACE;
+        loop {
+            if self.ctx.runtime.oom_killed(self.id).await {
+                return true;
+            }
+            if drone_ended_it || Instant::now() >= give_up {
+                return false;
+            }
+            tokio::time::sleep(OOM_FLAG_POLL).await;
+        }
     }
 
     fn out_of_memory(&self) -> String {

@@ -26,7 +26,7 @@ ENTRYPOINT ["/bin/busybox", "sh", "-c"]
 CMD ["trap 'exit 7' TERM; /bin/busybox httpd -f -p 8080 -h / & wait"]
 "#;
 
-fn build_context() -> Vec<u8> {
+fn build_context(dockerfile: &str) -> Vec<u8> {
     let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|err| {
         panic!(
             "this test needs a static busybox at {BUSYBOX} (apt-get install busybox-static): {err}"
@@ -34,7 +34,7 @@ fn build_context() -> Vec<u8> {
     });
     let mut archive = tar::Builder::new(Vec::new());
     for (path, mode, data) in [
-        ("Dockerfile", 0o644, DOCKERFILE.as_bytes()),
+        ("Dockerfile", 0o644, dockerfile.as_bytes()),
         ("busybox", 0o755, busybox.as_slice()),
     ] {
         let mut header = tar::Header::new_gnu();
@@ -49,13 +49,17 @@ fn build_context() -> Vec<u8> {
 }
 
 async fn build_image(docker: &Docker, tag: &str) {
+    build_image_from(docker, tag, DOCKERFILE).await
+}
+
+async fn build_image_from(docker: &Docker, tag: &str, dockerfile: &str) {
     let options = BuildImageOptions {
         t: tag.to_string(),
         rm: true,
         forcerm: true,
         ..Default::default()
     };
-    let mut build = docker.build_image(options, None, Some(build_context().into()));
+    let mut build = docker.build_image(options, None, Some(build_context(dockerfile).into()));
     while let Some(step) = build.next().await {
         let step = step.expect("image build step");
         if let Some(error) = step.error {
@@ -233,6 +237,101 @@ async fn exercise(
         runtime.wait_exit(backend_id).await,
         Err(RuntimeError::NotFound(_))
     ));
+}
+
+/// Fills a 256 MiB buffer as PID 1, so under a smaller memory limit the kernel kills it.
+const OOM_DOCKERFILE: &str = r#"FROM scratch
+COPY busybox /bin/busybox
+ENTRYPOINT ["/bin/busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]
+"#;
+
+/// Asks the way the lifecycle does: again for a while, since the engine can report the
+/// exit before it knows of the OOM kill.
+async fn oom_killed_within(
+    runtime: &DockerRuntime,
+    backend_id: &BackendName,
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if runtime.oom_killed(backend_id).await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A process the kernel killed over its memory limit is told apart from one that got a
+/// SIGKILL from elsewhere, though both exit with 137.
+#[tokio::test]
+async fn an_oom_kill_is_told_apart_from_another_sigkill() {
+    let cancel = CancellationToken::new();
+    let drone = NodeName::new_random("dr-test");
+    let runtime = DockerRuntime::connect(runtime_config(&drone), &cancel)
+        .await
+        .expect("Docker engine reachable");
+    let docker = runtime.docker().clone();
+    let suffix = BackendName::new_random();
+    let (oom_tag, tag) = (
+        format!("plane-drone-test-oom:{suffix}"),
+        format!("plane-drone-test:{suffix}"),
+    );
+    let (hungry, killed) = (BackendName::new_random(), BackendName::new_random());
+    let spec = |backend_id: &BackendName, image: &str| BackendSpec {
+        backend_id: backend_id.clone(),
+        image: image.to_string(),
+        env: vec![],
+        resource_limits: plane_protocol::api::ResourceLimits {
+            memory_limit_bytes: Some(32 << 20),
+            ..Default::default()
+        },
+        network: None,
+        gpus: None,
+        mount: None,
+        ready_path: "/".to_string(),
+        warm: false,
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        build_image_from(&docker, &oom_tag, OOM_DOCKERFILE).await;
+        build_image(&docker, &tag).await;
+
+        runtime
+            .start_backend(&spec(&hungry, &oom_tag))
+            .await
+            .expect("starts");
+        let exit_code = runtime.wait_exit(&hungry).await.expect("exit observed");
+        assert_eq!(exit_code, Some(137));
+        assert!(
+            oom_killed_within(&runtime, &hungry, Duration::from_secs(10)).await,
+            "the engine never said the process was OOM-killed"
+        );
+
+        let address = runtime
+            .start_backend(&spec(&killed, &tag))
+            .await
+            .expect("starts");
+        wait_for_http(address, Duration::from_secs(10)).await;
+        runtime
+            .signal(&killed, Signal::Kill)
+            .await
+            .expect("SIGKILL delivered");
+        let exit_code = runtime.wait_exit(&killed).await.expect("exit observed");
+        assert_eq!(exit_code, Some(137));
+        assert!(!runtime.oom_killed(&killed).await);
+    })
+    .await;
+
+    for backend_id in [&hungry, &killed] {
+        let _ = runtime.remove(backend_id).await;
+    }
+    for image in [&oom_tag, &tag] {
+        remove_image(&docker, image).await;
+    }
+    cancel.cancel();
+    outcome.expect("test finished within 60 s");
 }
 
 /// What a spawn asks for reaches the container the engine creates: CPU share, CPU time,

@@ -629,17 +629,19 @@ impl Runtime for DockerRuntime {
     }
 
     async fn oom_killed(&self, backend_id: &BackendName) -> bool {
-        match self
-            .inner
-            .docker
-            .inspect_container(&Self::container_name(backend_id), None)
-            .await
-        {
-            Ok(info) => info
-                .state
-                .and_then(|state| state.oom_killed)
-                .unwrap_or(false),
-            Err(_) => false,
+        let name = Self::container_name(backend_id);
+        let Ok(info) = self.inner.docker.inspect_container(&name, None).await else {
+            return false;
+        };
+        let state = info.state.unwrap_or_default();
+        if state.oom_killed == Some(true) {
+            return true;
+        }
+        // The flag is set only when the engine heard of the OOM kill before the exit (the
+        // two reach it as separate events); its own `oom` event is logged either way.
+        match state.started_at.as_deref().and_then(parse_engine_time) {
+            Some(started) => self.oom_event_since(&name, started).await,
+            None => false,
         }
     }
 
@@ -755,6 +757,28 @@ impl StorageDriver {
             backing_filesystem,
             disk_limits,
         }
+    }
+}
+
+impl DockerRuntime {
+    /// Whether the engine logged an `oom` event for the container between `since` and now.
+    async fn oom_event_since(&self, container: &str, since: SystemTime) -> bool {
+        let stamp = |at: SystemTime| {
+            let at = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+            format!("{}.{:09}", at.as_secs(), at.subsec_nanos())
+        };
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("event".to_string(), vec!["oom".to_string()]),
+            ("container".to_string(), vec![container.to_string()]),
+        ]);
+        // With `until` not in the future, the engine sends what it logged and ends the stream.
+        let mut events = self.inner.docker.events(Some(EventsOptions {
+            since: Some(stamp(since)),
+            until: Some(stamp(SystemTime::now())),
+            filters,
+        }));
+        matches!(events.next().await, Some(Ok(_)))
     }
 }
 

@@ -27,6 +27,8 @@ pub(crate) struct FakeRuntime {
     started: Arc<Mutex<Vec<BackendName>>>,
     /// When each exited container's process exited.
     exit_times: Arc<Mutex<HashMap<BackendName, SystemTime>>>,
+    /// OOM-killed containers, each with how many more times the engine's flag reads false.
+    oom_flag_late: Arc<Mutex<HashMap<BackendName, u32>>>,
     answering: SocketAddr,
     /// Answers every request with 409: ready by the probe, but refuses a claim.
     refusing: SocketAddr,
@@ -62,6 +64,7 @@ impl FakeRuntime {
             containers: Arc::new(watch::channel(HashMap::new()).0),
             started: Arc::default(),
             exit_times: Arc::default(),
+            oom_flag_late: Arc::default(),
             answering: answering_addr,
             refusing: refusing_addr,
             silent: silent.local_addr().expect("addr"),
@@ -87,6 +90,16 @@ impl FakeRuntime {
             c.insert(backend_id.clone(), FakeContainer::Exited(Some(code)));
         });
         self.exited_now(backend_id);
+    }
+
+    /// Makes a running backend die as the OOM killer ends one (SIGKILL, exit code 137),
+    /// with the engine's OOM flag reading false the first `flag_late_by` times it is asked,
+    /// as when the engine hears of the OOM kill after the exit.
+    pub(crate) fn oom_kill(&self, backend_id: &BackendName, flag_late_by: u32) {
+        let mut late = self.oom_flag_late.lock().expect("lock");
+        late.insert(backend_id.clone(), flag_late_by);
+        drop(late);
+        self.exit(backend_id, 137);
     }
 
     fn exited_now(&self, backend_id: &BackendName) {
@@ -240,8 +253,16 @@ impl Runtime for FakeRuntime {
         super::Recorded::default()
     }
 
-    async fn oom_killed(&self, _backend_id: &BackendName) -> bool {
-        false
+    async fn oom_killed(&self, backend_id: &BackendName) -> bool {
+        let mut late = self.oom_flag_late.lock().expect("lock");
+        match late.get_mut(backend_id) {
+            Some(0) => true,
+            Some(asks_left) => {
+                *asks_left -= 1;
+                false
+            }
+            None => false,
+        }
     }
 
     async fn running_address(
