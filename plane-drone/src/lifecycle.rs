@@ -715,8 +715,11 @@ impl<'a, R: Runtime> Backend<'a, R> {
         }
         let give_up = Instant::now() + OOM_FLAG_GRACE;
         loop {
-            if self.ctx.runtime.oom_killed(self.id).await {
-                return true;
+            match self.ctx.runtime.oom_killed(self.id).await {
+                Ok(true) => return true,
+                // Removed by someone else: nothing more to learn.
+                Err(RuntimeError::NotFound(_)) => return false,
+                Ok(false) | Err(_) => {}
             }
             if drone_ended_it || Instant::now() >= give_up {
                 return false;

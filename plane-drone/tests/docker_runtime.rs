@@ -254,7 +254,7 @@ async fn oom_killed_within(
 ) -> bool {
     let deadline = Instant::now() + within;
     loop {
-        if runtime.oom_killed(backend_id).await {
+        if runtime.oom_killed(backend_id).await.expect("inspected") {
             return true;
         }
         if Instant::now() >= deadline {
@@ -265,7 +265,8 @@ async fn oom_killed_within(
 }
 
 /// A process the kernel killed over its memory limit is told apart from one that got a
-/// SIGKILL from elsewhere, though both exit with 137.
+/// SIGKILL from elsewhere, though both exit with 137, and though the second's container name
+/// begins the first's (the engine matches container names by prefix).
 #[tokio::test]
 async fn an_oom_kill_is_told_apart_from_another_sigkill() {
     let cancel = CancellationToken::new();
@@ -279,7 +280,8 @@ async fn an_oom_kill_is_told_apart_from_another_sigkill() {
         format!("plane-drone-test-oom:{suffix}"),
         format!("plane-drone-test:{suffix}"),
     );
-    let (hungry, killed) = (BackendName::new_random(), BackendName::new_random());
+    let killed = BackendName::new_random();
+    let hungry: BackendName = format!("{killed}x").parse().expect("valid");
     let spec = |backend_id: &BackendName, image: &str| BackendSpec {
         backend_id: backend_id.clone(),
         image: image.to_string(),
@@ -298,6 +300,13 @@ async fn an_oom_kill_is_told_apart_from_another_sigkill() {
         build_image_from(&docker, &oom_tag, OOM_DOCKERFILE).await;
         build_image(&docker, &tag).await;
 
+        // Started first, so the other's OOM kill falls within its lifetime.
+        let address = runtime
+            .start_backend(&spec(&killed, &tag))
+            .await
+            .expect("starts");
+        wait_for_http(address, Duration::from_secs(10)).await;
+
         runtime
             .start_backend(&spec(&hungry, &oom_tag))
             .await
@@ -309,18 +318,18 @@ async fn an_oom_kill_is_told_apart_from_another_sigkill() {
             "the engine never said the process was OOM-killed"
         );
 
-        let address = runtime
-            .start_backend(&spec(&killed, &tag))
-            .await
-            .expect("starts");
-        wait_for_http(address, Duration::from_secs(10)).await;
         runtime
             .signal(&killed, Signal::Kill)
             .await
             .expect("SIGKILL delivered");
         let exit_code = runtime.wait_exit(&killed).await.expect("exit observed");
         assert_eq!(exit_code, Some(137));
-        assert!(!runtime.oom_killed(&killed).await);
+        assert!(!runtime.oom_killed(&killed).await.expect("inspected"));
+        runtime.remove(&killed).await.expect("removed");
+        assert!(matches!(
+            runtime.oom_killed(&killed).await,
+            Err(RuntimeError::NotFound(_))
+        ));
     })
     .await;
 

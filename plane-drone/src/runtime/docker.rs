@@ -55,6 +55,9 @@ const DEFAULT_CPU_PERIOD_US: i64 = 100_000;
 /// restarting engine is not hammered.
 const EVENTS_RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a read of the engine's logged `oom` events may take.
+const OOM_EVENTS_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How often a waiter re-inspects its container even without an event, in case an event
 /// was lost (e.g. while the event stream was being re-established).
 const EXIT_RECHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -628,21 +631,30 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn oom_killed(&self, backend_id: &BackendName) -> bool {
-        let name = Self::container_name(backend_id);
-        let Ok(info) = self.inner.docker.inspect_container(&name, None).await else {
-            return false;
+    async fn oom_killed(&self, backend_id: &BackendName) -> Result<bool, RuntimeError> {
+        let info = match self
+            .inner
+            .docker
+            .inspect_container(&Self::container_name(backend_id), None)
+            .await
+        {
+            Ok(info) => info,
+            Err(err) if status_of(&err) == Some(404) => {
+                return Err(RuntimeError::NotFound(backend_id.clone()))
+            }
+            Err(err) => return Err(engine("inspecting an exited container", err)),
         };
         let state = info.state.unwrap_or_default();
         if state.oom_killed == Some(true) {
-            return true;
+            return Ok(true);
         }
         // The flag is set only when the engine heard of the OOM kill before the exit (the
         // two reach it as separate events); its own `oom` event is logged either way.
-        match state.started_at.as_deref().and_then(parse_engine_time) {
-            Some(started) => self.oom_event_since(&name, started).await,
-            None => false,
-        }
+        let started = state.started_at.as_deref().and_then(parse_engine_time);
+        Ok(match (info.id, started) {
+            (Some(id), Some(started)) => self.oom_event_since(&id, started).await,
+            _ => false,
+        })
     }
 
     async fn has_container(&self, backend_id: &BackendName) -> Result<bool, RuntimeError> {
@@ -761,8 +773,9 @@ impl StorageDriver {
 }
 
 impl DockerRuntime {
-    /// Whether the engine logged an `oom` event for the container between `since` and now.
-    async fn oom_event_since(&self, container: &str, since: SystemTime) -> bool {
+    /// Whether the engine logged an `oom` event for the container (its full ID) between
+    /// `since` and now.
+    async fn oom_event_since(&self, container_id: &str, since: SystemTime) -> bool {
         let stamp = |at: SystemTime| {
             let at = at.duration_since(UNIX_EPOCH).unwrap_or_default();
             format!("{}.{:09}", at.as_secs(), at.subsec_nanos())
@@ -770,15 +783,25 @@ impl DockerRuntime {
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
             ("event".to_string(), vec!["oom".to_string()]),
-            ("container".to_string(), vec![container.to_string()]),
+            // The engine matches this by prefix; the actor's ID is compared below.
+            ("container".to_string(), vec![container_id.to_string()]),
         ]);
-        // With `until` not in the future, the engine sends what it logged and ends the stream.
-        let mut events = self.inner.docker.events(Some(EventsOptions {
+        // With `until` not in the future, the engine sends what it logged and ends the
+        // stream. An engine whose clock is behind this one's would hold it open until then.
+        let events = self.inner.docker.events(Some(EventsOptions {
             since: Some(stamp(since)),
             until: Some(stamp(SystemTime::now())),
             filters,
         }));
-        matches!(events.next().await, Some(Ok(_)))
+        let ours = |event: &Result<bollard::models::EventMessage, BollardError>| {
+            let actor = event.as_ref().ok().and_then(|e| e.actor.as_ref());
+            std::future::ready(actor.and_then(|a| a.id.as_deref()) == Some(container_id))
+        };
+        let mut found = std::pin::pin!(events.filter(ours));
+        matches!(
+            tokio::time::timeout(OOM_EVENTS_TIMEOUT, found.next()).await,
+            Ok(Some(_))
+        )
     }
 }
 

@@ -253,16 +253,19 @@ impl Runtime for FakeRuntime {
         super::Recorded::default()
     }
 
-    async fn oom_killed(&self, backend_id: &BackendName) -> bool {
+    async fn oom_killed(&self, backend_id: &BackendName) -> Result<bool, RuntimeError> {
+        if self.container(backend_id).is_none() {
+            return Err(RuntimeError::NotFound(backend_id.clone()));
+        }
         let mut late = self.oom_flag_late.lock().expect("lock");
-        match late.get_mut(backend_id) {
+        Ok(match late.get_mut(backend_id) {
             Some(0) => true,
             Some(asks_left) => {
                 *asks_left -= 1;
                 false
             }
             None => false,
-        }
+        })
     }
 
     async fn running_address(

@@ -112,7 +112,7 @@ impl<R: Runtime> Runtime for Measured<R> {
         self.observe("list", self.inner.list_backends()).await
     }
 
-    async fn oom_killed(&self, backend_id: &BackendName) -> bool {
+    async fn oom_killed(&self, backend_id: &BackendName) -> Result<bool, RuntimeError> {
         self.inner.oom_killed(backend_id).await
     }
 

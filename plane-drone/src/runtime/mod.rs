@@ -131,9 +131,12 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     fn list_backends(&self) -> impl Future<Output = Result<Vec<BackendName>, RuntimeError>> + Send;
 
     /// Whether the backend's process was killed for exceeding its memory limit (asked after
-    /// it exited, before its container is removed). Right after the exit the engine may not
-    /// know yet; a `false` then is worth asking again.
-    fn oom_killed(&self, backend_id: &BackendName) -> impl Future<Output = bool> + Send;
+    /// it exited, before its container is removed; `NotFound` once it is gone). Right after
+    /// the exit the engine may not know yet; a `false` then is worth asking again.
+    fn oom_killed(
+        &self,
+        backend_id: &BackendName,
+    ) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
 
     /// What was recorded with the backend's container (nothing if it has none).
     fn recorded(&self, backend_id: &BackendName) -> impl Future<Output = Recorded> + Send;
