@@ -117,7 +117,7 @@ impl Store {
         cluster: &ClusterName,
         holder: &NodeName,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let released = sqlx::query("DELETE FROM cert_lease WHERE cluster = $1 AND holder = $2")
             .bind(cluster.as_str())
             .bind(holder.as_str())

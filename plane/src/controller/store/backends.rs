@@ -248,7 +248,7 @@ impl Store {
         new: NewBackend<'_>,
         make_action: impl FnOnce(Option<i64>) -> ActionKind,
     ) -> StoreResult<Option<CreatedBackend>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let spawn_config_json =
             serde_json::to_string(new.spawn_config).context("serializing spawn config")?;
         let expires_at = new
@@ -463,7 +463,7 @@ impl Store {
         if update.health.is_some() {
             return self.apply_health(id, cluster, drone, update, now).await;
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let moved = sqlx::query(
             "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
              address = COALESCE($4, address), \
@@ -509,7 +509,7 @@ impl Store {
         update: &BackendStateUpdate,
         now: Millis,
     ) -> StoreResult<Option<AppliedStatus>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let ready = sqlx::query(
             "SELECT created_at, warm_fingerprint FROM backend \
              WHERE id = $1 AND cluster = $2 AND drone = $3 AND status = 'ready'",
@@ -548,7 +548,7 @@ impl Store {
         lease_ms: u64,
     ) -> StoreResult<Option<Vec<BackendName>>> {
         let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX);
-        let mut tx = self.liveness.begin().await?;
+        let mut tx = self.begin_write(&self.liveness).await?;
         let current = sqlx::query(
             "UPDATE node SET last_seen = $1, lost_at = NULL \
              WHERE cluster = $2 AND kind = 'drone' AND name = $3 AND generation = $4",
@@ -619,7 +619,7 @@ impl Store {
             message: Some(message),
             ..BackendStateUpdate::status(BackendStatus::Terminated)
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let result = sqlx::query(&format!(
             "UPDATE backend SET status = $1, status_number = $2, status_time = $3, \
              termination_reason = $4, message = $5 \
@@ -661,7 +661,7 @@ impl Store {
                 "(termination_requested IS NULL OR termination_requested = 'soft')"
             }
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let result = sqlx::query(&format!(
             "UPDATE backend SET termination_requested = $1 \
              WHERE id = $2 AND status_number < $3 AND {allowed_previous}"

@@ -43,7 +43,7 @@ impl Store {
         generation: i64,
         now: Millis,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         sqlx::query(&format!(
             "UPDATE backend SET last_active_at = $1 WHERE id IN \
              (SELECT backend_id FROM backend_connection \
@@ -83,7 +83,7 @@ impl Store {
         now: Millis,
         expires_at: Millis,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         for backend in opened {
             sqlx::query(
                 "INSERT INTO backend_connection (backend_id, cluster, proxy, generation, expires_at) \
@@ -133,7 +133,7 @@ impl Store {
         if backends.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         mark_active(&mut tx, cluster, backends, now).await?;
         tx.commit().await?;
         Ok(())

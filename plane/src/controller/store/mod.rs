@@ -412,6 +412,21 @@ impl Store {
         self.kind
     }
 
+    /// Begins a transaction that writes. On SQLite it takes the write lock at its start
+    /// (`BEGIN IMMEDIATE`): a deferred transaction that has read cannot wait for a write lock
+    /// another connection took since, and SQLite fails it at once ("database is locked")
+    /// whatever `busy_timeout` says, while a wait at the start honours it. Another process on
+    /// the same file (an operator's `plane` command, a test's second store) is such a writer.
+    async fn begin_write(
+        &self,
+        pool: &AnyPool,
+    ) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.kind {
+            DatabaseKind::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+            DatabaseKind::Postgres => pool.begin().await,
+        }
+    }
+
     /// A number that grows with every status change committed through this store, or
     /// `None` while one is being committed. What is read from the database after a `Some(n)`
     /// is current for as long as the epoch is still `Some(n)` (the holder cache relies on
@@ -439,5 +454,63 @@ impl Store {
         self.token_writer.close().await;
         self.liveness.close().await;
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::{Connection, Executor};
+
+    /// A transaction that reads and then writes, while another connection to the same file
+    /// writes after the read: SQLite would fail the deferred transaction's write at once.
+    /// One begun with `begin_write` holds the lock from its start, so the other writer is
+    /// the one kept out (told at once here, with no busy timeout) and the transaction
+    /// commits.
+    #[tokio::test]
+    async fn a_write_transaction_on_sqlite_holds_the_lock_from_its_start() {
+        let dir = std::env::temp_dir().join(format!(
+            "plane-store-{}",
+            plane_protocol::names::BackendName::new_random()
+        ));
+        let path = dir.join("plane.db");
+        let store = Store::open(path.to_str().expect("utf-8"))
+            .await
+            .expect("store opens");
+        let mut other =
+            sqlx::AnyConnection::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+                .await
+                .expect("second connection");
+        other
+            .execute("PRAGMA busy_timeout = 0; CREATE TABLE scratch (x INTEGER)")
+            .await
+            .expect("scratch table");
+
+        let mut tx = store.begin_write(&store.pool).await.expect("begins");
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM scratch")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("read");
+        assert_eq!(count, 0);
+        let refused = other.execute("INSERT INTO scratch VALUES (2)").await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|err| err.to_string().contains("locked")),
+            "the other writer should be kept out: {refused:?}"
+        );
+        sqlx::query("INSERT INTO scratch VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .expect("the write after the read");
+        tx.commit().await.expect("commits");
+
+        other
+            .execute("INSERT INTO scratch VALUES (2)")
+            .await
+            .expect("the other writer goes after the commit");
+        other.close().await.expect("closes");
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -62,7 +62,7 @@ impl Store {
     /// Call again while it deletes anything.
     pub async fn purge_batch(&self, cutoff: Millis, batch: i64) -> StoreResult<Purged> {
         let mut purged = Purged::default();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let rows = sqlx::query(
             "SELECT id FROM backend WHERE status_number >= $1 AND status_time < $2 \
              AND NOT EXISTS (SELECT 1 FROM backend_key WHERE backend_key.backend_id = backend.id) \

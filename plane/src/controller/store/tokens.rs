@@ -54,7 +54,7 @@ impl Store {
         user: &str,
         now: Millis,
     ) -> StoreResult<Option<u64>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let row = sqlx::query("SELECT cluster, static_token FROM backend WHERE id = $1")
             .bind(backend.as_str())
             .fetch_optional(&mut *tx)
@@ -209,7 +209,7 @@ impl Store {
                 .await?;
             return Ok(());
         }
-        let mut tx = self.token_writer.begin().await?;
+        let mut tx = self.begin_write(&self.token_writer).await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let sql = TokenInsert::statement(chunk.len());
             TokenInsert::bind_all(sqlx::query(&sql), chunk)

@@ -304,7 +304,7 @@ impl Store {
     /// limits, the connect's token is stored, and the claim action goes to its drone. Its
     /// status stays `waiting` until the drone reports that the backend accepted the claim.
     pub async fn claim_warm(&self, claim: ClaimRequest<'_>) -> StoreResult<ClaimOutcome> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         // Skipping rows another claim has locked keeps concurrent claims on PostgreSQL
         // from queueing on one backend; SQLite has one writer, so there is nothing to skip.
         let lock = match self.kind() {
@@ -406,7 +406,7 @@ impl Store {
     /// Asks the drone to stop an unclaimed warm backend (soft, reason `swept`). False if it
     /// was claimed (or asked to stop) meanwhile: a claim and this never both succeed.
     pub async fn stop_unclaimed_warm(&self, id: &BackendName) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let row = sqlx::query(
             "UPDATE backend SET termination_requested = 'soft' WHERE id = $1 \
              AND warm_state IN ($2, $3) AND termination_requested IS NULL AND status_number < $4 \
@@ -440,7 +440,7 @@ impl Store {
         cluster: &ClusterName,
         drone: &NodeName,
     ) -> StoreResult<WarmReport> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write(&self.pool).await?;
         let row = sqlx::query(
             "SELECT warm_state, key_name, static_token FROM backend \
              WHERE id = $1 AND cluster = $2 AND drone = $3 AND status_number < $4",
