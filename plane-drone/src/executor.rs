@@ -213,8 +213,8 @@ impl ExecutorHandle {
         found.await
     }
 
-    /// Removes the stopped containers kept for their logs (those of backends still
-    /// finishing excepted): for a drone leaving for good.
+    /// Removes every container of a backend whose task has finished, kept for its logs:
+    /// for a drone leaving for good.
     pub async fn remove_stopped(&self) {
         let _ = self.request(|reply| Command::RemoveStopped { reply }).await;
     }
@@ -369,6 +369,25 @@ async fn sweep_retained<R: Runtime>(runtime: R, retention: Duration, busy: HashS
     }
 }
 
+/// Removes every container of this drone but those of backends whose task still runs
+/// (`busy`), whatever state the engine gives it: Docker reports an exit (its `die` event,
+/// which ends a task) before it records the container as exited, so a container whose
+/// backend has just finished can still be listed as running. Failures are logged.
+async fn remove_finished<R: Runtime>(runtime: R, busy: HashSet<BackendName>) {
+    let ours = match runtime.list_backends().await {
+        Ok(ours) => ours,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not list containers to remove");
+            return;
+        }
+    };
+    for backend_id in ours.into_iter().filter(|id| !busy.contains(id)) {
+        if let Err(err) = runtime.remove(&backend_id).await {
+            tracing::warn!(backend = %backend_id, error = %err, "could not remove a finished backend's container");
+        }
+    }
+}
+
 /// The pause between retention sweeps: often enough that a container outlives its
 /// retention by at most half of it (and at most a minute).
 fn retention_sweep_interval(retention: Duration) -> Duration {
@@ -486,7 +505,7 @@ impl<R: Runtime> Runner<R> {
                 let busy = self.running.keys().cloned().collect();
                 let runtime = self.ctx.runtime.clone();
                 tokio::spawn(async move {
-                    sweep_retained(runtime, Duration::ZERO, busy).await;
+                    remove_finished(runtime, busy).await;
                     let _ = reply.send(());
                 });
             }
@@ -1189,6 +1208,43 @@ mod tests {
         let ended = wait_for_status(&h.events, &adopted, Terminated).await;
         assert_eq!(last(&ended).exit_code, Some(7));
         h.cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn leaving_for_good_removes_finished_backends_containers_even_if_listed_running() {
+        let retention = Duration::from_secs(3600);
+        let h = harness_after_restart(&[], &[], BTreeMap::new(), retention).await;
+        let (kept, stale, busy) = (
+            BackendName::new_random(),
+            BackendName::new_random(),
+            BackendName::new_random(),
+        );
+        h.executor
+            .spawn(kept.clone(), spawn_action("app"))
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &kept, Ready).await;
+        h.executor
+            .terminate(
+                kept.clone(),
+                TerminationKind::Hard,
+                TerminationReason::External,
+            )
+            .await
+            .expect("accepted");
+        wait_for_status(&h.events, &kept, Terminated).await;
+        assert!(h.runtime.container(&kept).is_some(), "kept for its logs");
+        // As the engine can list a container whose exit it has just reported: running.
+        h.runtime.add_orphan(stale.clone());
+        h.runtime.add_orphan(busy.clone());
+
+        remove_finished(h.runtime.clone(), HashSet::from([busy.clone()])).await;
+        assert_eq!(h.runtime.container(&kept), None);
+        assert_eq!(h.runtime.container(&stale), None);
+        assert!(
+            h.runtime.container(&busy).is_some(),
+            "a running task's stays"
+        );
     }
 
     #[tokio::test]
